@@ -1,0 +1,114 @@
+"""Whole-block access to an engine's paged KV cache: gather blocks out, scatter blocks in.
+
+The engine owns one tensor per attention layer. Layouts differ by backend (the CPU backend keeps
+blocks on dim 0: [num_blocks, kv_heads, block_size, 2 * head_size]; flash-attention keeps K and V
+on dim 0 and blocks on dim 1: [2, num_blocks, block_size, kv_heads, head_size]); both are handled
+by indexing along the block dimension of a byte view, so dtype and alignment never matter.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """One streamed chunk: a run of requested blocks of one layer."""
+
+    layer_index: int
+    first_block: int
+    num_blocks: int
+    num_bytes: int
+
+
+class PagedKVCache:
+    """Block-granular view over the per-layer KV tensors of one worker.
+
+    Layers are ordered by name so producer and consumer agree on layer indices. Both sides must
+    run the same model with the same block size and dtype (checked by `check_compatible`).
+    """
+
+    def __init__(self, kv_caches: Mapping[str, torch.Tensor], num_blocks: int) -> None:
+        assert kv_caches, "no KV cache tensors registered"
+        self.layer_names = sorted(kv_caches)
+        self.num_blocks = num_blocks
+        self._layers = [self._byte_view(kv_caches[name]) for name in self.layer_names]
+        self._block_dims = [self._find_block_dim(kv_caches[name]) for name in self.layer_names]
+        self.block_bytes_per_layer = [
+            layer.numel() // num_blocks for layer in self._layers
+        ]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self._layers)
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one block summed over all layers."""
+        return sum(self.block_bytes_per_layer)
+
+    @property
+    def layout_signature(self) -> tuple[tuple[int, ...], ...]:
+        """Per-layer shape of one block in bytes; equal signatures can exchange blocks."""
+        return tuple(
+            tuple(s for d, s in enumerate(layer.shape) if d != dim)
+            for layer, dim in zip(self._layers, self._block_dims, strict=True)
+        )
+
+    def plan_chunks(self, num_blocks: int, max_chunk_bytes: int) -> Iterator[ChunkPlan]:
+        """Split a transfer of num_blocks blocks into chunks, layer by layer.
+
+        A chunk holds at least one block even when one block exceeds max_chunk_bytes.
+        """
+        for layer_index, block_bytes in enumerate(self.block_bytes_per_layer):
+            per_chunk = max(1, max_chunk_bytes // block_bytes)
+            for first in range(0, num_blocks, per_chunk):
+                count = min(per_chunk, num_blocks - first)
+                yield ChunkPlan(layer_index, first, count, count * block_bytes)
+
+    def gather_into(self, layer_index: int, block_ids: list[int], out: memoryview) -> None:
+        """Copy the given blocks of one layer into out (exactly their size in bytes)."""
+        layer, dim = self._layers[layer_index], self._block_dims[layer_index]
+        shape = list(layer.shape)
+        shape[dim] = len(block_ids)
+        target = torch.frombuffer(out, dtype=torch.uint8).view(shape)
+        index = torch.tensor(block_ids, dtype=torch.long, device=layer.device)
+        torch.index_select(layer, dim, index, out=target)
+
+    def scatter_from(self, layer_index: int, block_ids: list[int], data: bytes) -> None:
+        """Write the given blocks of one layer from data produced by gather_into."""
+        layer, dim = self._layers[layer_index], self._block_dims[layer_index]
+        shape = list(layer.shape)
+        shape[dim] = len(block_ids)
+        with warnings.catch_warnings():
+            # the payload is read-only bytes; it is only read from, never written
+            warnings.simplefilter("ignore", UserWarning)
+            source = torch.frombuffer(data, dtype=torch.uint8).view(shape)
+        index = torch.tensor(block_ids, dtype=torch.long, device=layer.device)
+        layer.index_copy_(dim, index, source.to(layer.device))
+
+    def check_block_ids(self, block_ids: list[int]) -> None:
+        bad = [b for b in block_ids if not 0 <= b < self.num_blocks]
+        if bad:
+            raise ValueError(f"block ids out of range [0, {self.num_blocks}): {bad[:8]}")
+
+    def _find_block_dim(self, tensor: torch.Tensor) -> int:
+        if tensor.shape[0] == self.num_blocks:
+            return 0
+        if tensor.dim() > 1 and tensor.shape[0] == 2 and tensor.shape[1] == self.num_blocks:
+            return 1
+        raise ValueError(
+            f"cannot find the block dimension of a KV tensor of shape {tuple(tensor.shape)} "
+            f"with {self.num_blocks} blocks"
+        )
+
+    @staticmethod
+    def _byte_view(tensor: torch.Tensor) -> torch.Tensor:
+        assert tensor.is_contiguous(), "paged KV tensors must be contiguous"
+        if tensor.dtype == torch.uint8:
+            return tensor
+        return tensor.view(torch.uint8)

@@ -1,0 +1,120 @@
+"""The gRPC transport between two paged KV caches, in one process (no engine, no Ray)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import pytest
+import torch
+
+from kv_transfer.grpc_transport import GrpcKVClient, GrpcKVServer
+from kv_transfer.leases import LeaseTable
+from kv_transfer.paged_kv import PagedKVCache
+from kv_transfer.transport import TransferError
+
+TOKEN = "t" * 32
+NUM_BLOCKS = 16
+
+
+def _caches(seed: int, layout: str = "cpu") -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    shape = (NUM_BLOCKS, 2, 8, 32) if layout == "cpu" else (2, NUM_BLOCKS, 8, 2, 16)
+    return {f"layer.{i}": torch.randn(shape, generator=gen) for i in range(3)}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(params=["cpu", "flash"])
+def pair(request):
+    layout = request.param
+    src, dst = _caches(1, layout), _caches(2, layout)
+    leases = LeaseTable()
+    server = GrpcKVServer(
+        PagedKVCache(src, NUM_BLOCKS), leases, bind_host="127.0.0.1", port=_free_port(),
+        auth_token=TOKEN, max_chunk_bytes=4096, handle_wait_s=0.2,
+    )
+    endpoint = server.start()
+    client = GrpcKVClient(PagedKVCache(dst, NUM_BLOCKS), auth_token=TOKEN, max_chunk_bytes=4096)
+    yield src, dst, leases, endpoint, client
+    client.close()
+    server.stop(0)
+    assert leases.num_leases == 0, "a test left a lease behind"
+
+
+def _block(tensor: torch.Tensor, block_id: int, layout: str) -> torch.Tensor:
+    return tensor[block_id] if tensor.shape[0] == NUM_BLOCKS else tensor[:, block_id]
+
+
+def test_pull_copies_exactly_the_requested_blocks(pair):
+    src, dst, leases, endpoint, client = pair
+    untouched = {name: t.clone() for name, t in dst.items()}
+    leases.grant("h1", "req-1", (3, 5, 7, 9), lease_s=10)
+    result = client.pull(endpoint, "h1", [5, 9, 3], [0, 1, 2], timeout_s=5)
+    assert result.num_blocks == 3
+    for name in src:
+        for remote, local in ((5, 0), (9, 1), (3, 2)):
+            assert torch.equal(_block(dst[name], local, ""), _block(src[name], remote, ""))
+        assert torch.equal(_block(dst[name], 4, ""), _block(untouched[name], 4, ""))
+    assert result.transfer_bytes == sum(
+        _block(t, 0, "").numel() * 4 * 3 for t in src.values()
+    )
+    client.release(endpoint, "h1", timeout_s=2)
+    assert leases.take_freed() == {"req-1"}
+
+
+def test_unknown_handle_fails_clearly(pair):
+    _, _, _, endpoint, client = pair
+    with pytest.raises(TransferError, match="does not know the transfer handle"):
+        client.pull(endpoint, "nope", [1], [1], timeout_s=5)
+
+
+def test_released_handle_cannot_be_pulled_again(pair):
+    _, _, leases, endpoint, client = pair
+    leases.grant("h2", "req-2", (1,), lease_s=10)
+    client.release(endpoint, "h2", timeout_s=2)
+    with pytest.raises(TransferError, match="no longer valid"):
+        client.pull(endpoint, "h2", [1], [1], timeout_s=5)
+    assert leases.take_freed() == {"req-2"}
+
+
+def test_blocks_outside_the_lease_are_refused(pair):
+    _, _, leases, endpoint, client = pair
+    leases.grant("h3", "req-3", (1, 2), lease_s=10)
+    with pytest.raises(TransferError, match="refused the block list"):
+        client.pull(endpoint, "h3", [1, 4], [1, 4], timeout_s=5)
+    leases.release("h3")
+
+
+def test_wrong_token_is_rejected(pair):
+    src, _, leases, endpoint, _ = pair
+    leases.grant("h4", "req-4", (1,), lease_s=10)
+    intruder = GrpcKVClient(PagedKVCache(_caches(3), NUM_BLOCKS), auth_token="x" * 32,
+                            max_chunk_bytes=4096)
+    with pytest.raises(TransferError, match="rejected the cluster token"):
+        intruder.pull(endpoint, "h4", [1], [1], timeout_s=5)
+    intruder.release(endpoint, "h4", timeout_s=2)
+    assert leases.num_leases == 1, "a release without the token must not free blocks"
+    intruder.close()
+    leases.release("h4")
+
+
+def test_unreachable_producer_fails_within_deadline(pair):
+    _, _, _, _, client = pair
+    with pytest.raises(TransferError, match="unreachable|deadline"):
+        client.pull(f"127.0.0.1:{_free_port()}", "h", [1], [1], timeout_s=2)
+
+
+def test_cancelled_pull_stops_and_frees_the_reader(pair):
+    _, _, leases, endpoint, client = pair
+    leases.grant("h5", "req-5", tuple(range(NUM_BLOCKS)), lease_s=10)
+    cancelled = threading.Event()
+    cancelled.set()
+    with pytest.raises(TransferError, match="cancelled"):
+        client.pull(endpoint, "h5", list(range(NUM_BLOCKS)), list(range(NUM_BLOCKS)), 5, cancelled)
+    client.release(endpoint, "h5", timeout_s=2)
+    assert leases.take_freed() == {"req-5"}
