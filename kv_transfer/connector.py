@@ -1,0 +1,144 @@
+"""The disagg KV connector, loaded by vLLM through its public connector interface.
+
+    KVTransferConfig(
+        kv_connector="DisaggConnector",
+        kv_connector_module_path="kv_transfer.connector",
+        kv_role="kv_producer" | "kv_consumer",
+        kv_connector_extra_config=ConnectorConfig(...).to_extra_config(),
+    )
+
+vLLM builds one instance per role: the SCHEDULER one in the engine core (connector_scheduler.py)
+and a WORKER one in each worker process (connector_worker.py). This class only routes vLLM's
+calls to the side that owns them. The block exchange follows vLLM's NIXL pull protocol with NIXL
+replaced by our transport (transport.py): the producer keeps a finished prompt's blocks under a
+lease, the consumer pulls them by block id and releases them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+    KVConnectorTransferResults,
+    KVConnectorWorkerMetadata,
+)
+
+from kv_transfer.config import ConnectorConfig
+from kv_transfer.connector_scheduler import ConnectorScheduler
+from kv_transfer.connector_worker import ConnectorWorker, WorkerStats
+from kv_transfer.metadata import DisaggConnectorMetadata
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.attention.backend import AttentionMetadata
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+
+class DisaggConnector(KVConnectorBase_V1):
+    def __init__(
+        self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig
+    ) -> None:
+        super().__init__(vllm_config, role, kv_cache_config)
+        transfer_config = self._kv_transfer_config
+        config = ConnectorConfig.from_extra_config(transfer_config.kv_connector_extra_config)
+        if vllm_config.parallel_config.tensor_parallel_size != 1:
+            raise ValueError("DisaggConnector supports tensor_parallel_size=1 only")
+        if len(kv_cache_config.kv_cache_groups) != 1:
+            raise ValueError("DisaggConnector supports models with one KV cache group only")
+        if transfer_config.is_kv_producer and config.port == 0:
+            raise ValueError("DisaggConnector producer needs a fixed port in its extra config")
+        self._scheduler: ConnectorScheduler | None = None
+        self._worker: ConnectorWorker | None = None
+        if role == KVConnectorRole.SCHEDULER:
+            self._scheduler = ConnectorScheduler(config, vllm_config.cache_config.block_size)
+        else:
+            self._worker = ConnectorWorker(
+                config,
+                is_producer=transfer_config.is_kv_producer,
+                is_consumer=transfer_config.is_kv_consumer,
+                num_blocks=kv_cache_config.num_blocks,
+            )
+
+    @property
+    def scheduler_side(self) -> ConnectorScheduler:
+        assert self._scheduler is not None, "scheduler-side call on a worker connector"
+        return self._scheduler
+
+    @property
+    def worker_side(self) -> ConnectorWorker:
+        assert self._worker is not None, "worker-side call on a scheduler connector"
+        return self._worker
+
+    # Worker side
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        self.worker_side.register_kv_caches(kv_caches)
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, DisaggConnectorMetadata)
+        self.worker_side.start_load_kv(meta)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # loads complete before the request is scheduled (async, whole request)
+
+    def save_kv_layer(
+        self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata,
+        **kwargs: Any,
+    ) -> None:
+        return  # the producer serves blocks from the paged cache itself; nothing to save
+
+    def wait_for_save(self) -> None:
+        return
+
+    def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
+        return self.worker_side.get_transfer_results(finished_req_ids)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        results = self.get_transfer_results(finished_req_ids)
+        return results.finished_sending, results.finished_recving
+
+    def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        return self.worker_side.build_worker_meta()
+
+    def worker_stats(self) -> WorkerStats:
+        return self.worker_side.stats()
+
+    def shutdown(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown()
+
+    # Scheduler side
+
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
+        return self.scheduler_side.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
+        self.scheduler_side.update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        return self.scheduler_side.build_connector_meta(scheduler_output)
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        self.scheduler_side.update_connector_output(connector_output)
+
+    def request_finished(
+        self, request: Request, block_ids: list[int]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        return self.scheduler_side.request_finished(request, block_ids)
+
+    def has_pending_push_work(self) -> bool:
+        return self._scheduler is not None and self._scheduler.has_pending_work()

@@ -1,0 +1,176 @@
+"""Scheduler side of the disagg connector (runs in the engine core, next to vLLM's scheduler).
+
+Producer lifecycle of a request (kv_transfer_params: do_remote_decode):
+  1. The prompt is prefilled as usual (max_tokens=1).
+  2. `request_finished` keeps the prompt's blocks (delay free), mints an unguessable handle and
+     returns TransferParams on the request's output.
+  3. The next `build_connector_meta` tells the worker to grant the lease; the engine keeps
+     stepping (`has_pending_push_work`) until the worker reports the blocks freed.
+Consumer lifecycle (kv_transfer_params: do_remote_prefill + TransferParams):
+  1. `get_num_new_matched_tokens` reports the prompt tokens the producer holds as external,
+     loaded asynchronously.
+  2. `update_state_after_alloc` pairs remote and local block ids; `build_connector_meta` hands
+     the load to the worker; the request waits in WAITING_FOR_REMOTE_KVS.
+  3. The worker reports the load finished (or failed: vLLM then fails the request or recomputes
+     it, per kv_load_failure_policy) with its TransferStats, returned on the request's output.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import TYPE_CHECKING, Any
+
+from vllm.logger import init_logger
+from vllm.v1.request import RequestStatus
+
+from kv_transfer.config import ConnectorConfig
+from kv_transfer.metadata import (
+    DisaggConnectorMetadata,
+    DisaggWorkerMetadata,
+    LeaseSpec,
+    LoadSpec,
+    ReleaseSpec,
+)
+from kv_transfer.params import (
+    CONSUME_KEY,
+    TransferParams,
+    TransferStats,
+    is_consumer_request,
+    is_producer_request,
+    parse_transfer,
+    stats_output_params,
+    transfer_output_params,
+)
+
+if TYPE_CHECKING:
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+logger = init_logger(__name__)
+_HANDOFF_STATUSES = (RequestStatus.FINISHED_LENGTH_CAPPED, RequestStatus.FINISHED_STOPPED)
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class ConnectorScheduler:
+    def __init__(self, config: ConnectorConfig, block_size: int) -> None:
+        self._config = config
+        self._block_size = block_size
+        self._loads: list[LoadSpec] = []
+        self._leases: list[LeaseSpec] = []
+        self._releases: list[ReleaseSpec] = []
+        self._held: set[str] = set()
+        self._stats: dict[str, TransferStats] = {}
+
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int, bool]:
+        transfer = self._transfer_to_load(request)
+        if transfer is None:
+            return 0, False
+        count = self._num_loadable_tokens(request, transfer) - num_computed_tokens
+        return (count, True) if count > 0 else (0, False)
+
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
+        transfer = self._transfer_to_load(request)
+        if transfer is None:
+            return
+        assert request.kv_transfer_params is not None
+        request.kv_transfer_params[CONSUME_KEY] = False  # one load per request, even if preempted
+        if num_external_tokens == 0:
+            self._releases.append(ReleaseSpec(transfer.endpoint, transfer.handle))
+            return
+        num_loadable = self._num_loadable_tokens(request, transfer)
+        first = (num_loadable - num_external_tokens) // self._block_size
+        last = _ceil_div(num_loadable, self._block_size)
+        (local_ids,) = blocks.get_block_ids()
+        assert len(local_ids) >= last, f"{len(local_ids)} local blocks for {last} needed"
+        self._loads.append(
+            LoadSpec(
+                request_id=request.request_id,
+                endpoint=transfer.endpoint,
+                handle=transfer.handle,
+                remote_block_ids=transfer.block_ids[first:last],
+                local_block_ids=tuple(local_ids[first:last]),
+                num_tokens=num_external_tokens,
+            )
+        )
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> DisaggConnectorMetadata:
+        meta = DisaggConnectorMetadata(
+            loads=self._loads,
+            leases=self._leases,
+            releases=self._releases,
+            num_scheduled_tokens=scheduler_output.total_num_scheduled_tokens,
+        )
+        self._loads, self._leases, self._releases = [], [], []
+        return meta
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        self._held.difference_update(connector_output.finished_sending or ())
+        worker_meta = connector_output.kv_connector_worker_meta
+        if isinstance(worker_meta, DisaggWorkerMetadata):
+            self._stats.update(worker_meta.stats)
+
+    def request_finished(
+        self, request: Request, block_ids: list[int]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        params = request.kv_transfer_params
+        if is_producer_request(params):
+            return self._hand_off(request, block_ids)
+        if is_consumer_request(params):
+            # Finished before its blocks were allocated (aborted while waiting): free the
+            # producer's lease now instead of at its expiry.
+            transfer = parse_transfer(params)
+            assert transfer is not None
+            self._releases.append(ReleaseSpec(transfer.endpoint, transfer.handle))
+        stats = self._stats.pop(request.request_id, None)
+        return False, (stats_output_params(stats) if stats else None)
+
+    def has_pending_work(self) -> bool:
+        return bool(self._held or self._leases or self._releases)
+
+    def _hand_off(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        if request.status not in _HANDOFF_STATUSES:
+            return False, None  # aborted or errored: nothing to hand off, free at once
+        num_tokens = min(request.num_computed_tokens, request.num_prompt_tokens)
+        leased = tuple(block_ids[: _ceil_div(num_tokens, self._block_size)])
+        if num_tokens == 0 or not leased:
+            return False, None
+        handle = secrets.token_urlsafe(24)
+        self._leases.append(LeaseSpec(request.request_id, handle, leased, self._config.lease_s))
+        self._held.add(request.request_id)
+        transfer = TransferParams(
+            endpoint=self._config.endpoint,
+            handle=handle,
+            block_ids=leased,
+            num_tokens=num_tokens,
+            block_size=self._block_size,
+            lease_s=self._config.lease_s,
+        )
+        return True, transfer_output_params(transfer)
+
+    def _transfer_to_load(self, request: Request) -> TransferParams | None:
+        if not is_consumer_request(request.kv_transfer_params):
+            return None
+        transfer = parse_transfer(request.kv_transfer_params)
+        if transfer is not None and transfer.block_size != self._block_size:
+            # Never raise here (it would take the engine down): compute the prompt locally;
+            # request_finished still releases the producer's lease.
+            logger.error(
+                "request %s: producer block size %d != consumer block size %d; "
+                "recomputing the prompt locally", request.request_id, transfer.block_size,
+                self._block_size,
+            )
+            return None
+        return transfer
+
+    @staticmethod
+    def _num_loadable_tokens(request: Request, transfer: TransferParams) -> int:
+        return min(transfer.num_tokens, request.num_prompt_tokens)

@@ -1,0 +1,197 @@
+"""Worker side of the disagg connector (runs in the vLLM worker process, next to the KV tensors).
+
+Producer: `register_kv_caches` starts the KV block server; each step grants the leases the
+scheduler published, expires overdue ones and reports freed blocks as finished sending.
+Consumer: each step starts the loads the scheduler planned on a thread pool; a load pulls the
+blocks straight into the paged cache, then releases the producer's lease; completed loads are
+reported as finished receiving (failed ones also as failed), with their TransferStats.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorTransferResults
+from vllm.logger import init_logger
+
+from kv_transfer.config import ConnectorConfig
+from kv_transfer.grpc_transport import GrpcKVClient, GrpcKVServer
+from kv_transfer.leases import LeaseTable
+from kv_transfer.metadata import DisaggConnectorMetadata, DisaggWorkerMetadata, LoadSpec
+from kv_transfer.paged_kv import PagedKVCache
+from kv_transfer.params import TransferStats
+from kv_transfer.transport import PullResult, TransferError
+
+logger = init_logger(__name__)
+
+# While the engine only steps to poll transfers, each poll waits this long for news so that
+# the idle engine does not spin a core.
+IDLE_POLL_S = 0.005
+RELEASE_TIMEOUT_S = 2.0
+
+
+@dataclass
+class _Load:
+    spec: LoadSpec
+    future: Future[PullResult]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass(frozen=True)
+class WorkerStats:
+    """A snapshot of one worker's transfer state, for tests and operators."""
+
+    num_leases: int
+    num_leased_blocks: int
+    num_loads_in_flight: int
+    num_loads_done: int
+    num_loads_failed: int
+    loaded_bytes: int
+
+
+class ConnectorWorker:
+    def __init__(self, config: ConnectorConfig, is_producer: bool, is_consumer: bool,
+                 num_blocks: int) -> None:
+        self._config = config
+        self._is_producer = is_producer
+        self._is_consumer = is_consumer
+        self._num_blocks = num_blocks
+        self._cache: PagedKVCache | None = None
+        self._leases = LeaseTable()
+        self._server: GrpcKVServer | None = None
+        self._client: GrpcKVClient | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._loads: dict[str, _Load] = {}
+        self._done_stats: dict[str, TransferStats] = {}
+        self._wakeup = threading.Event()
+        self._idle = False
+        self._num_loads_done = 0
+        self._num_loads_failed = 0
+        self._loaded_bytes = 0
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        self._cache = PagedKVCache(kv_caches, self._num_blocks)
+        token = self._config.auth_token.get_secret_value()
+        if self._is_producer:
+            self._server = GrpcKVServer(
+                self._cache,
+                self._leases,
+                bind_host=self._config.bind_host,
+                port=self._config.port,
+                auth_token=token,
+                max_chunk_bytes=self._config.max_chunk_bytes,
+                handle_wait_s=self._config.handle_wait_s,
+            )
+            endpoint = self._server.start()
+            logger.info("disagg KV server on %s (%d layers, %d B per block)", endpoint,
+                        self._cache.num_layers, self._cache.block_bytes)
+        if self._is_consumer:
+            self._client = GrpcKVClient(
+                self._cache, auth_token=token, max_chunk_bytes=self._config.max_chunk_bytes
+            )
+            self._pool = ThreadPoolExecutor(self._config.num_pull_threads,
+                                            thread_name_prefix="kv-pull")
+
+    def start_load_kv(self, meta: DisaggConnectorMetadata) -> None:
+        self._idle = meta.num_scheduled_tokens == 0
+        for lease in meta.leases:
+            self._leases.grant(lease.handle, lease.request_id, lease.block_ids, lease.lease_s)
+        if not (meta.loads or meta.releases):
+            return
+        assert self._pool is not None and self._client is not None, "loads on a non-consumer"
+        for spec in meta.loads:
+            load = _Load(spec, Future())
+            self._loads[spec.request_id] = load
+            self._pool.submit(self._run_load, load)
+        for release in meta.releases:
+            self._pool.submit(self._client.release, release.endpoint, release.handle,
+                              RELEASE_TIMEOUT_S)
+
+    def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
+        for request_id in finished_req_ids:
+            if (load := self._loads.get(request_id)) is not None:
+                load.cancelled.set()  # aborted while loading
+        self._leases.expire()
+        if self._idle and (self._leases.num_leases or self._loads):
+            self._wait_for_news()
+        results = KVConnectorTransferResults(finished_sending=self._leases.take_freed())
+        for request_id, load in list(self._loads.items()):
+            if not load.future.done():
+                continue
+            del self._loads[request_id]
+            results.finished_recving.add(request_id)
+            self._done_stats[request_id] = self._finish_load(load, results)
+        return results
+
+    def build_worker_meta(self) -> DisaggWorkerMetadata | None:
+        if not self._done_stats:
+            return None
+        meta, self._done_stats = DisaggWorkerMetadata(self._done_stats), {}
+        return meta
+
+    def stats(self) -> WorkerStats:
+        return WorkerStats(
+            num_leases=self._leases.num_leases,
+            num_leased_blocks=self._leases.num_leased_blocks,
+            num_loads_in_flight=len(self._loads),
+            num_loads_done=self._num_loads_done,
+            num_loads_failed=self._num_loads_failed,
+            loaded_bytes=self._loaded_bytes,
+        )
+
+    def shutdown(self) -> None:
+        for load in self._loads.values():
+            load.cancelled.set()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._client is not None:
+            self._client.close()
+        self._leases.revoke_all()
+        if self._server is not None:
+            self._server.stop(grace_s=0.5)
+
+    def _run_load(self, load: _Load) -> None:
+        assert self._client is not None
+        spec = load.spec
+        try:
+            result = self._client.pull(
+                spec.endpoint,
+                spec.handle,
+                list(spec.remote_block_ids),
+                list(spec.local_block_ids),
+                timeout_s=self._config.pull_timeout_s,
+                cancelled=load.cancelled,
+            )
+            load.future.set_result(result)
+        except BaseException as err:  # noqa: BLE001 - any failure must reach the scheduler
+            load.future.set_exception(err)
+        finally:
+            self._wakeup.set()
+            self._client.release(spec.endpoint, spec.handle, RELEASE_TIMEOUT_S)
+
+    def _finish_load(self, load: _Load, results: KVConnectorTransferResults) -> TransferStats:
+        spec = load.spec
+        err = load.future.exception()
+        if err is None:
+            pulled = load.future.result()
+            self._num_loads_done += 1
+            self._loaded_bytes += pulled.transfer_bytes
+            return TransferStats(spec.num_tokens, pulled.num_blocks, pulled.transfer_bytes,
+                                 pulled.transfer_ms)
+        self._num_loads_failed += 1
+        results.failed_recving.add(spec.request_id)
+        reason = str(err) if isinstance(err, TransferError) else f"{type(err).__name__}: {err}"
+        logger.warning("KV load for request %s failed: %s", spec.request_id, reason)
+        return TransferStats(0, 0, 0, 0.0, error=reason)
+
+    def _wait_for_news(self) -> None:
+        start = time.monotonic()
+        if self._leases.num_leases:
+            self._leases.wait_for_change(IDLE_POLL_S)
+        remaining = IDLE_POLL_S - (time.monotonic() - start)
+        if self._loads and remaining > 0 and self._wakeup.wait(remaining):
+            self._wakeup.clear()
