@@ -21,6 +21,7 @@ import grpc
 
 from kv_transfer.leases import ExpiredHandle, LeaseError, LeaseTable, UnknownHandle
 from kv_transfer.paged_kv import ChunkPlan, PagedKVCache
+from kv_transfer.params import TransferParams
 from kv_transfer.transport import KVBlockClient, KVBlockServer, PullResult, TransferError
 from protos import kv_transfer_pb2 as pb
 
@@ -261,3 +262,18 @@ class GrpcKVClient(KVBlockClient):
                 )
                 self._channels[endpoint] = channel
             return channel
+
+
+def release_handle(transfer: TransferParams, auth_token: str, timeout_s: float = 2.0) -> None:
+    """Free a published handle that no consumer will pull (best effort)."""
+    with grpc.insecure_channel(transfer.endpoint) as channel:
+        stub = channel.unary_unary(
+            RELEASE_METHOD,
+            request_serializer=pb.ReleaseRequest.SerializeToString,
+            response_deserializer=pb.ReleaseResponse.FromString,
+        )
+        try:
+            stub(pb.ReleaseRequest(handle=transfer.handle), timeout=timeout_s,
+                 metadata=((TOKEN_METADATA_KEY, auth_token),))
+        except grpc.RpcError:
+            pass  # the lease expires instead

@@ -1,0 +1,126 @@
+"""DecodeWorker: a vLLM engine that continues requests whose prompts another engine computed.
+
+Lifecycle of one request:
+  1. `decode` submits prompt + first token (from the PrefillWorker) with kv_transfer_params
+     do_remote_prefill and the producer's TransferParams.
+  2. vLLM's scheduler asks the connector, which reports the prompt's tokens as external; the
+     request waits while the connector pulls the blocks into this engine's paged cache.
+  3. Only the first token (its KV is not in the producer's blocks) is computed locally, then
+     decoding continues; tokens stream out as `DecodeChunk`s.
+  4. The last chunk carries the timings, including the transfer's ms and bytes. If the
+     transfer failed, vLLM failed the request (`on_transfer_failure: fail`) and `decode` raises
+     KVTransferFailed, or it recomputed the prompt locally (`recompute`) and the timings say so.
+Without TransferParams the engine prefills the prompt itself (local mode).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from kv_transfer.params import TransferParams, consumer_request_params, parse_stats
+from runtime.requests import GenerateRequest
+
+if TYPE_CHECKING:
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from kv_transfer.connector_worker import WorkerStats
+
+
+class KVTransferFailed(RuntimeError):
+    """The prompt's KV blocks could not be loaded and the policy is to fail."""
+
+
+@dataclass(frozen=True)
+class DecodeTimings:
+    queue_ms: float  # engine queue, excluding the transfer
+    transfer_ms: float
+    transfer_bytes: int
+    first_token_ms: float  # submit -> first new token (queue + transfer + first step)
+    decode_ms: float  # first new token -> last token
+    num_loaded_tokens: int
+    num_computed_prompt_tokens: int  # prompt tokens this engine computed itself
+    transfer_error: str
+
+
+@dataclass(frozen=True)
+class DecodeChunk:
+    token_ids: tuple[int, ...]
+    finish_reason: str | None = None
+    timings: DecodeTimings | None = None
+
+
+class DecodeWorker:
+    def __init__(self, engine: AsyncLLM, block_size: int) -> None:
+        self.engine = engine
+        self.block_size = block_size
+
+    async def decode(
+        self, request: GenerateRequest, first_token_id: int | None, transfer: TransferParams | None
+    ) -> AsyncIterator[DecodeChunk]:
+        """Stream the tokens after first_token_id (all tokens when first_token_id is None)."""
+        if transfer is not None and transfer.block_size != self.block_size:
+            raise ValueError(
+                f"prefill block size {transfer.block_size} != decode block size "
+                f"{self.block_size}: both pools must use the same block size"
+            )
+        prompt = list(request.prompt_token_ids)
+        max_tokens = request.sampling.max_tokens
+        if first_token_id is not None:
+            prompt.append(first_token_id)
+            max_tokens -= 1
+        assert max_tokens >= 1, "nothing left to decode"
+        kv_params = consumer_request_params(transfer) if transfer is not None else None
+        params = request.sampling.to_vllm(max_tokens=max_tokens, kv_transfer_params=kv_params)
+        start = time.perf_counter()
+        first_token_at = None
+        num_sent = 0
+        async for output in self.engine.generate(
+            {"prompt_token_ids": prompt}, params, request_id=request.request_id
+        ):
+            completion = output.outputs[0]
+            new_tokens = tuple(completion.token_ids[num_sent:])
+            num_sent = len(completion.token_ids)
+            if new_tokens and first_token_at is None:
+                first_token_at = time.perf_counter()
+            if not output.finished:
+                if new_tokens:
+                    yield DecodeChunk(new_tokens)
+                continue
+            stats = parse_stats(output.kv_transfer_params)
+            if completion.finish_reason == "error" or (stats and stats.error and not new_tokens):
+                reason = stats.error if stats and stats.error else "engine reported an error"
+                raise KVTransferFailed(f"request {request.request_id}: {reason}")
+            end = time.perf_counter()
+            first_at = first_token_at or end
+            transfer_ms = stats.transfer_ms if stats else 0.0
+            engine_queue_ms = _queue_ms(output.metrics)
+            yield DecodeChunk(
+                new_tokens,
+                finish_reason=completion.finish_reason,
+                timings=DecodeTimings(
+                    queue_ms=max(0.0, engine_queue_ms - transfer_ms),
+                    transfer_ms=transfer_ms,
+                    transfer_bytes=stats.transfer_bytes if stats else 0,
+                    first_token_ms=(first_at - start) * 1e3,
+                    decode_ms=(end - first_at) * 1e3,
+                    num_loaded_tokens=stats.num_loaded_tokens if stats else 0,
+                    num_computed_prompt_tokens=len(prompt) - (output.num_cached_tokens or 0),
+                    transfer_error=stats.error if stats else "",
+                ),
+            )
+
+    async def kv_stats(self) -> WorkerStats:
+        (stats,) = await self.engine.collective_rpc("disagg_kv_stats")
+        return stats
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+
+def _queue_ms(metrics: object) -> float:
+    queued = getattr(metrics, "queued_ts", 0.0)
+    scheduled = getattr(metrics, "scheduled_ts", 0.0)
+    return (scheduled - queued) * 1e3 if queued and scheduled else 0.0

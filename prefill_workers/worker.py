@@ -1,0 +1,104 @@
+"""PrefillWorker: a vLLM engine that computes prompts and hands their KV blocks over.
+
+Lifecycle of one request:
+  1. `prefill` submits the prompt with max_tokens=1 and kv_transfer_params do_remote_decode.
+  2. vLLM prefills it and samples the first token; the connector keeps the prompt's blocks
+     under a lease and returns TransferParams on the finished output.
+  3. The caller streams the first token to its client at once and hands the TransferParams to
+     a DecodeWorker; the decode side releases the lease after pulling (or it expires).
+No Ray here: the Ray Serve deployment wraps this class.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from kv_transfer.grpc_transport import release_handle
+from kv_transfer.params import TransferParams, parse_transfer, producer_request_params
+from runtime.requests import GenerateRequest
+
+if TYPE_CHECKING:
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from kv_transfer.connector_worker import WorkerStats
+
+
+@dataclass(frozen=True)
+class PrefillTimings:
+    queue_ms: float
+    compute_ms: float
+    total_ms: float
+
+
+@dataclass(frozen=True)
+class PrefillResult:
+    request_id: str
+    first_token_id: int
+    finish_reason: str | None  # set when the first token already ends the request
+    transfer: TransferParams | None
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    timings: PrefillTimings
+
+
+class PrefillWorker:
+    def __init__(self, engine: AsyncLLM, auth_token: str) -> None:
+        self.engine = engine
+        self._auth_token = auth_token
+
+    async def prefill(self, request: GenerateRequest) -> PrefillResult:
+        """Run the prompt, return the first token and where its KV blocks wait."""
+        start = time.perf_counter()
+        hand_off = request.sampling.max_tokens > 1
+        params = request.sampling.to_vllm(
+            max_tokens=1, kv_transfer_params=producer_request_params() if hand_off else None
+        )
+        output = None
+        async for output in self.engine.generate(
+            {"prompt_token_ids": list(request.prompt_token_ids)}, params,
+            request_id=request.request_id,
+        ):
+            pass
+        assert output is not None and output.finished, "prefill ended without output"
+        total_ms = (time.perf_counter() - start) * 1e3
+        completion = output.outputs[0]
+        if not completion.token_ids:
+            raise RuntimeError(
+                f"prefill of {request.request_id} produced no token "
+                f"(finish_reason={completion.finish_reason})"
+            )
+        stopped = completion.finish_reason == "stop" or not hand_off
+        transfer = parse_transfer(output.kv_transfer_params)
+        if stopped and transfer is not None:
+            await asyncio.to_thread(release_handle, transfer, self._auth_token)
+            transfer = None
+        queue_ms, compute_ms = _engine_phases_ms(output.metrics, total_ms)
+        return PrefillResult(
+            request_id=request.request_id,
+            first_token_id=completion.token_ids[0],
+            finish_reason=completion.finish_reason if stopped else None,
+            transfer=transfer,
+            num_prompt_tokens=len(request.prompt_token_ids),
+            num_cached_tokens=output.num_cached_tokens or 0,
+            timings=PrefillTimings(queue_ms, compute_ms, total_ms),
+        )
+
+    async def kv_stats(self) -> WorkerStats:
+        (stats,) = await self.engine.collective_rpc("disagg_kv_stats")
+        return stats
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+
+def _engine_phases_ms(metrics: object, total_ms: float) -> tuple[float, float]:
+    """(queue, compute) from vLLM's per-request engine timestamps, if it reported them."""
+    queued = getattr(metrics, "queued_ts", 0.0)
+    scheduled = getattr(metrics, "scheduled_ts", 0.0)
+    first_token = getattr(metrics, "first_token_ts", 0.0)
+    if not (queued and scheduled and first_token):
+        return 0.0, total_ms
+    return (scheduled - queued) * 1e3, (first_token - scheduled) * 1e3

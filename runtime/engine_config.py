@@ -1,0 +1,55 @@
+"""Configuration of one vLLM engine and of the KV transfer between engines."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+TransportKind = Literal["grpc"]
+TransferFailurePolicy = Literal["fail", "recompute"]
+EngineRole = Literal["prefill", "decode", "colocated"]
+
+
+class EngineConfig(BaseModel):
+    """One vLLM engine; prefill and decode engines of a deployment must agree on model,
+    dtype and block size."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(..., description="Path of a Hugging Face checkpoint (never downloaded).")
+    dtype: Dtype = Field("float32", description="Weights and KV cache dtype.")
+    block_size: int = Field(128, ge=1, description="Tokens per KV cache block.")
+    max_model_len: int = Field(16384, ge=16, description="Longest prompt + output in tokens.")
+    kv_cache_bytes: int = Field(1 << 30, ge=1 << 20, description="KV cache memory per engine.")
+    max_num_seqs: int = Field(64, ge=1, description="Most sequences in one batch.")
+    max_num_batched_tokens: int | None = Field(
+        None, ge=1, description="Token budget per step (chunked prefill); None: vLLM's default."
+    )
+    enable_prefix_caching: bool = Field(True, description="Reuse identical prompt prefixes.")
+    enforce_eager: bool = Field(True, description="No graph capture or compilation.")
+    cpu_threads_bind: str | None = Field(
+        None, description="CPU engines: cores for the engine's threads, e.g. '0' or '0-1'."
+    )
+
+
+class TransferConfig(BaseModel):
+    """How KV blocks move from prefill engines to decode engines."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    transport: TransportKind = Field("grpc", description="Block transport.")
+    bind_host: str = Field("127.0.0.1", description="Address prefill KV servers bind to.")
+    advertise_host: str = Field("", description="Address decode workers dial; empty: bind_host.")
+    auth_token: SecretStr = Field(
+        default_factory=lambda: SecretStr(secrets.token_urlsafe(32)),
+        description="Shared token of the cluster; generated when not given.",
+    )
+    lease_s: float = Field(30.0, gt=0, description="Unreleased blocks are freed after this.")
+    pull_timeout_s: float = Field(30.0, gt=0, description="Deadline for one request's pull.")
+    max_chunk_bytes: int = Field(1 << 20, ge=4096, description="Largest streamed chunk.")
+    on_transfer_failure: TransferFailurePolicy = Field(
+        "fail", description="fail the request, or recompute its prompt on the decode engine."
+    )

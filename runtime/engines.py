@@ -1,0 +1,80 @@
+"""Build vLLM engines (AsyncLLM) for the prefill, decode and colocated roles."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import TYPE_CHECKING
+
+from kv_transfer.config import ConnectorConfig
+from runtime.engine_config import EngineConfig, EngineRole, TransferConfig
+
+if TYPE_CHECKING:
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+CONNECTOR_NAME = "DisaggConnector"
+CONNECTOR_MODULE = "kv_transfer.connector"
+WORKER_EXTENSION = "kv_transfer.worker_extension.DisaggWorkerExtension"
+_KV_ROLES = {"prefill": "kv_producer", "decode": "kv_consumer"}
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free right now on host."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def connector_config(transfer: TransferConfig, role: EngineRole, port: int) -> ConnectorConfig:
+    return ConnectorConfig(
+        bind_host=transfer.bind_host,
+        advertise_host=transfer.advertise_host,
+        port=port if role == "prefill" else 0,
+        auth_token=transfer.auth_token,
+        lease_s=transfer.lease_s,
+        max_chunk_bytes=transfer.max_chunk_bytes,
+        pull_timeout_s=transfer.pull_timeout_s,
+    )
+
+
+def build_engine(
+    config: EngineConfig,
+    role: EngineRole,
+    transfer: TransferConfig | None = None,
+    kv_port: int | None = None,
+) -> AsyncLLM:
+    """Start one engine (30-60 s on a 2-core CPU). Call from code under `__main__`: vLLM
+    spawns its engine processes."""
+    from vllm.config import KVTransferConfig
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    kv_transfer_config = None
+    if role != "colocated":
+        transfer = transfer or TransferConfig()
+        port = kv_port if kv_port is not None else free_port(transfer.bind_host)
+        kv_transfer_config = KVTransferConfig(
+            kv_connector=CONNECTOR_NAME,
+            kv_connector_module_path=CONNECTOR_MODULE,
+            kv_role=_KV_ROLES[role],
+            kv_load_failure_policy=transfer.on_transfer_failure,
+            kv_connector_extra_config=connector_config(transfer, role, port).to_extra_config(),
+        )
+    if config.cpu_threads_bind is not None:
+        # vLLM's CPU workers read their core binding from the environment at start.
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = config.cpu_threads_bind
+    args = AsyncEngineArgs(
+        model=config.model,
+        dtype=config.dtype,
+        block_size=config.block_size,
+        max_model_len=config.max_model_len,
+        kv_cache_memory_bytes=config.kv_cache_bytes,
+        max_num_seqs=config.max_num_seqs,
+        max_num_batched_tokens=config.max_num_batched_tokens,
+        enable_prefix_caching=config.enable_prefix_caching,
+        enforce_eager=config.enforce_eager,
+        disable_log_stats=False,
+        kv_transfer_config=kv_transfer_config,
+        worker_extension_cls=WORKER_EXTENSION if kv_transfer_config else "",
+    )
+    return AsyncLLM.from_engine_args(args)
