@@ -8,25 +8,29 @@ Lifecycle of one request:
   3. Only the first token (its KV is not in the producer's blocks) is computed locally, then
      decoding continues; tokens stream out as `DecodeChunk`s.
   4. The last chunk carries the timings, including the transfer's ms and bytes. If the
-     transfer failed, vLLM failed the request (`on_transfer_failure: fail`) and `decode` raises
-     KVTransferFailed, or it recomputed the prompt locally (`recompute`) and the timings say so.
+     transfer failed, vLLM fails the request (the engine runs kv_load_failure_policy=fail);
+     then `decode` raises KVTransferFailed (`on_transfer_failure: fail`) or resubmits the
+     request without TransferParams so this engine computes the prompt itself (`recompute`);
+     the timings carry the transfer error either way. No token has been streamed by then.
 Without TransferParams the engine prefills the prompt itself (local mode).
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kv_transfer.params import TransferParams, consumer_request_params, parse_stats
+from runtime.engine_config import TransferFailurePolicy
 from runtime.requests import GenerateRequest
+
+from kv_transfer.connector_worker import WorkerStats
 
 if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
-
-    from kv_transfer.connector_worker import WorkerStats
 
 
 class KVTransferFailed(RuntimeError):
@@ -53,14 +57,39 @@ class DecodeChunk:
 
 
 class DecodeWorker:
-    def __init__(self, engine: AsyncLLM, block_size: int) -> None:
+    def __init__(
+        self, engine: AsyncLLM, block_size: int, on_transfer_failure: TransferFailurePolicy = "fail"
+    ) -> None:
         self.engine = engine
         self.block_size = block_size
+        self.on_transfer_failure = on_transfer_failure
 
     async def decode(
-        self, request: GenerateRequest, first_token_id: int | None, transfer: TransferParams | None
+        self,
+        request: GenerateRequest,
+        first_token_id: int | None,
+        transfer: TransferParams | None,
+        on_transfer_failure: TransferFailurePolicy | None = None,
     ) -> AsyncIterator[DecodeChunk]:
         """Stream the tokens after first_token_id (all tokens when first_token_id is None)."""
+        policy = on_transfer_failure or self.on_transfer_failure
+        try:
+            async for chunk in self._run(request, first_token_id, transfer, ""):
+                yield chunk
+        except KVTransferFailed as err:
+            if policy != "recompute":
+                raise
+            retry = replace(request, request_id=f"{request.request_id}-recompute")
+            async for chunk in self._run(retry, first_token_id, None, str(err)):
+                yield chunk
+
+    async def _run(
+        self,
+        request: GenerateRequest,
+        first_token_id: int | None,
+        transfer: TransferParams | None,
+        earlier_error: str,
+    ) -> AsyncIterator[DecodeChunk]:
         if transfer is not None and transfer.block_size != self.block_size:
             raise ValueError(
                 f"prefill block size {transfer.block_size} != decode block size "
@@ -108,13 +137,13 @@ class DecodeWorker:
                     decode_ms=(end - first_at) * 1e3,
                     num_loaded_tokens=stats.num_loaded_tokens if stats else 0,
                     num_computed_prompt_tokens=len(prompt) - (output.num_cached_tokens or 0),
-                    transfer_error=stats.error if stats else "",
+                    transfer_error=earlier_error or (stats.error if stats else ""),
                 ),
             )
 
     async def kv_stats(self) -> WorkerStats:
         (stats,) = await self.engine.collective_rpc("disagg_kv_stats")
-        return stats
+        return WorkerStats.from_wire(stats)
 
     def shutdown(self) -> None:
         self.engine.shutdown()

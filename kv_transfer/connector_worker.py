@@ -52,6 +52,11 @@ class WorkerStats:
     num_loads_failed: int
     loaded_bytes: int
 
+    @classmethod
+    def from_wire(cls, value: WorkerStats | dict) -> WorkerStats:
+        """vLLM's RPC may deliver the dataclass as a dict of its fields."""
+        return value if isinstance(value, cls) else cls(**value)
+
 
 class ConnectorWorker:
     def __init__(self, config: ConnectorConfig, is_producer: bool, is_consumer: bool,

@@ -20,10 +20,10 @@ from kv_transfer.grpc_transport import release_handle
 from kv_transfer.params import TransferParams, parse_transfer, producer_request_params
 from runtime.requests import GenerateRequest
 
+from kv_transfer.connector_worker import WorkerStats
+
 if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
-
-    from kv_transfer.connector_worker import WorkerStats
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ class PrefillWorker:
 
     async def kv_stats(self) -> WorkerStats:
         (stats,) = await self.engine.collective_rpc("disagg_kv_stats")
-        return stats
+        return WorkerStats.from_wire(stats)
 
     def shutdown(self) -> None:
         self.engine.shutdown()

@@ -57,7 +57,9 @@ def build_engine(
             kv_connector=CONNECTOR_NAME,
             kv_connector_module_path=CONNECTOR_MODULE,
             kv_role=_KV_ROLES[role],
-            kv_load_failure_policy=transfer.on_transfer_failure,
+            # The DecodeWorker applies on_transfer_failure itself (per request); the engine
+            # only has to fail the request cleanly.
+            kv_load_failure_policy="fail",
             kv_connector_extra_config=connector_config(transfer, role, port).to_extra_config(),
         )
     if config.cpu_threads_bind is not None:

@@ -1,0 +1,105 @@
+"""Shared real vLLM CPU engines for the integration tests (started once per test session).
+
+Three engines on the generated tiny model: a prefill engine (KV producer), a decode engine (KV
+consumer) and a plain colocated engine that serves as the correctness oracle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from decode_workers.worker import DecodeWorker
+from prefill_workers.worker import PrefillWorker
+from runtime.engine_config import EngineConfig, TransferConfig
+from runtime.engines import build_engine
+from runtime.pipeline import DisaggPipeline
+from runtime.tiny_model import make_tiny_model
+
+T = TypeVar("T")
+BLOCK_SIZE = 128
+LEASE_S = 6.0
+
+
+class EventLoopThread:
+    """One asyncio loop for the whole session: AsyncLLM engines are bound to the loop that
+    first used them, and pytest's per-test loops would break that."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout_s: float = 300) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+
+
+@dataclass
+class Cluster:
+    runner: EventLoopThread
+    transfer: TransferConfig
+    prefill: PrefillWorker
+    decode: DecodeWorker
+    oracle: Any  # AsyncLLM, colocated
+    pipeline: DisaggPipeline
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def cluster(tiny_model: Path):
+    runner = EventLoopThread()
+    engine_config = EngineConfig(model=str(tiny_model), block_size=BLOCK_SIZE,
+                                 kv_cache_bytes=256 << 20, max_num_seqs=16)
+    transfer = TransferConfig(lease_s=LEASE_S, pull_timeout_s=10.0)
+
+    async def start() -> Cluster:
+        prefill = PrefillWorker(build_engine(engine_config, "prefill", transfer),
+                                transfer.auth_token.get_secret_value())
+        decode = DecodeWorker(build_engine(engine_config, "decode", transfer), BLOCK_SIZE)
+        oracle = build_engine(engine_config, "colocated")
+        return Cluster(runner, transfer, prefill, decode, oracle, DisaggPipeline(prefill, decode))
+
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    cluster = runner.run(start())
+    yield cluster
+    for engine in (cluster.prefill.engine, cluster.decode.engine, cluster.oracle):
+        engine.shutdown()
+    runner.stop()
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(request: pytest.FixtureRequest):
+    """Every integration test ends with nothing held: no leased blocks on the producer, no
+    pending loads on the consumer."""
+    yield
+    if "cluster" not in request.fixturenames:
+        return
+    cluster: Cluster = request.getfixturevalue("cluster")
+
+    async def settled() -> tuple[Any, Any]:
+        for _ in range(100):
+            produced = await cluster.prefill.kv_stats()
+            consumed = await cluster.decode.kv_stats()
+            if produced.num_leases == 0 and consumed.num_loads_in_flight == 0:
+                break
+            await asyncio.sleep(0.1)
+        return produced, consumed
+
+    produced, consumed = cluster.runner.run(settled())
+    assert produced.num_leases == 0 and produced.num_leased_blocks == 0, produced
+    assert consumed.num_loads_in_flight == 0, consumed

@@ -1,0 +1,31 @@
+"""Prompt makers and oracle calls shared by the integration tests."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from runtime.requests import SamplingSpec
+
+VOCAB_LOW, VOCAB_HIGH = 3, 258  # byte tokens of the tiny model's tokenizer
+
+
+def make_prompt(length: int, seed: int) -> tuple[int, ...]:
+    rng = random.Random(seed * 1_000_003 + length)
+    return tuple(rng.randint(VOCAB_LOW, VOCAB_HIGH) for _ in range(length))
+
+
+def greedy(max_tokens: int) -> SamplingSpec:
+    return SamplingSpec(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+
+
+async def colocated_tokens(
+    oracle: Any, request_id: str, prompt: tuple[int, ...], sampling: SamplingSpec
+) -> tuple[int, ...]:
+    output = None
+    async for output in oracle.generate(
+        {"prompt_token_ids": list(prompt)}, sampling.to_vllm(), request_id=request_id
+    ):
+        pass
+    assert output is not None
+    return tuple(output.outputs[0].token_ids)
