@@ -119,9 +119,15 @@ class DecodeWorker:
                     yield DecodeChunk(new_tokens)
                 continue
             stats = parse_stats(output.kv_transfer_params)
-            if completion.finish_reason == "error" or (stats and stats.error and not new_tokens):
-                reason = stats.error if stats and stats.error else "engine reported an error"
-                raise KVTransferFailed(f"request {request.request_id}: {reason}")
+            if completion.finish_reason == "error":
+                reason = stats.error if stats and stats.error else ""
+                if not reason and transfer is not None:
+                    (reason,) = await self.engine.collective_rpc(
+                        "disagg_load_error", args=(request.request_id,)
+                    )
+                raise KVTransferFailed(
+                    f"request {request.request_id}: {reason or 'engine reported an error'}"
+                )
             end = time.perf_counter()
             first_at = first_token_at or end
             transfer_ms = stats.transfer_ms if stats else 0.0

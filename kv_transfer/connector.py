@@ -113,6 +113,9 @@ class DisaggConnector(KVConnectorBase_V1):
     def worker_stats(self) -> WorkerStats:
         return self.worker_side.stats()
 
+    def load_error(self, request_id: str) -> str:
+        return self.worker_side.load_error(request_id)
+
     def shutdown(self) -> None:
         if self._worker is not None:
             self._worker.shutdown()

@@ -65,6 +65,7 @@ class ConnectorScheduler:
         self._releases: list[ReleaseSpec] = []
         self._held: set[str] = set()
         self._stats: dict[str, TransferStats] = {}
+        self._loading: set[str] = set()
 
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
@@ -89,6 +90,7 @@ class ConnectorScheduler:
         num_loadable = self._num_loadable_tokens(request, transfer)
         first = (num_loadable - num_external_tokens) // self._block_size
         last = _ceil_div(num_loadable, self._block_size)
+        self._loading.add(request.request_id)
         (local_ids,) = blocks.get_block_ids()
         assert len(local_ids) >= last, f"{len(local_ids)} local blocks for {last} needed"
         self._loads.append(
@@ -116,7 +118,11 @@ class ConnectorScheduler:
         self._held.difference_update(connector_output.finished_sending or ())
         worker_meta = connector_output.kv_connector_worker_meta
         if isinstance(worker_meta, DisaggWorkerMetadata):
-            self._stats.update(worker_meta.stats)
+            # A failed load can finish its request before its stats arrive: keep only the
+            # stats of requests still alive, so nothing accumulates.
+            self._stats.update(
+                (rid, stats) for rid, stats in worker_meta.stats.items() if rid in self._loading
+            )
 
     def request_finished(
         self, request: Request, block_ids: list[int]
@@ -130,6 +136,7 @@ class ConnectorScheduler:
             transfer = parse_transfer(params)
             assert transfer is not None
             self._releases.append(ReleaseSpec(transfer.endpoint, transfer.handle))
+        self._loading.discard(request.request_id)
         stats = self._stats.pop(request.request_id, None)
         return False, (stats_output_params(stats) if stats else None)
 

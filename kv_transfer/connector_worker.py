@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -32,6 +33,7 @@ logger = init_logger(__name__)
 # the idle engine does not spin a core.
 IDLE_POLL_S = 0.005
 RELEASE_TIMEOUT_S = 2.0
+NUM_RECENT_ERRORS = 1024
 
 
 @dataclass
@@ -72,6 +74,7 @@ class ConnectorWorker:
         self._pool: ThreadPoolExecutor | None = None
         self._loads: dict[str, _Load] = {}
         self._done_stats: dict[str, TransferStats] = {}
+        self._recent_errors: OrderedDict[str, str] = OrderedDict()
         self._wakeup = threading.Event()
         self._idle = False
         self._num_loads_done = 0
@@ -148,6 +151,17 @@ class ConnectorWorker:
             loaded_bytes=self._loaded_bytes,
         )
 
+    def load_error(self, request_id: str) -> str:
+        """Why the load of a recent request failed ('' if it did not or is forgotten).
+
+        AsyncLLM suffixes the caller's request id with "-<random>" before it reaches the
+        engine, so the caller's id matches as a prefix.
+        """
+        for internal_id in reversed(self._recent_errors):
+            if internal_id == request_id or internal_id.startswith(request_id + "-"):
+                return self._recent_errors[internal_id]
+        return ""
+
     def shutdown(self) -> None:
         for load in self._loads.values():
             load.cancelled.set()
@@ -191,6 +205,9 @@ class ConnectorWorker:
         results.failed_recving.add(spec.request_id)
         reason = str(err) if isinstance(err, TransferError) else f"{type(err).__name__}: {err}"
         logger.warning("KV load for request %s failed: %s", spec.request_id, reason)
+        self._recent_errors[spec.request_id] = reason
+        if len(self._recent_errors) > NUM_RECENT_ERRORS:
+            self._recent_errors.popitem(last=False)
         return TransferStats(0, 0, 0, 0.0, error=reason)
 
     def _wait_for_news(self) -> None:

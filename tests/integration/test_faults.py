@@ -1,0 +1,136 @@
+"""Transfer faults end cleanly: a clear error or a local recompute, within a deadline, and
+no blocks held on either side afterwards (checked by the no_leaks fixture)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import time
+
+import pytest
+
+from decode_workers.worker import KVTransferFailed
+from kv_transfer.grpc_transport import release_handle
+from runtime.engines import free_port
+from runtime.requests import GenerateRequest
+from tests.integration.conftest import LEASE_S
+from tests.integration.faults import CuttingProxy
+from tests.integration.helpers import colocated_tokens, greedy, make_prompt
+
+_ids = itertools.count()
+FAULT_DEADLINE_S = 15.0
+
+
+def _request(length: int, seed: int, max_tokens: int = 5) -> GenerateRequest:
+    return GenerateRequest(f"fault-{next(_ids)}", make_prompt(length, seed), greedy(max_tokens))
+
+
+async def _decode_all(cluster, request, first, transfer, policy):
+    tokens = [first.first_token_id]
+    timings = None
+    async for chunk in cluster.decode.decode(request, first.first_token_id, transfer, policy):
+        tokens.extend(chunk.token_ids)
+        timings = chunk.timings or timings
+    return tuple(tokens), timings
+
+
+def _run_fault(cluster, request, tamper, policy):
+    """Prefill, tamper with the transfer, decode; always free the real lease afterwards."""
+
+    async def run():
+        first = await cluster.prefill.prefill(request)
+        assert first.transfer is not None
+        try:
+            return await asyncio.wait_for(
+                _decode_all(cluster, request, first, tamper(first.transfer), policy),
+                FAULT_DEADLINE_S,
+            )
+        finally:
+            await asyncio.to_thread(release_handle, first.transfer,
+                                    cluster.transfer.auth_token.get_secret_value())
+
+    return cluster.runner.run(run())
+
+
+def _expected(cluster, request):
+    return cluster.runner.run(colocated_tokens(
+        cluster.oracle, f"oracle-{request.request_id}", request.prompt_token_ids,
+        request.sampling,
+    ))
+
+
+def _unreachable(transfer):
+    return dataclasses.replace(transfer, endpoint=f"127.0.0.1:{free_port()}")
+
+
+def _unknown_handle(transfer):
+    return dataclasses.replace(transfer, handle="not-a-handle-" + "x" * 20)
+
+
+@pytest.mark.parametrize(
+    ("tamper", "message"),
+    [(_unreachable, "unreachable"), (_unknown_handle, "does not know the transfer handle")],
+)
+def test_fault_fails_with_a_clear_error(cluster, tamper, message):
+    request = _request(700, seed=1)
+    start = time.monotonic()
+    with pytest.raises(KVTransferFailed, match=message):
+        _run_fault(cluster, request, tamper, "fail")
+    assert time.monotonic() - start < FAULT_DEADLINE_S
+
+
+@pytest.mark.parametrize("tamper", [_unreachable, _unknown_handle])
+def test_fault_recomputes_locally_when_configured(cluster, tamper):
+    request = _request(700, seed=2)
+    tokens, timings = _run_fault(cluster, request, tamper, "recompute")
+    assert tokens == _expected(cluster, request)
+    assert timings.transfer_error
+    assert timings.num_loaded_tokens == 0
+    assert timings.num_computed_prompt_tokens > 1
+
+
+def test_expired_lease_frees_blocks_and_fails_the_pull(cluster):
+    request = _request(500, seed=3)
+
+    async def run():
+        first = await cluster.prefill.prefill(request)
+        assert (await cluster.prefill.kv_stats()).num_leases == 1
+        await asyncio.sleep(LEASE_S + 1.5)
+        # 1. the idle producer freed the blocks on its own
+        assert (await cluster.prefill.kv_stats()).num_leases == 0
+        # 2. a late consumer gets a clear error
+        return await _decode_all(cluster, request, first, first.transfer, "fail")
+
+    with pytest.raises(KVTransferFailed, match="no longer valid: lease expired"):
+        cluster.runner.run(run())
+
+
+@pytest.mark.parametrize("policy", ["fail", "recompute"])
+def test_stream_cut_midway(cluster, policy):
+    request = _request(3000, seed=4)
+    proxies: list[CuttingProxy] = []
+
+    def through_cutting_proxy(transfer):
+        proxies.append(CuttingProxy(transfer.endpoint, cut_after_bytes=2 << 20))
+        return dataclasses.replace(transfer, endpoint=proxies[0].endpoint)
+
+    try:
+        if policy == "fail":
+            with pytest.raises(KVTransferFailed, match="producer|transfer"):
+                _run_fault(cluster, request, through_cutting_proxy, policy)
+        else:
+            tokens, timings = _run_fault(cluster, request, through_cutting_proxy, policy)
+            assert tokens == _expected(cluster, request)
+            assert timings.transfer_error
+        assert proxies[0].num_cuts >= 1
+    finally:
+        for proxy in proxies:
+            proxy.close()
+
+
+def test_next_request_after_faults_is_exact(cluster):
+    request = _request(900, seed=5, max_tokens=7)
+    completion = cluster.runner.run(cluster.pipeline.generate(request))
+    assert completion.token_ids == _expected(cluster, request)
+    assert completion.timings.num_loaded_tokens == 900
