@@ -18,16 +18,14 @@ Without TransferParams the engine prefills the prompt itself (local mode).
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+from kv_transfer.connector_worker import WorkerStats
 from kv_transfer.params import TransferParams, consumer_request_params, parse_stats
 from runtime.engine_config import TransferFailurePolicy
 from runtime.requests import GenerateRequest
-
-from kv_transfer.connector_worker import WorkerStats
 
 if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM

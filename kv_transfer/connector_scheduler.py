@@ -143,7 +143,9 @@ class ConnectorScheduler:
     def has_pending_work(self) -> bool:
         return bool(self._held or self._leases or self._releases)
 
-    def _hand_off(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+    def _hand_off(
+        self, request: Request, block_ids: list[int]
+    ) -> tuple[bool, dict[str, Any] | None]:
         if request.status not in _HANDOFF_STATUSES:
             return False, None  # aborted or errored: nothing to hand off, free at once
         num_tokens = min(request.num_computed_tokens, request.num_prompt_tokens)

@@ -55,9 +55,11 @@ class WorkerStats:
     loaded_bytes: int
 
     @classmethod
-    def from_wire(cls, value: WorkerStats | dict) -> WorkerStats:
+    def from_wire(cls, value: WorkerStats | dict[str, int]) -> WorkerStats:
         """vLLM's RPC may deliver the dataclass as a dict of its fields."""
-        return value if isinstance(value, cls) else cls(**value)
+        if isinstance(value, WorkerStats):
+            return value
+        return cls(**value)
 
 
 class ConnectorWorker:

@@ -11,11 +11,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
@@ -147,7 +148,9 @@ class GrpcKVServer(KVBlockServer):
         finally:
             self._leases.finish_pull(request.handle)
 
-    def _release(self, request: pb.ReleaseRequest, context: grpc.ServicerContext):
+    def _release(
+        self, request: pb.ReleaseRequest, context: grpc.ServicerContext
+    ) -> pb.ReleaseResponse:
         self._authorize(context)
         return pb.ReleaseResponse(num_blocks_freed=self._leases.release(request.handle))
 
@@ -242,10 +245,9 @@ class GrpcKVClient(KVBlockClient):
             request_serializer=pb.ReleaseRequest.SerializeToString,
             response_deserializer=pb.ReleaseResponse.FromString,
         )
-        try:
+        # On failure the producer's lease expiry frees the blocks.
+        with contextlib.suppress(grpc.RpcError):
             stub(pb.ReleaseRequest(handle=handle), timeout=timeout_s, metadata=self._metadata)
-        except grpc.RpcError:
-            pass  # the producer's lease expiry frees the blocks
 
     def close(self) -> None:
         with self._lock:
@@ -272,8 +274,6 @@ def release_handle(transfer: TransferParams, auth_token: str, timeout_s: float =
             request_serializer=pb.ReleaseRequest.SerializeToString,
             response_deserializer=pb.ReleaseResponse.FromString,
         )
-        try:
+        with contextlib.suppress(grpc.RpcError):  # the lease expires instead
             stub(pb.ReleaseRequest(handle=transfer.handle), timeout=timeout_s,
                  metadata=((TOKEN_METADATA_KEY, auth_token),))
-        except grpc.RpcError:
-            pass  # the lease expires instead

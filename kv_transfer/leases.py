@@ -61,7 +61,9 @@ class LeaseTable:
         self._num_tombstones = num_tombstones
         self._freed: list[str] = []
 
-    def grant(self, handle: str, request_id: str, block_ids: tuple[int, ...], lease_s: float):
+    def grant(
+        self, handle: str, request_id: str, block_ids: tuple[int, ...], lease_s: float
+    ) -> None:
         with self._cond:
             assert handle not in self._leases, f"handle granted twice for {request_id}"
             self._leases[handle] = Lease(request_id, block_ids, self._clock() + lease_s)

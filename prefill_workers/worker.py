@@ -16,11 +16,10 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from kv_transfer.connector_worker import WorkerStats
 from kv_transfer.grpc_transport import release_handle
 from kv_transfer.params import TransferParams, parse_transfer, producer_request_params
 from runtime.requests import GenerateRequest
-
-from kv_transfer.connector_worker import WorkerStats
 
 if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM

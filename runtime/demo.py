@@ -68,7 +68,7 @@ async def run_demo(model_dir: Path, max_tokens: int, kv_cache_bytes: int) -> int
         ]
         completions = [await pipeline.generate(request) for request in requests]
         for request, completion, text in zip(requests, completions, DEMO_PROMPTS, strict=True):
-            output = tokenizer.decode(completion.token_ids)
+            output = tokenizer.decode(list(completion.token_ids))
             print(f"\n[{request.request_id}] prompt ({len(request.prompt_token_ids)} tokens): "
                   f"{text[:60]!r}{'...' if len(text) > 60 else ''}")
             print(f"  output: {output!r}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from kv_transfer.config import ConnectorConfig
 from runtime.engine_config import EngineConfig, EngineRole, TransferConfig
@@ -15,7 +15,10 @@ if TYPE_CHECKING:
 CONNECTOR_NAME = "DisaggConnector"
 CONNECTOR_MODULE = "kv_transfer.connector"
 WORKER_EXTENSION = "kv_transfer.worker_extension.DisaggWorkerExtension"
-_KV_ROLES = {"prefill": "kv_producer", "decode": "kv_consumer"}
+_KV_ROLES: dict[str, Literal["kv_producer", "kv_consumer"]] = {
+    "prefill": "kv_producer",
+    "decode": "kv_consumer",
+}
 
 
 def free_port(host: str = "127.0.0.1") -> int:

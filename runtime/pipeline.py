@@ -12,8 +12,8 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from decode_workers.worker import DecodeWorker
-from prefill_workers.worker import PrefillWorker
+from decode_workers.worker import DecodeTimings, DecodeWorker
+from prefill_workers.worker import PrefillResult, PrefillWorker
 from runtime.requests import GenerateRequest
 
 
@@ -59,16 +59,17 @@ class DisaggPipeline:
         ttft_ms = (time.perf_counter() - start) * 1e3
         if first.finish_reason is not None:
             yield StreamEvent((first.first_token_id,))
-            yield StreamEvent((), first.finish_reason, self._timings(first, None, ttft_ms, start, 1))
+            timings = self._timings(first, None, ttft_ms, start, 1)
+            yield StreamEvent((), first.finish_reason, timings)
             return
         yield StreamEvent((first.first_token_id,))
         num_tokens = 1
         async for chunk in self.decode.decode(request, first.first_token_id, first.transfer):
             num_tokens += len(chunk.token_ids)
-            timings = None
+            phases = None
             if chunk.timings is not None:
-                timings = self._timings(first, chunk.timings, ttft_ms, start, num_tokens)
-            yield StreamEvent(chunk.token_ids, chunk.finish_reason, timings)
+                phases = self._timings(first, chunk.timings, ttft_ms, start, num_tokens)
+            yield StreamEvent(chunk.token_ids, chunk.finish_reason, phases)
 
     async def generate(self, request: GenerateRequest) -> Completion:
         tokens: list[int] = []
@@ -80,7 +81,13 @@ class DisaggPipeline:
         raise AssertionError("stream ended without timings")
 
     @staticmethod
-    def _timings(first, decode, ttft_ms: float, start: float, num_tokens: int) -> PhaseTimings:
+    def _timings(
+        first: PrefillResult,
+        decode: DecodeTimings | None,
+        ttft_ms: float,
+        start: float,
+        num_tokens: int,
+    ) -> PhaseTimings:
         e2e_ms = (time.perf_counter() - start) * 1e3
         tpot_ms = (e2e_ms - ttft_ms) / (num_tokens - 1) if num_tokens > 1 else 0.0
         return PhaseTimings(

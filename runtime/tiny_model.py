@@ -79,14 +79,14 @@ def make_tiny_model(
         head_dim=hidden_size // num_heads,
         max_position_embeddings=max_position_embeddings,
         initializer_range=initializer_range,
-        rope_theta=10000.0,
+        rope_parameters={"rope_theta": 10000.0, "rope_type": "default"},
         bos_token_id=1,
         eos_token_id=2,
         tie_word_embeddings=False,
-        torch_dtype="float32",
+        dtype="float32",
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(torch.float32)
+    model = LlamaForCausalLM(config)
     with torch.no_grad():
         for param in model.parameters():
             if param.dim() > 1:
