@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-TransferFailurePolicy = Literal["fail", "recompute"]
+DataChannel = Literal["grpc", "tcp"]
 
 
 class ConnectorConfig(BaseModel):
@@ -33,6 +33,12 @@ class ConnectorConfig(BaseModel):
         2.0, ge=0, description="How long the producer waits for a just-published handle."
     )
     num_pull_threads: int = Field(4, ge=1, description="Concurrent pulls per consumer worker.")
+    data_channel: DataChannel = Field(
+        "tcp",
+        description="Consumer: payload over gRPC streams, or over the producer's bulk TCP "
+        "data port (authorized over gRPC; several times faster).",
+    )
+    num_streams: int = Field(1, ge=1, le=16, description="Parallel streams per pull.")
 
     @property
     def endpoint(self) -> str:

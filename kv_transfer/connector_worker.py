@@ -101,7 +101,11 @@ class ConnectorWorker:
                         self._cache.num_layers, self._cache.block_bytes)
         if self._is_consumer:
             self._client = GrpcKVClient(
-                self._cache, auth_token=token, max_chunk_bytes=self._config.max_chunk_bytes
+                self._cache,
+                auth_token=token,
+                max_chunk_bytes=self._config.max_chunk_bytes,
+                num_streams=self._config.num_streams,
+                bulk_tcp=self._config.data_channel == "tcp",
             )
             self._pool = ThreadPoolExecutor(self._config.num_pull_threads,
                                             thread_name_prefix="kv-pull")

@@ -2,10 +2,11 @@
 
 1. The consumer sends PullRequest(handle, block ids, max chunk bytes).
 2. The producer checks the shared token and the lease, then streams BlockChunks layer by layer;
-   each chunk's payload is gathered straight from the paged KV tensor into the outgoing message
-   buffer (the protobuf encoding is written by hand around it: one gather copy, no re-encode).
-3. The consumer scatters each chunk into its own paged KV tensor as it arrives, so memory stays
-   bounded by one chunk per stream for any prompt length, then checks every block arrived.
+   each chunk's payload is gathered from the paged KV tensor behind a hand-written protobuf
+   header (no protobuf re-encode of the payload).
+3. The consumer parses each chunk in place and scatters its payload into its own paged KV
+   tensor as it arrives, so memory stays bounded by one chunk per stream for any prompt
+   length, then checks every block arrived.
 4. The consumer calls Release; the producer frees the blocks.
 """
 
@@ -15,13 +16,15 @@ import contextlib
 import hmac
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
+from kv_transfer.bulk_tcp import BulkSender, receive_blocks
+from kv_transfer.chunks import ChunkEncoder, DecodedChunk, decode_chunk
 from kv_transfer.leases import ExpiredHandle, LeaseError, LeaseTable, UnknownHandle
-from kv_transfer.paged_kv import ChunkPlan, PagedKVCache
+from kv_transfer.paged_kv import PagedKVCache
 from kv_transfer.params import TransferParams
 from kv_transfer.transport import KVBlockClient, KVBlockServer, PullResult, TransferError
 from protos import kv_transfer_pb2 as pb
@@ -29,34 +32,12 @@ from protos import kv_transfer_pb2 as pb
 SERVICE = "disagg.kv.KVTransfer"
 PULL_METHOD = f"/{SERVICE}/PullBlocks"
 RELEASE_METHOD = f"/{SERVICE}/Release"
+OPEN_BULK_METHOD = f"/{SERVICE}/OpenBulk"
 TOKEN_METADATA_KEY = "x-disagg-token"
-_PAYLOAD_TAG = bytes([(4 << 3) | 2])  # BlockChunk.payload: field 4, length-delimited
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 def _identity(message: bytes) -> bytes:
     return message
-
-
-def encode_chunk(cache: PagedKVCache, block_ids: list[int], plan: ChunkPlan) -> bytes:
-    """A serialized BlockChunk whose payload is gathered in place from the cache."""
-    header = pb.BlockChunk(
-        layer_index=plan.layer_index, first_block=plan.first_block, num_blocks=plan.num_blocks
-    ).SerializeToString()
-    prefix = header + _PAYLOAD_TAG + _varint(plan.num_bytes)
-    buf = bytearray(len(prefix) + plan.num_bytes)
-    buf[: len(prefix)] = prefix
-    blocks = block_ids[plan.first_block : plan.first_block + plan.num_blocks]
-    cache.gather_into(plan.layer_index, blocks, memoryview(buf)[len(prefix) :])
-    return bytes(buf)
 
 
 def _message_limit(cache: PagedKVCache, max_chunk_bytes: int) -> int:
@@ -86,6 +67,7 @@ class GrpcKVServer(KVBlockServer):
         self._handle_wait_s = handle_wait_s
         self._max_workers = max_workers
         self._server: grpc.Server | None = None
+        self._bulk: BulkSender | None = None
 
     def start(self) -> str:
         assert self._server is None, "GrpcKVServer.start called twice"
@@ -105,20 +87,29 @@ class GrpcKVServer(KVBlockServer):
                 request_deserializer=pb.ReleaseRequest.FromString,
                 response_serializer=pb.ReleaseResponse.SerializeToString,
             ),
+            "OpenBulk": grpc.unary_unary_rpc_method_handler(
+                self._open_bulk,
+                request_deserializer=pb.PullRequest.FromString,
+                response_serializer=pb.BulkTicket.SerializeToString,
+            ),
         }
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
         port = server.add_insecure_port(self._address)
         if port == 0:
             raise OSError(f"KV server cannot bind {self._address}")
+        host = self._address.rsplit(":", 1)[0]
+        self._bulk = BulkSender(self._cache, self._leases, host)
         server.start()
         self._server = server
-        host = self._address.rsplit(":", 1)[0]
         return f"{host}:{port}"
 
     def stop(self, grace_s: float = 1.0) -> None:
         if self._server is not None:
             self._server.stop(grace_s).wait()
             self._server = None
+        if self._bulk is not None:
+            self._bulk.stop()
+            self._bulk = None
 
     def _authorize(self, context: grpc.ServicerContext) -> None:
         for key, value in context.invocation_metadata():
@@ -126,7 +117,8 @@ class GrpcKVServer(KVBlockServer):
                 return
         context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong cluster token")
 
-    def _pull(self, request: pb.PullRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
+    def _acquire(self, request: pb.PullRequest, context: grpc.ServicerContext) -> list[int]:
+        """Check token, block ids and lease; on success the caller owns one lease reader."""
         self._authorize(context)
         block_ids = list(request.block_ids)
         try:
@@ -138,15 +130,27 @@ class GrpcKVServer(KVBlockServer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
         except (LeaseError, ValueError) as err:
             context.abort(grpc.StatusCode.PERMISSION_DENIED, str(err))
+        return block_ids
+
+    def _chunk_bytes(self, request: pb.PullRequest) -> int:
+        return min(request.max_chunk_bytes or self._max_chunk_bytes, self._max_chunk_bytes)
+
+    def _pull(self, request: pb.PullRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
+        block_ids = self._acquire(request, context)
         try:
-            chunk_bytes = min(request.max_chunk_bytes or self._max_chunk_bytes,
-                              self._max_chunk_bytes)
-            for plan in self._cache.plan_chunks(len(block_ids), chunk_bytes):
+            encoder = ChunkEncoder(self._cache, block_ids)
+            for plan in self._cache.plan_chunks(len(block_ids), self._chunk_bytes(request)):
                 if not context.is_active():
                     return
-                yield encode_chunk(self._cache, block_ids, plan)
+                yield encoder.encode(plan)
         finally:
             self._leases.finish_pull(request.handle)
+
+    def _open_bulk(self, request: pb.PullRequest, context: grpc.ServicerContext) -> pb.BulkTicket:
+        block_ids = self._acquire(request, context)
+        assert self._bulk is not None, "server not started"
+        ticket = self._bulk.issue(request.handle, block_ids, self._chunk_bytes(request))
+        return pb.BulkTicket(port=self._bulk.port, ticket=ticket)
 
     def _release(
         self, request: pb.ReleaseRequest, context: grpc.ServicerContext
@@ -172,15 +176,32 @@ def describe_rpc_error(err: grpc.RpcError, endpoint: str) -> str:
 
 
 class GrpcKVClient(KVBlockClient):
-    """Pulls blocks into one consumer worker's paged KV cache over gRPC."""
+    """Pulls blocks into one consumer worker's paged KV cache over gRPC.
 
-    def __init__(self, cache: PagedKVCache, *, auth_token: str, max_chunk_bytes: int) -> None:
+    A pull is split into `num_streams` contiguous parts streamed at once, each on its own
+    connection: one Python thread per stream overlaps its per-message work with the others'
+    waiting, which the benchmark shows is worth about a quarter more throughput.
+    """
+
+    def __init__(
+        self,
+        cache: PagedKVCache,
+        *,
+        auth_token: str,
+        max_chunk_bytes: int,
+        num_streams: int = 2,
+        bulk_tcp: bool = False,
+    ) -> None:
+        assert num_streams >= 1, "num_streams must be at least 1"
         self._cache = cache
+        self._bulk_tcp = bulk_tcp
         self._metadata = ((TOKEN_METADATA_KEY, auth_token),)
         self._max_chunk_bytes = max_chunk_bytes
+        self._num_streams = num_streams
         self._limit = _message_limit(cache, max_chunk_bytes)
-        self._channels: dict[str, grpc.Channel] = {}
+        self._channels: dict[tuple[str, int], grpc.Channel] = {}
         self._lock = threading.Lock()
+        self._streams = ThreadPoolExecutor(4 * num_streams, thread_name_prefix="kv-stream")
 
     def pull(
         self,
@@ -194,25 +215,64 @@ class GrpcKVClient(KVBlockClient):
         assert len(remote_block_ids) == len(local_block_ids), "remote/local block count differs"
         self._cache.check_block_ids(local_block_ids)
         start = time.perf_counter()
-        stub = self._channel(endpoint).unary_stream(
-            PULL_METHOD,
-            request_serializer=pb.PullRequest.SerializeToString,
-            response_deserializer=pb.BlockChunk.FromString,
-        )
+        stop = threading.Event()  # set when one stream fails, to end the others
+        num_parts = max(1, min(self._num_streams, len(local_block_ids)))
+        bounds = [len(local_block_ids) * i // num_parts for i in range(num_parts + 1)]
+        parts = [
+            (i, remote_block_ids[lo:hi], local_block_ids[lo:hi])
+            for i, (lo, hi) in enumerate(zip(bounds, bounds[1:], strict=False))
+        ]
+        futures = [
+            self._streams.submit(self._pull_part, endpoint, handle, part, timeout_s,
+                                 cancelled, stop)
+            for part in parts[1:]
+        ]
+        try:
+            num_bytes = self._pull_part(endpoint, handle, parts[0], timeout_s, cancelled, stop)
+            num_bytes += sum(future.result() for future in futures)
+        except BaseException:
+            stop.set()
+            for future in futures:
+                with contextlib.suppress(BaseException):
+                    future.result()
+            raise
+        elapsed_ms = (time.perf_counter() - start) * 1e3
+        return PullResult(len(local_block_ids), num_bytes, elapsed_ms)
+
+    def _pull_part(
+        self,
+        endpoint: str,
+        handle: str,
+        part: tuple[int, list[int], list[int]],
+        timeout_s: float,
+        cancelled: threading.Event | None,
+        stop: threading.Event,
+    ) -> int:
+        stream_index, remote_block_ids, local_block_ids = part
         request = pb.PullRequest(
             handle=handle, block_ids=remote_block_ids, max_chunk_bytes=self._max_chunk_bytes
         )
         received = [bytearray(len(local_block_ids)) for _ in range(self._cache.num_layers)]
-        num_bytes = 0
-        call = stub(request, timeout=timeout_s, metadata=self._metadata)
+
+        def should_stop() -> bool:
+            return stop.is_set() or (cancelled is not None and cancelled.is_set())
+
+        def store(layer: int, first: int, count: int, payload: memoryview) -> int:
+            chunk = DecodedChunk(layer, first, count, payload)
+            return self._store_chunk(chunk, local_block_ids, received)
+
+        channel = self._channel(endpoint, stream_index)
         try:
-            for chunk in call:
-                if cancelled is not None and cancelled.is_set():
-                    call.cancel()
-                    raise TransferError(f"transfer from {endpoint} cancelled: request aborted")
-                num_bytes += self._store_chunk(chunk, local_block_ids, received)
+            if self._bulk_tcp:
+                num_bytes = self._pull_bulk(channel, endpoint, request, timeout_s, store,
+                                            should_stop)
+            else:
+                num_bytes = self._pull_stream(channel, endpoint, request, timeout_s, store,
+                                              should_stop)
         except grpc.RpcError as err:
             raise TransferError(describe_rpc_error(err, endpoint)) from err
+        except OSError as err:
+            raise TransferError(f"data connection to {endpoint} failed: {err}") from err
         missing = sum(row.count(0) for row in received)
         if missing:
             total = len(local_block_ids) * self._cache.num_layers
@@ -220,11 +280,55 @@ class GrpcKVClient(KVBlockClient):
                 f"transfer from {endpoint} ended early: {total - missing} of {total} "
                 "layer-blocks arrived"
             )
-        elapsed_ms = (time.perf_counter() - start) * 1e3
-        return PullResult(len(local_block_ids), num_bytes, elapsed_ms)
+        return num_bytes
+
+    def _pull_stream(
+        self,
+        channel: grpc.Channel,
+        endpoint: str,
+        request: pb.PullRequest,
+        timeout_s: float,
+        store: Callable[[int, int, int, memoryview], int],
+        should_stop: Callable[[], bool],
+    ) -> int:
+        stub = channel.unary_stream(
+            PULL_METHOD,
+            request_serializer=pb.PullRequest.SerializeToString,
+            response_deserializer=None,  # raw bytes: decode_chunk reads them without a copy
+        )
+        call = stub(request, timeout=timeout_s, metadata=self._metadata)
+        num_bytes = 0
+        for message in call:
+            if should_stop():
+                call.cancel()
+                raise TransferError(f"transfer from {endpoint} cancelled: request aborted")
+            chunk = decode_chunk(message)
+            num_bytes += store(chunk.layer_index, chunk.first_block, chunk.num_blocks,
+                               chunk.payload)
+        return num_bytes
+
+    def _pull_bulk(
+        self,
+        channel: grpc.Channel,
+        endpoint: str,
+        request: pb.PullRequest,
+        timeout_s: float,
+        store: Callable[[int, int, int, memoryview], int],
+        should_stop: Callable[[], bool],
+    ) -> int:
+        deadline = time.monotonic() + timeout_s
+        stub = channel.unary_unary(
+            OPEN_BULK_METHOD,
+            request_serializer=pb.PullRequest.SerializeToString,
+            response_deserializer=pb.BulkTicket.FromString,
+        )
+        ticket = stub(request, timeout=timeout_s, metadata=self._metadata)
+        address = (endpoint.rsplit(":", 1)[0], ticket.port)
+        return receive_blocks(address, ticket.ticket, len(request.block_ids), deadline, store,
+                              should_stop, self._max_chunk_bytes)
 
     def _store_chunk(
-        self, chunk: pb.BlockChunk, local_block_ids: list[int], received: list[bytearray]
+        self, chunk: DecodedChunk, local_block_ids: list[int], received: list[bytearray]
     ) -> int:
         layer, first, count = chunk.layer_index, chunk.first_block, chunk.num_blocks
         if layer >= self._cache.num_layers or count == 0 or first + count > len(local_block_ids):
@@ -240,7 +344,7 @@ class GrpcKVClient(KVBlockClient):
         return expected
 
     def release(self, endpoint: str, handle: str, timeout_s: float) -> None:
-        stub = self._channel(endpoint).unary_unary(
+        stub = self._channel(endpoint, 0).unary_unary(
             RELEASE_METHOD,
             request_serializer=pb.ReleaseRequest.SerializeToString,
             response_deserializer=pb.ReleaseResponse.FromString,
@@ -254,15 +358,22 @@ class GrpcKVClient(KVBlockClient):
             channels, self._channels = list(self._channels.values()), {}
         for channel in channels:
             channel.close()
+        self._streams.shutdown(wait=False, cancel_futures=True)
 
-    def _channel(self, endpoint: str) -> grpc.Channel:
+    def _channel(self, endpoint: str, stream_index: int) -> grpc.Channel:
+        key = (endpoint, stream_index)
         with self._lock:
-            channel = self._channels.get(endpoint)
+            channel = self._channels.get(key)
             if channel is None:
+                # Distinct channel arguments keep gRPC from sharing one connection.
                 channel = grpc.insecure_channel(
-                    endpoint, options=[("grpc.max_receive_message_length", self._limit)]
+                    endpoint,
+                    options=[
+                        ("grpc.max_receive_message_length", self._limit),
+                        ("grpc.channel_id", stream_index),
+                    ],
                 )
-                self._channels[endpoint] = channel
+                self._channels[key] = channel
             return channel
 
 

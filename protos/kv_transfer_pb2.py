@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18protos/kv_transfer.proto\x12\tdisagg.kv\"I\n\x0bPullRequest\x12\x0e\n\x06handle\x18\x01 \x01(\t\x12\x11\n\tblock_ids\x18\x02 \x03(\r\x12\x17\n\x0fmax_chunk_bytes\x18\x03 \x01(\x04\"[\n\nBlockChunk\x12\x13\n\x0blayer_index\x18\x01 \x01(\r\x12\x13\n\x0b\x66irst_block\x18\x02 \x01(\r\x12\x12\n\nnum_blocks\x18\x03 \x01(\r\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\" \n\x0eReleaseRequest\x12\x0e\n\x06handle\x18\x01 \x01(\t\"+\n\x0fReleaseResponse\x12\x18\n\x10num_blocks_freed\x18\x01 \x01(\r2\x8d\x01\n\nKVTransfer\x12=\n\nPullBlocks\x12\x16.disagg.kv.PullRequest\x1a\x15.disagg.kv.BlockChunk0\x01\x12@\n\x07Release\x12\x19.disagg.kv.ReleaseRequest\x1a\x1a.disagg.kv.ReleaseResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18protos/kv_transfer.proto\x12\tdisagg.kv\"I\n\x0bPullRequest\x12\x0e\n\x06handle\x18\x01 \x01(\t\x12\x11\n\tblock_ids\x18\x02 \x03(\r\x12\x17\n\x0fmax_chunk_bytes\x18\x03 \x01(\x04\"[\n\nBlockChunk\x12\x13\n\x0blayer_index\x18\x01 \x01(\r\x12\x13\n\x0b\x66irst_block\x18\x02 \x01(\r\x12\x12\n\nnum_blocks\x18\x03 \x01(\r\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\" \n\x0eReleaseRequest\x12\x0e\n\x06handle\x18\x01 \x01(\t\"+\n\x0fReleaseResponse\x12\x18\n\x10num_blocks_freed\x18\x01 \x01(\r\"*\n\nBulkTicket\x12\x0c\n\x04port\x18\x01 \x01(\r\x12\x0e\n\x06ticket\x18\x02 \x01(\x0c\x32\xc8\x01\n\nKVTransfer\x12=\n\nPullBlocks\x12\x16.disagg.kv.PullRequest\x1a\x15.disagg.kv.BlockChunk0\x01\x12@\n\x07Release\x12\x19.disagg.kv.ReleaseRequest\x1a\x1a.disagg.kv.ReleaseResponse\x12\x39\n\x08OpenBulk\x12\x16.disagg.kv.PullRequest\x1a\x15.disagg.kv.BulkTicketb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,6 +39,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RELEASEREQUEST']._serialized_end=239
   _globals['_RELEASERESPONSE']._serialized_start=241
   _globals['_RELEASERESPONSE']._serialized_end=284
-  _globals['_KVTRANSFER']._serialized_start=287
-  _globals['_KVTRANSFER']._serialized_end=428
+  _globals['_BULKTICKET']._serialized_start=286
+  _globals['_BULKTICKET']._serialized_end=328
+  _globals['_KVTRANSFER']._serialized_start=331
+  _globals['_KVTRANSFER']._serialized_end=531
 # @@protoc_insertion_point(module_scope)

@@ -39,3 +39,11 @@ class ReleaseResponse(_message.Message):
     NUM_BLOCKS_FREED_FIELD_NUMBER: _ClassVar[int]
     num_blocks_freed: int
     def __init__(self, num_blocks_freed: _Optional[int] = ...) -> None: ...
+
+class BulkTicket(_message.Message):
+    __slots__ = ("port", "ticket")
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    TICKET_FIELD_NUMBER: _ClassVar[int]
+    port: int
+    ticket: bytes
+    def __init__(self, port: _Optional[int] = ..., ticket: _Optional[bytes] = ...) -> None: ...

@@ -44,6 +44,11 @@ class KVTransferStub:
                 request_serializer=protos_dot_kv__transfer__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=protos_dot_kv__transfer__pb2.ReleaseResponse.FromString,
                 _registered_method=True)
+        self.OpenBulk = channel.unary_unary(
+                '/disagg.kv.KVTransfer/OpenBulk',
+                request_serializer=protos_dot_kv__transfer__pb2.PullRequest.SerializeToString,
+                response_deserializer=protos_dot_kv__transfer__pb2.BulkTicket.FromString,
+                _registered_method=True)
 
 
 class KVTransferServicer:
@@ -61,6 +66,12 @@ class KVTransferServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenBulk(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVTransferServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -73,6 +84,11 @@ def add_KVTransferServicer_to_server(servicer, server):
                     servicer.Release,
                     request_deserializer=protos_dot_kv__transfer__pb2.ReleaseRequest.FromString,
                     response_serializer=protos_dot_kv__transfer__pb2.ReleaseResponse.SerializeToString,
+            ),
+            'OpenBulk': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenBulk,
+                    request_deserializer=protos_dot_kv__transfer__pb2.PullRequest.FromString,
+                    response_serializer=protos_dot_kv__transfer__pb2.BulkTicket.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -129,6 +145,33 @@ class KVTransfer:
             '/disagg.kv.KVTransfer/Release',
             protos_dot_kv__transfer__pb2.ReleaseRequest.SerializeToString,
             protos_dot_kv__transfer__pb2.ReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenBulk(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/disagg.kv.KVTransfer/OpenBulk',
+            protos_dot_kv__transfer__pb2.PullRequest.SerializeToString,
+            protos_dot_kv__transfer__pb2.BulkTicket.FromString,
             options,
             channel_credentials,
             insecure,

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 TransportKind = Literal["grpc"]
+DataChannel = Literal["grpc", "tcp"]
 TransferFailurePolicy = Literal["fail", "recompute"]
 EngineRole = Literal["prefill", "decode", "colocated"]
 
@@ -50,6 +51,12 @@ class TransferConfig(BaseModel):
     lease_s: float = Field(30.0, gt=0, description="Unreleased blocks are freed after this.")
     pull_timeout_s: float = Field(30.0, gt=0, description="Deadline for one request's pull.")
     max_chunk_bytes: int = Field(1 << 20, ge=4096, description="Largest streamed chunk.")
+    data_channel: DataChannel = Field(
+        "tcp",
+        description="KV payload path: 'grpc' streams, or 'tcp': a bulk TCP data port on each "
+        "prefill worker, opened per pull over gRPC (control and auth stay on gRPC).",
+    )
+    num_streams: int = Field(1, ge=1, le=16, description="Parallel streams per pull.")
     on_transfer_failure: TransferFailurePolicy = Field(
         "fail", description="fail the request, or recompute its prompt on the decode engine."
     )

@@ -37,6 +37,8 @@ def connector_config(transfer: TransferConfig, role: EngineRole, port: int) -> C
         lease_s=transfer.lease_s,
         max_chunk_bytes=transfer.max_chunk_bytes,
         pull_timeout_s=transfer.pull_timeout_s,
+        data_channel=transfer.data_channel,
+        num_streams=transfer.num_streams,
     )
 
 

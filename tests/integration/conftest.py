@@ -1,7 +1,8 @@
 """Shared real vLLM CPU engines for the integration tests (started once per test session).
 
-Three engines on the generated tiny model: a prefill engine (KV producer), a decode engine (KV
-consumer) and a plain colocated engine that serves as the correctness oracle.
+Four engines on the generated tiny model: a prefill engine (KV producer), two decode engines
+(KV consumers: one pulls over the bulk TCP data channel, the default; one over gRPC streams, two
+per pull) and a plain colocated engine that serves as the correctness oracle.
 """
 
 from __future__ import annotations
@@ -50,9 +51,15 @@ class Cluster:
     runner: EventLoopThread
     transfer: TransferConfig
     prefill: PrefillWorker
-    decode: DecodeWorker
+    decoders: dict[str, DecodeWorker]  # by data channel
     oracle: Any  # AsyncLLM, colocated
-    pipeline: DisaggPipeline
+
+    def pipeline(self, channel: str = "tcp") -> DisaggPipeline:
+        return DisaggPipeline(self.prefill, self.decoders[channel])
+
+    @property
+    def decode(self) -> DecodeWorker:
+        return self.decoders["tcp"]
 
 
 @pytest.fixture(scope="session")
@@ -66,20 +73,35 @@ def cluster(tiny_model: Path):
     engine_config = EngineConfig(model=str(tiny_model), block_size=BLOCK_SIZE,
                                  kv_cache_bytes=256 << 20, max_num_seqs=16)
     transfer = TransferConfig(lease_s=LEASE_S, pull_timeout_s=10.0)
+    grpc_transfer = transfer.model_copy(
+        update={"data_channel": "grpc", "num_streams": 2, "max_chunk_bytes": 256 << 10}
+    )
 
     async def start() -> Cluster:
         prefill = PrefillWorker(build_engine(engine_config, "prefill", transfer),
                                 transfer.auth_token.get_secret_value())
-        decode = DecodeWorker(build_engine(engine_config, "decode", transfer), BLOCK_SIZE)
+        decoders = {
+            "tcp": DecodeWorker(build_engine(engine_config, "decode", transfer), BLOCK_SIZE),
+            "grpc": DecodeWorker(build_engine(engine_config, "decode", grpc_transfer),
+                                 BLOCK_SIZE),
+        }
         oracle = build_engine(engine_config, "colocated")
-        return Cluster(runner, transfer, prefill, decode, oracle, DisaggPipeline(prefill, decode))
+        return Cluster(runner, transfer, prefill, decoders, oracle)
 
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     cluster = runner.run(start())
     yield cluster
-    for engine in (cluster.prefill.engine, cluster.decode.engine, cluster.oracle):
+    engines = [cluster.prefill.engine, cluster.oracle]
+    engines += [decoder.engine for decoder in cluster.decoders.values()]
+    for engine in engines:
         engine.shutdown()
     runner.stop()
+
+
+@pytest.fixture(params=["tcp", "grpc"])
+def channel(request: pytest.FixtureRequest) -> str:
+    """The data channel of the decode engine a test runs against."""
+    return str(request.param)
 
 
 @pytest.fixture(autouse=True)
@@ -91,15 +113,15 @@ def no_leaks(request: pytest.FixtureRequest):
         return
     cluster: Cluster = request.getfixturevalue("cluster")
 
-    async def settled() -> tuple[Any, Any]:
+    async def settled() -> tuple[Any, list[Any]]:
         for _ in range(100):
             produced = await cluster.prefill.kv_stats()
-            consumed = await cluster.decode.kv_stats()
-            if produced.num_leases == 0 and consumed.num_loads_in_flight == 0:
+            consumed = [await d.kv_stats() for d in cluster.decoders.values()]
+            if produced.num_leases == 0 and not any(c.num_loads_in_flight for c in consumed):
                 break
             await asyncio.sleep(0.1)
         return produced, consumed
 
     produced, consumed = cluster.runner.run(settled())
     assert produced.num_leases == 0 and produced.num_leased_blocks == 0, produced
-    assert consumed.num_loads_in_flight == 0, consumed
+    assert not any(c.num_loads_in_flight for c in consumed), consumed

@@ -22,10 +22,10 @@ def _request(prompt: tuple[int, ...], max_tokens: int) -> GenerateRequest:
 
 @pytest.mark.parametrize("max_tokens", [2, 9])
 @pytest.mark.parametrize("length", LENGTHS)
-def test_disaggregated_equals_colocated(cluster, length: int, max_tokens: int):
-    prompt = make_prompt(length, seed=max_tokens)
+def test_disaggregated_equals_colocated(cluster, channel: str, length: int, max_tokens: int):
+    prompt = make_prompt(length, seed=max_tokens + (100 if channel == "grpc" else 0))
     request = _request(prompt, max_tokens)
-    completion = cluster.runner.run(cluster.pipeline.generate(request))
+    completion = cluster.runner.run(cluster.pipeline(channel).generate(request))
     expected = cluster.runner.run(
         colocated_tokens(cluster.oracle, f"oracle-{request.request_id}", prompt, request.sampling)
     )
@@ -34,10 +34,10 @@ def test_disaggregated_equals_colocated(cluster, length: int, max_tokens: int):
 
 
 @pytest.mark.parametrize("length", [BLOCK_SIZE + 1, 3000])
-def test_decode_engine_does_not_recompute_the_prompt(cluster, length: int):
+def test_decode_engine_does_not_recompute_the_prompt(cluster, channel: str, length: int):
     # 1. prefill + handoff of a prompt the decode engine has never seen
     prompt = make_prompt(length, seed=101)
-    completion = cluster.runner.run(cluster.pipeline.generate(_request(prompt, 4)))
+    completion = cluster.runner.run(cluster.pipeline(channel).generate(_request(prompt, 4)))
     timings = completion.timings
     # 2. the connector loaded every prompt token...
     assert timings.num_loaded_tokens == length
@@ -50,11 +50,11 @@ def test_decode_engine_does_not_recompute_the_prompt(cluster, length: int):
 def test_local_prefix_cache_hit_loads_only_the_rest(cluster):
     # 1. a first request fills the decode engine's prefix cache with the shared prefix
     shared = make_prompt(4 * BLOCK_SIZE, seed=7)
-    cluster.runner.run(cluster.pipeline.generate(_request(shared + make_prompt(50, 8), 3)))
+    cluster.runner.run(cluster.pipeline().generate(_request(shared + make_prompt(50, 8), 3)))
     # 2. a second prompt with the same prefix loads only the blocks after it
     prompt = shared + make_prompt(300, seed=9)
     request = _request(prompt, 6)
-    completion = cluster.runner.run(cluster.pipeline.generate(request))
+    completion = cluster.runner.run(cluster.pipeline().generate(request))
     assert completion.timings.num_loaded_tokens == len(prompt) - 4 * BLOCK_SIZE
     expected = cluster.runner.run(
         colocated_tokens(cluster.oracle, f"oracle-{request.request_id}", prompt, request.sampling)
@@ -85,14 +85,16 @@ def test_corrupted_blocks_change_the_output(cluster):
     assert tokens != expected
 
 
-def test_eight_concurrent_mixed_requests(cluster):
+def test_eight_concurrent_mixed_requests(cluster, channel: str):
     lengths = [5, 127, 128, 300, 700, 1000, 1500, 2500]
+    offset = 300 if channel == "grpc" else 200
     requests = [
-        _request(make_prompt(n, seed=200 + i), max_tokens=3 + i) for i, n in enumerate(lengths)
+        _request(make_prompt(n, seed=offset + i), max_tokens=3 + i) for i, n in enumerate(lengths)
     ]
+    pipeline = cluster.pipeline(channel)
 
     async def run_all():
-        completions = await asyncio.gather(*(cluster.pipeline.generate(r) for r in requests))
+        completions = await asyncio.gather(*(pipeline.generate(r) for r in requests))
         expected = await asyncio.gather(*(
             colocated_tokens(cluster.oracle, f"oracle-{r.request_id}", r.prompt_token_ids,
                              r.sampling)
@@ -108,7 +110,7 @@ def test_eight_concurrent_mixed_requests(cluster):
 
 def test_timings_are_consistent(cluster):
     completion = cluster.runner.run(
-        cluster.pipeline.generate(_request(make_prompt(600, seed=12), 6))
+        cluster.pipeline().generate(_request(make_prompt(600, seed=12), 6))
     )
     t = completion.timings
     assert t.ttft_ms >= t.prefill_compute_ms > 0

@@ -1,17 +1,23 @@
-"""The gRPC transport between two paged KV caches, in one process (no engine, no Ray)."""
+"""The gRPC transport between two paged KV caches, in one process (no engine, no Ray).
+
+Every test runs for both paged layouts and both data paths (gRPC stream, bulk TCP), with one
+and two streams per pull."""
 
 from __future__ import annotations
 
 import socket
 import threading
+import time
 
 import pytest
 import torch
 
+from kv_transfer import bulk_tcp, grpc_transport
 from kv_transfer.grpc_transport import GrpcKVClient, GrpcKVServer
 from kv_transfer.leases import LeaseTable
 from kv_transfer.paged_kv import PagedKVCache
 from kv_transfer.transport import TransferError
+from protos import kv_transfer_pb2 as pb
 
 TOKEN = "t" * 32
 NUM_BLOCKS = 16
@@ -29,9 +35,12 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(params=["cpu", "flash"])
+@pytest.fixture(
+    params=[("cpu", False, 1), ("flash", False, 2), ("cpu", True, 2), ("flash", True, 1)],
+    ids=["cpu-grpc-1", "flash-grpc-2", "cpu-bulk-2", "flash-bulk-1"],
+)
 def pair(request):
-    layout = request.param
+    layout, bulk_tcp, num_streams = request.param
     src, dst = _caches(1, layout), _caches(2, layout)
     leases = LeaseTable()
     server = GrpcKVServer(
@@ -39,7 +48,8 @@ def pair(request):
         auth_token=TOKEN, max_chunk_bytes=4096, handle_wait_s=0.2,
     )
     endpoint = server.start()
-    client = GrpcKVClient(PagedKVCache(dst, NUM_BLOCKS), auth_token=TOKEN, max_chunk_bytes=4096)
+    client = GrpcKVClient(PagedKVCache(dst, NUM_BLOCKS), auth_token=TOKEN, max_chunk_bytes=4096,
+                          num_streams=num_streams, bulk_tcp=bulk_tcp)
     yield src, dst, leases, endpoint, client
     client.close()
     server.stop(0)
@@ -94,7 +104,7 @@ def test_wrong_token_is_rejected(pair):
     src, _, leases, endpoint, _ = pair
     leases.grant("h4", "req-4", (1,), lease_s=10)
     intruder = GrpcKVClient(PagedKVCache(_caches(3), NUM_BLOCKS), auth_token="x" * 32,
-                            max_chunk_bytes=4096)
+                            max_chunk_bytes=4096, bulk_tcp=True)
     with pytest.raises(TransferError, match="rejected the cluster token"):
         intruder.pull(endpoint, "h4", [1], [1], timeout_s=5)
     intruder.release(endpoint, "h4", timeout_s=2)
@@ -118,3 +128,62 @@ def test_cancelled_pull_stops_and_frees_the_reader(pair):
         client.pull(endpoint, "h5", list(range(NUM_BLOCKS)), list(range(NUM_BLOCKS)), 5, cancelled)
     client.release(endpoint, "h5", timeout_s=2)
     assert leases.take_freed() == {"req-5"}
+
+
+def test_stream_cut_midway_fails_and_keeps_the_lease_releasable(pair, monkeypatch):
+    from tests.integration.faults import CuttingProxy
+
+    src, _, leases, endpoint, client = pair
+    leases.grant("h6", "req-6", tuple(range(NUM_BLOCKS)), lease_s=10)
+    block_bytes = sum(t[0].numel() * 4 if t.shape[0] == NUM_BLOCKS else t[:, 0].numel() * 4
+                      for t in src.values())
+    cut_after = block_bytes * NUM_BLOCKS // 3
+    proxies: list[CuttingProxy] = []
+    real_receive = bulk_tcp.receive_blocks
+
+    def receive_via_proxy(address, *args):
+        proxies.append(CuttingProxy(f"{address[0]}:{address[1]}", cut_after))
+        host, port = proxies[-1].endpoint.rsplit(":", 1)
+        return real_receive((host, int(port)), *args)
+
+    monkeypatch.setattr(grpc_transport, "receive_blocks", receive_via_proxy)
+    grpc_proxy = CuttingProxy(endpoint, cut_after)
+    try:
+        with pytest.raises(TransferError, match="ended early|closed|failed|unreachable"):
+            client.pull(grpc_proxy.endpoint, "h6", list(range(NUM_BLOCKS)),
+                        list(range(NUM_BLOCKS)), timeout_s=5)
+        assert grpc_proxy.num_cuts + sum(p.num_cuts for p in proxies) >= 1
+    finally:
+        grpc_proxy.close()
+        for proxy in proxies:
+            proxy.close()
+    client.release(endpoint, "h6", timeout_s=2)
+    deadline = time.monotonic() + 5
+    while leases.num_leases and time.monotonic() < deadline:
+        time.sleep(0.05)  # the producer notices the cut connection, then frees
+    assert leases.take_freed() == {"req-6"}
+
+
+def test_bulk_ticket_is_single_use(pair):
+    src, dst, leases, endpoint, _ = pair
+    leases.grant("h7", "req-7", (2, 3), lease_s=10)
+    client = GrpcKVClient(PagedKVCache(dst, NUM_BLOCKS), auth_token=TOKEN, max_chunk_bytes=4096,
+                          bulk_tcp=True)
+    channel = client._channel(endpoint, 0)
+    open_bulk = channel.unary_unary(grpc_transport.OPEN_BULK_METHOD,
+                                    request_serializer=pb.PullRequest.SerializeToString,
+                                    response_deserializer=pb.BulkTicket.FromString)
+    ticket = open_bulk(pb.PullRequest(handle="h7", block_ids=[2, 3], max_chunk_bytes=4096),
+                       metadata=((grpc_transport.TOKEN_METADATA_KEY, TOKEN),), timeout=5)
+    address = (endpoint.rsplit(":", 1)[0], ticket.port)
+
+    def read(expect_ok: bool) -> int:
+        return bulk_tcp.receive_blocks(address, ticket.ticket, 2, time.monotonic() + 5,
+                                       lambda layer, first, count, payload: len(payload),
+                                       lambda: False, 4096)
+
+    assert read(True) > 0
+    with pytest.raises(TransferError, match="closed"):
+        read(False)
+    client.close()
+    leases.release("h7")
