@@ -4,8 +4,11 @@ Producer lifecycle of a request (kv_transfer_params: do_remote_decode):
   1. The prompt is prefilled as usual (max_tokens=1).
   2. `request_finished` keeps the prompt's blocks (delay free), mints an unguessable handle and
      returns TransferParams on the request's output.
-  3. The next `build_connector_meta` tells the worker to grant the lease; the engine keeps
-     stepping (`has_pending_push_work`) until the worker reports the blocks freed.
+  3. The next `build_connector_meta` tells the worker to grant the lease (the engine steps once
+     more for that, `has_pending_push_work`); once the consumer releases the lease or it
+     expires, the worker reports the blocks as finished sending at the engine's next step and
+     vLLM returns them to its pool. An idle engine does not step just to poll: vLLM's engine
+     core busy-waits on its worker during a step, so polling would burn a core.
 Consumer lifecycle (kv_transfer_params: do_remote_prefill + TransferParams):
   1. `get_num_new_matched_tokens` reports the prompt tokens the producer holds as external,
      loaded asynchronously.
@@ -109,7 +112,6 @@ class ConnectorScheduler:
             loads=self._loads,
             leases=self._leases,
             releases=self._releases,
-            num_scheduled_tokens=scheduler_output.total_num_scheduled_tokens,
         )
         self._loads, self._leases, self._releases = [], [], []
         return meta
@@ -141,7 +143,13 @@ class ConnectorScheduler:
         return False, (stats_output_params(stats) if stats else None)
 
     def has_pending_work(self) -> bool:
-        return bool(self._held or self._leases or self._releases)
+        """True while lease grants or releases wait to reach the worker."""
+        return bool(self._leases or self._releases)
+
+    @property
+    def num_held_requests(self) -> int:
+        """Producer requests whose blocks vLLM still keeps for a consumer."""
+        return len(self._held)
 
     def _hand_off(
         self, request: Request, block_ids: list[int]

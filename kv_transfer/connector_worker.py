@@ -1,7 +1,8 @@
 """Worker side of the disagg connector (runs in the vLLM worker process, next to the KV tensors).
 
-Producer: `register_kv_caches` starts the KV block server; each step grants the leases the
-scheduler published, expires overdue ones and reports freed blocks as finished sending.
+Producer: `register_kv_caches` starts the KV block server and a reaper thread that expires
+overdue leases on time, busy or idle; each step grants the leases the scheduler published and
+reports freed blocks as finished sending.
 Consumer: each step starts the loads the scheduler planned on a thread pool; a load pulls the
 blocks straight into the paged cache, then releases the producer's lease; completed loads are
 reported as finished receiving (failed ones also as failed), with their TransferStats.
@@ -29,9 +30,7 @@ from kv_transfer.transport import PullResult, TransferError
 
 logger = init_logger(__name__)
 
-# While the engine only steps to poll transfers, each poll waits this long for news so that
-# the idle engine does not spin a core.
-IDLE_POLL_S = 0.005
+MAX_REAP_INTERVAL_S = 1.0
 RELEASE_TIMEOUT_S = 2.0
 NUM_RECENT_ERRORS = 1024
 
@@ -77,8 +76,8 @@ class ConnectorWorker:
         self._loads: dict[str, _Load] = {}
         self._done_stats: dict[str, TransferStats] = {}
         self._recent_errors: OrderedDict[str, str] = OrderedDict()
-        self._wakeup = threading.Event()
-        self._idle = False
+        self._stopped = threading.Event()
+        self._reaper: threading.Thread | None = None
         self._num_loads_done = 0
         self._num_loads_failed = 0
         self._loaded_bytes = 0
@@ -97,6 +96,9 @@ class ConnectorWorker:
                 handle_wait_s=self._config.handle_wait_s,
             )
             endpoint = self._server.start()
+            self._reaper = threading.Thread(target=self._reap_leases, name="kv-lease-reaper",
+                                            daemon=True)
+            self._reaper.start()
             logger.info("disagg KV server on %s (%d layers, %d B per block)", endpoint,
                         self._cache.num_layers, self._cache.block_bytes)
         if self._is_consumer:
@@ -111,7 +113,6 @@ class ConnectorWorker:
                                             thread_name_prefix="kv-pull")
 
     def start_load_kv(self, meta: DisaggConnectorMetadata) -> None:
-        self._idle = meta.num_scheduled_tokens == 0
         for lease in meta.leases:
             self._leases.grant(lease.handle, lease.request_id, lease.block_ids, lease.lease_s)
         if not (meta.loads or meta.releases):
@@ -129,9 +130,6 @@ class ConnectorWorker:
         for request_id in finished_req_ids:
             if (load := self._loads.get(request_id)) is not None:
                 load.cancelled.set()  # aborted while loading
-        self._leases.expire()
-        if self._idle and (self._leases.num_leases or self._loads):
-            self._wait_for_news()
         results = KVConnectorTransferResults(finished_sending=self._leases.take_freed())
         for request_id, load in list(self._loads.items()):
             if not load.future.done():
@@ -169,6 +167,9 @@ class ConnectorWorker:
         return ""
 
     def shutdown(self) -> None:
+        self._stopped.set()
+        if self._reaper is not None:
+            self._reaper.join(2)
         for load in self._loads.values():
             load.cancelled.set()
         if self._pool is not None:
@@ -195,7 +196,6 @@ class ConnectorWorker:
         except BaseException as err:  # noqa: BLE001 - any failure must reach the scheduler
             load.future.set_exception(err)
         finally:
-            self._wakeup.set()
             self._client.release(spec.endpoint, spec.handle, RELEASE_TIMEOUT_S)
 
     def _finish_load(self, load: _Load, results: KVConnectorTransferResults) -> TransferStats:
@@ -216,10 +216,11 @@ class ConnectorWorker:
             self._recent_errors.popitem(last=False)
         return TransferStats(0, 0, 0, 0.0, error=reason)
 
-    def _wait_for_news(self) -> None:
-        start = time.monotonic()
-        if self._leases.num_leases:
-            self._leases.wait_for_change(IDLE_POLL_S)
-        remaining = IDLE_POLL_S - (time.monotonic() - start)
-        if self._loads and remaining > 0 and self._wakeup.wait(remaining):
-            self._wakeup.clear()
+    def _reap_leases(self) -> None:
+        while not self._stopped.is_set():
+            self._leases.expire()
+            next_deadline = self._leases.next_deadline_s
+            wait_s = MAX_REAP_INTERVAL_S
+            if next_deadline is not None:
+                wait_s = min(wait_s, max(0.01, next_deadline - time.monotonic()))
+            self._stopped.wait(wait_s)

@@ -51,7 +51,6 @@ class DisaggConnectorMetadata(KVConnectorMetadata):
     loads: list[LoadSpec] = field(default_factory=list)
     leases: list[LeaseSpec] = field(default_factory=list)
     releases: list[ReleaseSpec] = field(default_factory=list)
-    num_scheduled_tokens: int = 0
 
 
 @dataclass

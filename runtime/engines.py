@@ -12,6 +12,8 @@ from runtime.engine_config import EngineConfig, EngineRole, TransferConfig
 if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
 
+    from runtime.engine_stats import LoadProbe
+
 CONNECTOR_NAME = "DisaggConnector"
 CONNECTOR_MODULE = "kv_transfer.connector"
 WORKER_EXTENSION = "kv_transfer.worker_extension.DisaggWorkerExtension"
@@ -47,9 +49,10 @@ def build_engine(
     role: EngineRole,
     transfer: TransferConfig | None = None,
     kv_port: int | None = None,
+    probe: LoadProbe | None = None,
 ) -> AsyncLLM:
     """Start one engine (30-60 s on a 2-core CPU). Call from code under `__main__`: vLLM
-    spawns its engine processes."""
+    spawns its engine processes. `probe`, if given, receives the engine's load every step."""
     from vllm.config import KVTransferConfig
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -84,4 +87,4 @@ def build_engine(
         kv_transfer_config=kv_transfer_config,
         worker_extension_cls=WORKER_EXTENSION if kv_transfer_config else "",
     )
-    return AsyncLLM.from_engine_args(args)
+    return AsyncLLM.from_engine_args(args, stat_loggers=[probe.factory] if probe else None)

@@ -8,6 +8,7 @@ per pull) and a plain colocated engine that serves as the correctness oracle.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import threading
 from collections.abc import Coroutine
@@ -20,11 +21,14 @@ import pytest
 from decode_workers.worker import DecodeWorker
 from prefill_workers.worker import PrefillWorker
 from runtime.engine_config import EngineConfig, TransferConfig
+from runtime.engine_stats import LoadProbe
 from runtime.engines import build_engine
 from runtime.pipeline import DisaggPipeline
 from runtime.tiny_model import make_tiny_model
+from tests.integration.helpers import greedy
 
 T = TypeVar("T")
+_flush_ids = itertools.count()
 BLOCK_SIZE = 128
 LEASE_S = 6.0
 
@@ -53,6 +57,7 @@ class Cluster:
     prefill: PrefillWorker
     decoders: dict[str, DecodeWorker]  # by data channel
     oracle: Any  # AsyncLLM, colocated
+    probes: dict[str, LoadProbe]  # "prefill", "tcp", "grpc": each engine's live load
 
     def pipeline(self, channel: str = "tcp") -> DisaggPipeline:
         return DisaggPipeline(self.prefill, self.decoders[channel])
@@ -77,16 +82,21 @@ def cluster(tiny_model: Path):
         update={"data_channel": "grpc", "num_streams": 2, "max_chunk_bytes": 256 << 10}
     )
 
+    probes = {name: LoadProbe() for name in ("prefill", "tcp", "grpc")}
+
     async def start() -> Cluster:
-        prefill = PrefillWorker(build_engine(engine_config, "prefill", transfer),
-                                transfer.auth_token.get_secret_value())
+        prefill = PrefillWorker(
+            build_engine(engine_config, "prefill", transfer, probe=probes["prefill"]),
+            transfer.auth_token.get_secret_value(),
+        )
         decoders = {
-            "tcp": DecodeWorker(build_engine(engine_config, "decode", transfer), BLOCK_SIZE),
-            "grpc": DecodeWorker(build_engine(engine_config, "decode", grpc_transfer),
-                                 BLOCK_SIZE),
+            channel: DecodeWorker(
+                build_engine(engine_config, "decode", config, probe=probes[channel]), BLOCK_SIZE
+            )
+            for channel, config in (("tcp", transfer), ("grpc", grpc_transfer))
         }
         oracle = build_engine(engine_config, "colocated")
-        return Cluster(runner, transfer, prefill, decoders, oracle)
+        return Cluster(runner, transfer, prefill, decoders, oracle, probes)
 
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     cluster = runner.run(start())
@@ -125,3 +135,20 @@ def no_leaks(request: pytest.FixtureRequest):
     produced, consumed = cluster.runner.run(settled())
     assert produced.num_leases == 0 and produced.num_leased_blocks == 0, produced
     assert not any(c.num_loads_in_flight for c in consumed), consumed
+
+    # vLLM's own block accounting: one step on each engine (a one-token request) lets it take
+    # back what the connector released; then no engine holds a single KV block.
+    async def step_every_engine() -> None:
+        engines = {"prefill": cluster.prefill.engine}
+        engines.update((name, d.engine) for name, d in cluster.decoders.items())
+        for name, engine in engines.items():
+            async for _ in engine.generate({"prompt_token_ids": [7]}, greedy(1).to_vllm(),
+                                           request_id=f"flush-{name}-{next(_flush_ids)}"):
+                pass
+
+    cluster.runner.run(step_every_engine())
+    for name, probe in cluster.probes.items():
+        load = probe.latest
+        assert load is not None, f"{name} engine reported no load"
+        assert load.kv_cache_usage == 0.0, f"{name} engine still holds KV blocks: {load}"
+        assert load.num_running == load.num_waiting == 0, f"{name}: {load}"
