@@ -22,7 +22,7 @@ class ConnectorConfig(BaseModel):
     auth_token: SecretStr = Field(
         ..., min_length=16, description="Cluster shared token; every KV call must carry it."
     )
-    lease_s: float = Field(30.0, gt=0, description="Producer frees unreleased blocks after this.")
+    lease_s: float = Field(10.0, gt=0, description="Producer frees unreleased blocks after this.")
     max_chunk_bytes: int = Field(
         1 << 20, ge=4096, description="Upper bound on one streamed chunk's payload."
     )

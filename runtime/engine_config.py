@@ -48,7 +48,7 @@ class TransferConfig(BaseModel):
         default_factory=lambda: SecretStr(secrets.token_urlsafe(32)),
         description="Shared token of the cluster; generated when not given.",
     )
-    lease_s: float = Field(30.0, gt=0, description="Unreleased blocks are freed after this.")
+    lease_s: float = Field(10.0, gt=0, description="Unreleased blocks are freed after this.")
     pull_timeout_s: float = Field(30.0, gt=0, description="Deadline for one request's pull.")
     max_chunk_bytes: int = Field(1 << 20, ge=4096, description="Largest streamed chunk.")
     data_channel: DataChannel = Field(
