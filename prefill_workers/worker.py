@@ -47,9 +47,32 @@ class PrefillWorker:
     def __init__(self, engine: AsyncLLM, auth_token: str) -> None:
         self.engine = engine
         self._auth_token = auth_token
+        self._orphan_releases: set[asyncio.Future[None]] = set()
 
     async def prefill(self, request: GenerateRequest) -> PrefillResult:
-        """Run the prompt, return the first token and where its KV blocks wait."""
+        """Run the prompt, return the first token and where its KV blocks wait.
+
+        If the caller is cancelled (client gone), the prefill is aborted; should it have
+        finished anyway, its blocks are released instead of waiting for the lease to expire.
+        """
+        task = asyncio.ensure_future(self._prefill(request))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(self._release_orphan)
+            await self.engine.abort(request.request_id)
+            raise
+
+    def _release_orphan(self, task: asyncio.Task[PrefillResult]) -> None:
+        if task.cancelled() or task.exception() is not None:
+            return
+        transfer = task.result().transfer
+        if transfer is not None:
+            release = asyncio.ensure_future(self.release(transfer))
+            self._orphan_releases.add(release)
+            release.add_done_callback(self._orphan_releases.discard)
+
+    async def _prefill(self, request: GenerateRequest) -> PrefillResult:
         start = time.perf_counter()
         hand_off = request.sampling.max_tokens > 1
         params = request.sampling.to_vllm(
@@ -72,7 +95,7 @@ class PrefillWorker:
         stopped = completion.finish_reason == "stop" or not hand_off
         transfer = parse_transfer(output.kv_transfer_params)
         if stopped and transfer is not None:
-            await asyncio.to_thread(release_handle, transfer, self._auth_token)
+            await self.release(transfer)
             transfer = None
         queue_ms, compute_ms = _engine_phases_ms(output.metrics, total_ms)
         return PrefillResult(
@@ -84,6 +107,10 @@ class PrefillWorker:
             num_cached_tokens=output.num_cached_tokens or 0,
             timings=PrefillTimings(queue_ms, compute_ms, total_ms),
         )
+
+    async def release(self, transfer: TransferParams) -> None:
+        """Free a handed-off prompt's blocks that no decode engine will pull (idempotent)."""
+        await asyncio.to_thread(release_handle, transfer, self._auth_token)
 
     async def kv_stats(self) -> WorkerStats:
         (stats,) = await self.engine.collective_rpc("disagg_kv_stats")

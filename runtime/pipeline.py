@@ -62,14 +62,22 @@ class DisaggPipeline:
             timings = self._timings(first, None, ttft_ms, start, 1)
             yield StreamEvent((), first.finish_reason, timings)
             return
-        yield StreamEvent((first.first_token_id,))
         num_tokens = 1
-        async for chunk in self.decode.decode(request, first.first_token_id, first.transfer):
-            num_tokens += len(chunk.token_ids)
-            phases = None
-            if chunk.timings is not None:
-                phases = self._timings(first, chunk.timings, ttft_ms, start, num_tokens)
-            yield StreamEvent(chunk.token_ids, chunk.finish_reason, phases)
+        decoding = False
+        try:
+            yield StreamEvent((first.first_token_id,))
+            async for chunk in self.decode.decode(request, first.first_token_id, first.transfer):
+                decoding = True
+                num_tokens += len(chunk.token_ids)
+                phases = None
+                if chunk.timings is not None:
+                    phases = self._timings(first, chunk.timings, ttft_ms, start, num_tokens)
+                yield StreamEvent(chunk.token_ids, chunk.finish_reason, phases)
+        finally:
+            if not decoding and first.transfer is not None:
+                # Client gone or decode failed before the decode engine took over the blocks:
+                # free them now rather than at lease expiry (a second release is a no-op).
+                await self.prefill.release(first.transfer)
 
     async def generate(self, request: GenerateRequest) -> Completion:
         tokens: list[int] = []

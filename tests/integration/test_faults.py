@@ -4,6 +4,7 @@ no blocks held on either side afterwards (checked by the no_leaks fixture)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import time
@@ -137,3 +138,37 @@ def test_next_request_after_faults_is_exact(cluster, channel):
     completion = cluster.runner.run(cluster.pipeline(channel).generate(request))
     assert completion.token_ids == _expected(cluster, request)
     assert completion.timings.num_loaded_tokens == 900
+
+
+@pytest.mark.parametrize("num_events_before_leaving", [0, 1, 2])
+def test_client_gone_at_any_stage_leaks_nothing(cluster, channel, num_events_before_leaving):
+    """A client that leaves during prefill (0 events), after the first token but before decode
+    (1), or while decode streams (2): every block comes back, no lease waits for its expiry
+    (checked by the no_leaks fixture, which waits less than a lease lasts)."""
+    # a prompt no engine has cached, so the prefill takes long enough to be cancelled in
+    seed = 20 + num_events_before_leaving + (10 if channel == "grpc" else 0)
+    request = _request(3000, seed=seed, max_tokens=40)
+    pipeline = cluster.pipeline(channel)
+
+    async def leave_early() -> None:
+        stream = pipeline.stream(request)
+        if num_events_before_leaving == 0:
+            task = asyncio.ensure_future(stream.__anext__())
+            await asyncio.sleep(0.02)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        else:
+            for _ in range(num_events_before_leaving):
+                await stream.__anext__()
+        await stream.aclose()
+
+    start = time.monotonic()
+    cluster.runner.run(leave_early())
+    produced = cluster.runner.run(cluster.prefill.kv_stats())
+    deadline = time.monotonic() + LEASE_S / 2
+    while produced.num_leases and time.monotonic() < deadline:
+        time.sleep(0.05)
+        produced = cluster.runner.run(cluster.prefill.kv_stats())
+    assert produced.num_leases == 0, "a lease waited for its expiry"
+    assert time.monotonic() - start < LEASE_S

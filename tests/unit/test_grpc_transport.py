@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 
+import grpc
 import pytest
 import torch
 
@@ -187,3 +188,29 @@ def test_bulk_ticket_is_single_use(pair):
         read(False)
     client.close()
     leases.release("h7")
+
+
+def test_calls_without_a_token_are_rejected(pair):
+    _, _, leases, endpoint, _ = pair
+    leases.grant("h8", "req-8", (1,), lease_s=10)
+    with grpc.insecure_channel(endpoint) as channel:
+        release = channel.unary_unary(grpc_transport.RELEASE_METHOD,
+                                      request_serializer=pb.ReleaseRequest.SerializeToString,
+                                      response_deserializer=pb.ReleaseResponse.FromString)
+        with pytest.raises(grpc.RpcError) as err:
+            release(pb.ReleaseRequest(handle="h8"), timeout=5)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert leases.num_leases == 1
+    leases.release("h8")
+
+
+def test_server_listens_only_on_the_configured_address(pair):
+    import psutil
+
+    _, _, _, endpoint, _ = pair
+    port = int(endpoint.rsplit(":", 1)[1])
+    # this process's listeners: the gRPC port and the bulk data port
+    ours = [c.laddr for c in psutil.Process().net_connections(kind="tcp")
+            if c.status == psutil.CONN_LISTEN]
+    assert port in {addr.port for addr in ours} and len(ours) >= 2, ours
+    assert all(addr.ip in ("127.0.0.1", "::ffff:127.0.0.1") for addr in ours), ours
