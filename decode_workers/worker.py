@@ -45,6 +45,7 @@ class DecodeTimings:
     num_loaded_tokens: int
     num_computed_prompt_tokens: int  # prompt tokens this engine computed itself
     transfer_error: str
+    worker_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -56,9 +57,14 @@ class DecodeChunk:
 
 class DecodeWorker:
     def __init__(
-        self, engine: AsyncLLM, block_size: int, on_transfer_failure: TransferFailurePolicy = "fail"
+        self,
+        engine: AsyncLLM,
+        block_size: int,
+        on_transfer_failure: TransferFailurePolicy = "fail",
+        worker_id: str = "",
     ) -> None:
         self.engine = engine
+        self.worker_id = worker_id
         self.block_size = block_size
         self.on_transfer_failure = on_transfer_failure
 
@@ -142,6 +148,7 @@ class DecodeWorker:
                     num_loaded_tokens=stats.num_loaded_tokens if stats else 0,
                     num_computed_prompt_tokens=len(prompt) - (output.num_cached_tokens or 0),
                     transfer_error=earlier_error or (stats.error if stats else ""),
+                    worker_id=self.worker_id,
                 ),
             )
 

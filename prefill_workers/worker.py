@@ -41,11 +41,13 @@ class PrefillResult:
     num_prompt_tokens: int
     num_cached_tokens: int
     timings: PrefillTimings
+    worker_id: str = ""
 
 
 class PrefillWorker:
-    def __init__(self, engine: AsyncLLM, auth_token: str) -> None:
+    def __init__(self, engine: AsyncLLM, auth_token: str, worker_id: str = "") -> None:
         self.engine = engine
+        self.worker_id = worker_id
         self._auth_token = auth_token
         self._orphan_releases: set[asyncio.Future[None]] = set()
 
@@ -106,6 +108,7 @@ class PrefillWorker:
             num_prompt_tokens=len(request.prompt_token_ids),
             num_cached_tokens=output.num_cached_tokens or 0,
             timings=PrefillTimings(queue_ms, compute_ms, total_ms),
+            worker_id=self.worker_id,
         )
 
     async def release(self, transfer: TransferParams) -> None:

@@ -11,19 +11,30 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Literal, Protocol
 
-from decode_workers.worker import DecodeTimings, DecodeWorker
-from prefill_workers.worker import PrefillResult, PrefillWorker
+from decode_workers.worker import DecodeChunk, DecodeTimings
+from kv_transfer.params import TransferParams
+from prefill_workers.worker import PrefillResult
 from runtime.requests import GenerateRequest
+
+Lane = Literal["short", "long"]
+Mode = Literal["disaggregated", "local"]
 
 
 @dataclass(frozen=True)
 class PhaseTimings:
+    """One request's latency split. Phases in order: scheduler queue (ingress), prefill queue
+    and compute (prefill engine), KV transfer, decode queue (decode engine, transfer excluded),
+    decode compute (first to last decode token, plus the decode engine's first step)."""
+
+    scheduler_queue_ms: float
     prefill_queue_ms: float
     prefill_compute_ms: float
     kv_transfer_ms: float
     kv_transfer_bytes: int
     decode_queue_ms: float
+    decode_compute_ms: float
     ttft_ms: float
     tpot_ms: float
     e2e_ms: float
@@ -31,6 +42,23 @@ class PhaseTimings:
     num_output_tokens: int
     num_loaded_tokens: int
     num_decode_computed_prompt_tokens: int
+    lane: Lane = "short"
+    mode: Mode = "disaggregated"
+    prefill_replica: str = ""
+    decode_replica: str = ""
+    transfer_error: str = ""
+
+    @property
+    def phases_ms(self) -> dict[str, float]:
+        """The sequential phases, which add up to e2e_ms less the hops between them."""
+        return {
+            "scheduler_queue": self.scheduler_queue_ms,
+            "prefill_queue": self.prefill_queue_ms,
+            "prefill_compute": self.prefill_compute_ms,
+            "kv_transfer": self.kv_transfer_ms,
+            "decode_queue": self.decode_queue_ms,
+            "decode_compute": self.decode_compute_ms,
+        }
 
 
 @dataclass(frozen=True)
@@ -48,18 +76,41 @@ class Completion:
     timings: PhaseTimings
 
 
+class PrefillClient(Protocol):
+    """A PrefillWorker, or a handle to one in another process."""
+
+    async def prefill(self, request: GenerateRequest) -> PrefillResult: ...
+
+    async def release(self, transfer: TransferParams) -> None: ...
+
+
+class DecodeClient(Protocol):
+    """A DecodeWorker, or a handle to one in another process."""
+
+    def decode(
+        self, request: GenerateRequest, first_token_id: int | None,
+        transfer: TransferParams | None,
+    ) -> AsyncIterator[DecodeChunk]: ...
+
+
 class DisaggPipeline:
-    def __init__(self, prefill: PrefillWorker, decode: DecodeWorker) -> None:
+    def __init__(self, prefill: PrefillClient, decode: DecodeClient) -> None:
         self.prefill = prefill
         self.decode = decode
 
-    async def stream(self, request: GenerateRequest) -> AsyncIterator[StreamEvent]:
+    async def stream(
+        self, request: GenerateRequest, arrival_s: float | None = None, lane: Lane = "short"
+    ) -> AsyncIterator[StreamEvent]:
+        """Events: the first token, then decode chunks; the last carries the timings.
+        arrival_s (time.perf_counter) is when the request reached the ingress."""
         start = time.perf_counter()
+        arrival = start if arrival_s is None else arrival_s
+        queue_ms = (start - arrival) * 1e3
         first = await self.prefill.prefill(request)
-        ttft_ms = (time.perf_counter() - start) * 1e3
+        ttft_ms = (time.perf_counter() - arrival) * 1e3
         if first.finish_reason is not None:
             yield StreamEvent((first.first_token_id,))
-            timings = self._timings(first, None, ttft_ms, start, 1)
+            timings = self._timings(first, None, ttft_ms, arrival, 1, queue_ms, lane)
             yield StreamEvent((), first.finish_reason, timings)
             return
         num_tokens = 1
@@ -71,7 +122,8 @@ class DisaggPipeline:
                 num_tokens += len(chunk.token_ids)
                 phases = None
                 if chunk.timings is not None:
-                    phases = self._timings(first, chunk.timings, ttft_ms, start, num_tokens)
+                    phases = self._timings(first, chunk.timings, ttft_ms, arrival, num_tokens,
+                                           queue_ms, lane)
                 yield StreamEvent(chunk.token_ids, chunk.finish_reason, phases)
         finally:
             if not decoding and first.transfer is not None:
@@ -93,17 +145,25 @@ class DisaggPipeline:
         first: PrefillResult,
         decode: DecodeTimings | None,
         ttft_ms: float,
-        start: float,
+        arrival: float,
         num_tokens: int,
+        queue_ms: float,
+        lane: Lane,
     ) -> PhaseTimings:
-        e2e_ms = (time.perf_counter() - start) * 1e3
+        e2e_ms = (time.perf_counter() - arrival) * 1e3
         tpot_ms = (e2e_ms - ttft_ms) / (num_tokens - 1) if num_tokens > 1 else 0.0
+        decode_compute_ms = 0.0
+        if decode is not None:
+            first_step_ms = decode.first_token_ms - decode.transfer_ms - decode.queue_ms
+            decode_compute_ms = max(0.0, first_step_ms) + decode.decode_ms
         return PhaseTimings(
+            scheduler_queue_ms=queue_ms,
             prefill_queue_ms=first.timings.queue_ms,
             prefill_compute_ms=first.timings.compute_ms,
             kv_transfer_ms=decode.transfer_ms if decode else 0.0,
             kv_transfer_bytes=decode.transfer_bytes if decode else 0,
             decode_queue_ms=decode.queue_ms if decode else 0.0,
+            decode_compute_ms=decode_compute_ms,
             ttft_ms=ttft_ms,
             tpot_ms=tpot_ms,
             e2e_ms=e2e_ms,
@@ -113,4 +173,8 @@ class DisaggPipeline:
             num_decode_computed_prompt_tokens=(
                 decode.num_computed_prompt_tokens if decode else 0
             ),
+            lane=lane,
+            prefill_replica=first.worker_id,
+            decode_replica=decode.worker_id if decode else "",
+            transfer_error=decode.transfer_error if decode else "",
         )

@@ -1,0 +1,45 @@
+"""Build the Ray Serve application: prefill pool, decode pool, ingress (global scheduler)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+
+from runtime.app_config import AppConfig, PoolConfig
+from runtime.deployments import DecodeServer, PrefillServer
+from runtime.ingress import Ingress
+
+
+def _actor_options(pool: PoolConfig) -> dict[str, Any]:
+    options: dict[str, Any] = {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus}
+    if pool.resources:
+        options["resources"] = dict(pool.resources)
+    return options
+
+
+def build_app(config: AppConfig) -> serve.Application:
+    prefill = PrefillServer.options(  # type: ignore[attr-defined]
+        name="PrefillServer",
+        num_replicas=config.prefill.replicas,
+        ray_actor_options=_actor_options(config.prefill),
+        max_ongoing_requests=config.prefill.max_ongoing_requests,
+        health_check_period_s=10,
+    ).bind(config)
+    decode = DecodeServer.options(  # type: ignore[attr-defined]
+        name="DecodeServer",
+        num_replicas=config.decode.replicas,
+        ray_actor_options=_actor_options(config.decode),
+        max_ongoing_requests=config.decode.max_ongoing_requests,
+        health_check_period_s=10,
+    ).bind(config)
+    return Ingress.options(  # type: ignore[attr-defined]
+        name="Ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024
+    ).bind(config, prefill, decode)
+
+
+def app_builder(args: dict[str, Any]) -> serve.Application:
+    """Entry point for `serve run` / `serve deploy` configs: args {"config": "path.yaml"}."""
+    if "config" not in args:
+        raise ValueError("app_builder needs args: {config: <path of a disagg YAML config>}")
+    return build_app(AppConfig.from_yaml(args["config"]))

@@ -1,0 +1,111 @@
+"""The deployment's one configuration file (YAML), validated at load.
+
+    engine:                      # shared by both pools unless a pool overrides a field
+      model: /models/llama
+      block_size: 128
+    prefill: {replicas: 1, num_cpus: 1, engine: {max_num_batched_tokens: 8192}}
+    decode:  {replicas: 2, num_cpus: 1, resources: {decode_node: 1}}
+    transfer: {data_channel: tcp, on_transfer_failure: recompute}
+    scheduler: {long_prompt_tokens: 4096}
+    server: {http_port: 8000, grpc_port: 9000, api_key: null}
+    slo: {ttft_ms: 2000, tpot_ms: 100}
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+
+from runtime.engine_config import EngineConfig, TransferConfig
+
+
+class PoolConfig(BaseModel):
+    """One worker pool: a Ray Serve deployment with its own replicas and resources."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    replicas: int = Field(1, ge=1, description="Number of replicas (one vLLM engine each).")
+    num_cpus: float = Field(1.0, ge=0, description="Ray CPUs reserved per replica.")
+    num_gpus: float = Field(0.0, ge=0, description="Ray GPUs reserved per replica.")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources, to pin the pool to node types."
+    )
+    engine: dict[str, Any] = Field(
+        default_factory=dict, description="Overrides of the shared engine settings."
+    )
+    max_ongoing_requests: int = Field(256, ge=1, description="Requests in flight per replica.")
+
+
+class SchedulerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    long_prompt_tokens: int = Field(
+        4096, ge=1, description="Prompts at least this long are in the long lane."
+    )
+
+
+class ServerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str = Field("127.0.0.1", description="Address the HTTP and gRPC servers bind to.")
+    http_port: int = Field(8000, ge=1, le=65535)
+    grpc_port: int = Field(9000, ge=0, le=65535, description="0 disables the gRPC API.")
+    api_key: SecretStr | None = Field(None, description="Required bearer token, if set.")
+    served_model_name: str = Field("", description="Model name clients use; default: the path.")
+    app_name: str = Field("disagg", description="Ray Serve application name.")
+
+
+class SLOConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ttft_ms: float | None = Field(None, gt=0, description="Target time to first token.")
+    tpot_ms: float | None = Field(None, gt=0, description="Target time per output token.")
+
+
+class AppConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    engine: EngineConfig
+    prefill: PoolConfig = Field(default_factory=PoolConfig)
+    decode: PoolConfig = Field(default_factory=PoolConfig)
+    transfer: TransferConfig = Field(default_factory=TransferConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    slo: SLOConfig = Field(default_factory=SLOConfig)
+
+    @property
+    def prefill_engine(self) -> EngineConfig:
+        return self.engine.model_copy(update=self.prefill.engine)
+
+    @property
+    def decode_engine(self) -> EngineConfig:
+        return self.engine.model_copy(update=self.decode.engine)
+
+    @property
+    def model_name(self) -> str:
+        return self.server.served_model_name or self.engine.model
+
+    @model_validator(mode="after")
+    def _pools_agree(self) -> AppConfig:
+        for pool in (self.prefill, self.decode):
+            EngineConfig.model_validate({**self.engine.model_dump(), **pool.engine})
+        prefill, decode = self.prefill_engine, self.decode_engine
+        for field in ("model", "dtype", "block_size"):
+            p, d = getattr(prefill, field), getattr(decode, field)
+            if p != d:
+                raise ValueError(
+                    f"prefill and decode pools must use the same {field} (the KV blocks move "
+                    f"between them as they are): prefill has {p!r}, decode has {d!r}"
+                )
+        return self
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> AppConfig:
+        text = Path(path).read_text()
+        data = yaml.safe_load(text) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level")
+        return cls.model_validate(data)

@@ -1,0 +1,195 @@
+"""The global scheduler as the Ray Serve ingress: the OpenAI-compatible HTTP API.
+
+Routes: POST /v1/completions, POST /v1/chat/completions (both stream with SSE when asked),
+GET /v1/models, GET /health, GET /metrics (Prometheus), GET /v1/disagg/status. Every
+completion carries the request's latency split as `timings` (in the body, or in the final chunk
+of a stream). With an API key configured, /v1/* needs `Authorization: Bearer <key>`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import asdict
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from ray import serve
+
+from runtime.app_config import AppConfig
+from runtime.deployments import RemoteDecode, RemotePrefill
+from runtime.metrics import Metrics
+from runtime.openai_api import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    chat_body,
+    chat_chunk,
+    completion_body,
+    completion_chunk,
+    sse,
+)
+from runtime.router import PreparedRequest, Router, TextEvent
+
+logger = logging.getLogger("ray.serve")
+api = FastAPI(title="disagg", description="Disaggregated prefill/decode LLM serving")
+
+
+@api.exception_handler(APIError)
+async def _api_error(request: Request, err: APIError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+
+@api.exception_handler(Exception)
+async def _server_error(request: Request, err: Exception) -> JSONResponse:
+    logger.exception("request failed: %s", err)
+    body = APIError(500, f"internal error: {type(err).__name__}: {err}", "server_error").body()
+    return JSONResponse(body, status_code=500)
+
+
+def _validation_error(err: ValidationError) -> APIError:
+    first = err.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "body"
+    problems = "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in err.errors()
+    )
+    return APIError(400, f"invalid request: {problems}", param=where)
+
+
+@serve.deployment
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, config: AppConfig, prefill: Any, decode: Any) -> None:
+        from transformers import AutoTokenizer
+
+        self.config = config
+        self._prefill_handle, self._decode_handle = prefill, decode
+        self.metrics = Metrics()
+        tokenizer = AutoTokenizer.from_pretrained(config.engine.model)
+        self.router = Router(config, tokenizer, RemotePrefill(prefill), RemoteDecode(decode),
+                             self.metrics)
+        key = config.server.api_key
+        self._api_key = key.get_secret_value().encode() if key else None
+
+    @api.get("/health")
+    async def health(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/metrics")
+    async def metrics_text(self) -> Response:
+        return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> dict[str, Any]:
+        self._authorize(request)
+        return {"object": "list", "data": [{
+            "id": self.config.model_name, "object": "model", "owned_by": "disagg",
+            "max_model_len": self.router.max_model_len,
+        }]}
+
+    @api.get("/v1/disagg/status")
+    async def status(self, request: Request) -> dict[str, Any]:
+        self._authorize(request)
+        prefill = await self._prefill_handle.status.remote()
+        decode = await self._decode_handle.status.remote()
+        return {"prefill": asdict(prefill), "decode": asdict(decode)}
+
+    @api.post("/v1/completions", response_model=None)
+    async def completions(self, request: Request) -> Response:
+        self._authorize(request)
+        body = self._parse(CompletionRequest, await self._json(request))
+        assert isinstance(body, CompletionRequest)
+        self.router.check_model(body.model)
+        body.refuse_unsupported()
+        prepared = self.router.prepare(self.router.tokenize(body.prompt), body.sampling(16),
+                                       "cmpl")
+        if body.stream:
+            return self._sse(prepared, body.model, chat=False)
+        text, finish, timings = await self._collect(prepared)
+        return JSONResponse(completion_body(prepared.request.request_id, body.model, text,
+                                            finish, timings))
+
+    @api.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(self, request: Request) -> Response:
+        self._authorize(request)
+        body = self._parse(ChatCompletionRequest, await self._json(request))
+        assert isinstance(body, ChatCompletionRequest)
+        self.router.check_model(body.model)
+        body.refuse_unsupported()
+        if body.max_completion_tokens is not None and body.max_tokens is None:
+            body.max_tokens = body.max_completion_tokens
+        default_max = self.router.max_model_len
+        prompt = self.router.tokenize_chat([m.model_dump() for m in body.messages])
+        prepared = self.router.prepare(prompt, body.sampling(default_max - len(prompt)), "chat")
+        if body.stream:
+            return self._sse(prepared, body.model, chat=True)
+        text, finish, timings = await self._collect(prepared)
+        return JSONResponse(chat_body(prepared.request.request_id, body.model, text, finish,
+                                      timings))
+
+    def _authorize(self, request: Request) -> None:
+        if self._api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), self._api_key):
+            raise APIError(401, "missing or wrong API key (use 'Authorization: Bearer <key>')",
+                           "authentication_error", code="invalid_api_key")
+
+    @staticmethod
+    async def _json(request: Request) -> Any:
+        raw = await request.body()
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise APIError(400, f"the request body is not valid JSON: {err}") from err
+
+    @staticmethod
+    def _parse(model: type[CompletionRequest] | type[ChatCompletionRequest],
+               data: Any) -> CompletionRequest | ChatCompletionRequest:
+        if not isinstance(data, dict):
+            raise APIError(400, "the request body must be a JSON object")
+        try:
+            return model.model_validate(data)
+        except ValidationError as err:
+            raise _validation_error(err) from err
+
+    async def _collect(self, prepared: PreparedRequest) -> tuple[str, str | None, Any]:
+        text, finish, timings = [], None, None
+        async for event in self.router.stream(prepared):
+            text.append(event.text)
+            finish = event.finish_reason or finish
+            timings = event.timings or timings
+        assert timings is not None, "request ended without timings"
+        return "".join(text), finish, timings
+
+    def _sse(self, prepared: PreparedRequest, model: str, chat: bool) -> StreamingResponse:
+        request_id = prepared.request.request_id
+
+        def chunk(event: TextEvent, first: bool) -> dict[str, Any]:
+            if chat:
+                return chat_chunk(request_id, model, event.text, event.finish_reason,
+                                  event.timings, first)
+            return completion_chunk(request_id, model, event.text, event.finish_reason,
+                                    event.timings)
+
+        async def events() -> AsyncIterator[str]:
+            first = True
+            try:
+                async for event in self.router.stream(prepared):
+                    yield sse(chunk(event, first))
+                    first = False
+            except APIError as err:
+                yield sse(err.body())
+            except Exception as err:  # noqa: BLE001 - the client gets an error event, not a cut
+                logger.exception("stream %s failed", request_id)
+                yield sse(APIError(500, f"internal error: {type(err).__name__}: {err}",
+                                   "server_error").body())
+            yield sse("[DONE]")
+
+        return StreamingResponse(events(), media_type="text/event-stream")

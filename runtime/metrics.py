@@ -1,0 +1,56 @@
+"""Prometheus metrics of the ingress: each phase's latency by lane and mode, and counters."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+from runtime.pipeline import PhaseTimings
+
+_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    """One registry per ingress replica (no module globals)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.phase_seconds = Histogram(
+            "disagg_phase_seconds", "Latency of each request phase.", ["phase", "lane", "mode"],
+            buckets=_BUCKETS_S, registry=self.registry,
+        )
+        self.requests = Counter(
+            "disagg_requests", "Requests finished, by outcome.", ["lane", "mode", "outcome"],
+            registry=self.registry,
+        )
+        self.tokens = Counter(
+            "disagg_tokens", "Tokens processed.", ["kind"], registry=self.registry
+        )
+        self.kv_bytes = Counter(
+            "disagg_kv_transfer_bytes", "KV cache bytes moved from prefill to decode.",
+            registry=self.registry,
+        )
+        self.transfer_failures = Counter(
+            "disagg_kv_transfer_failures", "KV transfers that failed.", registry=self.registry
+        )
+
+    def record(self, timings: PhaseTimings) -> None:
+        labels = {"lane": timings.lane, "mode": timings.mode}
+        for phase, value_ms in timings.phases_ms.items():
+            self.phase_seconds.labels(phase=phase, **labels).observe(value_ms / 1e3)
+        for phase, value_ms in (("ttft", timings.ttft_ms), ("tpot", timings.tpot_ms),
+                                ("e2e", timings.e2e_ms)):
+            self.phase_seconds.labels(phase=phase, **labels).observe(value_ms / 1e3)
+        self.requests.labels(outcome="ok", **labels).inc()
+        self.tokens.labels(kind="prompt").inc(timings.num_prompt_tokens)
+        self.tokens.labels(kind="completion").inc(timings.num_output_tokens)
+        self.kv_bytes.inc(timings.kv_transfer_bytes)
+        if timings.transfer_error:
+            self.transfer_failures.inc()
+
+    def record_failure(self, lane: str, mode: str, outcome: str) -> None:
+        self.requests.labels(lane=lane, mode=mode, outcome=outcome).inc()
+        if outcome == "transfer_failed":
+            self.transfer_failures.inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
