@@ -1,0 +1,212 @@
+"""The cluster runtime on a real Ray Serve app with real vLLM CPU engines, used as clients use
+it: the official openai client, raw HTTP for bad input, and disconnects mid-stream."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+from runtime.engines import free_port
+from tests.integration.helpers import colocated_tokens, greedy, make_prompt
+
+API_KEY = "test-key-" + "k" * 24
+MODEL = "tiny"
+
+
+@pytest.fixture(scope="session")
+def serve_app(tiny_model):
+    import ray
+    from ray import serve
+
+    from runtime.app import build_app
+    from runtime.app_config import AppConfig
+
+    port = free_port()
+    config = AppConfig.model_validate({
+        "engine": {"model": str(tiny_model), "kv_cache_bytes": 256 << 20, "max_num_seqs": 16},
+        "prefill": {"num_cpus": 0},
+        "decode": {"num_cpus": 0},
+        "transfer": {"lease_s": 6.0},
+        "scheduler": {"long_prompt_tokens": 1000},
+        "server": {"http_port": port, "api_key": API_KEY, "served_model_name": MODEL},
+    })
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": "WARNING"}})
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(config), name="disagg", route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture
+def client(serve_app):
+    return openai.OpenAI(base_url=f"{serve_app}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+def _text(tokenizer, ids) -> str:
+    return tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model)
+
+
+def _oracle_text(cluster, tokenizer, prompt_ids, max_tokens) -> str:
+    ids = cluster.runner.run(colocated_tokens(cluster.oracle, f"o-{time.monotonic_ns()}",
+                                              tuple(prompt_ids), greedy(max_tokens)))
+    return _text(tokenizer, ids)
+
+
+GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True}}
+
+
+@pytest.mark.parametrize("length", [20, 1500])
+def test_completions_plain_and_streaming_equal_colocated(client, cluster, tokenizer, length):
+    prompt = _text(tokenizer, make_prompt(length, seed=500))
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    expected = _oracle_text(cluster, tokenizer, prompt_ids, 12)
+
+    plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, **GREEDY)
+    assert plain.choices[0].text == expected
+    assert plain.usage.prompt_tokens == len(prompt_ids) and plain.usage.completion_tokens == 12
+    timings = plain.model_extra["timings"]
+    assert timings["lane"] == ("long" if len(prompt_ids) >= 1000 else "short")
+    assert timings["mode"] == "disaggregated" and timings["prefill_replica"]
+
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=12,
+                                            stream=True, **GREEDY))
+    assert "".join(c.choices[0].text for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert chunks[-1].model_extra["timings"]["num_output_tokens"] == 12
+
+
+def test_chat_plain_and_streaming_equal_colocated(client, cluster, tokenizer):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
+    chat_text = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                              tokenize=False)
+    prompt_ids = tokenizer(chat_text, add_special_tokens=False)["input_ids"]
+    expected = _oracle_text(cluster, tokenizer, prompt_ids, 9)
+
+    plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=9,
+                                           **GREEDY)
+    assert plain.choices[0].message.content == expected
+    assert plain.choices[0].message.role == "assistant"
+    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=9,
+                                            stream=True, **GREEDY)
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
+    assert "timings" in chunks[-1].model_extra
+
+
+def test_timings_are_consistent(client):
+    response = client.completions.create(model=MODEL, prompt="x" * 800, max_tokens=20, **GREEDY)
+    t = response.model_extra["timings"]
+    assert t["ttft_ms"] >= t["prefill_compute_ms"] > 0
+    assert t["e2e_ms"] >= t["ttft_ms"]
+    phases = sum(t["phases_ms"].values())
+    # The phases are measured on three processes; what they leave out is the hops between
+    # them (Ray Serve calls, detokenization): at most 100 ms + 25% of the request here.
+    assert phases <= t["e2e_ms"] + 1.0
+    assert t["e2e_ms"] - phases <= 100 + 0.25 * t["e2e_ms"], t
+    assert t["kv_transfer_bytes"] > 0 and t["num_loaded_tokens"] == 800
+
+
+def test_metrics_expose_phases_by_lane_and_mode(client, serve_app):
+    client.completions.create(model=MODEL, prompt="y" * 1200, max_tokens=3, **GREEDY)
+    text = httpx.get(f"{serve_app}/metrics").text
+    for phase in ("prefill_compute", "kv_transfer", "decode_queue", "ttft", "tpot", "e2e"):
+        assert (f'disagg_phase_seconds_count{{lane="long",mode="disaggregated",'
+                f'phase="{phase}"}}') in text
+    assert "disagg_kv_transfer_bytes_total" in text and "disagg_tokens_total" in text
+
+
+def test_models_and_health(client, serve_app):
+    assert [m.id for m in client.models.list()] == [MODEL]
+    assert httpx.get(f"{serve_app}/health").json() == {"status": "ok"}
+
+
+def _post(serve_app, path, body, key=API_KEY, raw=None):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if raw is not None:
+        return httpx.post(f"{serve_app}{path}", content=raw, headers=headers, timeout=30)
+    return httpx.post(f"{serve_app}{path}", json=body, headers=headers, timeout=30)
+
+
+@pytest.mark.parametrize(
+    ("body", "raw", "status", "needle"),
+    [
+        (None, b"{not json", 400, "not valid JSON"),
+        (None, b"[1, 2]", 400, "JSON object"),
+        ({"prompt": "hi"}, None, 400, "model"),
+        ({"model": MODEL, "prompt": 5}, None, 400, "prompt"),
+        ({"model": MODEL, "prompt": "hi", "max_tokens": "many"}, None, 400, "max_tokens"),
+        ({"model": MODEL, "prompt": "hi", "max_tokens": 0}, None, 400, "at least 1"),
+        ({"model": MODEL, "prompt": "hi", "max_tokens": 20000}, None, 400, "context"),
+        ({"model": MODEL, "prompt": "z" * 17000}, None, 400, "context"),
+        ({"model": MODEL, "prompt": [1, 99999]}, None, 400, "vocabulary"),
+        ({"model": "gpt-9", "prompt": "hi"}, None, 404, "not found"),
+        ({"model": MODEL, "prompt": "hi", "logprobs": 2}, None, 400, "logprobs"),
+        ({"model": MODEL, "prompt": "hi", "n": 3}, None, 400, "unsupported"),
+        ({"model": MODEL, "prompt": "hi", "temperature": -1}, None, 400, "temperature"),
+    ],
+)
+def test_bad_input_gets_a_clear_error_and_the_server_stays_up(serve_app, body, raw, status,
+                                                              needle):
+    response = _post(serve_app, "/v1/completions", body, raw=raw)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert needle in error["message"] and error["type"]
+    assert httpx.get(f"{serve_app}/health").status_code == 200
+
+
+def test_bad_chat_input(serve_app):
+    response = _post(serve_app, "/v1/chat/completions",
+                     {"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]})
+    assert response.status_code == 400 and "role" in response.json()["error"]["message"]
+    response = _post(serve_app, "/v1/chat/completions", {"model": MODEL, "messages": []})
+    assert response.status_code == 400
+
+
+@pytest.mark.parametrize("key", [None, "wrong-key"])
+def test_missing_or_wrong_api_key_is_refused(serve_app, key):
+    response = _post(serve_app, "/v1/completions", {"model": MODEL, "prompt": "hi"}, key=key)
+    assert response.status_code == 401
+    assert response.json()["error"]["type"] == "authentication_error"
+    assert httpx.get(f"{serve_app}/v1/models").status_code == 401
+
+
+def _status(serve_app) -> dict:
+    response = httpx.get(f"{serve_app}/v1/disagg/status",
+                         headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
+    return response.json()
+
+
+def test_client_disconnect_aborts_the_decode_and_frees_the_prefill_blocks(serve_app):
+    # 1. a long generation (2,000 tokens: ~10 s if it ran to the end), streamed
+    body = {"model": MODEL, "prompt": "q" * 700, "max_tokens": 2000, "stream": True,
+            "temperature": 0, "ignore_eos": True}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    with httpx.stream("POST", f"{serve_app}/v1/completions", json=body, headers=headers,
+                      timeout=60) as response:
+        lines = response.iter_lines()
+        received = [line for line, _ in zip(lines, range(6), strict=False) if line]
+        assert any(json.loads(line[6:])["choices"][0]["text"] is not None
+                   for line in received if line.startswith("data: {"))
+        assert _status(serve_app)["decode"]["load"]["num_running"] == 1
+    # 2. the client has gone: the decode replica drops the request within seconds
+    deadline = time.monotonic() + 5
+    status = _status(serve_app)
+    while status["decode"]["load"]["num_running"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+        status = _status(serve_app)
+    assert status["decode"]["load"]["num_running"] == 0, status
+    assert status["decode"]["load"]["kv_cache_usage"] == 0.0, status
+    assert status["prefill"]["kv"]["num_leases"] == 0, status
