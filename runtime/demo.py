@@ -1,9 +1,12 @@
 """The README's main job: prompts served disaggregated on the tiny model, timings printed.
 
   1. Generate the tiny model (once; cached).
-  2. Start a prefill engine and a decode engine (vLLM, CPU), joined by the gRPC KV transport.
-  3. Send a mix of short and long prompts; print each one's output and latency split by phase.
-  4. Check both engines hold nothing afterwards, and shut down.
+  2. Start local Ray and the app: one prefill replica, one decode replica (vLLM on the CPU,
+     joined by the KV transport) and the ingress (`run_ray_demo`); or, with --engines-only,
+     the two engines in this process without Ray (`run_demo`).
+  3. Send a mix of short and long prompts through the OpenAI-compatible HTTP API; print each
+     one's output and its latency split by phase.
+  4. Check both pools hold nothing afterwards, and shut down.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from decode_workers.worker import DecodeWorker
 from prefill_workers.worker import PrefillWorker
 from runtime.engine_config import EngineConfig, TransferConfig
 from runtime.engines import build_engine
-from runtime.pipeline import Completion, DisaggPipeline
+from runtime.pipeline import Completion, DisaggPipeline, PhaseTimings
 from runtime.requests import GenerateRequest, SamplingSpec
 
 DEMO_PROMPTS = (
@@ -34,7 +37,10 @@ COLUMNS = (
 
 
 def _row(completion: Completion) -> str:
-    t = completion.timings
+    return _format_row(completion.timings)
+
+
+def _format_row(t: PhaseTimings) -> str:
     values = (
         t.num_prompt_tokens, t.num_output_tokens, f"{t.prefill_queue_ms:.1f}",
         f"{t.prefill_compute_ms:.1f}", f"{t.kv_transfer_ms:.1f}",
@@ -90,3 +96,54 @@ async def run_demo(model_dir: Path, max_tokens: int, kv_cache_bytes: int) -> int
     finally:
         prefill.shutdown()
         decode.shutdown()
+
+
+def _print_table(rows: list[PhaseTimings]) -> None:
+    print("\nlatency split per request (ms; kv_MiB = KV bytes moved; loaded = prompt tokens "
+          "loaded over the transport; recomp = prompt tokens the decode engine computed)")
+    print(" ".join(f"{name:>{w}}" for name, w in COLUMNS) + "  lane")
+    for timings in rows:
+        print(_format_row(timings) + f"  {timings.lane}")
+
+
+def run_ray_demo(model_dir: Path, max_tokens: int, kv_cache_bytes: int) -> int:
+    import httpx
+
+    from runtime.app_config import AppConfig
+    from runtime.engines import free_port
+    from runtime.serve_cli import start_app, stop_app
+
+    config = AppConfig.model_validate({
+        "engine": {"model": str(model_dir), "kv_cache_bytes": kv_cache_bytes},
+        "prefill": {"num_cpus": 0}, "decode": {"num_cpus": 0},
+        "scheduler": {"long_prompt_tokens": 1024},
+        "server": {"http_port": free_port(), "grpc_port": 0, "served_model_name": "tiny"},
+    })
+    print("[demo] starting local Ray with one prefill replica, one decode replica and the "
+          "ingress", flush=True)
+    url = start_app(config, address=None)
+    rows: list[PhaseTimings] = []
+    try:
+        with httpx.Client(base_url=url, timeout=300) as client:
+            for i, text in enumerate(DEMO_PROMPTS):
+                body = {"model": "tiny", "prompt": text, "max_tokens": max_tokens,
+                        "temperature": 0, "ignore_eos": True}
+                response = client.post("/v1/completions", json=body)
+                response.raise_for_status()
+                result = response.json()
+                timings = result["timings"]
+                timings.pop("phases_ms", None)
+                rows.append(PhaseTimings(**timings))
+                print(f"\n[request {i}] prompt ({result['usage']['prompt_tokens']} tokens): "
+                      f"{text[:60]!r}{'...' if len(text) > 60 else ''}")
+                print(f"  output: {result['choices'][0]['text']!r}")
+            _print_table(rows)
+            status = client.get("/v1/disagg/status").json()
+        leases = status["prefill"]["kv"]["num_leases"]
+        pending = status["decode"]["kv"]["num_loads_in_flight"]
+        print(f"\n[demo] after the run: prefill holds {leases} leases, decode has {pending} "
+              "loads pending")
+        return 0 if leases == 0 and pending == 0 else 1
+    finally:
+        print("[demo] shutting down", flush=True)
+        stop_app(config)

@@ -95,6 +95,10 @@ class Ingress:
     @api.get("/v1/disagg/status")
     async def status(self, request: Request) -> dict[str, Any]:
         self._authorize(request)
+        return await self.pool_status()
+
+    async def pool_status(self) -> dict[str, Any]:
+        """One replica of each pool (the one Serve routes to): its engine load and KV state."""
         prefill = await self._prefill_handle.status.remote()
         decode = await self._decode_handle.status.remote()
         return {"prefill": asdict(prefill), "decode": asdict(decode)}

@@ -1,0 +1,94 @@
+"""`disagg serve`, `disagg status` and the Ray demo: the runtime as users start and inspect it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from runtime.app_config import AppConfig
+
+RAY_ENV = {"env_vars": {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}}
+
+
+def start_app(config: AppConfig, address: str | None) -> str:
+    """Start (or join) Ray, run the app, return the HTTP base URL."""
+    import ray
+    from ray import serve
+
+    from runtime.app import build_app
+
+    if address:
+        ray.init(address=address, runtime_env=RAY_ENV, log_to_driver=False)
+    else:
+        ray.init(include_dashboard=False, runtime_env=RAY_ENV, log_to_driver=False)
+    server = config.server
+    serve.start(http_options={"host": server.host, "port": server.http_port})
+    print(f"[serve] starting {config.prefill.replicas} prefill and {config.decode.replicas} "
+          "decode replica(s); each loads a vLLM engine (30-60 s on a CPU)", flush=True)
+    start = time.perf_counter()
+    serve.run(build_app(config), name=server.app_name, route_prefix="/")
+    url = f"http://{server.host}:{server.http_port}"
+    print(f"[serve] up in {time.perf_counter() - start:.0f} s: {url}/v1 (OpenAI-compatible), "
+          f"{url}/metrics, {url}/health", flush=True)
+    return url
+
+
+def stop_app(config: AppConfig) -> None:
+    import ray
+    from ray import serve
+
+    serve.delete(config.server.app_name)
+    serve.shutdown()
+    ray.shutdown()
+
+
+def serve_forever(config_path: Path, api_key: str | None, address: str | None,
+                  detach: bool) -> int:
+    config = AppConfig.from_yaml(config_path)
+    if api_key:
+        server = config.server.model_copy(update={"api_key": api_key})
+        config = config.model_copy(update={"server": server})
+    start_app(config, address)
+    if detach:
+        print("[serve] detached: the app keeps running on the Ray cluster "
+              f"(`serve delete {config.server.app_name}` stops it)")
+        return 0
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print("[serve] Ctrl-C stops the app", flush=True)
+    stop.wait()
+    print("[serve] shutting down", flush=True)
+    stop_app(config)
+    return 0
+
+
+def show_status(address: str, app_name: str) -> int:
+    import ray
+    from ray import serve
+
+    ray.init(address=address, log_to_driver=False)
+    status = serve.status()
+    app = status.applications.get(app_name)
+    if app is None:
+        print(f"no application {app_name!r} on this Ray cluster "
+              f"(found: {', '.join(status.applications) or 'none'})")
+        return 1
+    print(f"application {app_name}: {app.status}")
+    for name, deployment in app.deployments.items():
+        replicas = ", ".join(f"{count} {state}" for state, count in
+                             deployment.replica_states.items())
+        print(f"  {name:<14} {deployment.status:<10} replicas: {replicas or 'none'}")
+    pools: dict[str, Any] = serve.get_app_handle(app_name).pool_status.remote().result()
+    for role, replica in pools.items():
+        load, kv = replica["load"] or {}, replica["kv"]
+        print(f"  {role} replica {replica['replica_id']}: kv cache "
+              f"{100 * load.get('kv_cache_usage', 0):.1f}% used, "
+              f"{load.get('num_running', 0)} running, {load.get('num_waiting', 0)} waiting, "
+              f"{kv['num_leases']} leases ({kv['num_leased_blocks']} blocks), "
+              f"{kv['num_loads_done']} loads done, {kv['num_loads_failed']} failed")
+    return 0
