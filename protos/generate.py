@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PROTO_FILES = ("protos/kv_transfer.proto",)
+PROTO_FILES = ("protos/kv_transfer.proto", "protos/inference.proto")
 
 
 def generate(out_dir: Path = ROOT) -> None:

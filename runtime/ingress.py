@@ -1,5 +1,6 @@
 """The global scheduler as the Ray Serve ingress: the OpenAI-compatible HTTP API.
 
+Also serves the gRPC API (runtime/grpc_api.py) on server.grpc_port, from the same replica.
 Routes: POST /v1/completions, POST /v1/chat/completions (both stream with SSE when asked),
 GET /v1/models, GET /health, GET /metrics (Prometheus), GET /v1/disagg/status. Every
 completion carries the request's latency split as `timings` (in the body, or in the final chunk
@@ -22,6 +23,7 @@ from ray import serve
 
 from runtime.app_config import AppConfig
 from runtime.deployments import RemoteDecode, RemotePrefill
+from runtime.grpc_api import start_grpc_server
 from runtime.metrics import Metrics
 from runtime.openai_api import (
     APIError,
@@ -64,7 +66,9 @@ def _validation_error(err: ValidationError) -> APIError:
 @serve.deployment
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, config: AppConfig, prefill: Any, decode: Any) -> None:
+    async def __init__(  # type: ignore[misc]  # Serve awaits async constructors
+        self, config: AppConfig, prefill: Any, decode: Any
+    ) -> None:
         from transformers import AutoTokenizer
 
         self.config = config
@@ -75,6 +79,12 @@ class Ingress:
                              self.metrics)
         key = config.server.api_key
         self._api_key = key.get_secret_value().encode() if key else None
+        self._grpc_server = None
+        if config.server.grpc_port:
+            self._grpc_server = await start_grpc_server(
+                self.router, config.server.host, config.server.grpc_port,
+                key.get_secret_value() if key else None,
+            )
 
     @api.get("/health")
     async def health(self) -> dict[str, str]:

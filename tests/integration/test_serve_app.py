@@ -25,22 +25,32 @@ def serve_app(tiny_model):
     from runtime.app import build_app
     from runtime.app_config import AppConfig
 
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     config = AppConfig.model_validate({
         "engine": {"model": str(tiny_model), "kv_cache_bytes": 256 << 20, "max_num_seqs": 16},
         "prefill": {"num_cpus": 0},
         "decode": {"num_cpus": 0},
         "transfer": {"lease_s": 6.0},
         "scheduler": {"long_prompt_tokens": 1000},
-        "server": {"http_port": port, "api_key": API_KEY, "served_model_name": MODEL},
+        "server": {"http_port": port, "grpc_port": grpc_port, "api_key": API_KEY,
+                   "served_model_name": MODEL},
     })
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": "WARNING"}})
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(config), name="disagg", route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
+    yield ServeApp(f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}")
     serve.shutdown()
     ray.shutdown()
+
+
+class ServeApp(str):
+    """The HTTP base URL (as a str), with the gRPC endpoint beside it."""
+
+    def __new__(cls, http_url: str, grpc_endpoint: str) -> ServeApp:
+        app = super().__new__(cls, http_url)
+        app.grpc_endpoint = grpc_endpoint
+        return app
 
 
 @pytest.fixture
@@ -210,3 +220,66 @@ def test_client_disconnect_aborts_the_decode_and_frees_the_prefill_blocks(serve_
     assert status["decode"]["load"]["num_running"] == 0, status
     assert status["decode"]["load"]["kv_cache_usage"] == 0.0, status
     assert status["prefill"]["kv"]["num_leases"] == 0, status
+
+
+@pytest.fixture
+def grpc_stub(serve_app):
+    import grpc
+
+    from protos import inference_pb2_grpc
+
+    with grpc.insecure_channel(serve_app.grpc_endpoint) as channel:
+        yield inference_pb2_grpc.InferenceStub(channel)
+
+
+AUTH = (("authorization", f"Bearer {API_KEY}"),)
+
+
+def test_grpc_generate_streams_tokens_equal_to_colocated(grpc_stub, cluster, tokenizer):
+    from protos import inference_pb2 as pb
+
+    prompt_ids = list(make_prompt(1100, seed=600))
+    expected_ids = cluster.runner.run(colocated_tokens(
+        cluster.oracle, "o-grpc", tuple(prompt_ids), greedy(10)))
+    request = pb.GenerateRequest(model=MODEL, prompt_token_ids=prompt_ids, max_tokens=10,
+                                 ignore_eos=True)
+    responses = list(grpc_stub.Generate(request, metadata=AUTH, timeout=120))
+    token_ids = [t for r in responses for t in r.token_ids]
+    assert tuple(token_ids) == expected_ids
+    assert "".join(r.text for r in responses) == _text(tokenizer, expected_ids)
+    last = responses[-1]
+    assert last.finish_reason == "length" and last.usage.completion_tokens == 10
+    assert last.timings.lane == "long" and last.timings.kv_transfer_bytes > 0
+    assert last.timings.e2e_ms >= last.timings.ttft_ms >= last.timings.prefill_compute_ms > 0
+    assert grpc_stub.Health(pb.HealthRequest(), timeout=10).status == "ok"
+
+
+@pytest.mark.parametrize(
+    ("fields", "code", "needle"),
+    [
+        ({"model": "gpt-9", "prompt": "hi"}, "NOT_FOUND", "not found"),
+        ({"model": MODEL, "prompt": "hi", "max_tokens": -3}, "INVALID_ARGUMENT", "at least 1"),
+        ({"model": MODEL, "prompt": "hi", "prompt_token_ids": [5]}, "INVALID_ARGUMENT", "both"),
+        ({"model": MODEL, "prompt": "z" * 17000}, "INVALID_ARGUMENT", "context"),
+        ({"model": MODEL, "prompt": ""}, "INVALID_ARGUMENT", "empty"),
+        ({"model": MODEL, "prompt": "hi", "temperature": 7}, "INVALID_ARGUMENT", "temperature"),
+    ],
+)
+def test_grpc_bad_input_gets_the_right_status(grpc_stub, fields, code, needle):
+    import grpc
+
+    from protos import inference_pb2 as pb
+
+    with pytest.raises(grpc.RpcError) as err:
+        list(grpc_stub.Generate(pb.GenerateRequest(**fields), metadata=AUTH, timeout=30))
+    assert err.value.code().name == code and needle in err.value.details()
+
+
+def test_grpc_without_the_api_key_is_unauthenticated(grpc_stub):
+    import grpc
+
+    from protos import inference_pb2 as pb
+
+    with pytest.raises(grpc.RpcError) as err:
+        list(grpc_stub.Generate(pb.GenerateRequest(model=MODEL, prompt="hi"), timeout=30))
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED

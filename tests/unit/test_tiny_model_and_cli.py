@@ -43,7 +43,9 @@ def test_tiny_model_is_a_long_context_llama_with_byte_tokenizer(model_dir):
 def test_generated_stubs_match_the_protos(tmp_path):
     (tmp_path / "protos").mkdir()
     generate.generate(tmp_path)
-    for stub in ("kv_transfer_pb2.py", "kv_transfer_pb2_grpc.py", "kv_transfer_pb2.pyi"):
+    stubs = [f"{name}{suffix}" for name in ("kv_transfer", "inference")
+             for suffix in ("_pb2.py", "_pb2_grpc.py", "_pb2.pyi")]
+    for stub in stubs:
         committed = (generate.ROOT / "protos" / stub).read_text()
         assert (tmp_path / "protos" / stub).read_text() == committed, (
             f"protos/{stub} is stale: run python -m protos.generate"

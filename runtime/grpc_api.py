@@ -1,0 +1,114 @@
+"""The gRPC client API (protos/inference.proto), served by the ingress replica.
+
+It shares the HTTP API's path: the same validation (Router.prepare), the same disaggregated
+request flow and timings; only the encoding differs. Errors map to gRPC status codes.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import AsyncIterator
+
+import grpc
+
+from protos import inference_pb2 as pb
+from protos import inference_pb2_grpc as pb_grpc
+from runtime.openai_api import APIError
+from runtime.pipeline import PhaseTimings
+from runtime.requests import SamplingSpec
+from runtime.router import Router
+
+_STATUS_CODES = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    404: grpc.StatusCode.NOT_FOUND,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    503: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def timings_message(t: PhaseTimings) -> pb.Timings:
+    return pb.Timings(
+        scheduler_queue_ms=t.scheduler_queue_ms, prefill_queue_ms=t.prefill_queue_ms,
+        prefill_compute_ms=t.prefill_compute_ms, kv_transfer_ms=t.kv_transfer_ms,
+        kv_transfer_bytes=t.kv_transfer_bytes, decode_queue_ms=t.decode_queue_ms,
+        decode_compute_ms=t.decode_compute_ms, ttft_ms=t.ttft_ms, tpot_ms=t.tpot_ms,
+        e2e_ms=t.e2e_ms, lane=t.lane, mode=t.mode, prefill_replica=t.prefill_replica,
+        decode_replica=t.decode_replica, num_loaded_tokens=t.num_loaded_tokens,
+        transfer_error=t.transfer_error,
+    )
+
+
+class InferenceServicer(pb_grpc.InferenceServicer):
+    def __init__(self, router: Router, api_key: str | None) -> None:
+        self._router = router
+        self._api_key = api_key.encode() if api_key else None
+
+    async def Generate(  # noqa: N802 - the method name is the RPC's
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        try:
+            self._authorize(context)
+            prepared = self._router.prepare(self._prompt(request), self._sampling(request),
+                                            "grpc")
+            async for event in self._router.stream(prepared):
+                response = pb.GenerateResponse(token_ids=event.token_ids, text=event.text)
+                if event.timings is not None:
+                    response.finish_reason = event.finish_reason or ""
+                    response.usage.prompt_tokens = event.timings.num_prompt_tokens
+                    response.usage.completion_tokens = event.timings.num_output_tokens
+                    response.timings.CopyFrom(timings_message(event.timings))
+                yield response
+        except APIError as err:
+            await context.abort(_STATUS_CODES.get(err.status, grpc.StatusCode.INTERNAL),
+                                err.message)
+
+    async def Health(  # noqa: N802
+        self, request: pb.HealthRequest, context: grpc.aio.ServicerContext
+    ) -> pb.HealthResponse:
+        return pb.HealthResponse(status="ok")
+
+    def _authorize(self, context: grpc.aio.ServicerContext) -> None:
+        if self._api_key is None:
+            return
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization":
+                scheme, _, token = str(value).partition(" ")
+                if scheme.lower() == "bearer" and hmac.compare_digest(token.encode(),
+                                                                      self._api_key):
+                    return
+        raise APIError(401, "missing or wrong API key ('authorization: Bearer <key>')",
+                       "authentication_error")
+
+    def _prompt(self, request: pb.GenerateRequest) -> list[int]:
+        self._router.check_model(request.model)
+        if request.prompt and request.prompt_token_ids:
+            raise APIError(400, "give prompt or prompt_token_ids, not both", param="prompt")
+        if request.prompt_token_ids:
+            return self._router.tokenize(list(request.prompt_token_ids))
+        return self._router.tokenize(request.prompt)
+
+    @staticmethod
+    def _sampling(request: pb.GenerateRequest) -> SamplingSpec:
+        max_tokens = request.max_tokens or 16
+        if max_tokens < 1:
+            raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}",
+                           param="max_tokens")
+        if not 0 <= request.temperature <= 2 or not 0 <= request.top_p <= 1:
+            raise APIError(400, "temperature must be in [0, 2] and top_p in (0, 1]")
+        return SamplingSpec(
+            max_tokens=max_tokens, temperature=request.temperature,
+            top_p=request.top_p or 1.0, top_k=max(request.top_k, 0),
+            seed=request.seed if request.HasField("seed") else None,
+            ignore_eos=request.ignore_eos,
+        )
+
+
+async def start_grpc_server(router: Router, host: str, port: int,
+                            api_key: str | None) -> grpc.aio.Server:
+    server = grpc.aio.server()
+    pb_grpc.add_InferenceServicer_to_server(InferenceServicer(router, api_key), server)
+    if server.add_insecure_port(f"{host}:{port}") == 0:
+        raise OSError(f"gRPC API cannot bind {host}:{port}")
+    await server.start()
+    return server
