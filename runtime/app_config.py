@@ -108,4 +108,7 @@ class AppConfig(BaseModel):
         data = yaml.safe_load(text) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping at the top level")
+        engine = data.get("engine")
+        if isinstance(engine, dict) and isinstance(engine.get("model"), str):
+            engine["model"] = str(Path(engine["model"]).expanduser())
         return cls.model_validate(data)

@@ -30,10 +30,28 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+_WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+
+
+def node_ip() -> str:
+    """This node's address as other nodes of the Ray cluster see it."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return str(ray.util.get_node_ip_address())
+    except ImportError:
+        pass
+    return socket.gethostbyname(socket.gethostname())
+
+
 def connector_config(transfer: TransferConfig, role: EngineRole, port: int) -> ConnectorConfig:
+    advertise = transfer.advertise_host
+    if not advertise and transfer.bind_host in _WILDCARD_HOSTS:
+        advertise = node_ip()  # a wildcard bind is no address to dial
     return ConnectorConfig(
         bind_host=transfer.bind_host,
-        advertise_host=transfer.advertise_host,
+        advertise_host=advertise,
         port=port if role == "prefill" else 0,
         auth_token=transfer.auth_token,
         lease_s=transfer.lease_s,

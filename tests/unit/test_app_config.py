@@ -1,0 +1,45 @@
+"""The deployment YAML: shipped configs load, pools must agree, mistakes name themselves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from runtime.app_config import AppConfig
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+
+
+@pytest.mark.parametrize("name", ["tiny.yaml", "gpu-cluster.yaml"])
+def test_shipped_configs_load(name):
+    config = AppConfig.from_yaml(DEPLOY / name)
+    assert config.prefill_engine.block_size == config.decode_engine.block_size
+    assert "~" not in config.engine.model
+
+
+def test_pool_overrides_apply_per_pool():
+    config = AppConfig.model_validate({
+        "engine": {"model": "m"}, "decode": {"engine": {"max_num_seqs": 8}}})
+    assert config.decode_engine.max_num_seqs == 8 and config.prefill_engine.max_num_seqs == 64
+
+
+@pytest.mark.parametrize("field", [("dtype", "bfloat16"), ("block_size", 16), ("model", "x")])
+def test_pools_must_agree_on_what_the_kv_blocks_depend_on(field):
+    name, value = field
+    with pytest.raises(ValidationError, match=f"same {name}"):
+        AppConfig.model_validate({"engine": {"model": "m"}, "decode": {"engine": {name: value}}})
+
+
+def test_typos_are_refused_by_name(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("engine: {model: m}\nprefil: {replicas: 2}\n")
+    with pytest.raises(ValidationError, match="prefil"):
+        AppConfig.from_yaml(path)
+    path.write_text("engine: {model: m}\ndecode: {engine: {blok_size: 16}}\n")
+    with pytest.raises(ValidationError, match="blok_size"):
+        AppConfig.from_yaml(path)
+    path.write_text("- a list\n")
+    with pytest.raises(ValueError, match="mapping"):
+        AppConfig.from_yaml(path)
