@@ -46,13 +46,26 @@ def stop_app(config: AppConfig) -> None:
     ray.shutdown()
 
 
+def with_api_key(config: AppConfig, api_key: str | None) -> AppConfig:
+    """The config with the command line's API key, if one was given."""
+    if not api_key:
+        return config
+    data = config.model_dump()
+    data["server"]["api_key"] = api_key
+    data["transfer"]["auth_token"] = config.transfer.auth_token.get_secret_value()
+    return AppConfig.model_validate(data)
+
+
 def serve_forever(config_path: Path, api_key: str | None, address: str | None,
                   detach: bool) -> int:
-    config = AppConfig.from_yaml(config_path)
-    if api_key:
-        server = config.server.model_copy(update={"api_key": api_key})
-        config = config.model_copy(update={"server": server})
-    start_app(config, address)
+    config = with_api_key(AppConfig.from_yaml(config_path), api_key)
+    try:
+        start_app(config, address)
+    except RuntimeError as err:
+        print(f"[serve] the app failed to start: {err}\n(replica logs: /tmp/ray/session_latest/"
+              "logs/serve/)", flush=True)
+        stop_app(config)
+        return 1
     if detach:
         print("[serve] detached: the app keeps running on the Ray cluster "
               f"(`serve delete {config.server.app_name}` stops it)")

@@ -43,3 +43,14 @@ def test_typos_are_refused_by_name(tmp_path):
     path.write_text("- a list\n")
     with pytest.raises(ValueError, match="mapping"):
         AppConfig.from_yaml(path)
+
+
+def test_command_line_api_key_overrides_the_config():
+    from runtime.serve_cli import with_api_key
+
+    config = AppConfig.model_validate({"engine": {"model": "m"}})
+    keyed = with_api_key(config, "sk-123")
+    assert keyed.server.api_key is not None
+    assert keyed.server.api_key.get_secret_value() == "sk-123"
+    assert keyed.transfer.auth_token == config.transfer.auth_token
+    assert with_api_key(config, None) is config
