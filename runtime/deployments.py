@@ -59,6 +59,11 @@ class PrefillServer:
     async def check_health(self) -> None:
         await self._worker.engine.check_health()
 
+    def __del__(self) -> None:
+        # Serve calls this on graceful replica shutdown: stop the engine's processes too.
+        if "_worker" in self.__dict__:
+            self._worker.shutdown()
+
 
 @serve.deployment
 class DecodeServer:
@@ -83,6 +88,10 @@ class DecodeServer:
 
     async def check_health(self) -> None:
         await self._worker.engine.check_health()
+
+    def __del__(self) -> None:
+        if "_worker" in self.__dict__:
+            self._worker.shutdown()
 
 
 class RemotePrefill:
