@@ -204,13 +204,22 @@ def test_calls_without_a_token_are_rejected(pair):
     leases.release("h8")
 
 
-def test_server_listens_only_on_the_configured_address(pair):
+def test_server_listens_only_on_the_configured_address():
     import psutil
 
-    _, _, _, endpoint, _ = pair
-    port = int(endpoint.rsplit(":", 1)[1])
-    # this process's listeners: the gRPC port and the bulk data port
-    ours = [c.laddr for c in psutil.Process().net_connections(kind="tcp")
-            if c.status == psutil.CONN_LISTEN]
-    assert port in {addr.port for addr in ours} and len(ours) >= 2, ours
-    assert all(addr.ip in ("127.0.0.1", "::ffff:127.0.0.1") for addr in ours), ours
+    def listeners() -> set[tuple[str, int]]:
+        return {(c.laddr.ip, c.laddr.port) for c in psutil.Process().net_connections(kind="tcp")
+                if c.status == psutil.CONN_LISTEN}
+
+    before = listeners()
+    server = GrpcKVServer(PagedKVCache(_caches(1), NUM_BLOCKS), LeaseTable(),
+                          bind_host="127.0.0.1", port=_free_port(), auth_token=TOKEN,
+                          max_chunk_bytes=4096, handle_wait_s=0.1)
+    endpoint = server.start()
+    try:
+        ours = listeners() - before  # the gRPC port and the bulk data port
+        assert int(endpoint.rsplit(":", 1)[1]) in {port for _, port in ours}
+        assert len(ours) == 2, ours
+        assert all(ip in ("127.0.0.1", "::ffff:127.0.0.1") for ip, _ in ours), ours
+    finally:
+        server.stop(0)
