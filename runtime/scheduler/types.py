@@ -1,0 +1,61 @@
+"""Values the policy reads and returns (frozen, cheap to build by the thousand)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Lane = Literal["short", "long"]
+Mode = Literal["disaggregated", "local"]
+
+
+@dataclass(frozen=True)
+class PrefillLoad:
+    """A prefill replica's last report."""
+
+    replica_id: str
+    lane: Lane  # the lane this replica serves
+    num_pending_tokens: int  # prompt tokens queued or running on it
+    tokens_per_s: float  # measured prefill throughput (0: not measured yet)
+    reported_at_s: float
+
+
+@dataclass(frozen=True)
+class DecodeLoad:
+    """A decode replica's last report."""
+
+    replica_id: str
+    num_free_blocks: int
+    block_size: int
+    num_active_seqs: int
+    max_num_seqs: int
+    prefill_tokens_per_s: float  # its own prefill speed, for local prefills
+    reported_at_s: float
+
+
+@dataclass(frozen=True)
+class RequestInfo:
+    request_id: str
+    prompt_len: int
+    max_tokens: int
+    arrival_s: float
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do with one request, and why (reported in its timings)."""
+
+    lane: Lane
+    mode: Mode
+    prefill_replica: str | None  # None in local mode
+    decode_replica: str
+    predicted_ttft_ms: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """Admission control said no: answer 429 / RESOURCE_EXHAUSTED with Retry-After."""
+
+    reason: str
+    retry_after_s: float
