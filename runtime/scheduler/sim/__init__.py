@@ -1,0 +1,1 @@
+"""Discrete-event simulator of a cluster, driving the real scheduler policy with a cost model."""

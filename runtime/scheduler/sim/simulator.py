@@ -1,0 +1,294 @@
+"""Discrete-event simulation of one cluster serving a request stream, in three modes.
+
+  colocated - every replica prefills (chunked, `chunk_tokens` per step) and decodes; requests
+              go to the replica with the least queued prefill work.
+  static    - fixed prefill and decode pools; every request is split; least-loaded choices.
+  policy    - the real GlobalScheduler (runtime/scheduler/policy.py) decides lane, mode and
+              replicas from the load it is told, as in the ingress.
+Replica times come from a CostModel. Decode replicas batch continuously; a long prefill on a
+colocated replica stretches every step of the batch sharing it (that is what TPOT shows).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from runtime.scheduler.loads import DecodeTable, PrefillTable
+from runtime.scheduler.policy import GlobalScheduler, PolicyConfig
+from runtime.scheduler.sim.cost_model import CostModel
+from runtime.scheduler.sim.workload import TraceRequest
+from runtime.scheduler.types import Decision, Lane, PrefillLoad, RequestInfo
+
+SimMode = Literal["colocated", "static", "policy"]
+BLOCK_SIZE = 16
+
+
+class Req:
+    __slots__ = ("arrival", "finish", "first_token", "lane", "mode", "output_len", "prompt_len",
+                 "rid", "decode_id", "local")
+
+    def __init__(self, rid: int, trace: TraceRequest, lane: Lane) -> None:
+        self.rid = rid
+        self.arrival = trace.arrival_s
+        self.prompt_len = trace.prompt_len
+        self.output_len = trace.output_len
+        self.lane = lane
+        self.first_token = -1.0
+        self.finish = -1.0
+        self.decode_id = -1
+        self.local = False
+
+
+class Sim:
+    def __init__(self) -> None:
+        self.now = 0.0
+        self._events: list[tuple[float, int, Callable[[], None]]] = []
+        self._seq = itertools.count()
+
+    def at(self, t: float, action: Callable[[], None]) -> None:
+        heapq.heappush(self._events, (t, next(self._seq), action))
+
+    def run(self) -> None:
+        events = self._events
+        while events:
+            self.now, _, action = heapq.heappop(events)
+            action()
+
+
+class DecodeReplica:
+    """Continuous batching; prefills too when colocated or for local-mode requests."""
+
+    def __init__(self, sim: Sim, index: int, cost: CostModel, chunk_tokens: int,
+                 on_finish: Callable[[Req], None]) -> None:
+        self.sim, self.index, self.cost = sim, index, cost
+        self.chunk_tokens = chunk_tokens
+        self.on_finish = on_finish
+        self.prefill_queue: deque[list] = deque()  # [req, tokens done]
+        self.queued_prefill_tokens = 0
+        self.admitted: list[Req] = []  # KV arrived, join at the next step
+        self.running: list[tuple[int, int, int, Req]] = []  # (finish step, rid, join step, req)
+        self.step = 0
+        self.busy = False
+        self.kv_base = 0  # sum over running of prompt_len - join_step
+        self.on_local_prefill_done: Callable[[Req], None] | None = None
+
+    @property
+    def num_active(self) -> int:
+        return len(self.running) + len(self.admitted) + len(self.prefill_queue)
+
+    def enqueue_prefill(self, req: Req) -> None:
+        self.prefill_queue.append([req, 0])
+        self.queued_prefill_tokens += req.prompt_len
+        self._wake()
+
+    def admit(self, req: Req) -> None:
+        self.admitted.append(req)
+        self._wake()
+
+    def _wake(self) -> None:
+        if not self.busy:
+            self.busy = True
+            self._start_step()
+
+    def _join(self, req: Req, join_step: int) -> None:
+        if req.output_len <= 1:
+            req.finish = req.first_token
+            self.on_finish(req)
+            return
+        heapq.heappush(self.running, (join_step + req.output_len - 2, req.rid, join_step, req))
+        self.kv_base += req.prompt_len - join_step
+
+    def _start_step(self) -> None:
+        for req in self.admitted:
+            self._join(req, self.step)
+        self.admitted.clear()
+        budget, duration, done = self.chunk_tokens, 0.0, []
+        while self.prefill_queue and budget > 0:
+            item = self.prefill_queue[0]
+            req, offset = item
+            take = min(budget, req.prompt_len - offset)
+            duration += self.cost.prefill_s(take, offset)
+            budget -= take
+            item[1] += take
+            self.queued_prefill_tokens -= take
+            if item[1] >= req.prompt_len:
+                self.prefill_queue.popleft()
+                done.append(req)
+        batch = len(self.running)
+        if batch:
+            kv = self.kv_base + batch * (self.step + 1)
+            duration += self.cost.decode_step_s(batch, kv)
+        if not done and not batch:
+            self.busy = False
+            return
+        self.sim.at(self.sim.now + duration, lambda: self._end_step(done))
+
+    def _end_step(self, done: list[Req]) -> None:
+        now = self.sim.now
+        running = self.running
+        while running and running[0][0] <= self.step:
+            _, _, join_step, req = heapq.heappop(running)
+            self.kv_base -= req.prompt_len - join_step
+            req.finish = now
+            self.on_finish(req)
+        for req in done:
+            req.first_token = now
+            if self.on_local_prefill_done is not None:
+                self.on_local_prefill_done(req)
+            self._join(req, self.step + 1)
+        self.step += 1
+        self._start_step()
+
+
+class PrefillReplica:
+    """FCFS prompts, one at a time; hands each one's KV to a decode replica."""
+
+    def __init__(self, sim: Sim, index: int, cost: CostModel,
+                 on_done: Callable[[Req, float], None]) -> None:
+        self.sim, self.index, self.cost, self.on_done = sim, index, cost, on_done
+        self.queue: deque[Req] = deque()
+        self.queued_tokens = 0
+        self.busy = False
+
+    def enqueue(self, req: Req) -> None:
+        self.queue.append(req)
+        self.queued_tokens += req.prompt_len
+        if not self.busy:
+            self._next()
+
+    def _next(self) -> None:
+        if not self.queue:
+            self.busy = False
+            return
+        self.busy = True
+        req = self.queue.popleft()
+        elapsed = self.cost.prefill_s(req.prompt_len)
+
+        def finish() -> None:
+            self.queued_tokens -= req.prompt_len
+            req.first_token = self.sim.now
+            self.on_done(req, elapsed)
+            self._next()
+
+        self.sim.at(self.sim.now + elapsed, finish)
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    mode: SimMode
+    num_prefill: int
+    num_decode: int
+    num_long_prefill: int = 0  # policy mode: prefill replicas in the long lane
+    chunk_tokens: int = 2048
+    policy: PolicyConfig = PolicyConfig()
+
+
+def simulate(spec: ClusterSpec, cost: CostModel, trace: list[TraceRequest]) -> list[Req]:
+    """Serve the trace; return every request with its first-token and finish times
+    (finish -1 for a request no replica could hold)."""
+    sim = Sim()
+    reqs: list[Req] = []
+    capacity_blocks = cost.kv_capacity_tokens // BLOCK_SIZE
+
+    if spec.mode == "colocated":
+        replicas = [DecodeReplica(sim, i, cost, spec.chunk_tokens, lambda r: None)
+                    for i in range(spec.num_prefill + spec.num_decode)]
+
+        def route_colocated(req: Req) -> None:
+            best = min(replicas, key=lambda r: (r.queued_prefill_tokens, r.num_active))
+            req.local = True
+            best.enqueue_prefill(req)
+
+        route = route_colocated
+    else:
+        decoders: list[DecodeReplica] = []
+        free_blocks = np.full(spec.num_decode, capacity_blocks, dtype=np.int64)
+        scheduler: GlobalScheduler | None = None
+
+        def blocks(req: Req) -> int:
+            return -(-(req.prompt_len + req.output_len) // BLOCK_SIZE)
+
+        def on_finish(req: Req) -> None:
+            if scheduler is not None:
+                scheduler.decode.released(scheduler.decode.ids[req.decode_id], blocks(req))
+            else:
+                free_blocks[req.decode_id] += blocks(req)
+
+        decoders.extend(DecodeReplica(sim, i, cost, spec.chunk_tokens, on_finish)
+                        for i in range(spec.num_decode))
+
+        def on_prefilled(req: Req, elapsed: float, replica: PrefillReplica) -> None:
+            if scheduler is not None:
+                rid = scheduler.prefill.ids[replica.index]
+                scheduler.prefill.finished(rid, req.prompt_len, elapsed)
+                scheduler.prefill.report(PrefillLoad(rid, "short", replica.queued_tokens,
+                                                     0.0, sim.now))
+            target = decoders[req.decode_id]
+            sim.at(sim.now + cost.transfer_s(req.prompt_len), lambda: target.admit(req))
+
+        prefillers: list[PrefillReplica] = []
+        prefillers.extend(
+            PrefillReplica(sim, i, cost, lambda r, e, i=i: on_prefilled(r, e, prefillers[i]))
+            for i in range(spec.num_prefill)
+        )
+
+        if spec.mode == "policy":
+            lanes: list[Lane] = ["long"] * spec.num_long_prefill + \
+                ["short"] * (spec.num_prefill - spec.num_long_prefill)
+            tps = cost.prefill_tokens_per_s
+            prefill_table = PrefillTable([f"p{i}" for i in range(spec.num_prefill)], lanes, tps)
+            decode_table = DecodeTable([f"d{i}" for i in range(spec.num_decode)],
+                                       [capacity_blocks] * spec.num_decode, BLOCK_SIZE,
+                                       max_num_seqs=512, default_tokens_per_s=tps)
+            scheduler = GlobalScheduler(spec.policy, prefill_table, decode_table)
+            for d in decoders:
+                def local_done(req: Req, d: DecodeReplica = d) -> None:
+                    decode_table.local_pending[d.index] = max(
+                        0.0, decode_table.local_pending[d.index] - req.prompt_len)
+                d.on_local_prefill_done = local_done
+
+            def route_policy(req: Req) -> None:
+                assert scheduler is not None
+                info = RequestInfo(str(req.rid), req.prompt_len, req.output_len, req.arrival)
+                decision = scheduler.decide(info, sim.now)
+                if not isinstance(decision, Decision):
+                    return  # cannot be held anywhere: counted as failed
+                req.lane = decision.lane
+                req.decode_id = scheduler.decode.index[decision.decode_replica]
+                if decision.mode == "local":
+                    req.local = True
+                    decoders[req.decode_id].enqueue_prefill(req)
+                else:
+                    assert decision.prefill_replica is not None
+                    prefillers[scheduler.prefill.index[decision.prefill_replica]].enqueue(req)
+
+            route = route_policy
+        else:
+            def route_static(req: Req) -> None:
+                need = blocks(req)
+                fits = np.flatnonzero(free_blocks >= need)
+                if not len(fits):
+                    fits = np.flatnonzero(capacity_blocks >= need)
+                    if not len(fits):
+                        return
+                d = int(fits[np.argmin([decoders[i].num_active for i in fits])])
+                free_blocks[d] -= need
+                req.decode_id = d
+                p = min(prefillers, key=lambda r: r.queued_tokens)
+                p.enqueue(req)
+
+            route = route_static
+
+    for rid, trace_req in enumerate(trace):
+        req = Req(rid, trace_req, "short")
+        reqs.append(req)
+        sim.at(trace_req.arrival_s, lambda req=req: route(req))
+    sim.run()
+    return reqs
