@@ -59,6 +59,43 @@ def _status(args: argparse.Namespace) -> int:
     return show_status(args.address, args.app)
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from runtime.scheduler.sim.cost_model import H100, H100X8, LLAMA3_8B, LLAMA3_70B, CostModel
+    from runtime.scheduler.sim.plan import plan
+    from runtime.scheduler.sim.workload import mixed, read_trace
+
+    models = {"llama-3-70b": LLAMA3_70B, "llama-3-8b": LLAMA3_8B}
+    hardware = {"8xh100": H100X8, "h100": H100}
+    cost = CostModel(models[args.model], hardware[args.hardware])
+    if args.trace:
+        trace = read_trace(args.trace)
+        if not trace:
+            print(f"error: no requests in {args.trace}", file=sys.stderr)
+            return 2
+    else:
+        trace = mixed(args.requests, args.rate, args.long_fraction, seed=args.seed)
+    print(f"[plan] {len(trace)} requests, {args.replicas} replicas of {args.hardware}, "
+          f"{args.model}: simulating colocated and every prefill:decode split", flush=True)
+    rows = plan(cost, trace, args.replicas, args.ttft_slo_ms, args.tpot_slo_ms,
+                args.long_prompt_tokens, progress=True)
+    print(f"\n{'mode':<10} {'P:D':>6} {'long':>5} {'goodput/s':>10} {'shortTTFT p99':>14} "
+          f"{'TPOT p99':>9} {'local':>6}")
+    for row in rows[: args.top]:
+        s = row.summary
+        split = "-" if row.mode == "colocated" else f"{row.num_prefill}:{row.num_decode}"
+        long_ = str(row.num_long_prefill) if row.mode == "policy" else "-"
+        print(f"{row.mode:<10} {split:>6} {long_:>5} {s.goodput_rps:>10.1f} "
+              f"{s.short_ttft_p99_ms:>12.0f}ms {s.tpot_p99_ms:>7.1f}ms {s.local_fraction:>6.0%}")
+    best = rows[0]
+    if best.mode == "colocated":
+        print("\nrecommendation: colocated serving (disaggregation does not pay here)")
+    else:
+        print(f"\nrecommendation: {best.num_prefill} prefill : {best.num_decode} decode replicas"
+              + (f", {best.num_long_prefill} of the prefill replicas in the long lane"
+                 if best.mode == "policy" else "") + f" ({best.mode})")
+    return 0
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -115,6 +152,30 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--detach", action="store_true",
                            help="deploy and exit, leaving the app running on the cluster")
     serve_cmd.set_defaults(func=_serve)
+
+    plan_cmd = sub.add_parser(
+        "plan",
+        help="recommend a prefill:decode split by simulation",
+        description="Simulate colocated serving, static disaggregation and the disagg policy "
+        "for every prefill:decode split of a cluster, on a synthetic mixed workload or a trace "
+        "file (CSV rows: timestamp s, input tokens, output tokens), and rank them by goodput.",
+    )
+    plan_cmd.add_argument("--model", choices=["llama-3-70b", "llama-3-8b"],
+                          default="llama-3-70b")
+    plan_cmd.add_argument("--hardware", choices=["8xh100", "h100"], default="8xh100",
+                          help="what one replica runs on (default 8xh100)")
+    plan_cmd.add_argument("--replicas", type=_positive_int, default=16)
+    plan_cmd.add_argument("--rate", type=float, default=40.0, help="requests/s (synthetic)")
+    plan_cmd.add_argument("--requests", type=_positive_int, default=6000)
+    plan_cmd.add_argument("--long-fraction", type=float, default=0.02,
+                          help="share of 32K-128K-token prompts (synthetic)")
+    plan_cmd.add_argument("--trace", help="replay this trace file instead")
+    plan_cmd.add_argument("--ttft-slo-ms", type=float, default=300.0)
+    plan_cmd.add_argument("--tpot-slo-ms", type=float, default=50.0)
+    plan_cmd.add_argument("--long-prompt-tokens", type=_positive_int, default=16384)
+    plan_cmd.add_argument("--seed", type=int, default=0)
+    plan_cmd.add_argument("--top", type=_positive_int, default=10, help="rows to print")
+    plan_cmd.set_defaults(func=_plan)
 
     status = sub.add_parser(
         "status",
