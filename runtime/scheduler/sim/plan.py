@@ -26,7 +26,9 @@ class PlanRow:
     summary: RunSummary
 
 
-def long_prefill_share(cost: CostModel, trace: list[TraceRequest], long_prompt_tokens: int) -> float:
+def long_prefill_share(
+    cost: CostModel, trace: list[TraceRequest], long_prompt_tokens: int
+) -> float:
     work = [cost.prefill_s(r.prompt_len) for r in trace]
     long_work = sum(w for w, r in zip(work, trace, strict=True)
                     if r.prompt_len >= long_prompt_tokens)

@@ -11,6 +11,7 @@ colocated replica stretches every step of the batch sharing it (that is what TPO
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 from collections import deque
@@ -234,14 +235,17 @@ def simulate(spec: ClusterSpec, cost: CostModel, trace: list[TraceRequest]) -> l
             sim.at(sim.now + cost.transfer_s(req.prompt_len), lambda: target.admit(req))
 
         prefillers: list[PrefillReplica] = []
-        prefillers.extend(
-            PrefillReplica(sim, i, cost, lambda r, e, i=i: on_prefilled(r, e, prefillers[i]))
-            for i in range(spec.num_prefill)
-        )
+
+        def done_on(i: int) -> Callable[[Req, float], None]:
+            return lambda req, elapsed: on_prefilled(req, elapsed, prefillers[i])
+
+        prefillers.extend(PrefillReplica(sim, i, cost, done_on(i)) for i in range(spec.num_prefill))
 
         if spec.mode == "policy":
-            lanes: list[Lane] = ["long"] * spec.num_long_prefill + \
-                ["short"] * (spec.num_prefill - spec.num_long_prefill)
+            num_short = spec.num_prefill - spec.num_long_prefill
+            long_lane: list[Lane] = ["long"] * spec.num_long_prefill
+            short_lane: list[Lane] = ["short"] * num_short
+            lanes = long_lane + short_lane
             tps = cost.prefill_tokens_per_s
             prefill_table = PrefillTable([f"p{i}" for i in range(spec.num_prefill)], lanes, tps)
             decode_table = DecodeTable([f"d{i}" for i in range(spec.num_decode)],
@@ -289,6 +293,6 @@ def simulate(spec: ClusterSpec, cost: CostModel, trace: list[TraceRequest]) -> l
     for rid, trace_req in enumerate(trace):
         req = Req(rid, trace_req, "short")
         reqs.append(req)
-        sim.at(trace_req.arrival_s, lambda req=req: route(req))
+        sim.at(trace_req.arrival_s, functools.partial(route, req))
     sim.run()
     return reqs
