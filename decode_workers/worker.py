@@ -74,8 +74,10 @@ class DecodeWorker:
         first_token_id: int | None,
         transfer: TransferParams | None,
         on_transfer_failure: TransferFailurePolicy | None = None,
+        target: str = "",
     ) -> AsyncIterator[DecodeChunk]:
-        """Stream the tokens after first_token_id (all tokens when first_token_id is None)."""
+        """Stream the tokens after first_token_id (all tokens when first_token_id is None).
+        (`target` names a replica for remote clients; a local worker is its own target.)"""
         policy = on_transfer_failure or self.on_transfer_failure
         try:
             async for chunk in self._run(request, first_token_id, transfer, ""):

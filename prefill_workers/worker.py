@@ -51,8 +51,9 @@ class PrefillWorker:
         self._auth_token = auth_token
         self._orphan_releases: set[asyncio.Future[None]] = set()
 
-    async def prefill(self, request: GenerateRequest) -> PrefillResult:
-        """Run the prompt, return the first token and where its KV blocks wait.
+    async def prefill(self, request: GenerateRequest, target: str = "") -> PrefillResult:
+        """Run the prompt, return the first token and where its KV blocks wait. (`target`
+        names a replica for remote clients; a local worker is its own target.)
 
         If the caller is cancelled (client gone), the prefill is aborted; should it have
         finished anyway, its blocks are released instead of waiting for the lease to expire.

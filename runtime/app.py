@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from ray import serve
+from ray.serve.config import RequestRouterConfig
 
 from runtime.app_config import AppConfig, PoolConfig
 from runtime.deployments import DecodeServer, PrefillServer
 from runtime.ingress import Ingress
+from runtime.routing import PinnedReplicaRouter
 
 
 def _actor_options(pool: PoolConfig) -> dict[str, Any]:
@@ -19,8 +21,10 @@ def _actor_options(pool: PoolConfig) -> dict[str, Any]:
 
 
 def build_app(config: AppConfig) -> serve.Application:
+    pinned = RequestRouterConfig(request_router_class=PinnedReplicaRouter)  # type: ignore[arg-type]
     prefill = PrefillServer.options(  # type: ignore[attr-defined]
         name="PrefillServer",
+        request_router_config=pinned,
         num_replicas=config.prefill.replicas,
         ray_actor_options=_actor_options(config.prefill),
         max_ongoing_requests=config.prefill.max_ongoing_requests,
@@ -28,6 +32,7 @@ def build_app(config: AppConfig) -> serve.Application:
     ).bind(config)
     decode = DecodeServer.options(  # type: ignore[attr-defined]
         name="DecodeServer",
+        request_router_config=pinned,
         num_replicas=config.decode.replicas,
         ray_actor_options=_actor_options(config.decode),
         max_ongoing_requests=config.decode.max_ongoing_requests,

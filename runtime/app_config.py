@@ -45,6 +45,17 @@ class SchedulerConfig(BaseModel):
     long_prompt_tokens: int = Field(
         4096, ge=1, description="Prompts at least this long are in the long lane."
     )
+    long_lane_replicas: int = Field(
+        0, ge=0, description="Prefill replicas reserved for the long lane (0: lanes share all)."
+    )
+    local_max_prompt_tokens: int = Field(
+        256, ge=0, description="Prompts up to this long may be prefilled on the decode replica."
+    )
+    admission: bool = Field(
+        False, description="Reject (429) requests whose predicted TTFT exceeds slo.ttft_ms."
+    )
+    stale_after_s: float = Field(2.0, gt=0, description="Older load reports are not trusted.")
+    link_bytes_per_s: float = Field(2e9, gt=0, description="KV transfer speed, for estimates.")
 
 
 class ServerConfig(BaseModel):
@@ -87,6 +98,12 @@ class AppConfig(BaseModel):
     @property
     def model_name(self) -> str:
         return self.server.served_model_name or self.engine.model
+
+    @model_validator(mode="after")
+    def _admission_needs_an_slo(self) -> AppConfig:
+        if self.scheduler.admission and self.slo.ttft_ms is None:
+            raise ValueError("scheduler.admission needs slo.ttft_ms (the TTFT to admit against)")
+        return self
 
     @model_validator(mode="after")
     def _pools_agree(self) -> AppConfig:

@@ -6,7 +6,9 @@ and run without Ray. Each replica owns one vLLM engine; its replica id names it 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +22,9 @@ from runtime.app_config import AppConfig
 from runtime.engine_stats import EngineLoad, LoadProbe
 from runtime.engines import build_engine
 from runtime.requests import GenerateRequest
+from runtime.scheduler.types import ReplicaReport
+
+REPORT_PERIOD_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -37,17 +42,42 @@ def _replica_id() -> str:
         return "local"
 
 
+async def _report_loop(app_name: str, make_report: Callable[[], ReplicaReport]) -> None:
+    """Tell the ingress this replica's load every REPORT_PERIOD_S (it may not exist yet)."""
+    handle = None
+    while True:
+        await asyncio.sleep(REPORT_PERIOD_S)
+        try:
+            if handle is None:
+                handle = serve.get_deployment_handle("Ingress", app_name=app_name)
+            await handle.report_load.remote(make_report())
+        except Exception:  # noqa: BLE001 - the ingress is starting or restarting; retry
+            handle = None
+            await asyncio.sleep(1.0)
+
+
 @serve.deployment
 class PrefillServer:
-    def __init__(self, config: AppConfig) -> None:
+    async def __init__(self, config: AppConfig) -> None:  # type: ignore[misc]
         self._probe = LoadProbe()
         engine = build_engine(config.prefill_engine, "prefill", config.transfer,
                               probe=self._probe)
         self._worker = PrefillWorker(engine, config.transfer.auth_token.get_secret_value(),
                                      worker_id=_replica_id())
+        self._pending_tokens = 0
+        self._reporter = asyncio.get_running_loop().create_task(
+            _report_loop(config.server.app_name, self._report))
 
-    async def prefill(self, request: GenerateRequest) -> PrefillResult:
-        return await self._worker.prefill(request)
+    def _report(self) -> ReplicaReport:
+        return ReplicaReport("prefill", self._worker.worker_id, self._pending_tokens, 0, 0, 0,
+                             0, 0, time.time())
+
+    async def prefill(self, request: GenerateRequest, target_replica: str = "") -> PrefillResult:
+        self._pending_tokens += len(request.prompt_token_ids)
+        try:
+            return await self._worker.prefill(request)
+        finally:
+            self._pending_tokens -= len(request.prompt_token_ids)
 
     async def release(self, transfer: TransferParams) -> None:
         await self._worker.release(transfer)
@@ -67,16 +97,29 @@ class PrefillServer:
 
 @serve.deployment
 class DecodeServer:
-    def __init__(self, config: AppConfig) -> None:
+    async def __init__(self, config: AppConfig) -> None:  # type: ignore[misc]
         self._probe = LoadProbe()
         engine = build_engine(config.decode_engine, "decode", config.transfer, probe=self._probe)
         self._worker = DecodeWorker(engine, config.decode_engine.block_size,
                                     config.transfer.on_transfer_failure,
                                     worker_id=_replica_id())
+        self._num_blocks = int(engine.vllm_config.cache_config.num_gpu_blocks or 0)
+        self._block_size = config.decode_engine.block_size
+        self._max_num_seqs = config.decode_engine.max_num_seqs
+        self._reporter = asyncio.get_running_loop().create_task(
+            _report_loop(config.server.app_name, self._report))
+
+    def _report(self) -> ReplicaReport:
+        load = self._probe.latest
+        usage = load.kv_cache_usage if load else 0.0
+        active = (load.num_running + load.num_waiting) if load else 0
+        return ReplicaReport("decode", self._worker.worker_id, 0,
+                             int((1.0 - usage) * self._num_blocks), self._num_blocks,
+                             self._block_size, active, self._max_num_seqs, time.time())
 
     async def decode(
         self, request: GenerateRequest, first_token_id: int | None,
-        transfer: TransferParams | None,
+        transfer: TransferParams | None, target_replica: str = "",
     ) -> AsyncIterator[DecodeChunk]:
         # A caller that stops reading cancels this generator; vLLM then aborts the request.
         async for chunk in self._worker.decode(request, first_token_id, transfer):
@@ -95,13 +138,14 @@ class DecodeServer:
 
 
 class RemotePrefill:
-    """PrefillClient over a Serve handle (Serve's router picks the least-loaded replica)."""
+    """PrefillClient over a Serve handle; `target` pins the replica (PinnedReplicaRouter),
+    otherwise Serve picks one."""
 
     def __init__(self, handle: Any) -> None:
         self._handle = handle
 
-    async def prefill(self, request: GenerateRequest) -> PrefillResult:
-        result: PrefillResult = await self._handle.prefill.remote(request)
+    async def prefill(self, request: GenerateRequest, target: str = "") -> PrefillResult:
+        result: PrefillResult = await self._handle.prefill.remote(request, target_replica=target)
         return result
 
     async def release(self, transfer: TransferParams) -> None:
@@ -116,9 +160,10 @@ class RemoteDecode:
 
     async def decode(
         self, request: GenerateRequest, first_token_id: int | None,
-        transfer: TransferParams | None,
+        transfer: TransferParams | None, target: str = "",
     ) -> AsyncIterator[DecodeChunk]:
-        stream = self._handle.decode.remote(request, first_token_id, transfer)
+        stream = self._handle.decode.remote(request, first_token_id, transfer,
+                                            target_replica=target)
         try:
             async for chunk in stream:
                 yield chunk

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import math
 from collections.abc import AsyncIterator
 from dataclasses import asdict
 from typing import Any
@@ -35,7 +36,9 @@ from runtime.openai_api import (
     completion_chunk,
     sse,
 )
-from runtime.router import PreparedRequest, Router, TextEvent
+from runtime.router import PreparedRequest, Router, TextEvent, live_config
+from runtime.scheduler.live import LiveScheduler
+from runtime.scheduler.types import ReplicaReport
 
 logger = logging.getLogger("ray.serve")
 api = FastAPI(title="disagg", description="Disaggregated prefill/decode LLM serving")
@@ -43,7 +46,9 @@ api = FastAPI(title="disagg", description="Disaggregated prefill/decode LLM serv
 
 @api.exception_handler(APIError)
 async def _api_error(request: Request, err: APIError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else {}
+    if err.retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(err.retry_after_s)))
     return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
 
@@ -75,8 +80,9 @@ class Ingress:
         self._prefill_handle, self._decode_handle = prefill, decode
         self.metrics = Metrics()
         tokenizer = AutoTokenizer.from_pretrained(config.engine.model)
+        self.live = LiveScheduler(live_config(config))
         self.router = Router(config, tokenizer, RemotePrefill(prefill), RemoteDecode(decode),
-                             self.metrics)
+                             self.metrics, self.live)
         key = config.server.api_key
         self._api_key = key.get_secret_value().encode() if key else None
         self._grpc_server = None
@@ -108,10 +114,19 @@ class Ingress:
         return await self.pool_status()
 
     async def pool_status(self) -> dict[str, Any]:
-        """One replica of each pool (the one Serve routes to): its engine load and KV state."""
+        """One replica of each pool (the one Serve routes to): its engine load and KV state;
+        and the scheduler's view of every replica, lane and decision count."""
         prefill = await self._prefill_handle.status.remote()
         decode = await self._decode_handle.status.remote()
-        return {"prefill": asdict(prefill), "decode": asdict(decode)}
+        return {"prefill": asdict(prefill), "decode": asdict(decode),
+                "scheduler": self.live.snapshot()}
+
+    async def report_load(self, report: ReplicaReport) -> None:
+        """Called by every pool replica a few times a second."""
+        self.live.report(report)
+        if report.role == "prefill":
+            self.metrics.pending_tokens.labels(replica=report.replica_id).set(
+                report.num_pending_tokens)
 
     @api.post("/v1/completions", response_model=None)
     async def completions(self, request: Request) -> Response:

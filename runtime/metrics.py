@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from runtime.pipeline import PhaseTimings
 
@@ -31,6 +31,22 @@ class Metrics:
         )
         self.transfer_failures = Counter(
             "disagg_kv_transfer_failures", "KV transfers that failed.", registry=self.registry
+        )
+        self.decisions = Counter(
+            "disagg_scheduler_decisions", "Scheduler decisions.", ["lane", "mode"],
+            registry=self.registry,
+        )
+        self.rejections = Counter(
+            "disagg_admission_rejections", "Requests rejected by admission control.",
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "disagg_lane_in_flight", "Requests in flight per lane.", ["lane"],
+            registry=self.registry,
+        )
+        self.pending_tokens = Gauge(
+            "disagg_prefill_pending_tokens", "Prompt tokens in flight per prefill replica.",
+            ["replica"], registry=self.registry,
         )
 
     def record(self, timings: PhaseTimings) -> None:

@@ -20,8 +20,10 @@ class APIError(Exception):
     """An error the client caused or must see, with its HTTP status and OpenAI error body."""
 
     def __init__(self, status: int, message: str, type_: ErrorType = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
+                 param: str | None = None, code: str | None = None,
+                 retry_after_s: float | None = None) -> None:
         super().__init__(message)
+        self.retry_after_s = retry_after_s
         self.status = status
         self.message = message
         self.type = type_

@@ -47,6 +47,7 @@ class PhaseTimings:
     prefill_replica: str = ""
     decode_replica: str = ""
     transfer_error: str = ""
+    decision_reason: str = ""  # why the scheduler chose this lane, mode and replicas
 
     @property
     def phases_ms(self) -> dict[str, float]:
@@ -79,7 +80,7 @@ class Completion:
 class PrefillClient(Protocol):
     """A PrefillWorker, or a handle to one in another process."""
 
-    async def prefill(self, request: GenerateRequest) -> PrefillResult: ...
+    async def prefill(self, request: GenerateRequest, target: str = "") -> PrefillResult: ...
 
     async def release(self, transfer: TransferParams) -> None: ...
 
@@ -89,7 +90,7 @@ class DecodeClient(Protocol):
 
     def decode(
         self, request: GenerateRequest, first_token_id: int | None,
-        transfer: TransferParams | None,
+        transfer: TransferParams | None, *, target: str = "",
     ) -> AsyncIterator[DecodeChunk]: ...
 
 
@@ -99,14 +100,15 @@ class DisaggPipeline:
         self.decode = decode
 
     async def stream(
-        self, request: GenerateRequest, arrival_s: float | None = None, lane: Lane = "short"
+        self, request: GenerateRequest, arrival_s: float | None = None, lane: Lane = "short",
+        prefill_target: str = "", decode_target: str = "",
     ) -> AsyncIterator[StreamEvent]:
         """Events: the first token, then decode chunks; the last carries the timings.
         arrival_s (time.perf_counter) is when the request reached the ingress."""
         start = time.perf_counter()
         arrival = start if arrival_s is None else arrival_s
         queue_ms = (start - arrival) * 1e3
-        first = await self.prefill.prefill(request)
+        first = await self.prefill.prefill(request, prefill_target)
         ttft_ms = (time.perf_counter() - arrival) * 1e3
         if first.finish_reason is not None:
             yield StreamEvent((first.first_token_id,))
@@ -117,7 +119,8 @@ class DisaggPipeline:
         decoding = False
         try:
             yield StreamEvent((first.first_token_id,))
-            async for chunk in self.decode.decode(request, first.first_token_id, first.transfer):
+            async for chunk in self.decode.decode(request, first.first_token_id, first.transfer,
+                                                  target=decode_target):
                 decoding = True
                 num_tokens += len(chunk.token_ids)
                 phases = None
@@ -130,6 +133,34 @@ class DisaggPipeline:
                 # Client gone or decode failed before the decode engine took over the blocks:
                 # free them now rather than at lease expiry (a second release is a no-op).
                 await self.prefill.release(first.transfer)
+
+    async def stream_local(
+        self, request: GenerateRequest, arrival_s: float, lane: Lane, decode_target: str
+    ) -> AsyncIterator[StreamEvent]:
+        """Local mode: the decode replica prefills the prompt itself (no KV transfer)."""
+        queue_ms = (time.perf_counter() - arrival_s) * 1e3
+        ttft_ms = 0.0
+        num_tokens = 0
+        async for chunk in self.decode.decode(request, None, None, target=decode_target):
+            if num_tokens == 0 and chunk.token_ids:
+                ttft_ms = (time.perf_counter() - arrival_s) * 1e3
+            num_tokens += len(chunk.token_ids)
+            timings = None
+            if chunk.timings is not None:
+                d = chunk.timings
+                e2e_ms = (time.perf_counter() - arrival_s) * 1e3
+                timings = PhaseTimings(
+                    scheduler_queue_ms=queue_ms, prefill_queue_ms=d.queue_ms,
+                    prefill_compute_ms=max(0.0, d.first_token_ms - d.queue_ms),
+                    kv_transfer_ms=0.0, kv_transfer_bytes=0, decode_queue_ms=0.0,
+                    decode_compute_ms=d.decode_ms, ttft_ms=ttft_ms,
+                    tpot_ms=(e2e_ms - ttft_ms) / (num_tokens - 1) if num_tokens > 1 else 0.0,
+                    e2e_ms=e2e_ms, num_prompt_tokens=len(request.prompt_token_ids),
+                    num_output_tokens=num_tokens, num_loaded_tokens=0,
+                    num_decode_computed_prompt_tokens=d.num_computed_prompt_tokens,
+                    lane=lane, mode="local", prefill_replica="", decode_replica=d.worker_id,
+                )
+            yield StreamEvent(chunk.token_ids, chunk.finish_reason, timings)
 
     async def generate(self, request: GenerateRequest) -> Completion:
         tokens: list[int] = []

@@ -1,8 +1,9 @@
 """The global scheduler's request path (the ingress's logic, testable without Ray).
 
 Lifecycle of one request:
-  1. `prepare` tokenizes and validates it against the model's context (clear 400s), and puts
-     it in a lane: prompts of `long_prompt_tokens` or more are long.
+  1. `prepare` validates it against the model's context (clear 400s), and asks the global
+     scheduler (runtime/scheduler/) for lane, mode and replicas, or a 429 from admission
+     control; until the replicas have reported their load, Serve picks them.
   2. `stream` runs it disaggregated: prefill replica -> KV handoff -> decode replica (each
      picked by Serve's least-loaded router), yielding text deltas as tokens arrive.
   3. The last event carries the request's PhaseTimings, which also feed the Prometheus metrics.
@@ -14,7 +15,7 @@ import itertools
 import secrets
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from decode_workers.worker import KVTransferFailed
@@ -24,6 +25,37 @@ from runtime.metrics import Metrics
 from runtime.openai_api import APIError
 from runtime.pipeline import DecodeClient, DisaggPipeline, Lane, PhaseTimings, PrefillClient
 from runtime.requests import GenerateRequest, SamplingSpec
+from runtime.scheduler.live import LiveConfig, LiveScheduler
+from runtime.scheduler.policy import PolicyConfig
+from runtime.scheduler.types import Decision, Rejection
+
+
+def live_config(config: AppConfig) -> LiveConfig:
+    """The scheduler's settings, from the app config."""
+    engine = config.decode_engine
+    kv_bytes_per_token = 0  # unknown before the engines start: estimated from the model below
+    try:
+        from transformers import AutoConfig
+
+        model = AutoConfig.from_pretrained(engine.model)
+        head_dim = getattr(model, "head_dim", None) or \
+            model.hidden_size // model.num_attention_heads
+        elem = 4 if engine.dtype == "float32" else 2
+        kv_bytes_per_token = 2 * model.num_hidden_layers * model.num_key_value_heads \
+            * head_dim * elem
+    except (OSError, ValueError, AttributeError):
+        kv_bytes_per_token = 131072
+    scheduler, slo = config.scheduler, config.slo
+    policy = PolicyConfig(
+        long_prompt_tokens=scheduler.long_prompt_tokens,
+        stale_after_s=scheduler.stale_after_s,
+        local_max_prompt_tokens=scheduler.local_max_prompt_tokens,
+        kv_bytes_per_token=kv_bytes_per_token,
+        link_bytes_per_s=scheduler.link_bytes_per_s,
+        admission_ttft_ms=slo.ttft_ms if scheduler.admission else None,
+    )
+    return LiveConfig(policy, scheduler.long_lane_replicas, engine.block_size,
+                      engine.max_num_seqs)
 
 
 @dataclass(frozen=True)
@@ -31,6 +63,7 @@ class PreparedRequest:
     request: GenerateRequest
     lane: Lane
     arrival_s: float
+    decision: Decision | None = None  # None: Serve's own routing, always disaggregated
 
 
 @dataclass(frozen=True)
@@ -43,8 +76,10 @@ class TextEvent:
 
 class Router:
     def __init__(self, config: AppConfig, tokenizer: Any, prefill: PrefillClient,
-                 decode: DecodeClient, metrics: Metrics) -> None:
+                 decode: DecodeClient, metrics: Metrics,
+                 live: LiveScheduler | None = None) -> None:
         self.config = config
+        self.live = live
         self.tokenizer = tokenizer
         self.metrics = metrics
         self.pipeline = DisaggPipeline(prefill, decode)
@@ -93,20 +128,64 @@ class Router:
         lane: Lane = "long" if len(prompt_ids) >= self.config.scheduler.long_prompt_tokens \
             else "short"
         request_id = f"{kind}-{self._id_prefix}-{next(self._ids)}"
-        return PreparedRequest(GenerateRequest(request_id, tuple(prompt_ids), sampling), lane,
-                               arrival)
+        prepared = PreparedRequest(GenerateRequest(request_id, tuple(prompt_ids), sampling),
+                                   lane, arrival)
+        decision = self.decide(prepared)
+        return replace(prepared, decision=decision) if decision else prepared
+
+    def decide(self, prepared: PreparedRequest) -> Decision | None:
+        """The global scheduler's decision (None until replicas have reported). Raises
+        APIError 429 when admission control rejects the request."""
+        if self.live is None or not self.live.ready:
+            return None
+        request = prepared.request
+        decision = self.live.decide(request.request_id, len(request.prompt_token_ids),
+                                    request.sampling.max_tokens)
+        if isinstance(decision, Rejection):
+            self.metrics.rejections.inc()
+            raise APIError(429, f"rejected: {decision.reason}", "rate_limit_error",
+                           code="predicted_ttft_exceeds_slo",
+                           retry_after_s=decision.retry_after_s)
+        self.metrics.decisions.labels(lane=decision.lane, mode=decision.mode).inc()
+        return decision
 
     async def stream(self, prepared: PreparedRequest) -> AsyncIterator[TextEvent]:
+        """Run a prepared request; its scheduler booking is released however it ends."""
+        decision = prepared.decision
+        lane: Lane = decision.lane if decision else prepared.lane
         detok = IncrementalDetokenizer(self.tokenizer)
+        request = prepared.request
+        if decision is not None and decision.mode == "local":
+            events = self.pipeline.stream_local(request, prepared.arrival_s, lane,
+                                                decision.decode_replica)
+        else:
+            events = self.pipeline.stream(
+                request, prepared.arrival_s, lane,
+                prefill_target=decision.prefill_replica or "" if decision else "",
+                decode_target=decision.decode_replica if decision else "")
+        self.metrics.in_flight.labels(lane=lane).inc()
+        prefilled = False
         try:
-            async for event in self.pipeline.stream(prepared.request, prepared.arrival_s,
-                                                    prepared.lane):
+            async for event in events:
                 final = event.timings is not None
                 text = detok.push(event.token_ids, final=final)
+                if event.timings is not None and decision is not None:
+                    event = replace(event, timings=replace(
+                        event.timings, decision_reason=decision.reason))
                 if event.timings is not None:
                     self.metrics.record(event.timings)
+                    if decision is not None and self.live is not None:
+                        t = event.timings
+                        self.live.prefill_done(decision, t.num_prompt_tokens,
+                                               t.prefill_compute_ms)
+                        prefilled = True
                 yield TextEvent(text, event.token_ids, event.finish_reason, event.timings)
         except KVTransferFailed as err:
-            self.metrics.record_failure(prepared.lane, "disaggregated", "transfer_failed")
+            self.metrics.record_failure(lane, "disaggregated", "transfer_failed")
             raise APIError(503, f"KV transfer failed: {err}", "server_error",
                            code="kv_transfer_failed") from err
+        finally:
+            self.metrics.in_flight.labels(lane=lane).dec()
+            if decision is not None and self.live is not None:
+                self.live.request_done(decision, len(request.prompt_token_ids),
+                                       request.sampling.max_tokens, prefilled)

@@ -15,7 +15,8 @@ Rules, in order (each decision's `reason` says which applied):
   4. Mode: local (the decode replica prefills the prompt itself, no transfer) when the prompt is
      at most `local_max_prompt_tokens`, the decode replica has room now, and its predicted local
      prefill ends no later than the disaggregated path would have the KV on it (prefill wait +
-     prefill + transfer). Otherwise disaggregated.
+     prefill + transfer + the extra hop). A decode replica's prefill speed is measured from its
+     local prefills; until then it is taken to be the prefill pool's. Otherwise disaggregated.
   5. Admission (off unless `admission_ttft_ms` is set): a request whose predicted TTFT exceeds
      it is rejected now, with a Retry-After of the excess, instead of queueing to miss its SLO.
 """
@@ -39,6 +40,7 @@ class PolicyConfig:
     kv_bytes_per_token: int = 131072  # Llama-3-8B bf16: 2 * 32 layers * 8 heads * 128 * 2 B
     link_bytes_per_s: float = 5e9
     transfer_latency_ms: float = 0.5
+    split_overhead_ms: float = 5.0  # the extra hop to a prefill replica and back
     admission_ttft_ms: float | None = None
 
     def transfer_ms(self, num_tokens: int) -> float:
@@ -53,7 +55,12 @@ class GlobalScheduler:
         self.config = config
         self.prefill = prefill
         self.decode = decode
-        self._lane_masks = {"long": prefill.is_long, "short": ~prefill.is_long}
+        self.refresh_lanes()
+
+    def refresh_lanes(self) -> None:
+        """Recompute lane membership (call after adding replicas)."""
+        is_long = self.prefill.is_long
+        self._lane_masks = {"long": is_long, "short": ~is_long}
         for lane, mask in self._lane_masks.items():
             if not mask.any():
                 self._lane_masks[lane] = np.ones_like(mask)
@@ -82,9 +89,11 @@ class GlobalScheduler:
         p = int(candidates[np.argmin(waits[candidates])])
         tps = self.prefill.tokens_per_s[p]
         disagg_ttft_ms = 1e3 * (waits[p] + request.prompt_len / tps)
-        disagg_ready_ms = disagg_ttft_ms + self.config.transfer_ms(request.prompt_len)
-        local_ttft_ms = 1e3 * (self.decode.local_pending[d] + request.prompt_len) \
-            / self.decode.prefill_tokens_per_s[d]
+        disagg_ready_ms = disagg_ttft_ms + self.config.transfer_ms(request.prompt_len) \
+            + self.config.split_overhead_ms
+        local_tps = self.decode.prefill_tokens_per_s[d] if self.decode.prefill_measured[d] \
+            else float(np.median(self.prefill.tokens_per_s))
+        local_ttft_ms = 1e3 * (self.decode.local_pending[d] + request.prompt_len) / local_tps
         blocks = self.decode.blocks_for(request.prompt_len + request.max_tokens)
         has_room = bool(self.decode.free_blocks[d] >= blocks
                         and self.decode.active_seqs[d] < self.decode.max_num_seqs[d])

@@ -59,3 +59,18 @@ class Rejection:
 
     reason: str
     retry_after_s: float
+
+
+@dataclass(frozen=True)
+class ReplicaReport:
+    """What a replica tells the ingress about itself, a few times a second."""
+
+    role: Literal["prefill", "decode"]
+    replica_id: str
+    num_pending_tokens: int  # prefill: prompt tokens in flight on it
+    num_free_blocks: int  # decode: KV blocks not held by requests
+    num_total_blocks: int
+    block_size: int
+    num_active_seqs: int
+    max_num_seqs: int
+    reported_at_s: float  # time.time() on the replica

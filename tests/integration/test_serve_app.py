@@ -39,9 +39,22 @@ def serve_app(tiny_model):
              runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": "WARNING"}})
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(config), name="disagg", route_prefix="/")
+    _wait_for_load_reports(f"http://127.0.0.1:{port}")
     yield ServeApp(f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}")
     serve.shutdown()
     ray.shutdown()
+
+
+def _wait_for_load_reports(url: str, timeout_s: float = 30.0) -> None:
+    """The scheduler decides once both pools have reported their load (every 0.2 s)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        view = httpx.get(f"{url}/v1/disagg/status", timeout=10,
+                         headers={"Authorization": f"Bearer {API_KEY}"}).json()["scheduler"]
+        if view["prefill"] and view["decode"]:
+            return
+        time.sleep(0.2)
+    raise AssertionError("replicas never reported their load to the ingress")
 
 
 class ServeApp(str):
@@ -89,7 +102,8 @@ def test_completions_plain_and_streaming_equal_colocated(client, cluster, tokeni
     assert plain.usage.prompt_tokens == len(prompt_ids) and plain.usage.completion_tokens == 12
     timings = plain.model_extra["timings"]
     assert timings["lane"] == ("long" if len(prompt_ids) >= 1000 else "short")
-    assert timings["mode"] == "disaggregated" and timings["prefill_replica"]
+    assert timings["mode"] == ("local" if len(prompt_ids) <= 256 else "disaggregated")
+    assert timings["decode_replica"]
 
     chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=12,
                                             stream=True, **GREEDY))
@@ -283,3 +297,20 @@ def test_grpc_without_the_api_key_is_unauthenticated(grpc_stub):
     with pytest.raises(grpc.RpcError) as err:
         list(grpc_stub.Generate(pb.GenerateRequest(model=MODEL, prompt="hi"), timeout=30))
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_scheduler_prefills_short_prompts_locally_and_splits_long_ones(client, serve_app):
+    short = client.completions.create(model=MODEL, prompt="s" * 100, max_tokens=4, **GREEDY)
+    long_ = client.completions.create(model=MODEL, prompt="l" * 1200, max_tokens=4, **GREEDY)
+    ts, tl = short.model_extra["timings"], long_.model_extra["timings"]
+    assert ts["mode"] == "local", (ts, _status(serve_app)["scheduler"])
+    assert ts["mode"] == "local" and ts["kv_transfer_bytes"] == 0 and not ts["prefill_replica"]
+    assert ts["num_decode_computed_prompt_tokens"] >= 1
+    assert tl["mode"] == "disaggregated" and tl["lane"] == "long" and tl["kv_transfer_bytes"] > 0
+    view = _status(serve_app)["scheduler"]
+    assert view["decisions"].get("short/local", 0) >= 1
+    assert view["decisions"].get("long/disaggregated", 0) >= 1
+    assert view["prefill"][0]["report_age_s"] < 5 and view["decode"][0]["total_blocks"] > 0
+    metrics = httpx.get(f"{serve_app}/metrics").text
+    assert 'disagg_scheduler_decisions_total{lane="short",mode="local"}' in metrics
+    assert "disagg_prefill_pending_tokens" in metrics

@@ -86,9 +86,10 @@ def test_measured_throughput_steers_choice():
     ],
 )
 def test_local_versus_disaggregated(prompt_len, decode_tps, busy, mode):
-    sched = _scheduler(num_decode=1, decode_tps=decode_tps, local_max_prompt_tokens=512)
-    if busy:
-        sched.decode.report(DecodeLoad("d0", 0, 16, 8, 8, decode_tps, NOW))
+    sched = _scheduler(num_decode=1, local_max_prompt_tokens=512)
+    # the decode replica's measured prefill speed, and whether it has room right now
+    sched.decode.report(DecodeLoad("d0", 0 if busy else 1000, 16, 8 if busy else 0, 8,
+                                   decode_tps, NOW))
     decision = sched.decide(_req(0, prompt_len), NOW)
     assert isinstance(decision, Decision)
     assert decision.mode == mode, decision.reason
@@ -141,3 +142,13 @@ def test_no_request_starves_behind_the_other_lane():
     order = [queues.pop()[0].request_id for _ in range(5)]
     assert order[:3] == ["r1", "r2", "r3"] and order[3] == "r0"
     assert len(queues) == 6
+
+
+def test_unmeasured_decode_replicas_are_assumed_as_fast_as_the_prefill_pool():
+    sched = _scheduler(num_decode=1, local_max_prompt_tokens=512, decode_tps=1.0)
+    decision = sched.decide(_req(0, 100), NOW)
+    assert decision.mode == "local", decision.reason
+    sched.decode.local_prefill_finished(0, 100, 1.0)  # too short to measure throughput by
+    assert sched.decide(_req(1, 100), NOW).mode == "local"
+    sched.decode.local_prefill_finished(0, 400, 4.0)  # measured: 100 tokens/s, very slow
+    assert sched.decide(_req(2, 100), NOW).mode == "disaggregated"

@@ -256,6 +256,7 @@ def simulate(spec: ClusterSpec, cost: CostModel, trace: list[TraceRequest]) -> l
                 def local_done(req: Req, d: DecodeReplica = d) -> None:
                     decode_table.local_pending[d.index] = max(
                         0.0, decode_table.local_pending[d.index] - req.prompt_len)
+                    decode_table.prefill_measured[d.index] = True  # same engines: same speed
                 d.on_local_prefill_done = local_done
 
             def route_policy(req: Req) -> None:
