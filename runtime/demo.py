@@ -54,7 +54,7 @@ def _format_row(t: PhaseTimings) -> str:
 async def run_demo(model_dir: Path, max_tokens: int, kv_cache_bytes: int) -> int:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     engine_config = EngineConfig(model=str(model_dir), kv_cache_bytes=kv_cache_bytes)
     transfer = TransferConfig()
     print("[demo] starting the prefill engine and the decode engine (about 30-60 s each)",

@@ -79,7 +79,7 @@ class Ingress:
         self.config = config
         self._prefill_handle, self._decode_handle = prefill, decode
         self.metrics = Metrics()
-        tokenizer = AutoTokenizer.from_pretrained(config.engine.model)
+        tokenizer = AutoTokenizer.from_pretrained(config.engine.model, local_files_only=True)
         self.live = LiveScheduler(live_config(config))
         self.router = Router(config, tokenizer, RemotePrefill(prefill), RemoteDecode(decode),
                              self.metrics, self.live)

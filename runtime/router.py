@@ -33,18 +33,19 @@ from runtime.scheduler.types import Decision, Rejection
 def live_config(config: AppConfig) -> LiveConfig:
     """The scheduler's settings, from the app config."""
     engine = config.decode_engine
-    kv_bytes_per_token = 0  # unknown before the engines start: estimated from the model below
+    kv_bytes_per_token = 131072  # unless the checkpoint's config says otherwise (below)
     try:
         from transformers import AutoConfig
 
-        model = AutoConfig.from_pretrained(engine.model)
+        # local files only: a model name must never turn into a download
+        model = AutoConfig.from_pretrained(engine.model, local_files_only=True)
         head_dim = getattr(model, "head_dim", None) or \
             model.hidden_size // model.num_attention_heads
         elem = 4 if engine.dtype == "float32" else 2
         kv_bytes_per_token = 2 * model.num_hidden_layers * model.num_key_value_heads \
             * head_dim * elem
     except (OSError, ValueError, AttributeError):
-        kv_bytes_per_token = 131072
+        pass
     scheduler, slo = config.scheduler, config.slo
     policy = PolicyConfig(
         long_prompt_tokens=scheduler.long_prompt_tokens,

@@ -97,6 +97,20 @@ def show_status(address: str, app_name: str) -> int:
                              deployment.replica_states.items())
         print(f"  {name:<14} {deployment.status:<10} replicas: {replicas or 'none'}")
     pools: dict[str, Any] = serve.get_app_handle(app_name).pool_status.remote().result()
+    view = pools.pop("scheduler")
+    print("scheduler (the ingress's view of every replica):")
+    for lane, lane_view in view["lanes"].items():
+        print(f"  {lane} lane: {lane_view['in_flight']} in flight")
+    for p in view["prefill"]:
+        print(f"  prefill {p['replica']} [{p['lane']}]: {p['pending_tokens']:.0f} pending tokens, "
+              f"{p['tokens_per_s']:.0f} tokens/s, predicted wait {p['predicted_wait_ms']:.1f} ms, "
+              f"report {p['report_age_s']:.1f} s old")
+    for d in view["decode"]:
+        print(f"  decode {d['replica']}: {d['free_blocks']}/{d['total_blocks']} blocks free, "
+              f"{d['active_seqs']} sequences")
+    decisions = ", ".join(f"{k}: {v}" for k, v in sorted(view["decisions"].items()))
+    print(f"  decisions: {decisions or 'none yet'}")
+    print("one replica per pool (engine view):")
     for role, replica in pools.items():
         load, kv = replica["load"] or {}, replica["kv"]
         print(f"  {role} replica {replica['replica_id']}: kv cache "
