@@ -101,9 +101,9 @@ async def run_demo(model_dir: Path, max_tokens: int, kv_cache_bytes: int) -> int
 def _print_table(rows: list[PhaseTimings]) -> None:
     print("\nlatency split per request (ms; kv_MiB = KV bytes moved; loaded = prompt tokens "
           "loaded over the transport; recomp = prompt tokens the decode engine computed)")
-    print(" ".join(f"{name:>{w}}" for name, w in COLUMNS) + "  lane")
+    print(" ".join(f"{name:>{w}}" for name, w in COLUMNS) + "  lane   mode")
     for timings in rows:
-        print(_format_row(timings) + f"  {timings.lane}")
+        print(_format_row(timings) + f"  {timings.lane:<6} {timings.mode}")
 
 
 def run_ray_demo(model_dir: Path, max_tokens: int, kv_cache_bytes: int) -> int:
