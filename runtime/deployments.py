@@ -49,7 +49,10 @@ async def _report_loop(app_name: str, make_report: Callable[[], ReplicaReport]) 
         await asyncio.sleep(REPORT_PERIOD_S)
         try:
             if handle is None:
-                handle = serve.get_deployment_handle("Ingress", app_name=app_name)
+                # a blocking call (it waits for the controller): keep it off the replica's
+                # event loop, which serves requests meanwhile
+                handle = await asyncio.to_thread(serve.get_deployment_handle, "Ingress",
+                                                 app_name)
             await handle.report_load.remote(make_report())
         except Exception:  # noqa: BLE001 - the ingress is starting or restarting; retry
             handle = None

@@ -35,6 +35,7 @@ from runtime.openai_api import (
     completion_body,
     completion_chunk,
     sse,
+    usage_chunk,
 )
 from runtime.router import PreparedRequest, Router, TextEvent, live_config
 from runtime.scheduler.live import LiveScheduler
@@ -138,7 +139,7 @@ class Ingress:
         prepared = self.router.prepare(self.router.tokenize(body.prompt), body.sampling(16),
                                        "cmpl")
         if body.stream:
-            return self._sse(prepared, body.model, chat=False)
+            return self._sse(prepared, body.model, chat=False, usage=body.include_usage)
         text, finish, timings = await self._collect(prepared)
         return JSONResponse(completion_body(prepared.request.request_id, body.model, text,
                                             finish, timings))
@@ -153,10 +154,11 @@ class Ingress:
         if body.max_completion_tokens is not None and body.max_tokens is None:
             body.max_tokens = body.max_completion_tokens
         default_max = self.router.max_model_len
-        prompt = self.router.tokenize_chat([m.model_dump() for m in body.messages])
+        prompt = self.router.tokenize_chat(
+            [{"role": m.role, "content": m.text} for m in body.messages])
         prepared = self.router.prepare(prompt, body.sampling(default_max - len(prompt)), "chat")
         if body.stream:
-            return self._sse(prepared, body.model, chat=True)
+            return self._sse(prepared, body.model, chat=True, usage=body.include_usage)
         text, finish, timings = await self._collect(prepared)
         return JSONResponse(chat_body(prepared.request.request_id, body.model, text, finish,
                                       timings))
@@ -197,7 +199,8 @@ class Ingress:
         assert timings is not None, "request ended without timings"
         return "".join(text), finish, timings
 
-    def _sse(self, prepared: PreparedRequest, model: str, chat: bool) -> StreamingResponse:
+    def _sse(self, prepared: PreparedRequest, model: str, chat: bool,
+             usage: bool = False) -> StreamingResponse:
         request_id = prepared.request.request_id
 
         def chunk(event: TextEvent, first: bool) -> dict[str, Any]:
@@ -213,6 +216,8 @@ class Ingress:
                 async for event in self.router.stream(prepared):
                     yield sse(chunk(event, first))
                     first = False
+                    if usage and event.timings is not None:
+                        yield sse(usage_chunk(request_id, model, chat, event.timings))
             except APIError as err:
                 yield sse(err.body())
             except Exception as err:  # noqa: BLE001 - the client gets an error event, not a cut

@@ -50,6 +50,13 @@ class _SamplingFields(BaseModel):
     n: int = 1
     ignore_eos: bool = False
     user: str | None = None
+    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.get("include_usage"))
 
     def sampling(self, default_max_tokens: int) -> SamplingSpec:
         max_tokens = default_max_tokens if self.max_tokens is None else self.max_tokens
@@ -58,10 +65,15 @@ class _SamplingFields(BaseModel):
                            param="max_tokens")
         return SamplingSpec(max_tokens=max_tokens, temperature=self.temperature,
                             top_p=self.top_p, top_k=max(self.top_k, 0), seed=self.seed,
-                            ignore_eos=self.ignore_eos)
+                            ignore_eos=self.ignore_eos,
+                            repetition_penalty=self.repetition_penalty,
+                            presence_penalty=self.presence_penalty,
+                            frequency_penalty=self.frequency_penalty)
 
     def refuse_unsupported(self) -> None:
-        unsupported = sorted(self.model_extra or {})
+        # null or false means "not asked for" (some clients send every field)
+        unsupported = sorted(k for k, v in (self.model_extra or {}).items()
+                             if v is not None and v is not False)
         if self.n != 1:
             unsupported.append("n")
         if unsupported:
@@ -73,11 +85,24 @@ class CompletionRequest(_SamplingFields):
     prompt: str | list[int]
 
 
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"]
+    text: str
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: str | list[TextPart]  # text parts only: this server takes no images or audio
+
+    @property
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -146,6 +171,16 @@ def chat_chunk(request_id: str, model: str, text: str, finish_reason: str | None
     if timings is not None:
         chunk["usage"], chunk["timings"] = usage_body(timings), timings_body(timings)
     return chunk
+
+
+def usage_chunk(request_id: str, model: str, chat: bool,
+                timings: PhaseTimings) -> dict[str, Any]:
+    """The extra last chunk OpenAI sends with stream_options.include_usage: no choices."""
+    return {
+        "id": request_id, "created": int(time.time()), "model": model,
+        "object": "chat.completion.chunk" if chat else "text_completion", "choices": [],
+        "usage": usage_body(timings), "timings": timings_body(timings),
+    }
 
 
 def sse(payload: dict[str, Any] | str) -> str:

@@ -20,6 +20,9 @@ class SamplingSpec:
     seed: int | None = None
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = ()
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -41,6 +44,9 @@ class SamplingSpec:
             seed=self.seed,
             ignore_eos=self.ignore_eos,
             stop_token_ids=list(self.stop_token_ids),
+            repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
             extra_args=extra_args,
         )
 

@@ -1,0 +1,37 @@
+"""OpenAI request parsing as real clients send it (no server)."""
+
+from __future__ import annotations
+
+import pytest
+
+from runtime.openai_api import APIError, ChatCompletionRequest, CompletionRequest
+
+
+def test_clients_that_send_every_field_are_accepted():
+    # vLLM's benchmark client sends these with neutral values
+    body = CompletionRequest.model_validate({
+        "model": "m", "prompt": "hi", "max_tokens": 4, "logprobs": None,
+        "repetition_penalty": 1.0, "stream": True, "stream_options": {"include_usage": True},
+    })
+    body.refuse_unsupported()
+    assert body.include_usage
+    spec = body.sampling(16)
+    assert spec.max_tokens == 4 and spec.repetition_penalty == 1.0
+
+
+def test_unsupported_parameters_are_named():
+    body = CompletionRequest.model_validate({"model": "m", "prompt": "hi", "logprobs": 3,
+                                             "echo": True})
+    with pytest.raises(APIError, match="echo, logprobs"):
+        body.refuse_unsupported()
+
+
+def test_chat_content_may_be_text_parts():
+    body = ChatCompletionRequest.model_validate({"model": "m", "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+        {"role": "assistant", "content": "c"},
+    ]})
+    assert [m.text for m in body.messages] == ["ab", "c"]
+    with pytest.raises(ValueError):
+        ChatCompletionRequest.model_validate({"model": "m", "messages": [
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]})
