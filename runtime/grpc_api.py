@@ -66,7 +66,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def Health(  # noqa: N802
         self, request: pb.HealthRequest, context: grpc.aio.ServicerContext
     ) -> pb.HealthResponse:
-        return pb.HealthResponse(status="ok")
+        ready = self._router.live is None or self._router.live.ready
+        return pb.HealthResponse(status="ok" if ready else "starting")
 
     def _authorize(self, context: grpc.aio.ServicerContext) -> None:
         if self._api_key is None:

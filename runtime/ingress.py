@@ -93,8 +93,13 @@ class Ingress:
                 key.get_secret_value() if key else None,
             )
 
-    @api.get("/health")
-    async def health(self) -> dict[str, str]:
+    @api.get("/health", response_model=None)
+    async def health(self) -> dict[str, str] | JSONResponse:
+        """200 once both pools have engines up (they report their load from then on); 503
+        while they are still starting, so a load balancer or a script waits for real
+        readiness rather than for the ingress alone."""
+        if not self.live.ready:
+            return JSONResponse({"status": "starting"}, status_code=503)
         return {"status": "ok"}
 
     @api.get("/metrics")
