@@ -344,14 +344,7 @@ class GrpcKVClient(KVBlockClient):
         return expected
 
     def release(self, endpoint: str, handle: str, timeout_s: float) -> None:
-        stub = self._channel(endpoint, 0).unary_unary(
-            RELEASE_METHOD,
-            request_serializer=pb.ReleaseRequest.SerializeToString,
-            response_deserializer=pb.ReleaseResponse.FromString,
-        )
-        # On failure the producer's lease expiry frees the blocks.
-        with contextlib.suppress(grpc.RpcError):
-            stub(pb.ReleaseRequest(handle=handle), timeout=timeout_s, metadata=self._metadata)
+        _send_release(self._channel(endpoint, 0), handle, self._metadata, timeout_s)
 
     def close(self) -> None:
         with self._lock:
@@ -380,11 +373,16 @@ class GrpcKVClient(KVBlockClient):
 def release_handle(transfer: TransferParams, auth_token: str, timeout_s: float = 2.0) -> None:
     """Free a published handle that no consumer will pull (best effort)."""
     with grpc.insecure_channel(transfer.endpoint) as channel:
-        stub = channel.unary_unary(
-            RELEASE_METHOD,
-            request_serializer=pb.ReleaseRequest.SerializeToString,
-            response_deserializer=pb.ReleaseResponse.FromString,
-        )
-        with contextlib.suppress(grpc.RpcError):  # the lease expires instead
-            stub(pb.ReleaseRequest(handle=transfer.handle), timeout=timeout_s,
-                 metadata=((TOKEN_METADATA_KEY, auth_token),))
+        _send_release(channel, transfer.handle, ((TOKEN_METADATA_KEY, auth_token),), timeout_s)
+
+
+def _send_release(channel: grpc.Channel, handle: str, metadata: tuple[tuple[str, str], ...],
+                  timeout_s: float) -> None:
+    stub = channel.unary_unary(
+        RELEASE_METHOD,
+        request_serializer=pb.ReleaseRequest.SerializeToString,
+        response_deserializer=pb.ReleaseResponse.FromString,
+    )
+    # On failure the producer's lease expiry frees the blocks.
+    with contextlib.suppress(grpc.RpcError):
+        stub(pb.ReleaseRequest(handle=handle), timeout=timeout_s, metadata=metadata)

@@ -19,7 +19,7 @@ from decode_workers.worker import DecodeWorker
 from prefill_workers.worker import PrefillWorker
 from runtime.engine_config import EngineConfig, TransferConfig
 from runtime.engines import build_engine
-from runtime.pipeline import Completion, DisaggPipeline, PhaseTimings
+from runtime.pipeline import DisaggPipeline, PhaseTimings
 from runtime.requests import GenerateRequest, SamplingSpec
 
 DEMO_PROMPTS = (
@@ -34,10 +34,6 @@ COLUMNS = (
     ("prompt", 7), ("out", 4), ("prefill_q", 10), ("prefill", 9), ("kv_ms", 7), ("kv_MiB", 7),
     ("dec_q", 7), ("ttft", 8), ("tpot", 7), ("e2e", 8), ("loaded", 7), ("recomp", 7),
 )
-
-
-def _row(completion: Completion) -> str:
-    return _format_row(completion.timings)
 
 
 def _format_row(t: PhaseTimings) -> str:
@@ -82,7 +78,7 @@ async def run_demo(model_dir: Path, max_tokens: int, kv_cache_bytes: int) -> int
               "loaded over the transport; recomp = prompt tokens the decode engine computed)")
         print(" ".join(f"{name:>{w}}" for name, w in COLUMNS))
         for completion in completions:
-            print(_row(completion))
+            print(_format_row(completion.timings))
         produced, consumed = await prefill.kv_stats(), await decode.kv_stats()
         for _ in range(50):
             if produced.num_leases == 0 and consumed.num_loads_in_flight == 0:

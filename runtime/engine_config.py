@@ -7,9 +7,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
+from kv_transfer.config import DataChannel
+
 Dtype = Literal["float32", "bfloat16", "float16"]
 TransportKind = Literal["grpc"]
-DataChannel = Literal["grpc", "tcp"]
 TransferFailurePolicy = Literal["fail", "recompute"]
 EngineRole = Literal["prefill", "decode", "colocated"]
 
