@@ -22,14 +22,16 @@ def _actor_options(pool: PoolConfig) -> dict[str, Any]:
 
 def build_app(config: AppConfig) -> serve.Application:
     pinned = RequestRouterConfig(request_router_class=PinnedReplicaRouter)  # type: ignore[arg-type]
-    prefill = PrefillServer.options(  # type: ignore[attr-defined]
-        name="PrefillServer",
-        request_router_config=pinned,
-        num_replicas=config.prefill.replicas,
-        ray_actor_options=_actor_options(config.prefill),
-        max_ongoing_requests=config.prefill.max_ongoing_requests,
-        health_check_period_s=10,
-    ).bind(config)
+    prefill = None  # colocated serving has no prefill pool
+    if config.serving == "disaggregated":
+        prefill = PrefillServer.options(  # type: ignore[attr-defined]
+            name="PrefillServer",
+            request_router_config=pinned,
+            num_replicas=config.prefill.replicas,
+            ray_actor_options=_actor_options(config.prefill),
+            max_ongoing_requests=config.prefill.max_ongoing_requests,
+            health_check_period_s=10,
+        ).bind(config)
     decode = DecodeServer.options(  # type: ignore[attr-defined]
         name="DecodeServer",
         request_router_config=pinned,

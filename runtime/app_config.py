@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
@@ -37,6 +37,15 @@ class PoolConfig(BaseModel):
         default_factory=dict, description="Overrides of the shared engine settings."
     )
     max_ongoing_requests: int = Field(256, ge=1, description="Requests in flight per replica.")
+    cpu_cores: list[str] = Field(
+        default_factory=list,
+        description="CPU engines: cores per replica (replica of local rank i takes entry "
+        "i mod len), e.g. ['0', '1']; overrides engine.cpu_threads_bind. Empty: no pinning "
+        "beyond the engine setting.",
+    )
+
+    def cores_for(self, local_rank: int) -> str | None:
+        return self.cpu_cores[local_rank % len(self.cpu_cores)] if self.cpu_cores else None
 
 
 class SchedulerConfig(BaseModel):
@@ -76,9 +85,19 @@ class SLOConfig(BaseModel):
     tpot_ms: float | None = Field(None, gt=0, description="Target time per output token.")
 
 
+Serving = Literal["disaggregated", "colocated"]
+
+
 class AppConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    serving: Serving = Field(
+        "disaggregated",
+        description="'disaggregated': prefill and decode pools with KV handoff, and the global "
+        "scheduler choosing per request; 'colocated': disaggregation off, only the decode "
+        "pool, each engine prefills and decodes its requests (chunked prefill), least-loaded "
+        "routing (the baseline disaggregation is measured against).",
+    )
     engine: EngineConfig
     prefill: PoolConfig = Field(default_factory=PoolConfig)
     decode: PoolConfig = Field(default_factory=PoolConfig)

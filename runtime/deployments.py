@@ -18,7 +18,8 @@ from decode_workers.worker import DecodeChunk, DecodeWorker
 from kv_transfer.connector_worker import WorkerStats
 from kv_transfer.params import TransferParams
 from prefill_workers.worker import PrefillResult, PrefillWorker
-from runtime.app_config import AppConfig
+from runtime.app_config import AppConfig, PoolConfig
+from runtime.engine_config import EngineConfig, EngineRole
 from runtime.engine_stats import EngineLoad, LoadProbe
 from runtime.engines import build_engine
 from runtime.requests import GenerateRequest
@@ -42,6 +43,16 @@ def _replica_id() -> str:
         return "local"
 
 
+def _pinned(engine: EngineConfig, pool: PoolConfig) -> EngineConfig:
+    """The engine config with this replica's cores, when the pool pins replicas to cores."""
+    try:
+        local_rank = serve.get_replica_context().rank.local_rank
+    except Exception:  # noqa: BLE001 - outside a replica, or no rank: the first entry
+        local_rank = 0
+    cores = pool.cores_for(local_rank)
+    return engine.model_copy(update={"cpu_threads_bind": cores}) if cores else engine
+
+
 async def _report_loop(app_name: str, make_report: Callable[[], ReplicaReport]) -> None:
     """Tell the ingress this replica's load every REPORT_PERIOD_S (it may not exist yet)."""
     handle = None
@@ -63,8 +74,8 @@ async def _report_loop(app_name: str, make_report: Callable[[], ReplicaReport]) 
 class PrefillServer:
     async def __init__(self, config: AppConfig) -> None:  # type: ignore[misc]
         self._probe = LoadProbe()
-        engine = build_engine(config.prefill_engine, "prefill", config.transfer,
-                              probe=self._probe)
+        engine = build_engine(_pinned(config.prefill_engine, config.prefill), "prefill",
+                              config.transfer, probe=self._probe)
         self._worker = PrefillWorker(engine, config.transfer.auth_token.get_secret_value(),
                                      worker_id=_replica_id())
         self._pending_tokens = 0
@@ -102,7 +113,10 @@ class PrefillServer:
 class DecodeServer:
     async def __init__(self, config: AppConfig) -> None:  # type: ignore[misc]
         self._probe = LoadProbe()
-        engine = build_engine(config.decode_engine, "decode", config.transfer, probe=self._probe)
+        role: EngineRole = "decode" if config.serving == "disaggregated" else "colocated"
+        engine = build_engine(_pinned(config.decode_engine, config.decode), role,
+                              config.transfer, probe=self._probe)
+        self._has_connector = role == "decode"
         self._worker = DecodeWorker(engine, config.decode_engine.block_size,
                                     config.transfer.on_transfer_failure,
                                     worker_id=_replica_id())
@@ -129,8 +143,9 @@ class DecodeServer:
             yield chunk
 
     async def status(self) -> ReplicaStatus:
-        return ReplicaStatus("decode", self._worker.worker_id, self._probe.latest,
-                             await self._worker.kv_stats())
+        kv = await self._worker.kv_stats() if self._has_connector else WorkerStats(0, 0, 0, 0,
+                                                                                  0, 0)
+        return ReplicaStatus("decode", self._worker.worker_id, self._probe.latest, kv)
 
     async def check_health(self) -> None:
         await self._worker.engine.check_health()

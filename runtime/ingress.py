@@ -82,7 +82,8 @@ class Ingress:
         self.metrics = Metrics()
         tokenizer = AutoTokenizer.from_pretrained(config.engine.model, local_files_only=True)
         self.live = LiveScheduler(live_config(config))
-        self.router = Router(config, tokenizer, RemotePrefill(prefill), RemoteDecode(decode),
+        self.router = Router(config, tokenizer, RemotePrefill(prefill) if prefill else None,
+                             RemoteDecode(decode),
                              self.metrics, self.live)
         key = config.server.api_key
         self._api_key = key.get_secret_value().encode() if key else None
@@ -122,10 +123,11 @@ class Ingress:
     async def pool_status(self) -> dict[str, Any]:
         """One replica of each pool (the one Serve routes to): its engine load and KV state;
         and the scheduler's view of every replica, lane and decision count."""
-        prefill = await self._prefill_handle.status.remote()
-        decode = await self._decode_handle.status.remote()
-        return {"prefill": asdict(prefill), "decode": asdict(decode),
-                "scheduler": self.live.snapshot()}
+        pools: dict[str, Any] = {}
+        if self._prefill_handle is not None:  # colocated serving has no prefill pool
+            pools["prefill"] = asdict(await self._prefill_handle.status.remote())
+        pools["decode"] = asdict(await self._decode_handle.status.remote())
+        return {**pools, "scheduler": self.live.snapshot()}
 
     async def report_load(self, report: ReplicaReport) -> None:
         """Called by every pool replica a few times a second."""

@@ -19,6 +19,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from decode_workers.worker import KVTransferFailed
+from kv_transfer.params import TransferParams
+from prefill_workers.worker import PrefillResult
 from runtime.app_config import AppConfig
 from runtime.detokenizer import IncrementalDetokenizer
 from runtime.metrics import Metrics
@@ -54,6 +56,7 @@ def live_config(config: AppConfig) -> LiveConfig:
         kv_bytes_per_token=kv_bytes_per_token,
         link_bytes_per_s=scheduler.link_bytes_per_s,
         admission_ttft_ms=slo.ttft_ms if scheduler.admission else None,
+        disaggregation=config.serving == "disaggregated",
     )
     return LiveConfig(policy, scheduler.long_lane_replicas, engine.block_size,
                       engine.max_num_seqs)
@@ -75,15 +78,26 @@ class TextEvent:
     timings: PhaseTimings | None = None
 
 
+class NoPrefillPool:
+    """The prefill client of colocated serving: there is no prefill pool, and every decision
+    is local, so reaching it is a bug."""
+
+    async def prefill(self, request: GenerateRequest, target: str = "") -> PrefillResult:
+        raise AssertionError(f"{request.request_id}: colocated serving has no prefill pool")
+
+    async def release(self, transfer: TransferParams) -> None:
+        raise AssertionError("colocated serving has no prefill pool")
+
+
 class Router:
-    def __init__(self, config: AppConfig, tokenizer: Any, prefill: PrefillClient,
+    def __init__(self, config: AppConfig, tokenizer: Any, prefill: PrefillClient | None,
                  decode: DecodeClient, metrics: Metrics,
                  live: LiveScheduler | None = None) -> None:
         self.config = config
         self.live = live
         self.tokenizer = tokenizer
         self.metrics = metrics
-        self.pipeline = DisaggPipeline(prefill, decode)
+        self.pipeline = DisaggPipeline(prefill or NoPrefillPool(), decode)
         self.max_model_len = min(config.prefill_engine.max_model_len,
                                  config.decode_engine.max_model_len)
         self._ids = itertools.count()
@@ -138,6 +152,10 @@ class Router:
         """The global scheduler's decision (None until replicas have reported). Raises
         APIError 429 when admission control rejects the request."""
         if self.live is None or not self.live.ready:
+            if self.config.serving == "colocated":
+                raise APIError(503, "the engines are still starting; retry shortly (GET "
+                               "/health says when they are up)", "server_error",
+                               code="starting", retry_after_s=5.0)
             return None
         request = prepared.request
         decision = self.live.decide(request.request_id, len(request.prompt_token_ids),

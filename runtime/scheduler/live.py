@@ -42,7 +42,8 @@ class LiveScheduler:
 
     @property
     def ready(self) -> bool:
-        return bool(self.prefill.ids) and bool(self.decode.ids)
+        has_prefill = bool(self.prefill.ids) or not self.config.policy.disaggregation
+        return has_prefill and bool(self.decode.ids)
 
     def report(self, report: ReplicaReport) -> None:
         now = time.monotonic() - max(0.0, time.time() - report.reported_at_s)

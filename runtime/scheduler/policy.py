@@ -17,7 +17,10 @@ Rules, in order (each decision's `reason` says which applied):
      prefill ends no later than the disaggregated path would have the KV on it (prefill wait +
      prefill + transfer + the extra hop). A decode replica's prefill speed is measured from its
      local prefills; until then it is taken to be the prefill pool's. Otherwise disaggregated.
-  5. Admission (off unless `admission_ttft_ms` is set): a request whose predicted TTFT exceeds
+  5. Colocated serving (`disaggregation` off): every request is local, on the decode replica
+     with the fewest prompt tokens waiting to be prefilled, then the fewest active sequences
+     (a least-loaded router over engines that each prefill and decode).
+  6. Admission (off unless `admission_ttft_ms` is set): a request whose predicted TTFT exceeds
      it is rejected now, with a Retry-After of the excess, instead of queueing to miss its SLO.
 """
 
@@ -42,6 +45,7 @@ class PolicyConfig:
     transfer_latency_ms: float = 0.5
     split_overhead_ms: float = 5.0  # the extra hop to a prefill replica and back
     admission_ttft_ms: float | None = None
+    disaggregation: bool = True
 
     def transfer_ms(self, num_tokens: int) -> float:
         return self.transfer_latency_ms + 1e3 * num_tokens * self.kv_bytes_per_token \
@@ -84,6 +88,8 @@ class GlobalScheduler:
                 f"no decode replica can hold {request.prompt_len + request.max_tokens} tokens",
                 retry_after_s=0.0,
             )
+        if not self.config.disaggregation:
+            return self._colocated(request, lane)
         waits = self.prefill.predicted_wait_s(now_s, self.config.stale_after_s)
         candidates = np.flatnonzero(self._lane_masks[lane])
         p = int(candidates[np.argmin(waits[candidates])])
@@ -116,6 +122,25 @@ class GlobalScheduler:
                   f"split {disagg_ready_ms:.1f} ms < local {local_ttft_ms:.1f} ms")
         return Decision(lane, "disaggregated", self.prefill.ids[p], self.decode.ids[d],
                         disagg_ttft_ms, reason)
+
+    def _colocated(self, request: RequestInfo, lane: Lane) -> Decision | Rejection:
+        table = self.decode
+        blocks = table.blocks_for(request.prompt_len + request.max_tokens)
+        candidates = np.flatnonzero(table.total_blocks >= blocks)
+        # least loaded: fewest prompt tokens queued for prefill, then fewest sequences
+        score = table.local_pending[candidates] * (table.max_num_seqs.max() + 1) \
+            + table.active_seqs[candidates]
+        d = int(candidates[np.argmin(score)])
+        tps = table.prefill_tokens_per_s[d]
+        ttft_ms = 1e3 * (table.local_pending[d] + request.prompt_len) / tps
+        slo = self.config.admission_ttft_ms
+        if slo is not None and ttft_ms > slo:
+            return Rejection(f"predicted TTFT {ttft_ms:.0f} ms > SLO {slo:.0f} ms",
+                             retry_after_s=(ttft_ms - slo) / 1e3)
+        table.placed(d, blocks, request.prompt_len)
+        return Decision(lane, "local", None, table.ids[d], ttft_ms,
+                        f"colocated: least-loaded engine ({table.local_pending[d]:.0f} "
+                        f"tokens queued, {table.active_seqs[d]} sequences)")
 
     def _place_decode(self, request: RequestInfo) -> int | None:
         table = self.decode

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from runtime.app_config import AppConfig
+from runtime.app_config import AppConfig, PoolConfig
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 
@@ -54,3 +54,14 @@ def test_command_line_api_key_overrides_the_config():
     assert keyed.server.api_key.get_secret_value() == "sk-123"
     assert keyed.transfer.auth_token == config.transfer.auth_token
     assert with_api_key(config, None) is config
+
+
+def test_pool_cores_are_dealt_out_by_replica_rank():
+    pool = PoolConfig(replicas=3, cpu_cores=["0", "1"])
+    assert [pool.cores_for(rank) for rank in range(3)] == ["0", "1", "0"]
+    assert PoolConfig().cores_for(0) is None
+
+
+def test_serving_mode_is_validated_with_the_valid_choices(tmp_path):
+    with pytest.raises(ValueError, match="disaggregated.*colocated"):
+        AppConfig.model_validate({"engine": {"model": "m"}, "serving": "hybrid"})

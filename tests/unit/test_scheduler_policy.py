@@ -152,3 +152,28 @@ def test_unmeasured_decode_replicas_are_assumed_as_fast_as_the_prefill_pool():
     assert sched.decide(_req(1, 100), NOW).mode == "local"
     sched.decode.local_prefill_finished(0, 400, 4.0)  # measured: 100 tokens/s, very slow
     assert sched.decide(_req(2, 100), NOW).mode == "disaggregated"
+
+
+def test_colocated_serving_is_always_local_on_the_least_loaded_engine():
+    sched = _scheduler(num_short=0, num_long=0, num_decode=2, disaggregation=False,
+                       local_max_prompt_tokens=0)
+    first = sched.decide(_req(0, 8000), NOW)  # long: still local, no prefill pool
+    assert isinstance(first, Decision)
+    assert first.mode == "local" and first.prefill_replica is None
+    # the engine prefilling 8,000 tokens is the loaded one: the next ones go to the other
+    second = sched.decide(_req(1, 100), NOW)
+    third = sched.decide(_req(2, 100), NOW)
+    assert {second.decode_replica, third.decode_replica} == {"d0", "d1"} - {
+        first.decode_replica}
+    # once its prefill is done, sequences decide: d(first) has 1, the other has 2
+    sched.decode.local_prefill_finished(sched.decode.index[first.decode_replica], 8000, 1.0)
+    sched.decode.local_prefill_finished(sched.decode.index[second.decode_replica], 200, 0.1)
+    assert sched.decide(_req(3, 100), NOW).decode_replica == first.decode_replica
+
+
+def test_colocated_admission_uses_the_local_prediction():
+    sched = _scheduler(num_short=0, num_long=0, disaggregation=False, admission_ttft_ms=500.0,
+                       decode_tps=1000.0)
+    assert isinstance(sched.decide(_req(0, 400), NOW), Decision)
+    rejected = sched.decide(_req(1, 900), NOW)  # 900 tokens at 1,000 tokens/s > 500 ms
+    assert isinstance(rejected, Rejection) and rejected.retry_after_s > 0
