@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-DataChannel = Literal["grpc", "tcp"]
+from kv_transfer.kinds import CollectiveBackend, DataChannel, TransportKind
 
 
 class ConnectorConfig(BaseModel):
@@ -39,6 +39,17 @@ class ConnectorConfig(BaseModel):
         "data port (authorized over gRPC; several times faster).",
     )
     num_streams: int = Field(1, ge=1, le=16, description="Parallel streams per pull.")
+    transport: TransportKind = Field(
+        "grpc", description="grpc: payload over gRPC or bulk TCP (data_channel); nccl: payload "
+        "over a torch.distributed pair group, control over gRPC."
+    )
+    collective_backend: CollectiveBackend = Field(
+        "nccl", description="Pair-group backend of the nccl transport: nccl (GPUs) or gloo "
+        "(CPU test mode, the same code)."
+    )
+    group_timeout_s: float = Field(
+        10.0, gt=0, description="nccl transport: longest wait for one send/recv or rendezvous."
+    )
 
     @property
     def endpoint(self) -> str:

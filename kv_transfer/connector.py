@@ -61,11 +61,15 @@ class DisaggConnector(KVConnectorBase_V1):
         if role == KVConnectorRole.SCHEDULER:
             self._scheduler = ConnectorScheduler(config, vllm_config.cache_config.block_size)
         else:
+            from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
             self._worker = ConnectorWorker(
                 config,
                 is_producer=transfer_config.is_kv_producer,
                 is_consumer=transfer_config.is_kv_consumer,
                 num_blocks=kv_cache_config.num_blocks,
+                tp_size=vllm_config.parallel_config.tensor_parallel_size,
+                tp_rank=get_tensor_model_parallel_rank(),
             )
 
     @property

@@ -20,13 +20,19 @@ import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorTransferResults
 from vllm.logger import init_logger
 
+from kv_transfer.collective_transport import (
+    CollectiveKVClient,
+    CollectiveSender,
+    WorkerIdentity,
+    collective_handlers,
+)
 from kv_transfer.config import ConnectorConfig
 from kv_transfer.grpc_transport import GrpcKVClient, GrpcKVServer
 from kv_transfer.leases import LeaseTable
 from kv_transfer.metadata import DisaggConnectorMetadata, DisaggWorkerMetadata, LoadSpec
 from kv_transfer.paged_kv import PagedKVCache
 from kv_transfer.params import TransferStats
-from kv_transfer.transport import PullResult, TransferError
+from kv_transfer.transport import KVBlockClient, PullResult, TransferError
 
 logger = init_logger(__name__)
 
@@ -63,15 +69,17 @@ class WorkerStats:
 
 class ConnectorWorker:
     def __init__(self, config: ConnectorConfig, is_producer: bool, is_consumer: bool,
-                 num_blocks: int) -> None:
+                 num_blocks: int, tp_size: int = 1, tp_rank: int = 0) -> None:
         self._config = config
+        self._identity = WorkerIdentity(config.collective_backend, tp_size, tp_rank)
         self._is_producer = is_producer
         self._is_consumer = is_consumer
         self._num_blocks = num_blocks
         self._cache: PagedKVCache | None = None
         self._leases = LeaseTable()
         self._server: GrpcKVServer | None = None
-        self._client: GrpcKVClient | None = None
+        self._sender: CollectiveSender | None = None
+        self._client: KVBlockClient | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._loads: dict[str, _Load] = {}
         self._done_stats: dict[str, TransferStats] = {}
@@ -95,6 +103,11 @@ class ConnectorWorker:
                 max_chunk_bytes=self._config.max_chunk_bytes,
                 handle_wait_s=self._config.handle_wait_s,
             )
+            if self._config.transport == "nccl":
+                self._sender = CollectiveSender(self._cache, self._identity,
+                                                self._config.bind_host,
+                                                self._config.group_timeout_s)
+                self._server.add_handlers(collective_handlers(self._server, self._sender))
             endpoint = self._server.start()
             self._reaper = threading.Thread(target=self._reap_leases, name="kv-lease-reaper",
                                             daemon=True)
@@ -102,13 +115,17 @@ class ConnectorWorker:
             logger.info("disagg KV server on %s (%d layers, %d B per block)", endpoint,
                         self._cache.num_layers, self._cache.block_bytes)
         if self._is_consumer:
-            self._client = GrpcKVClient(
+            grpc_client = GrpcKVClient(
                 self._cache,
                 auth_token=token,
                 max_chunk_bytes=self._config.max_chunk_bytes,
                 num_streams=self._config.num_streams,
                 bulk_tcp=self._config.data_channel == "tcp",
             )
+            self._client = grpc_client
+            if self._config.transport == "nccl":
+                self._client = CollectiveKVClient(self._cache, self._identity, grpc_client,
+                                                  self._config.max_chunk_bytes)
             self._pool = ThreadPoolExecutor(self._config.num_pull_threads,
                                             thread_name_prefix="kv-pull")
 
@@ -179,6 +196,8 @@ class ConnectorWorker:
         self._leases.revoke_all()
         if self._server is not None:
             self._server.stop(grace_s=0.5)
+        if self._sender is not None:
+            self._sender.stop()
 
     def _run_load(self, load: _Load) -> None:
         assert self._client is not None

@@ -68,6 +68,12 @@ class GrpcKVServer(KVBlockServer):
         self._max_workers = max_workers
         self._server: grpc.Server | None = None
         self._bulk: BulkSender | None = None
+        self._extra_handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def add_handlers(self, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        """More methods of the KVTransfer service (another transport's control). Before start."""
+        assert self._server is None, "add_handlers after start"
+        self._extra_handlers.update(handlers)
 
     def start(self) -> str:
         assert self._server is None, "GrpcKVServer.start called twice"
@@ -93,6 +99,7 @@ class GrpcKVServer(KVBlockServer):
                 response_serializer=pb.BulkTicket.SerializeToString,
             ),
         }
+        handlers.update(self._extra_handlers)
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
         port = server.add_insecure_port(self._address)
         if port == 0:
@@ -111,15 +118,16 @@ class GrpcKVServer(KVBlockServer):
             self._bulk.stop()
             self._bulk = None
 
-    def _authorize(self, context: grpc.ServicerContext) -> None:
+    def authorize(self, context: grpc.ServicerContext) -> None:
         for key, value in context.invocation_metadata():
             if key == TOKEN_METADATA_KEY and hmac.compare_digest(str(value).encode(), self._token):
                 return
         context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong cluster token")
 
-    def _acquire(self, request: pb.PullRequest, context: grpc.ServicerContext) -> list[int]:
-        """Check token, block ids and lease; on success the caller owns one lease reader."""
-        self._authorize(context)
+    def acquire(self, request: pb.PullRequest, context: grpc.ServicerContext) -> list[int]:
+        """Check token, block ids and lease; on success the caller owns one lease reader,
+        which it returns with finish_pull."""
+        self.authorize(context)
         block_ids = list(request.block_ids)
         try:
             self._cache.check_block_ids(block_ids)
@@ -132,14 +140,17 @@ class GrpcKVServer(KVBlockServer):
             context.abort(grpc.StatusCode.PERMISSION_DENIED, str(err))
         return block_ids
 
-    def _chunk_bytes(self, request: pb.PullRequest) -> int:
+    def chunk_bytes(self, request: pb.PullRequest) -> int:
         return min(request.max_chunk_bytes or self._max_chunk_bytes, self._max_chunk_bytes)
 
+    def finish_pull(self, handle: str) -> None:
+        self._leases.finish_pull(handle)
+
     def _pull(self, request: pb.PullRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
-        block_ids = self._acquire(request, context)
+        block_ids = self.acquire(request, context)
         try:
             encoder = ChunkEncoder(self._cache, block_ids)
-            for plan in self._cache.plan_chunks(len(block_ids), self._chunk_bytes(request)):
+            for plan in self._cache.plan_chunks(len(block_ids), self.chunk_bytes(request)):
                 if not context.is_active():
                     return
                 yield encoder.encode(plan)
@@ -147,15 +158,15 @@ class GrpcKVServer(KVBlockServer):
             self._leases.finish_pull(request.handle)
 
     def _open_bulk(self, request: pb.PullRequest, context: grpc.ServicerContext) -> pb.BulkTicket:
-        block_ids = self._acquire(request, context)
+        block_ids = self.acquire(request, context)
         assert self._bulk is not None, "server not started"
-        ticket = self._bulk.issue(request.handle, block_ids, self._chunk_bytes(request))
+        ticket = self._bulk.issue(request.handle, block_ids, self.chunk_bytes(request))
         return pb.BulkTicket(port=self._bulk.port, ticket=ticket)
 
     def _release(
         self, request: pb.ReleaseRequest, context: grpc.ServicerContext
     ) -> pb.ReleaseResponse:
-        self._authorize(context)
+        self.authorize(context)
         return pb.ReleaseResponse(num_blocks_freed=self._leases.release(request.handle))
 
 
@@ -352,6 +363,14 @@ class GrpcKVClient(KVBlockClient):
         for channel in channels:
             channel.close()
         self._streams.shutdown(wait=False, cancel_futures=True)
+
+    def channel(self, endpoint: str, stream_index: int = 0) -> grpc.Channel:
+        """The (cached) control channel to a producer; streams use distinct indices."""
+        return self._channel(endpoint, stream_index)
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata
 
     def _channel(self, endpoint: str, stream_index: int) -> grpc.Channel:
         key = (endpoint, stream_index)

@@ -102,6 +102,36 @@ class PagedKVCache:
         index = torch.tensor(block_ids, dtype=torch.long, device=layer.device)
         layer.index_copy_(dim, index, source.to(layer.device))
 
+    def gather_tensor(self, layer_index: int, block_ids: list[int], out: torch.Tensor) -> int:
+        """Copy the given blocks of one layer into the front of out (a flat uint8 tensor on any
+        device, at least as large); returns the bytes written. Same byte layout as gather_into.
+        """
+        layer, dim = self._layers[layer_index], self._block_dims[layer_index]
+        num_bytes = len(block_ids) * self.block_bytes_per_layer[layer_index]
+        shape = list(layer.shape)
+        shape[dim] = len(block_ids)
+        index = torch.tensor(block_ids, dtype=torch.long, device=layer.device)
+        if out.device == layer.device:
+            torch.index_select(layer, dim, index, out=out[:num_bytes].view(layer.dtype).view(shape))
+        else:
+            out[:num_bytes].copy_(torch.index_select(layer, dim, index).view(-1).view(torch.uint8))
+        return num_bytes
+
+    def scatter_tensor(self, layer_index: int, block_ids: list[int], data: torch.Tensor) -> None:
+        """Write the given blocks of one layer from the front of data (flat uint8, any device),
+        laid out as gather_tensor wrote them."""
+        layer, dim = self._layers[layer_index], self._block_dims[layer_index]
+        num_bytes = len(block_ids) * self.block_bytes_per_layer[layer_index]
+        shape = list(layer.shape)
+        shape[dim] = len(block_ids)
+        source = data[:num_bytes].to(layer.device).view(layer.dtype).view(shape)
+        index = torch.tensor(block_ids, dtype=torch.long, device=layer.device)
+        layer.index_copy_(dim, index, source)
+
+    @property
+    def device(self) -> torch.device:
+        return self._layers[0].device
+
     def check_block_ids(self, block_ids: list[int]) -> None:
         bad = [b for b in block_ids if not 0 <= b < self.num_blocks]
         if bad:

@@ -1,8 +1,8 @@
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable
-from typing import ClassVar as _ClassVar, Optional as _Optional
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -47,3 +47,45 @@ class BulkTicket(_message.Message):
     port: int
     ticket: bytes
     def __init__(self, port: _Optional[int] = ..., ticket: _Optional[bytes] = ...) -> None: ...
+
+class JoinRequest(_message.Message):
+    __slots__ = ("peer_id", "backend", "tp_size", "tp_rank", "block_bytes_per_layer")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    TP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TP_RANK_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_BYTES_PER_LAYER_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    backend: str
+    tp_size: int
+    tp_rank: int
+    block_bytes_per_layer: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, peer_id: _Optional[str] = ..., backend: _Optional[str] = ..., tp_size: _Optional[int] = ..., tp_rank: _Optional[int] = ..., block_bytes_per_layer: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class JoinResponse(_message.Message):
+    __slots__ = ("store_port", "group_name", "timeout_s")
+    STORE_PORT_FIELD_NUMBER: _ClassVar[int]
+    GROUP_NAME_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    store_port: int
+    group_name: str
+    timeout_s: float
+    def __init__(self, store_port: _Optional[int] = ..., group_name: _Optional[str] = ..., timeout_s: _Optional[float] = ...) -> None: ...
+
+class CollectivePullRequest(_message.Message):
+    __slots__ = ("pull", "group_name")
+    PULL_FIELD_NUMBER: _ClassVar[int]
+    GROUP_NAME_FIELD_NUMBER: _ClassVar[int]
+    pull: PullRequest
+    group_name: str
+    def __init__(self, pull: _Optional[_Union[PullRequest, _Mapping]] = ..., group_name: _Optional[str] = ...) -> None: ...
+
+class CollectiveProgress(_message.Message):
+    __slots__ = ("num_bytes", "chunk_bytes", "done")
+    NUM_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    num_bytes: int
+    chunk_bytes: int
+    done: bool
+    def __init__(self, num_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., done: _Optional[bool] = ...) -> None: ...

@@ -49,6 +49,16 @@ class KVTransferStub:
                 request_serializer=protos_dot_kv__transfer__pb2.PullRequest.SerializeToString,
                 response_deserializer=protos_dot_kv__transfer__pb2.BulkTicket.FromString,
                 _registered_method=True)
+        self.JoinGroup = channel.unary_unary(
+                '/disagg.kv.KVTransfer/JoinGroup',
+                request_serializer=protos_dot_kv__transfer__pb2.JoinRequest.SerializeToString,
+                response_deserializer=protos_dot_kv__transfer__pb2.JoinResponse.FromString,
+                _registered_method=True)
+        self.PullCollective = channel.unary_stream(
+                '/disagg.kv.KVTransfer/PullCollective',
+                request_serializer=protos_dot_kv__transfer__pb2.CollectivePullRequest.SerializeToString,
+                response_deserializer=protos_dot_kv__transfer__pb2.CollectiveProgress.FromString,
+                _registered_method=True)
 
 
 class KVTransferServicer:
@@ -72,6 +82,18 @@ class KVTransferServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def JoinGroup(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PullCollective(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVTransferServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -89,6 +111,16 @@ def add_KVTransferServicer_to_server(servicer, server):
                     servicer.OpenBulk,
                     request_deserializer=protos_dot_kv__transfer__pb2.PullRequest.FromString,
                     response_serializer=protos_dot_kv__transfer__pb2.BulkTicket.SerializeToString,
+            ),
+            'JoinGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.JoinGroup,
+                    request_deserializer=protos_dot_kv__transfer__pb2.JoinRequest.FromString,
+                    response_serializer=protos_dot_kv__transfer__pb2.JoinResponse.SerializeToString,
+            ),
+            'PullCollective': grpc.unary_stream_rpc_method_handler(
+                    servicer.PullCollective,
+                    request_deserializer=protos_dot_kv__transfer__pb2.CollectivePullRequest.FromString,
+                    response_serializer=protos_dot_kv__transfer__pb2.CollectiveProgress.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -172,6 +204,60 @@ class KVTransfer:
             '/disagg.kv.KVTransfer/OpenBulk',
             protos_dot_kv__transfer__pb2.PullRequest.SerializeToString,
             protos_dot_kv__transfer__pb2.BulkTicket.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def JoinGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/disagg.kv.KVTransfer/JoinGroup',
+            protos_dot_kv__transfer__pb2.JoinRequest.SerializeToString,
+            protos_dot_kv__transfer__pb2.JoinResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PullCollective(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/disagg.kv.KVTransfer/PullCollective',
+            protos_dot_kv__transfer__pb2.CollectivePullRequest.SerializeToString,
+            protos_dot_kv__transfer__pb2.CollectiveProgress.FromString,
             options,
             channel_credentials,
             insecure,

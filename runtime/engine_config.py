@@ -5,12 +5,11 @@ from __future__ import annotations
 import secrets
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
-from kv_transfer.config import DataChannel
+from kv_transfer.kinds import CollectiveBackend, DataChannel, TransportKind
 
 Dtype = Literal["float32", "bfloat16", "float16"]
-TransportKind = Literal["grpc"]
 TransferFailurePolicy = Literal["fail", "recompute"]
 EngineRole = Literal["prefill", "decode", "colocated"]
 
@@ -42,7 +41,15 @@ class TransferConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    transport: TransportKind = Field("grpc", description="Block transport.")
+    transport: TransportKind = Field(
+        "grpc", description="Block payload path: 'grpc' (gRPC streams or bulk TCP, see "
+        "data_channel) or 'nccl' (torch.distributed send/recv between the two workers' "
+        "devices; control stays on gRPC). 'nccl' needs CUDA unless gloo_test_mode is set."
+    )
+    gloo_test_mode: bool = Field(
+        False, description="transport 'nccl' only: run the very same code on the gloo backend "
+        "(CPU), for tests and machines without CUDA."
+    )
     bind_host: str = Field("127.0.0.1", description="Address prefill KV servers bind to.")
     advertise_host: str = Field("", description="Address decode workers dial; empty: bind_host.")
     auth_token: SecretStr = Field(
@@ -61,3 +68,26 @@ class TransferConfig(BaseModel):
     on_transfer_failure: TransferFailurePolicy = Field(
         "fail", description="fail the request, or recompute its prompt on the decode engine."
     )
+
+    @model_validator(mode="after")
+    def _check_transport(self) -> TransferConfig:
+        if self.transport != "nccl":
+            if self.gloo_test_mode:
+                raise ValueError("gloo_test_mode applies to transport 'nccl' only")
+            return self
+        if not self.gloo_test_mode and not _has_cuda():
+            raise ValueError(
+                "transport 'nccl' needs CUDA GPUs and this machine has none; use transport "
+                "'grpc', or set gloo_test_mode: true to run the nccl code path on gloo (CPU)"
+            )
+        return self
+
+    @property
+    def collective_backend(self) -> CollectiveBackend:
+        return "gloo" if self.gloo_test_mode else "nccl"
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())

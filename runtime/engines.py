@@ -59,6 +59,8 @@ def connector_config(transfer: TransferConfig, role: EngineRole, port: int) -> C
         pull_timeout_s=transfer.pull_timeout_s,
         data_channel=transfer.data_channel,
         num_streams=transfer.num_streams,
+        transport=transfer.transport,
+        collective_backend=transfer.collective_backend,
     )
 
 

@@ -1,0 +1,9 @@
+"""The transfer layer's enumerations (no imports, so torch-only scripts can use them)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+DataChannel = Literal["grpc", "tcp"]
+TransportKind = Literal["grpc", "nccl"]
+CollectiveBackend = Literal["nccl", "gloo"]
