@@ -272,6 +272,8 @@ class CollectiveKVClient(KVBlockClient):
                 if attempt == 1:
                     raise TransferError(f"producer {endpoint} refused two fresh transfer "
                                         "groups") from None
+            except _Refused as err:
+                raise TransferError(str(err)) from err.__cause__  # nothing sent: group intact
             except BaseException:
                 self._forget(endpoint, entry)
                 raise
@@ -343,6 +345,13 @@ class CollectiveKVClient(KVBlockClient):
                     timeout=max(0.1, deadline - time.monotonic()), metadata=self._metadata)
         try:
             opening = next(call)
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.FAILED_PRECONDITION and STALE_GROUP in str(
+                err.details()
+            ):
+                raise _StaleGroup() from err
+            raise _Refused(describe_rpc_error(err, endpoint)) from err
+        try:
             plans = list(self._cache.plan_chunks(len(local_block_ids), opening.chunk_bytes))
             staging = self._staging(entry, max(p.num_bytes for p in plans))
             for plan in plans:
@@ -357,10 +366,6 @@ class CollectiveKVClient(KVBlockClient):
                 self._cache.scatter_tensor(plan.layer_index, blocks, chunk)
             closing = next(call, None)
         except grpc.RpcError as err:
-            if err.code() == grpc.StatusCode.FAILED_PRECONDITION and STALE_GROUP in str(
-                err.details()
-            ):
-                raise _StaleGroup() from err
             raise TransferError(describe_rpc_error(err, endpoint)) from err
         except GroupError as err:
             raise TransferError(f"transfer from {endpoint} failed: {err}") from err
@@ -377,3 +382,7 @@ class CollectiveKVClient(KVBlockClient):
 
 class _StaleGroup(Exception):
     """The producer no longer knows this group: rejoin once."""
+
+
+class _Refused(Exception):
+    """The producer refused the pull before sending anything (lease, token, block ids)."""

@@ -107,6 +107,7 @@ def test_lease_errors_are_clear_and_leave_the_group_usable(pair):
         client.pull(producer.endpoint, "nope", [1], [1], timeout_s=5)
     producer.leases.grant("h3", "req-3", (4,), lease_s=10)
     client.pull(producer.endpoint, "h3", [4], [4], timeout_s=5)
+    assert client.num_joins == 1, "a refused pull must not cost the pair its group"
     client.release(producer.endpoint, "h3", timeout_s=2)
     producer.leases.take_freed()
 
