@@ -273,7 +273,7 @@ class CollectiveKVClient(KVBlockClient):
                     raise TransferError(f"producer {endpoint} refused two fresh transfer "
                                         "groups") from None
             except _Refused as err:
-                raise TransferError(str(err)) from err.__cause__  # nothing sent: group intact
+                raise TransferError(str(err)) from err.__cause__  # the group stays usable
             except BaseException:
                 self._forget(endpoint, entry)
                 raise
@@ -354,17 +354,22 @@ class CollectiveKVClient(KVBlockClient):
         try:
             plans = list(self._cache.plan_chunks(len(local_block_ids), opening.chunk_bytes))
             staging = self._staging(entry, max(p.num_bytes for p in plans))
+            aborted = False
             for plan in plans:
-                if cancelled is not None and cancelled.is_set():
-                    call.cancel()
-                    raise TransferError(f"transfer from {endpoint} cancelled: request aborted")
+                # An aborted request's chunks are still received (and dropped): leaving the
+                # producer mid-send would cost the pair its group and hold the lease until
+                # the producer's send times out.
+                aborted = aborted or (cancelled is not None and cancelled.is_set())
                 if time.monotonic() > deadline:
                     raise TransferError(f"transfer from {endpoint} passed its deadline")
                 chunk = staging[: plan.num_bytes]
                 entry.pair.recv(chunk)
-                blocks = local_block_ids[plan.first_block : plan.first_block + plan.num_blocks]
-                self._cache.scatter_tensor(plan.layer_index, blocks, chunk)
+                if not aborted:
+                    blocks = local_block_ids[plan.first_block : plan.first_block + plan.num_blocks]
+                    self._cache.scatter_tensor(plan.layer_index, blocks, chunk)
             closing = next(call, None)
+            if aborted and closing is not None and closing.done:
+                raise _Refused(f"transfer from {endpoint} cancelled: request aborted")
         except grpc.RpcError as err:
             raise TransferError(describe_rpc_error(err, endpoint)) from err
         except GroupError as err:
@@ -385,4 +390,5 @@ class _StaleGroup(Exception):
 
 
 class _Refused(Exception):
-    """The producer refused the pull before sending anything (lease, token, block ids)."""
+    """The pull ended with the pair's group in step: the producer refused it before sending
+    anything (lease, token, block ids), or an aborted request's chunks were drained."""

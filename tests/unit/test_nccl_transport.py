@@ -112,20 +112,38 @@ def test_lease_errors_are_clear_and_leave_the_group_usable(pair):
     producer.leases.take_freed()
 
 
-def test_cancel_mid_transfer_drops_the_group_and_the_next_pull_rejoins(pair):
-    _, _, producer, client = pair
+def test_a_cancelled_pull_writes_nothing_and_keeps_the_group(pair):
+    _, dst, producer, client = pair
+    before = {name: t.clone() for name, t in dst.items()}
     producer.leases.grant("h4", "req-4", tuple(range(12)), lease_s=10)
     cancelled = threading.Event()
     cancelled.set()
     with pytest.raises(TransferError, match="cancelled"):
         client.pull(producer.endpoint, "h4", list(range(12)), list(range(12)), timeout_s=5,
                     cancelled=cancelled)
-    assert client.num_groups == 0
-    # the producer's reader ends once its send fails on the dropped group
-    client.pull(producer.endpoint, "h4", [0, 1], [0, 1], timeout_s=10)
-    assert client.num_joins == 2
+    assert all(torch.equal(before[name], dst[name]) for name in dst)
+    # the chunks were drained: the producer's reader ended and the group is still in step
     client.release(producer.endpoint, "h4", timeout_s=2)
     assert producer.leases.take_freed() == {"req-4"}
+    producer.leases.grant("h5", "req-5", (0, 1), lease_s=10)
+    client.pull(producer.endpoint, "h5", [0, 1], [0, 1], timeout_s=5)
+    assert client.num_joins == 1
+    client.release(producer.endpoint, "h5", timeout_s=2)
+    producer.leases.take_freed()
+
+
+def test_a_dropped_group_is_rebuilt_under_a_new_name(pair):
+    _, _, producer, client = pair
+    producer.leases.grant("h8", "req-8", (0, 1), lease_s=10)
+    client.pull(producer.endpoint, "h8", [0], [0], timeout_s=5)
+    (first_name,) = [g.name for g in client._groups.values()]
+    producer.sender._drop(first_name)  # as after a failed send
+    # 1. the producer refuses the stale name; 2. the consumer rejoins once and succeeds
+    client.pull(producer.endpoint, "h8", [1], [1], timeout_s=5)
+    (second_name,) = [g.name for g in client._groups.values()]
+    assert client.num_joins == 2 and second_name != first_name
+    client.release(producer.endpoint, "h8", timeout_s=2)
+    producer.leases.take_freed()
 
 
 def test_restarted_producer_gets_a_fresh_group():
