@@ -86,23 +86,29 @@ async def _one(client: httpx.AsyncClient, model: str, request: BenchRequest, rec
         record.error = f"{type(err).__name__}: {err}"
 
 
-async def run_load(base_url: str, model: str, requests: list[BenchRequest], *,
+async def run_load(base_url: str | list[str], model: str, requests: list[BenchRequest], *,
                    vocab_size: int = 256, max_duration_s: float = 600.0,
                    request_timeout_s: float = 300.0, seed: int = 0,
                    progress: bool = True) -> list[RequestRecord]:
     """Send every request at its arrival time; return one record per request (unsent ones,
-    past max_duration_s, carry an error)."""
+    past max_duration_s, carry an error). Several base URLs: round-robin over them, in
+    arrival order (client-side, so no proxy of ours sits in front of the servers)."""
+    urls = [base_url] if isinstance(base_url, str) else list(base_url)
+    if not urls:
+        raise ValueError("run_load needs at least one base URL")
     rng = random.Random(seed)
     records = [RequestRecord(i, r.prompt_len, r.output_len, r.arrival_s)
                for i, r in enumerate(requests)]
     prompts = [[rng.randrange(3, vocab_size) for _ in range(r.prompt_len)] for r in requests]
     limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
-    async with httpx.AsyncClient(base_url=base_url, limits=limits) as client:
+    clients = [httpx.AsyncClient(base_url=url, limits=limits) for url in urls]
+    try:
         start = time.perf_counter()
 
         async def scheduled(i: int) -> None:
             await asyncio.sleep(max(0.0, start + requests[i].arrival_s - time.perf_counter()))
-            await _one(client, model, requests[i], records[i], prompts[i], request_timeout_s)
+            await _one(clients[i % len(clients)], model, requests[i], records[i], prompts[i],
+                       request_timeout_s)
 
         tasks = [asyncio.ensure_future(scheduled(i)) for i in range(len(requests))]
         reporter = asyncio.ensure_future(_report(records, start)) if progress else None
@@ -112,6 +118,9 @@ async def run_load(base_url: str, model: str, requests: list[BenchRequest], *,
         await asyncio.gather(*pending, return_exceptions=True)
         if reporter is not None:
             reporter.cancel()
+    finally:
+        for client in clients:
+            await client.aclose()
     for record in records:
         if record.e2e_ms is None and not record.error:
             record.error = f"not finished within the run's {max_duration_s:.0f} s"

@@ -53,6 +53,13 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
 
 
+def _bench(args: argparse.Namespace) -> int:
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    from benchmarks.compare import main as compare
+
+    return compare(args.args)
+
+
 def _status(args: argparse.Namespace) -> int:
     from runtime.serve_cli import show_status
 
@@ -176,6 +183,16 @@ def build_parser() -> argparse.ArgumentParser:
     plan_cmd.add_argument("--seed", type=int, default=0)
     plan_cmd.add_argument("--top", type=_positive_int, default=10, help="rows to print")
     plan_cmd.set_defaults(func=_plan)
+
+    bench = sub.add_parser(
+        "bench",
+        help="benchmarks: `disagg bench compare` (disagg vs colocated vs vLLM)",
+        description="`disagg bench compare [options]`: run disagg, colocated serving and plain "
+        "vLLM servers on the same cores and arrivals; `disagg bench compare --help` for options.",
+    )
+    bench.add_argument("bench", choices=["compare"], help="which benchmark")
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="its options (see its --help)")
+    bench.set_defaults(func=_bench)
 
     status = sub.add_parser(
         "status",

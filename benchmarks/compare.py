@@ -1,0 +1,231 @@
+"""`disagg bench compare`: disagg against colocated serving and plain vLLM, side by side.
+
+One run, the same cores and the same arrival sequences for every target:
+  1. for each target (disagg, colocated, vllm): start it, warm it up, then for each rate send
+     the workload's requests open-loop (seeded Poisson or gamma arrivals), recording TTFT,
+     TPOT, inter-token latencies, end-to-end and the server's own phase timings; stop it;
+  2. summarize per rate and request class (short / long), with goodput under the SLOs;
+  3. write results.json (summaries and every request's record), results.md and the plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import get_args
+
+from benchmarks.compare_report import markdown, plots
+from benchmarks.loadgen import RequestRecord, run_load
+from benchmarks.summary import SLO, RunSummary, summarize
+from benchmarks.targets import (
+    MODEL_NAME,
+    TARGETS,
+    EngineSettings,
+    SchedulerSettings,
+    TargetName,
+    make_target,
+)
+from benchmarks.workloads import (
+    BenchRequest,
+    WorkloadName,
+    read_azure_trace,
+    read_mooncake_trace,
+    synthetic,
+)
+
+DEFAULT_OUT = Path("benchmarks/results")
+
+
+def workload(args: argparse.Namespace, rate: float, seed: int) -> list[BenchRequest]:
+    if args.trace:
+        rows = (read_mooncake_trace if args.trace.endswith(".jsonl") else read_azure_trace)(
+            args.trace)
+        # replay at `rate` by rescaling the trace's time axis, capped to the run's duration
+        span = rows[-1].arrival_s or 1.0
+        scale = (len(rows) / rate) / span
+        return [BenchRequest(r.arrival_s * scale, min(r.prompt_len, args.max_context - 64),
+                             max(1, min(r.output_len, 64))) for r in rows][: args.max_requests]
+    n = min(args.max_requests, max(4, round(rate * args.duration_s)))
+    return synthetic(args.workload, n, rate, max_context=args.max_context,
+                     long_fraction=args.long_fraction, burstiness=args.burstiness, seed=seed)
+
+
+def warmup_requests(max_context: int) -> list[BenchRequest]:
+    """A few of each kind, spread out: first-use costs stay out of the measured runs."""
+    return [BenchRequest(0.0, 200, 8), BenchRequest(0.5, 300, 8),
+            BenchRequest(1.0, int(0.6 * max_context), 8), BenchRequest(4.0, 100, 8),
+            BenchRequest(4.5, int(0.6 * max_context), 8), BenchRequest(8.0, 400, 8)]
+
+
+def run_target(name: TargetName, args: argparse.Namespace, out_dir: Path,
+               engine: EngineSettings, scheduler: SchedulerSettings,
+               slo: SLO) -> list[tuple[RunSummary, list[RequestRecord]]]:
+    target = make_target(name, out_dir, engine, scheduler)
+    results = []
+    try:
+        target.start(args.start_timeout_s)
+        warm = asyncio.run(run_load(target.base_urls, MODEL_NAME,
+                                    warmup_requests(args.max_context), progress=False,
+                                    max_duration_s=120))
+        failed = [r.error for r in warm if r.error]
+        if failed:
+            raise RuntimeError(f"{name}: warm-up requests failed: {failed[:2]}")
+        for rate in args.rates:
+            requests = workload(args, rate, args.seed)
+            print(f"[{name}] {rate:g} req/s: {len(requests)} requests over "
+                  f"{requests[-1].arrival_s:.0f} s", file=sys.stderr, flush=True)
+            records = asyncio.run(run_load(target.base_urls, MODEL_NAME, requests,
+                                           seed=args.seed, max_duration_s=args.max_run_s,
+                                           request_timeout_s=args.max_run_s))
+            summary = summarize(name, rate, records, slo, args.long_prompt_tokens)
+            s, lo = summary.classes["short"], summary.classes["long"]
+            print(f"[{name}] {rate:g} req/s: short p99 TTFT {s.ttft_ms['p99']:.0f} ms, "
+                  f"p99 TPOT {s.tpot_ms['p99']:.1f} ms; long p99 TTFT {lo.ttft_ms['p99']:.0f} "
+                  f"ms; goodput {summary.goodput_per_s:.2f} req/s; errors "
+                  f"{summary.classes['all'].num_errors}", file=sys.stderr, flush=True)
+            results.append((summary, records))
+    finally:
+        target.stop()
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    command = list(argv if argv is not None else sys.argv[1:])
+    args = build_parser().parse_args(command)
+    if args.quick:
+        args.rates = args.rates or [1.5, 3.0]
+        args.duration_s = args.duration_s or 25.0
+    args.rates = args.rates or [1.0, 2.0, 3.0, 4.0]
+    args.duration_s = args.duration_s or 60.0
+    if args.trace and not Path(args.trace).is_file():
+        print(f"error: trace file {args.trace} not found", file=sys.stderr)
+        return 2
+    model = resolve_model(args.model)
+    cores = tuple(c.strip() for c in args.cores.split(",") if c.strip())
+    if len(cores) < 2:
+        print("error: --cores needs at least two entries (one per engine)", file=sys.stderr)
+        return 2
+    engine = EngineSettings(str(model), cores, args.max_context + 256, args.max_num_seqs,
+                            args.max_num_batched_tokens, args.kv_cache_mib << 20)
+    scheduler = SchedulerSettings(args.long_prompt_tokens, args.local_max_prompt_tokens)
+    slo = SLO(args.slo_ttft_ms, args.slo_tpot_ms)
+    label = Path(args.trace).stem if args.trace else args.workload
+    out_dir = Path(args.out or DEFAULT_OUT / f"compare-{label}{'-quick' if args.quick else ''}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    runs: list[RunSummary] = []
+    records: dict[tuple[str, float], list[RequestRecord]] = {}
+    for name in args.targets:
+        for summary, recs in run_target(name, args, out_dir, engine, scheduler, slo):
+            runs.append(summary)
+            records[(name, summary.rate_per_s)] = recs
+    notes = [f"workload `{label}`, seed {args.seed}, rates {args.rates} req/s, about "
+             f"{args.duration_s:.0f} s of arrivals per rate; long = prompt >= "
+             f"{args.long_prompt_tokens} tokens",
+             f"{len(cores)} engines per target, pinned to cores {', '.join(cores)} "
+             f"(disagg: {max(1, len(cores) // 2)} prefill + the rest decode); max_num_seqs "
+             f"{args.max_num_seqs}, max_num_batched_tokens {args.max_num_batched_tokens} "
+             "(chunked prefill), block size 128, same in every target",
+             f"command: `disagg bench compare {' '.join(command)}`",
+             f"wall time {time.perf_counter() - started:.0f} s"]
+    title = f"disagg vs colocated vs vLLM: {label}"
+    (out_dir / "results.md").write_text(markdown(title, runs, slo, notes))
+    image_paths = plots(out_dir, runs, records, args.long_prompt_tokens)
+    with open(out_dir / "results.json", "w") as f:
+        json.dump({"args": {k: v for k, v in vars(args).items()}, "notes": notes,
+                   "summaries": [r.to_json() for r in runs],
+                   "records": {f"{t}@{rate:g}": [r.to_json() for r in recs]
+                               for (t, rate), recs in records.items()}}, f, indent=1)
+    print((out_dir / "results.md").read_text())
+    print(f"[compare] wrote {out_dir}/results.json, results.md, "
+          f"{', '.join(p.name for p in image_paths)} in {time.perf_counter() - started:.0f} s",
+          file=sys.stderr)
+    return 0
+
+
+def resolve_model(path: str | None) -> Path:
+    from runtime.cli import DEFAULT_MODEL_DIR
+    from runtime.tiny_model import is_tiny_model, make_tiny_model
+
+    if path:
+        model = Path(path).expanduser()
+        if not (model / "config.json").exists():
+            raise SystemExit(f"error: no checkpoint at {model} (config.json missing)")
+        return model
+    if not is_tiny_model(DEFAULT_MODEL_DIR):
+        print(f"[compare] generating the tiny model in {DEFAULT_MODEL_DIR}", file=sys.stderr)
+        make_tiny_model(DEFAULT_MODEL_DIR)
+    return DEFAULT_MODEL_DIR
+
+
+def _rates(text: str) -> list[float]:
+    rates = [float(x) for x in text.split(",") if x.strip()]
+    if not rates or any(r <= 0 for r in rates):
+        raise argparse.ArgumentTypeError("rates must be positive numbers, comma-separated")
+    return sorted(rates)
+
+
+def _targets(text: str) -> list[TargetName]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [n for n in names if n not in TARGETS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown target(s) {bad}; choose from {TARGETS}")
+    return names  # type: ignore[return-value]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="disagg bench compare",
+        description="Run disagg (prefill/decode pools + global scheduler), colocated serving "
+        "(our ingress, disaggregation off) and plain vLLM OpenAI servers (round-robin) one "
+        "after another on the same pinned cores with the same seeded arrivals; write "
+        "results.json, results.md (p50/p90/p99 TTFT and TPOT for short and long requests, "
+        "goodput under the SLOs, throughput, per-phase split) and PNG plots.")
+    p.add_argument("--workload", choices=list(get_args(WorkloadName)), default="mixed",
+                   help="synthetic workload (default mixed: mostly short, some long prompts)")
+    p.add_argument("--trace", help="replay an Azure (.csv) or Mooncake (.jsonl) trace instead, "
+                   "rescaled to each rate")
+    p.add_argument("--quick", action="store_true",
+                   help="two rates, 25 s of arrivals each (about 5-6 minutes in all)")
+    p.add_argument("--rates", type=_rates, help="requests/s, comma-separated "
+                   "(default 1,2,3,4; quick 1.5,3)")
+    p.add_argument("--duration-s", type=float, help="seconds of arrivals per rate "
+                   "(default 60; quick 25)")
+    p.add_argument("--max-requests", type=int, default=2000, help="cap per rate")
+    p.add_argument("--targets", type=_targets, default=list(TARGETS),
+                   help="comma-separated subset of disagg,colocated,vllm")
+    p.add_argument("--cores", default="0,1", help="one core set per engine, comma-separated "
+                   "(default 0,1: two engines, one core each)")
+    p.add_argument("--model", help="checkpoint directory (default: the tiny model)")
+    p.add_argument("--max-context", type=int, default=4096,
+                   help="long prompts take 50-90%% of this many tokens (default 4096)")
+    p.add_argument("--long-fraction", type=float, default=0.1,
+                   help="share of long prompts in `mixed` (default 0.1)")
+    p.add_argument("--burstiness", type=float, default=1.0,
+                   help="gamma shape of the arrival gaps: 1 Poisson, < 1 burstier")
+    p.add_argument("--long-prompt-tokens", type=int, default=1024,
+                   help="long-lane threshold, also the short/long split of the report")
+    p.add_argument("--local-max-prompt-tokens", type=int, default=1024,
+                   help="disagg: prompts up to this may be prefilled on the decode replica")
+    p.add_argument("--max-num-seqs", type=int, default=32)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="per-step token budget (chunked prefill), every engine")
+    p.add_argument("--kv-cache-mib", type=int, default=512, help="KV cache per engine")
+    p.add_argument("--slo-ttft-ms", type=float, default=1000.0)
+    p.add_argument("--slo-tpot-ms", type=float, default=100.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-run-s", type=float, default=300.0,
+                   help="bound on one rate's run; unfinished requests count as errors")
+    p.add_argument("--start-timeout-s", type=float, default=300.0)
+    p.add_argument("--out", help="output directory (default benchmarks/results/compare-<workload>)")
+    return p
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    sys.exit(main())

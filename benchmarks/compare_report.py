@@ -1,0 +1,148 @@
+"""The comparison's outputs: a Markdown table and PNG plots, from the run summaries."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from benchmarks.loadgen import RequestRecord
+from benchmarks.summary import PHASES, SLO, RunSummary
+
+BASELINE = "colocated"
+
+
+def _ms(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:,.0f}"
+
+
+def _ratio(value: float, base: float) -> str:
+    if math.isnan(value) or math.isnan(base) or base <= 0:
+        return "-"
+    return f"{value / base:.2f}x"
+
+
+def markdown(title: str, runs: list[RunSummary], slo: SLO, notes: list[str]) -> str:
+    lines = [f"# {title}", ""]
+    lines += [f"- {note}" for note in notes]
+    lines += [f"- SLOs for goodput: TTFT <= {slo.ttft_ms:.0f} ms and TPOT <= {slo.tpot_ms:.0f} "
+              "ms; ratios are to `colocated` in the same run at the same rate.", ""]
+    for rate in sorted({r.rate_per_s for r in runs}):
+        at_rate = [r for r in runs if r.rate_per_s == rate]
+        base = next((r for r in at_rate if r.target == BASELINE), None)
+        lines += [f"## {rate:g} requests/s", "",
+                  "| target | class | n (err) | TTFT p50 / p90 / p99 ms | TPOT p50 / p90 / p99 "
+                  "ms | p99 TTFT vs colocated | p99 TPOT vs colocated |",
+                  "|---|---|---|---|---|---|---|"]
+        for run in at_rate:
+            for name in ("short", "long"):
+                c = run.classes[name]
+                if not c.num_requests:
+                    continue
+                b = base.classes[name] if base else None
+                lines.append(
+                    f"| {run.target} | {name} | {c.num_requests} ({c.num_errors}) | "
+                    f"{' / '.join(_ms(c.ttft_ms[p]) for p in ('p50', 'p90', 'p99'))} | "
+                    f"{' / '.join(_ms(c.tpot_ms[p]) for p in ('p50', 'p90', 'p99'))} | "
+                    f"{_ratio(c.ttft_ms['p99'], b.ttft_ms['p99']) if b else '-'} | "
+                    f"{_ratio(c.tpot_ms['p99'], b.tpot_ms['p99']) if b else '-'} |")
+        lines += ["", "| target | goodput req/s (vs colocated) | SLO met | throughput "
+                      "tokens/s | requests/s | duration s |", "|---|---|---|---|---|---|"]
+        for run in at_rate:
+            a = run.classes["all"]
+            lines.append(
+                f"| {run.target} | {run.goodput_per_s:.2f} "
+                f"({_ratio(run.goodput_per_s, base.goodput_per_s) if base else '-'}) | "
+                f"{a.num_slo_met}/{a.num_requests} | {run.throughput_tokens_per_s:.0f} | "
+                f"{run.throughput_requests_per_s:.2f} | {run.duration_s:.1f} |")
+        lines += ["", "Mean server-side phases, ms (what each request waited for, by phase):", "",
+                  "| target | class | modes | " + " | ".join(PHASES) + " |",
+                  "|---|---|---|" + "---|" * len(PHASES)]
+        for run in at_rate:
+            for name in ("short", "long"):
+                c = run.classes[name]
+                if c.phases_ms:
+                    modes = ", ".join(f"{m} {n}" for m, n in sorted(c.modes.items()))
+                    lines.append(f"| {run.target} | {name} | {modes} | "
+                                 + " | ".join(_ms(c.phases_ms[p]) for p in PHASES) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plots(out_dir: Path, runs: list[RunSummary], records: dict[tuple[str, float], Any],
+          long_prompt_tokens: int) -> list[Path]:
+    """ttft_cdf_short.png (at the highest rate), phases.png (at the highest rate),
+    p99_ttft_vs_rate.png. records: (target, rate) -> list of RequestRecord."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    top = max(r.rate_per_s for r in runs)
+    targets = list(dict.fromkeys(r.target for r in runs))
+    paths = []
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for target in targets:
+        recs: list[RequestRecord] = records.get((target, top), [])
+        ttfts = np.sort([r.ttft_ms for r in recs if r.ttft_ms is not None and not r.error
+                         and r.prompt_len < long_prompt_tokens])
+        if len(ttfts):
+            ax.step(ttfts, np.arange(1, len(ttfts) + 1) / len(ttfts), where="post", label=target)
+    ax.set_xscale("log")
+    ax.set_xlabel("TTFT of short requests (ms, log)")
+    ax.set_ylabel("fraction of requests")
+    ax.set_title(f"Short-request TTFT CDF at {top:g} req/s")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    paths.append(_save(fig, out_dir / "ttft_cdf_short.png"))
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bars = [(r.target, name, r.classes[name]) for r in runs if r.rate_per_s == top
+            for name in ("short", "long") if r.classes[name].num_requests]
+    labels = [f"{t}\n{n}" for t, n, _ in bars]
+    bottom = np.zeros(len(bars))
+    for phase in (*PHASES, "client_ttft", "client_rest"):
+        heights = np.array([_phase_height(c, phase) for _, _, c in bars])
+        if heights.any():
+            ax.bar(labels, heights, bottom=bottom, label=phase)
+            bottom += heights
+    ax.set_ylabel("mean ms per request")
+    ax.set_title(f"Where the time goes, by phase, at {top:g} req/s\n"
+                 "(vllm: client-side TTFT and the rest; it reports no phases)", fontsize=9)
+    ax.legend(fontsize=7)
+    paths.append(_save(fig, out_dir / "phases.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for target in targets:
+        points = sorted((r.rate_per_s, r.classes["short"].ttft_ms["p99"]) for r in runs
+                        if r.target == target)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=target)
+    ax.set_xlabel("request rate (req/s)")
+    ax.set_ylabel("p99 TTFT of short requests (ms)")
+    ax.set_yscale("log")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    paths.append(_save(fig, out_dir / "p99_ttft_vs_rate.png"))
+    return paths
+
+
+def _phase_height(c: Any, phase: str) -> float:
+    if c.phases_ms:
+        return float(c.phases_ms.get(phase, 0.0))
+    if phase == "client_ttft":
+        return 0.0 if math.isnan(c.mean_ttft_ms) else float(c.mean_ttft_ms)
+    if phase == "client_rest":
+        rest = c.mean_e2e_ms - c.mean_ttft_ms
+        return 0.0 if math.isnan(rest) else float(rest)
+    return 0.0
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path

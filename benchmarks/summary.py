@@ -1,0 +1,107 @@
+"""Summaries of one load run: latency percentiles per request class, goodput, throughput, and
+the server's own per-phase split (pure functions of the load generator's records)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from benchmarks.loadgen import RequestRecord
+
+PHASES = ("scheduler_queue", "prefill_queue", "prefill_compute", "kv_transfer", "decode_queue",
+          "decode_compute")
+
+
+@dataclass(frozen=True)
+class SLO:
+    ttft_ms: float
+    tpot_ms: float
+
+    def met_by(self, record: RequestRecord) -> bool:
+        tpot = record.tpot_ms
+        return (not record.error and record.ttft_ms is not None and record.ttft_ms <= self.ttft_ms
+                and (tpot is None or tpot <= self.tpot_ms))
+
+
+@dataclass(frozen=True)
+class ClassSummary:
+    """One class of requests (short or long, or all) in one run."""
+
+    num_requests: int
+    num_errors: int
+    ttft_ms: dict[str, float]  # p50, p90, p99
+    tpot_ms: dict[str, float]
+    e2e_ms: dict[str, float]
+    mean_ttft_ms: float
+    mean_e2e_ms: float
+    num_slo_met: int
+    phases_ms: dict[str, float]  # mean of the server's phases, where it reports them
+    modes: dict[str, int]  # how the server ran them (disaggregated / local)
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    target: str
+    rate_per_s: float
+    duration_s: float
+    goodput_per_s: float  # requests meeting both SLOs, per second of the run
+    throughput_tokens_per_s: float  # output tokens per second of the run
+    throughput_requests_per_s: float
+    classes: dict[str, ClassSummary]  # "short", "long", "all"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"p50": float("nan"), "p90": float("nan"), "p99": float("nan")}
+    p50, p90, p99 = np.percentile(np.asarray(values), [50, 90, 99])
+    return {"p50": float(p50), "p90": float(p90), "p99": float(p99)}
+
+
+def _mean(values: list[float]) -> float:
+    return float(np.mean(values)) if values else float("nan")
+
+
+def summarize_class(records: list[RequestRecord], slo: SLO) -> ClassSummary:
+    ok = [r for r in records if not r.error and r.ttft_ms is not None]
+    phases: dict[str, float] = {}
+    timed: list[dict[str, Any]] = [r.server_timings for r in ok if r.server_timings]
+    if timed:
+        phases = {p: float(np.mean([t["phases_ms"][p] for t in timed])) for p in PHASES}
+    modes: dict[str, int] = {}
+    for t in timed:
+        modes[t["mode"]] = modes.get(t["mode"], 0) + 1
+    return ClassSummary(
+        num_requests=len(records),
+        num_errors=sum(1 for r in records if r.error),
+        ttft_ms=percentiles([r.ttft_ms for r in ok if r.ttft_ms is not None]),
+        tpot_ms=percentiles([tp for r in ok if (tp := r.tpot_ms) is not None]),
+        e2e_ms=percentiles([r.e2e_ms for r in ok if r.e2e_ms is not None]),
+        mean_ttft_ms=_mean([r.ttft_ms for r in ok if r.ttft_ms is not None]),
+        mean_e2e_ms=_mean([r.e2e_ms for r in ok if r.e2e_ms is not None]),
+        num_slo_met=sum(1 for r in records if slo.met_by(r)),
+        phases_ms=phases,
+        modes=modes,
+    )
+
+
+def summarize(target: str, rate_per_s: float, records: list[RequestRecord], slo: SLO,
+              long_prompt_tokens: int) -> RunSummary:
+    """Short requests are those with prompts under long_prompt_tokens."""
+    sent = [r for r in records if r.sent_s]
+    start = min((r.sent_s for r in sent), default=0.0)
+    end = max((r.sent_s + r.e2e_ms / 1e3 for r in sent if r.e2e_ms is not None), default=start)
+    duration_s = max(end - start, 1e-9)
+    classes = {
+        "short": summarize_class([r for r in records if r.prompt_len < long_prompt_tokens], slo),
+        "long": summarize_class([r for r in records if r.prompt_len >= long_prompt_tokens], slo),
+        "all": summarize_class(records, slo),
+    }
+    num_tokens = sum(r.num_output_tokens for r in records if not r.error)
+    num_ok = sum(1 for r in records if not r.error)
+    return RunSummary(target, rate_per_s, duration_s, classes["all"].num_slo_met / duration_s,
+                      num_tokens / duration_s, num_ok / duration_s, classes)

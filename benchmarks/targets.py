@@ -1,0 +1,213 @@
+"""The serving setups a comparison runs, each as child processes it starts and stops.
+
+  1. `disagg`: `disagg serve` with the prefill and decode pools and the global scheduler.
+  2. `colocated`: `disagg serve` with disaggregation off (serving: colocated): the same number
+     of engines, each prefilling and decoding (chunked prefill), least-loaded routing.
+  3. `vllm`: vLLM's own OpenAI server processes, unmodified, one per engine; the load
+     generator round-robins over them (no code of ours in the serving path).
+
+Every engine is pinned to its own cores (`cores[i]`), the same cores in every setup, and
+every engine core process runs at nice ENGINE_NICE: the engines fill every core, and without it
+the serving front-ends (vLLM's API server; Serve's proxy, ingress and replicas) wait for a
+time slice on each token, as they would not on cores of their own. The same rule for every
+target. A target's logs go to files in the run's directory; `stop` ends its process group.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx
+import yaml
+
+from runtime.app_config import AppConfig
+from runtime.engines import free_port
+
+ENGINE_NICE = 10
+TargetName = Literal["disagg", "colocated", "vllm"]
+TARGETS: tuple[TargetName, ...] = ("disagg", "colocated", "vllm")
+MODEL_NAME = "tiny"
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """What every engine of every target gets, so the setups differ only in how they serve."""
+
+    model: str
+    cores: tuple[str, ...]  # one entry per engine
+    max_model_len: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    kv_cache_bytes: int
+    block_size: int = 128
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    long_prompt_tokens: int
+    local_max_prompt_tokens: int
+
+
+class Target:
+    """A running setup: start() blocks until it serves, stop() until its processes exit."""
+
+    def __init__(self, name: TargetName, out_dir: Path) -> None:
+        self.name = name
+        self.out_dir = out_dir
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.base_urls: list[str] = []
+
+    def _spawn(self, argv: list[str], log_name: str, env: dict[str, str] | None = None) -> None:
+        log = open(self.out_dir / log_name, "wb")  # noqa: SIM115 - owned by the process
+        self.procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                           env={**os.environ, **(env or {})},
+                                           start_new_session=True))
+
+    def start(self, timeout_s: float = 300.0) -> float:
+        """Start and wait until every endpoint's /health is 200; returns seconds taken."""
+        raise NotImplementedError
+
+    def _wait_healthy(self, timeout_s: float, started: float) -> float:
+        pending = list(self.base_urls)
+        while pending:
+            for proc in self.procs:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{self.name}: a server process exited with "
+                                       f"{proc.returncode} while starting (logs in "
+                                       f"{self.out_dir})")
+            elapsed = time.perf_counter() - started
+            if elapsed > timeout_s:
+                raise RuntimeError(f"{self.name}: not healthy after {timeout_s:.0f} s "
+                                   f"(logs in {self.out_dir})")
+            try:
+                if httpx.get(f"{pending[0]}/health", timeout=2.0).status_code == 200:
+                    pending.pop(0)
+                    continue
+            except httpx.HTTPError:
+                pass
+            print(f"\r[{self.name}] starting: {elapsed:5.0f} s", end="", file=sys.stderr,
+                  flush=True)
+            time.sleep(2.0)
+        took = time.perf_counter() - started
+        num_engines = self._renice_engines()
+        print(f"\r[{self.name}] up in {took:.0f} s ({num_engines} engine core processes at "
+              f"nice {ENGINE_NICE})", file=sys.stderr, flush=True)
+        return took
+
+    def _renice_engines(self) -> int:
+        import psutil
+
+        engines = []
+        for proc in self.procs:
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                try:
+                    if "EngineCore" in child.name() or "EngineCore" in " ".join(
+                            child.cmdline()):
+                        engines.append(child)
+                except psutil.Error:
+                    continue
+        for engine in engines:  # niceness is per thread on Linux: every thread of the engine
+            for thread in engine.threads():
+                try:
+                    os.setpriority(os.PRIO_PROCESS, thread.id, ENGINE_NICE)
+                except OSError:
+                    continue
+        return len(engines)
+
+    def stop(self, timeout_s: float = 90.0) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.perf_counter() + timeout_s
+        for proc in self.procs:
+            try:
+                proc.wait(max(1.0, deadline - time.perf_counter()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+        self.procs.clear()
+
+
+class ServeTarget(Target):
+    """`disagg serve` on a fresh local Ray, disaggregated or colocated."""
+
+    def __init__(self, name: TargetName, out_dir: Path, engine: EngineSettings,
+                 scheduler: SchedulerSettings) -> None:
+        super().__init__(name, out_dir)
+        self.config = app_config(name, engine, scheduler, free_port())
+        self.base_urls = [f"http://127.0.0.1:{self.config['server']['http_port']}"]
+
+    def start(self, timeout_s: float = 300.0) -> float:
+        AppConfig.model_validate(self.config)
+        path = self.out_dir / f"{self.name}.yaml"
+        path.write_text(yaml.safe_dump(self.config, sort_keys=False))
+        started = time.perf_counter()
+        self._spawn([sys.executable, "-m", "runtime.cli", "serve", "--config", str(path)],
+                    f"{self.name}.log", {"RAY_DEDUP_LOGS": "0"})
+        return self._wait_healthy(timeout_s, started)
+
+
+def app_config(name: TargetName, engine: EngineSettings, scheduler: SchedulerSettings,
+               http_port: int) -> dict[str, Any]:
+    """disagg: one prefill replica on the first core(s), the rest decode replicas on the
+    others; colocated: every engine a decode-pool replica (prefill and decode)."""
+    shared = {"model": engine.model, "dtype": "float32", "block_size": engine.block_size,
+              "max_model_len": engine.max_model_len, "kv_cache_bytes": engine.kv_cache_bytes,
+              "max_num_seqs": engine.max_num_seqs,
+              "max_num_batched_tokens": engine.max_num_batched_tokens}
+    cores = list(engine.cores)
+    num_prefill = max(1, len(cores) // 2) if name == "disagg" else 0
+    config: dict[str, Any] = {
+        "serving": "disaggregated" if name == "disagg" else "colocated",
+        "engine": shared,
+        "decode": {"replicas": len(cores) - num_prefill, "num_cpus": 0,
+                   "cpu_cores": cores[num_prefill:]},
+        "transfer": {"data_channel": "tcp", "on_transfer_failure": "recompute"},
+        "scheduler": {"long_prompt_tokens": scheduler.long_prompt_tokens,
+                      "local_max_prompt_tokens": scheduler.local_max_prompt_tokens},
+        "server": {"host": "127.0.0.1", "http_port": http_port, "grpc_port": 0,
+                   "served_model_name": MODEL_NAME, "app_name": f"bench-{name}"},
+    }
+    if num_prefill:
+        config["prefill"] = {"replicas": num_prefill, "num_cpus": 0,
+                             "cpu_cores": cores[:num_prefill]}
+    return config
+
+
+class VllmTarget(Target):
+    """vLLM's own OpenAI server, one process per engine, each pinned to its cores."""
+
+    def __init__(self, out_dir: Path, engine: EngineSettings) -> None:
+        super().__init__("vllm", out_dir)
+        self.engine = engine
+        self.ports = [free_port() for _ in engine.cores]
+        self.base_urls = [f"http://127.0.0.1:{port}" for port in self.ports]
+
+    def start(self, timeout_s: float = 300.0) -> float:
+        e = self.engine
+        started = time.perf_counter()
+        for i, (port, cores) in enumerate(zip(self.ports, e.cores, strict=True)):
+            argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+                    "--model", e.model, "--served-model-name", MODEL_NAME,
+                    "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+                    "--block-size", str(e.block_size), "--max-model-len", str(e.max_model_len),
+                    "--max-num-seqs", str(e.max_num_seqs),
+                    "--max-num-batched-tokens", str(e.max_num_batched_tokens),
+                    "--kv-cache-memory-bytes", str(e.kv_cache_bytes), "--enforce-eager",
+                    "--disable-uvicorn-access-log"]
+            self._spawn(argv, f"vllm-{i}.log", {"VLLM_CPU_OMP_THREADS_BIND": cores})
+        return self._wait_healthy(timeout_s, started)
+
+
+def make_target(name: TargetName, out_dir: Path, engine: EngineSettings,
+                scheduler: SchedulerSettings) -> Target:
+    if name == "vllm":
+        return VllmTarget(out_dir, engine)
+    return ServeTarget(name, out_dir, engine, scheduler)
