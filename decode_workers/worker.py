@@ -37,8 +37,8 @@ class KVTransferFailed(RuntimeError):
 
 @dataclass(frozen=True)
 class DecodeTimings:
-    queue_ms: float  # engine queue, excluding the transfer
-    transfer_ms: float
+    queue_ms: float  # engine queue, excluding the exposed transfer
+    transfer_ms: float  # the pull's own duration
     transfer_bytes: int
     first_token_ms: float  # submit -> first new token (queue + transfer + first step)
     decode_ms: float  # first new token -> last token
@@ -46,6 +46,7 @@ class DecodeTimings:
     num_computed_prompt_tokens: int  # prompt tokens this engine computed itself
     transfer_error: str
     worker_id: str = ""
+    transfer_exposed_ms: float = 0.0  # what the request waited for its KV (see TransferStats)
 
 
 @dataclass(frozen=True)
@@ -137,12 +138,13 @@ class DecodeWorker:
             end = time.perf_counter()
             first_at = first_token_at or end
             transfer_ms = stats.transfer_ms if stats else 0.0
+            exposed_ms = stats.exposed_transfer_ms if stats else 0.0
             engine_queue_ms = _queue_ms(output.metrics)
             yield DecodeChunk(
                 new_tokens,
                 finish_reason=completion.finish_reason,
                 timings=DecodeTimings(
-                    queue_ms=max(0.0, engine_queue_ms - transfer_ms),
+                    queue_ms=max(0.0, engine_queue_ms - exposed_ms),
                     transfer_ms=transfer_ms,
                     transfer_bytes=stats.transfer_bytes if stats else 0,
                     first_token_ms=(first_at - start) * 1e3,
@@ -151,6 +153,7 @@ class DecodeWorker:
                     num_computed_prompt_tokens=len(prompt) - (output.num_cached_tokens or 0),
                     transfer_error=earlier_error or (stats.error if stats else ""),
                     worker_id=self.worker_id,
+                    transfer_exposed_ms=exposed_ms,
                 ),
             )
 

@@ -46,6 +46,8 @@ class _Load:
     spec: LoadSpec
     future: Future[PullResult]
     cancelled: threading.Event = field(default_factory=threading.Event)
+    started_at: float = field(default_factory=time.perf_counter)  # reached this worker
+    done_at: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -211,8 +213,10 @@ class ConnectorWorker:
                 timeout_s=self._config.pull_timeout_s,
                 cancelled=load.cancelled,
             )
+            load.done_at = time.perf_counter()
             load.future.set_result(result)
         except BaseException as err:  # noqa: BLE001 - any failure must reach the scheduler
+            load.done_at = time.perf_counter()
             load.future.set_exception(err)
         finally:
             self._client.release(spec.endpoint, spec.handle, RELEASE_TIMEOUT_S)
@@ -224,8 +228,9 @@ class ConnectorWorker:
             pulled = load.future.result()
             self._num_loads_done += 1
             self._loaded_bytes += pulled.transfer_bytes
+            exposed_ms = (load.done_at - load.started_at) * 1e3
             return TransferStats(spec.num_tokens, pulled.num_blocks, pulled.transfer_bytes,
-                                 pulled.transfer_ms)
+                                 pulled.transfer_ms, exposed_transfer_ms=exposed_ms)
         self._num_loads_failed += 1
         results.failed_recving.add(spec.request_id)
         reason = str(err) if isinstance(err, TransferError) else f"{type(err).__name__}: {err}"

@@ -40,13 +40,20 @@ class TransferParams:
 
 @dataclass(frozen=True)
 class TransferStats:
-    """What the consumer's connector did for one request."""
+    """What the consumer's connector did for one request.
+
+    transfer_ms is the pull's own duration; exposed_transfer_ms is how long the request waited
+    for its KV: from the load reaching the consumer's worker to the blocks being in place
+    (queueing for a pull thread included). Whatever part of the transfer ran before the load
+    reached the worker (hidden behind compute) is in transfer_ms but not in exposed_transfer_ms.
+    """
 
     num_loaded_tokens: int
     num_loaded_blocks: int
     transfer_bytes: int
     transfer_ms: float
     error: str = ""
+    exposed_transfer_ms: float = 0.0
 
 
 def producer_request_params() -> dict[str, Any]:

@@ -48,6 +48,8 @@ class PhaseTimings:
     decode_replica: str = ""
     transfer_error: str = ""
     decision_reason: str = ""  # why the scheduler chose this lane, mode and replicas
+    # The part of kv_transfer_ms the request waited for (the rest was hidden behind compute).
+    kv_transfer_exposed_ms: float = 0.0
 
     @property
     def phases_ms(self) -> dict[str, float]:
@@ -185,7 +187,7 @@ class DisaggPipeline:
         tpot_ms = (e2e_ms - ttft_ms) / (num_tokens - 1) if num_tokens > 1 else 0.0
         decode_compute_ms = 0.0
         if decode is not None:
-            first_step_ms = decode.first_token_ms - decode.transfer_ms - decode.queue_ms
+            first_step_ms = decode.first_token_ms - decode.transfer_exposed_ms - decode.queue_ms
             decode_compute_ms = max(0.0, first_step_ms) + decode.decode_ms
         return PhaseTimings(
             scheduler_queue_ms=queue_ms,
@@ -208,4 +210,5 @@ class DisaggPipeline:
             prefill_replica=first.worker_id,
             decode_replica=decode.worker_id if decode else "",
             transfer_error=decode.transfer_error if decode else "",
+            kv_transfer_exposed_ms=decode.transfer_exposed_ms if decode else 0.0,
         )

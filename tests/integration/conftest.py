@@ -1,8 +1,9 @@
 """Shared real vLLM CPU engines for the integration tests (started once per test session).
 
-Four engines on the generated tiny model: a prefill engine (KV producer), two decode engines
-(KV consumers: one pulls over the bulk TCP data channel, the default; one over gRPC streams, two
-per pull) and a plain colocated engine that serves as the correctness oracle.
+Five engines on the generated tiny model: a prefill engine (KV producer, serving both
+transports), three decode engines (KV consumers: "tcp" pulls over the bulk TCP data channel, the
+default; "grpc" over gRPC streams, two per pull; "nccl" over the nccl transport in gloo test
+mode) and a plain colocated engine that serves as the correctness oracle.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ T = TypeVar("T")
 _flush_ids = itertools.count()
 BLOCK_SIZE = 128
 LEASE_S = 6.0
+CHANNELS = ("tcp", "grpc", "nccl")  # decode engines by payload path
+SEED_OFFSETS = {"tcp": 0, "grpc": 100, "nccl": 500}  # distinct prompts per decode engine
 
 
 class EventLoopThread:
@@ -55,9 +58,9 @@ class Cluster:
     runner: EventLoopThread
     transfer: TransferConfig
     prefill: PrefillWorker
-    decoders: dict[str, DecodeWorker]  # by data channel
+    decoders: dict[str, DecodeWorker]  # by payload path (CHANNELS)
     oracle: Any  # AsyncLLM, colocated
-    probes: dict[str, LoadProbe]  # "prefill", "tcp", "grpc": each engine's live load
+    probes: dict[str, LoadProbe]  # "prefill" and CHANNELS: each engine's live load
 
     def pipeline(self, channel: str = "tcp") -> DisaggPipeline:
         return DisaggPipeline(self.prefill, self.decoders[channel])
@@ -81,19 +84,24 @@ def cluster(tiny_model: Path):
     grpc_transfer = transfer.model_copy(
         update={"data_channel": "grpc", "num_streams": 2, "max_chunk_bytes": 256 << 10}
     )
+    nccl_transfer = TransferConfig.model_validate(
+        {**transfer.model_dump(), "auth_token": transfer.auth_token, "transport": "nccl",
+         "gloo_test_mode": True}
+    )
 
-    probes = {name: LoadProbe() for name in ("prefill", "tcp", "grpc")}
+    probes = {name: LoadProbe() for name in ("prefill", *CHANNELS)}
 
     async def start() -> Cluster:
         prefill = PrefillWorker(
-            build_engine(engine_config, "prefill", transfer, probe=probes["prefill"]),
+            build_engine(engine_config, "prefill", nccl_transfer, probe=probes["prefill"]),
             transfer.auth_token.get_secret_value(),
         )
         decoders = {
             channel: DecodeWorker(
                 build_engine(engine_config, "decode", config, probe=probes[channel]), BLOCK_SIZE
             )
-            for channel, config in (("tcp", transfer), ("grpc", grpc_transfer))
+            for channel, config in (("tcp", transfer), ("grpc", grpc_transfer),
+                                    ("nccl", nccl_transfer))
         }
         oracle = build_engine(engine_config, "colocated")
         return Cluster(runner, transfer, prefill, decoders, oracle, probes)
@@ -108,9 +116,9 @@ def cluster(tiny_model: Path):
     runner.stop()
 
 
-@pytest.fixture(params=["tcp", "grpc"])
+@pytest.fixture(params=CHANNELS)
 def channel(request: pytest.FixtureRequest) -> str:
-    """The data channel of the decode engine a test runs against."""
+    """The payload path of the decode engine a test runs against."""
     return str(request.param)
 
 

@@ -13,11 +13,13 @@ import pytest
 
 from decode_workers.worker import KVTransferFailed
 from kv_transfer.grpc_transport import release_handle
+from kv_transfer.params import TransferParams
 from runtime.engines import free_port
 from runtime.requests import GenerateRequest
-from tests.integration.conftest import LEASE_S
+from tests.integration.conftest import BLOCK_SIZE, LEASE_S, SEED_OFFSETS
 from tests.integration.faults import CuttingProxy
 from tests.integration.helpers import colocated_tokens, greedy, make_prompt
+from tests.integration.nccl_peer import FakeNcclProducer
 
 _ids = itertools.count()
 FAULT_DEADLINE_S = 15.0
@@ -134,7 +136,7 @@ def test_stream_cut_midway(cluster, policy):
 
 
 def test_next_request_after_faults_is_exact(cluster, channel):
-    request = _request(900, seed=5 if channel == "tcp" else 6, max_tokens=7)
+    request = _request(900, seed=5 + SEED_OFFSETS[channel], max_tokens=7)
     completion = cluster.runner.run(cluster.pipeline(channel).generate(request))
     assert completion.token_ids == _expected(cluster, request)
     assert completion.timings.num_loaded_tokens == 900
@@ -146,7 +148,7 @@ def test_client_gone_at_any_stage_leaks_nothing(cluster, channel, num_events_bef
     (1), or while decode streams (2): every block comes back, no lease waits for its expiry
     (checked by the no_leaks fixture, which waits less than a lease lasts)."""
     # a prompt no engine has cached, so the prefill takes long enough to be cancelled in
-    seed = 20 + num_events_before_leaving + (10 if channel == "grpc" else 0)
+    seed = 20 + num_events_before_leaving + SEED_OFFSETS[channel]
     request = _request(3000, seed=seed, max_tokens=40)
     pipeline = cluster.pipeline(channel)
 
@@ -172,3 +174,72 @@ def test_client_gone_at_any_stage_leaks_nothing(cluster, channel, num_events_bef
         produced = cluster.runner.run(cluster.prefill.kv_stats())
     assert produced.num_leases == 0, "a lease waited for its expiry"
     assert time.monotonic() - start < LEASE_S
+
+
+@pytest.mark.parametrize("policy", ["fail", "recompute"])
+def test_nccl_peer_dies_mid_transfer_then_restarts(cluster, tiny_model, policy):
+    """The nccl (gloo) path against a producer process that crashes after its first chunk:
+    1. the decode request fails with a clear error, or recomputes to the oracle's tokens,
+       within the deadline; 2. the same endpoint, restarted, serves the next pull over a fresh
+       group; 3. nothing leaks (no_leaks fixture; the restarted producer's lease is released).
+    The stand-in serves synthetic blocks, so only the first request's tokens are checked."""
+    port = free_port()
+    token = cluster.transfer.auth_token.get_secret_value()
+    request = _request(3000, seed=40 + (policy == "fail"))
+    num_blocks = -(-3000 // BLOCK_SIZE)
+    dying = FakeNcclProducer(port, token, tiny_model, BLOCK_SIZE, die_after_chunks=1)
+
+    def to_dying_peer(transfer):
+        dying.grant(transfer.handle, list(range(num_blocks)))
+        return dataclasses.replace(transfer, endpoint=dying.endpoint,
+                                   block_ids=tuple(range(num_blocks)))
+
+    try:
+        start = time.monotonic()
+        if policy == "fail":
+            with pytest.raises(KVTransferFailed, match="transfer|producer|group"):
+                _run_fault(cluster, request, to_dying_peer, policy, "nccl")
+        else:
+            tokens, timings = _run_fault(cluster, request, to_dying_peer, policy, "nccl")
+            assert tokens == _expected(cluster, request)
+            assert timings.transfer_error
+        assert time.monotonic() - start < FAULT_DEADLINE_S
+        dying.process.join(5)
+        assert not dying.process.is_alive(), "the stand-in producer did not die mid-transfer"
+    finally:
+        dying.stop()
+
+    restarted = FakeNcclProducer(port, token, tiny_model, BLOCK_SIZE)
+    try:
+        prompt = make_prompt(500, seed=42 + (policy == "fail"))
+        handle = f"restart-{policy}-" + "x" * 20
+        restarted.grant(handle, [0, 1, 2, 3])
+        transfer = TransferParams(restarted.endpoint, handle, (0, 1, 2, 3), 500, BLOCK_SIZE,
+                                  30.0)
+        after = GenerateRequest(f"fault-{next(_ids)}", prompt, greedy(3))
+        tokens, timings = _until_reachable(cluster, after, transfer)
+        assert timings.transfer_error == "" and timings.num_loaded_tokens == 500
+        assert restarted.num_leases() == 0, "the consumer did not release the restarted lease"
+    finally:
+        restarted.stop()
+
+
+def _until_reachable(cluster, request, transfer, wait_s=10.0):
+    """gRPC redials a restarted endpoint after its reconnect backoff (about a second)."""
+    deadline = time.monotonic() + wait_s
+    attempt = 0
+    while True:
+        retry = dataclasses.replace(request, request_id=f"{request.request_id}-{attempt}")
+        first = _FirstToken(request.prompt_token_ids[-1])
+        try:
+            return cluster.runner.run(_decode_all(cluster, retry, first, transfer, "fail", "nccl"))
+        except KVTransferFailed as err:
+            if "unreachable" not in str(err) or time.monotonic() > deadline:
+                raise
+            attempt += 1
+            time.sleep(0.5)
+
+
+@dataclasses.dataclass(frozen=True)
+class _FirstToken:
+    first_token_id: int

@@ -9,7 +9,7 @@ import itertools
 import pytest
 
 from runtime.requests import GenerateRequest
-from tests.integration.conftest import BLOCK_SIZE
+from tests.integration.conftest import BLOCK_SIZE, SEED_OFFSETS
 from tests.integration.helpers import colocated_tokens, greedy, make_prompt
 
 _ids = itertools.count()
@@ -23,7 +23,7 @@ def _request(prompt: tuple[int, ...], max_tokens: int) -> GenerateRequest:
 @pytest.mark.parametrize("max_tokens", [2, 9])
 @pytest.mark.parametrize("length", LENGTHS)
 def test_disaggregated_equals_colocated(cluster, channel: str, length: int, max_tokens: int):
-    prompt = make_prompt(length, seed=max_tokens + (100 if channel == "grpc" else 0))
+    prompt = make_prompt(length, seed=max_tokens + SEED_OFFSETS[channel])
     request = _request(prompt, max_tokens)
     completion = cluster.runner.run(cluster.pipeline(channel).generate(request))
     expected = cluster.runner.run(
@@ -87,7 +87,7 @@ def test_corrupted_blocks_change_the_output(cluster):
 
 def test_eight_concurrent_mixed_requests(cluster, channel: str):
     lengths = [5, 127, 128, 300, 700, 1000, 1500, 2500]
-    offset = 300 if channel == "grpc" else 200
+    offset = 200 + SEED_OFFSETS[channel]
     requests = [
         _request(make_prompt(n, seed=offset + i), max_tokens=3 + i) for i, n in enumerate(lengths)
     ]
@@ -116,4 +116,6 @@ def test_timings_are_consistent(cluster):
     assert t.ttft_ms >= t.prefill_compute_ms > 0
     assert t.e2e_ms >= t.ttft_ms + t.kv_transfer_ms
     assert t.kv_transfer_bytes > 0 and t.kv_transfer_ms > 0
+    # no overlap on this path: the request waited for the whole pull (and its thread)
+    assert t.kv_transfer_exposed_ms >= t.kv_transfer_ms
     assert t.num_output_tokens == 6

@@ -1,0 +1,108 @@
+"""A stand-in nccl producer in its own process, which can die in the middle of a transfer.
+
+It serves synthetic blocks with the tiny model's per-layer block bytes through the real
+producer code (GrpcKVServer + CollectiveSender, gloo), so a real decode engine pulls from it.
+With `die_after_chunks`, the process exits hard (no clean-up, like a crash) right after sending
+that many chunks of a transfer.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import torch
+
+TOKEN_FIELD = "auth_token"
+
+
+def block_bytes_per_layer(model_dir: Path, block_size: int) -> tuple[int, int]:
+    """(layers, bytes of one block of one layer) of a float32 checkpoint's KV cache."""
+    config = json.loads((model_dir / "config.json").read_text())
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    per_layer = 2 * config["num_key_value_heads"] * head_dim * block_size * 4
+    return config["num_hidden_layers"], per_layer
+
+
+def _serve(port: int, token: str, num_layers: int, layer_block_bytes: int, num_blocks: int,
+           die_after_chunks: int, ctl: Connection) -> None:
+    from kv_transfer import collective
+    from kv_transfer.collective_transport import (
+        CollectiveSender,
+        WorkerIdentity,
+        collective_handlers,
+    )
+    from kv_transfer.grpc_transport import GrpcKVServer
+    from kv_transfer.leases import LeaseTable
+    from kv_transfer.paged_kv import PagedKVCache
+
+    if die_after_chunks:
+        real_send = collective.PairGroup.send
+        sent = [0]
+
+        def send_then_die(self: collective.PairGroup, tensor: torch.Tensor) -> None:
+            real_send(self, tensor)
+            sent[0] += 1
+            if sent[0] >= die_after_chunks:
+                os._exit(1)
+
+        collective.PairGroup.send = send_then_die  # type: ignore[method-assign]
+
+    shape = (num_blocks, layer_block_bytes // 4)
+    layers = {f"layer.{i}": torch.randn(shape) for i in range(num_layers)}
+    cache = PagedKVCache(layers, num_blocks)
+    leases = LeaseTable()
+    server = GrpcKVServer(cache, leases, bind_host="127.0.0.1", port=port, auth_token=token,
+                          max_chunk_bytes=1 << 20, handle_wait_s=1.0)
+    sender = CollectiveSender(cache, WorkerIdentity("gloo", 1, 0), "127.0.0.1", 5.0)
+    server.add_handlers(collective_handlers(server, sender))
+    endpoint = server.start()
+    ctl.send(endpoint)
+    while True:
+        command, arg = ctl.recv()
+        if command == "grant":
+            handle, block_ids = arg
+            leases.grant(handle, "fake-request", tuple(block_ids), lease_s=30)
+            ctl.send(None)
+        elif command == "num_leases":
+            leases.take_freed()
+            ctl.send(leases.num_leases)
+        else:
+            server.stop(0)
+            sender.stop()
+            ctl.send(None)
+            return
+
+
+class FakeNcclProducer:
+    """Drives the stand-in producer process from the test."""
+
+    def __init__(self, port: int, token: str, model_dir: Path, block_size: int,
+                 die_after_chunks: int = 0, num_blocks: int = 64) -> None:
+        num_layers, layer_bytes = block_bytes_per_layer(model_dir, block_size)
+        ctx = mp.get_context("spawn")
+        self._ctl, child = ctx.Pipe()
+        self.process = ctx.Process(
+            target=_serve,
+            args=(port, token, num_layers, layer_bytes, num_blocks, die_after_chunks, child),
+            daemon=True,
+        )
+        self.process.start()
+        self.endpoint: str = self._ctl.recv()
+
+    def grant(self, handle: str, block_ids: list[int]) -> None:
+        self._ctl.send(("grant", (handle, block_ids)))
+        self._ctl.recv()
+
+    def num_leases(self) -> int:
+        self._ctl.send(("num_leases", None))
+        return int(self._ctl.recv())
+
+    def stop(self) -> None:
+        if self.process.is_alive():
+            self._ctl.send(("stop", None))
+            self._ctl.recv()
+        self.process.join(5)
