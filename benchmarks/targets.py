@@ -6,15 +6,17 @@
   3. `vllm`: vLLM's own OpenAI server processes, unmodified, one per engine; the load
      generator round-robins over them (no code of ours in the serving path).
 
-Every engine is pinned to its own cores (`cores[i]`), the same cores in every setup, and
-every engine core process runs at nice ENGINE_NICE: the engines fill every core, and without it
-the serving front-ends (vLLM's API server; Serve's proxy, ingress and replicas) wait for a
-time slice on each token, as they would not on cores of their own. The same rule for every
-target. A target's logs go to files in the run's directory; `stop` ends its process group.
+Every engine is pinned to its own cores (`cores[i]`), the same cores in every setup, and every
+engine process (vLLM's engine core and workers) runs at nice ENGINE_NICE: the engines fill
+every core, and without it the serving front-ends (vLLM's API server; Serve's proxy, ingress
+and replicas) wait for a time slice on each token, as they would not on cores of their own.
+The same rule for every target. A target's logs go to files in the run's directory; `stop`
+ends all it started.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -31,6 +33,7 @@ from runtime.app_config import AppConfig
 from runtime.engines import free_port
 
 ENGINE_NICE = 10
+ENGINE_PROCESS_PREFIX = "VLLM::"  # vLLM's names: VLLM::EngineCore, VLLM::Worker
 TargetName = Literal["disagg", "colocated", "vllm"]
 TARGETS: tuple[TargetName, ...] = ("disagg", "colocated", "vllm")
 MODEL_NAME = "tiny"
@@ -68,7 +71,7 @@ class Target:
         log = open(self.out_dir / log_name, "wb")  # noqa: SIM115 - owned by the process
         self.procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                            env={**os.environ, **(env or {})},
-                                           start_new_session=True))
+                                           start_new_session=True))  # Ctrl-C of ours stays ours
 
     def start(self, timeout_s: float = 300.0) -> float:
         """Start and wait until every endpoint's /health is 200; returns seconds taken."""
@@ -97,8 +100,8 @@ class Target:
             time.sleep(2.0)
         took = time.perf_counter() - started
         num_engines = self._renice_engines()
-        print(f"\r[{self.name}] up in {took:.0f} s ({num_engines} engine core processes at "
-              f"nice {ENGINE_NICE})", file=sys.stderr, flush=True)
+        print(f"\r[{self.name}] up in {took:.0f} s ({num_engines} engine processes at nice "
+              f"{ENGINE_NICE})", file=sys.stderr, flush=True)
         return took
 
     def _renice_engines(self) -> int:
@@ -108,8 +111,7 @@ class Target:
         for proc in self.procs:
             for child in psutil.Process(proc.pid).children(recursive=True):
                 try:
-                    if "EngineCore" in child.name() or "EngineCore" in " ".join(
-                            child.cmdline()):
+                    if child.name().startswith(ENGINE_PROCESS_PREFIX):
                         engines.append(child)
                 except psutil.Error:
                     continue
@@ -122,16 +124,31 @@ class Target:
         return len(engines)
 
     def stop(self, timeout_s: float = 90.0) -> None:
+        """SIGTERM to each server's main process only (its own shutdown stops what it started,
+        e.g. Ray and the engines), then SIGKILL to anything of its tree still alive."""
+        import psutil
+
+        tree = [child for proc in self.procs if proc.poll() is None
+                for child in psutil.Process(proc.pid).children(recursive=True)]
         for proc in self.procs:
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
+                proc.send_signal(signal.SIGTERM)
         deadline = time.perf_counter() + timeout_s
         for proc in self.procs:
             try:
                 proc.wait(max(1.0, deadline - time.perf_counter()))
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+                proc.kill()
                 proc.wait(10)
+        _, alive = psutil.wait_procs(tree, timeout=10)
+        names = set()
+        for leftover in alive:
+            with contextlib.suppress(psutil.Error):
+                names.add(leftover.name())
+                leftover.kill()
+        if alive:
+            print(f"[{self.name}] killed {len(alive)} process(es) left after its shutdown: "
+                  f"{sorted(names)}", file=sys.stderr)
         self.procs.clear()
 
 
@@ -149,8 +166,10 @@ class ServeTarget(Target):
         path = self.out_dir / f"{self.name}.yaml"
         path.write_text(yaml.safe_dump(self.config, sort_keys=False))
         started = time.perf_counter()
+        # Ray starts its workers (here: Serve's proxy, the ingress and the replicas) at nice 15
+        # by default; at 0 they compete as vLLM's API server does in the `vllm` target.
         self._spawn([sys.executable, "-m", "runtime.cli", "serve", "--config", str(path)],
-                    f"{self.name}.log", {"RAY_DEDUP_LOGS": "0"})
+                    f"{self.name}.log", {"RAY_DEDUP_LOGS": "0", "RAY_worker_niceness": "0"})
         return self._wait_healthy(timeout_s, started)
 
 

@@ -6,6 +6,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,10 @@ from runtime.app_config import AppConfig
 RAY_ENV = {"env_vars": {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}}
 
 
-def start_app(config: AppConfig, address: str | None) -> str:
-    """Start (or join) Ray, run the app, return the HTTP base URL."""
+def start_app(config: AppConfig, address: str | None,
+              on_ray_up: Callable[[], None] | None = None) -> str:
+    """Start (or join) Ray, run the app, return the HTTP base URL. `on_ray_up` runs once Ray
+    is up (Ray installs its own signal handlers there; a caller's go after them)."""
     import ray
     from ray import serve
 
@@ -25,6 +28,8 @@ def start_app(config: AppConfig, address: str | None) -> str:
         ray.init(address=address, runtime_env=RAY_ENV, log_to_driver=False)
     else:
         ray.init(include_dashboard=False, runtime_env=RAY_ENV, log_to_driver=False)
+    if on_ray_up is not None:
+        on_ray_up()
     server = config.server
     serve.start(http_options={"host": server.host, "port": server.http_port})
     print(f"[serve] starting {config.prefill.replicas} prefill and {config.decode.replicas} "
@@ -59,8 +64,17 @@ def with_api_key(config: AppConfig, api_key: str | None) -> AppConfig:
 def serve_forever(config_path: Path, api_key: str | None, address: str | None,
                   detach: bool) -> int:
     config = with_api_key(AppConfig.from_yaml(config_path), api_key)
+    stop = threading.Event()
+
+    def handle_signals() -> None:
+        # before the app starts: a SIGTERM while replicas load still ends in an orderly
+        # shutdown (Ray's own handler would abort this process mid-start)
+        if not detach:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda *_: stop.set())
+
     try:
-        start_app(config, address)
+        start_app(config, address, handle_signals)
     except RuntimeError as err:
         print(f"[serve] the app failed to start: {err}\n(replica logs: /tmp/ray/session_latest/"
               "logs/serve/)", flush=True)
@@ -70,9 +84,6 @@ def serve_forever(config_path: Path, api_key: str | None, address: str | None,
         print("[serve] detached: the app keeps running on the Ray cluster "
               f"(`serve delete {config.server.app_name}` stops it)")
         return 0
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     print("[serve] Ctrl-C stops the app", flush=True)
     stop.wait()
     print("[serve] shutting down", flush=True)

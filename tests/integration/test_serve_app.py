@@ -314,3 +314,25 @@ def test_scheduler_prefills_short_prompts_locally_and_splits_long_ones(client, s
     metrics = httpx.get(f"{serve_app}/metrics").text
     assert 'disagg_scheduler_decisions_total{lane="short",mode="local"}' in metrics
     assert "disagg_prefill_pending_tokens" in metrics
+
+
+def test_vllm_own_benchmark_client_runs_unchanged_against_the_api(serve_app, tiny_model,
+                                                                  tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.vllm_bench_serve", "--backend", "openai",
+         "--base-url", str(serve_app), "--endpoint", "/v1/completions", "--model", MODEL,
+         "--tokenizer", str(tiny_model), "--dataset-name", "random", "--random-input-len", "64",
+         "--random-output-len", "8", "--num-prompts", "6", "--request-rate", "4",
+         "--ignore-eos", "--disable-tqdm", "--save-result", "--result-dir", str(tmp_path),
+         "--result-filename", "bench.json"],
+        capture_output=True, text=True, timeout=180,
+        env={**os.environ, "OPENAI_API_KEY": API_KEY, "VLLM_LOGGING_LEVEL": "WARNING"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["completed"] == 6 and result["failed"] == 0
+    assert result["total_output_tokens"] == 6 * 8
+    assert result["mean_ttft_ms"] > 0

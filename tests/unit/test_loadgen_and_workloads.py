@@ -121,3 +121,27 @@ def test_loadgen_records_errors_and_stays_bounded(fake_server, monkeypatch):
     assert time.monotonic() - start < 5
     assert "HTTP 500" in records[0].error and not records[1].error
     assert "not finished" in records[2].error
+
+
+def test_locustfile_runs_a_bounded_load_test(fake_server, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    locustfile = Path(__file__).resolve().parents[2] / "benchmarks" / "locustfile.py"
+    done = subprocess.run(
+        [sys.executable, "-m", "locust", "-f", str(locustfile), "--headless", "--host",
+         fake_server, "--users", "2", "--spawn-rate", "2", "--max-run-s", "3",
+         "--max-context", "600", "--csv", str(tmp_path / "run"), "--only-summary"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    import csv
+
+    with open(tmp_path / "run_stats.csv") as f:
+        rows = {row["Name"]: row for row in csv.DictReader(f)}
+    for name in ("completion", "E2E", "TTFT", "TPOT"):
+        assert int(rows[name]["Request Count"]) > 0, name
+        assert int(rows[name]["Failure Count"]) == 0, name
+    # the fake server's first token comes after 30 ms, the next ones every 10 ms
+    assert float(rows["TTFT"]["Median Response Time"]) >= 30
+    assert 9 <= float(rows["TPOT"]["Median Response Time"]) < 30
