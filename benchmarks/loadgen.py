@@ -14,6 +14,7 @@ import json
 import random
 import sys
 import time
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -48,6 +49,20 @@ class RequestRecord:
         return data
 
 
+async def _sse_lines(response: httpx.Response) -> AsyncIterator[str]:
+    """Lines split at "\n" only: SSE's line break. (httpx's aiter_lines also splits at the
+    Unicode line boundaries, e.g. U+2028 or U+0085, that JSON strings carry unescaped, and
+    cut a generated text's event in two.)"""
+    buffer = b""
+    async for chunk in response.aiter_bytes():
+        buffer += chunk
+        *lines, buffer = buffer.split(b"\n")
+        for line in lines:
+            yield line.rstrip(b"\r").decode()
+    if buffer:
+        yield buffer.decode()
+
+
 async def _one(client: httpx.AsyncClient, model: str, request: BenchRequest, record: RequestRecord,
                prompt: list[int], timeout_s: float) -> None:
     body = {"model": model, "prompt": prompt, "max_tokens": request.output_len,
@@ -62,7 +77,7 @@ async def _one(client: httpx.AsyncClient, model: str, request: BenchRequest, rec
             if response.status_code != 200:
                 record.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
                 return
-            async for line in response.aiter_lines():
+            async for line in _sse_lines(response):
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 data = json.loads(line[6:])

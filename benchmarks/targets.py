@@ -10,7 +10,11 @@ Every engine is pinned to its own cores (`cores[i]`), the same cores in every se
 engine process (vLLM's engine core and workers) runs at nice ENGINE_NICE: the engines fill
 every core, and without it the serving front-ends (vLLM's API server; Serve's proxy, ingress
 and replicas) wait for a time slice on each token, as they would not on cores of their own.
-The same rule for every target. A target's logs go to files in the run's directory; `stop`
+The same rule for every target. The servers stay in the benchmark's own session: with the
+kernel's autogroup scheduling (sched_autogroup_enabled, on by default in desktop and many VM
+kernels) a session is one scheduling group, and in a session of its own the load generator was
+seen starved for 2 s at a time while the servers' session was busy (niceness only counts
+within a group). A target's logs go to files in the run's directory; `stop`
 ends all it started.
 """
 
@@ -70,8 +74,7 @@ class Target:
     def _spawn(self, argv: list[str], log_name: str, env: dict[str, str] | None = None) -> None:
         log = open(self.out_dir / log_name, "wb")  # noqa: SIM115 - owned by the process
         self.procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                           env={**os.environ, **(env or {})},
-                                           start_new_session=True))  # Ctrl-C of ours stays ours
+                                           env={**os.environ, **(env or {})}))
 
     def start(self, timeout_s: float = 300.0) -> float:
         """Start and wait until every endpoint's /health is 200; returns seconds taken."""

@@ -43,7 +43,8 @@ def test_sample_traces_round_trip(tmp_path):
 
 
 class FakeServer:
-    """Streams max_tokens chunks, 10 ms apart, after a 30 ms 'prefill'; 500s on prompt [0]."""
+    """Streams max_tokens chunks, 10 ms apart, after a 30 ms 'prefill'; 500s on prompt [0].
+    The text carries Unicode line separators unescaped, as generated text can."""
 
     def __init__(self) -> None:
         app = FastAPI()
@@ -57,10 +58,10 @@ class FakeServer:
             async def events():
                 await asyncio.sleep(0.03)
                 for i in range(body["max_tokens"]):
-                    chunk = {"choices": [{"text": "x", "index": 0}]}
+                    chunk = {"choices": [{"text": "x\u2028y\x85", "index": 0}]}
                     if i == body["max_tokens"] - 1:
                         chunk["timings"] = {"ttft_ms": 30.0}
-                    yield f"data: {json.dumps(chunk)}\n\n"
+                    yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
                     await asyncio.sleep(0.01)
                 yield "data: [DONE]\n\n"
 
