@@ -23,7 +23,12 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from kv_transfer.connector_worker import WorkerStats
-from kv_transfer.params import TransferParams, consumer_request_params, parse_stats
+from kv_transfer.params import (
+    PrefetchSpec,
+    TransferParams,
+    consumer_request_params,
+    parse_stats,
+)
 from runtime.engine_config import TransferFailurePolicy
 from runtime.requests import GenerateRequest
 
@@ -47,6 +52,7 @@ class DecodeTimings:
     transfer_error: str
     worker_id: str = ""
     transfer_exposed_ms: float = 0.0  # what the request waited for its KV (see TransferStats)
+    transfer_overlapped: bool = False  # the KV came from a prefetch during the prefill
 
 
 @dataclass(frozen=True)
@@ -154,8 +160,22 @@ class DecodeWorker:
                     transfer_error=earlier_error or (stats.error if stats else ""),
                     worker_id=self.worker_id,
                     transfer_exposed_ms=exposed_ms,
+                    transfer_overlapped=bool(stats and stats.overlapped),
                 ),
             )
+
+    async def prefetch(self, endpoint: str, stream_handle: str, num_tokens: int,
+                       target: str = "") -> bool:
+        """Start pulling a prompt's KV from the producer at endpoint while its prefill runs
+        (overlap); False if this engine skipped it (overlap off, or staging memory full): the
+        decode then pulls after the prefill as usual."""
+        spec = PrefetchSpec(endpoint, stream_handle, num_tokens, self.block_size)
+        (started,) = await self.engine.collective_rpc("disagg_prefetch", args=(spec,))
+        return bool(started)
+
+    async def cancel_prefetch(self, stream_handle: str, target: str = "") -> None:
+        """Drop a prefetch no decode request will claim (idempotent)."""
+        await self.engine.collective_rpc("disagg_cancel_prefetch", args=(stream_handle,))
 
     async def kv_stats(self) -> WorkerStats:
         (stats,) = await self.engine.collective_rpc("disagg_kv_stats")

@@ -6,8 +6,10 @@ over gRPC (OpenBulk: token, lease and block list checked, a one-time ticket retu
   1. the consumer connects to the data port and sends the 32-byte ticket;
   2. the producer streams frames: header "<IIIQ" (layer, first block, block count, payload
      bytes) + payload gathered from the paged cache into a reused buffer and sent from it;
-  3. a frame with zero blocks ends the stream; the consumer scatters each payload as it lands
-     in its own reused buffer, so memory stays at one chunk per stream.
+  3. a frame with zero blocks ends the stream (its payload-bytes field carries the producer's
+     wait for blocks still being computed, in microseconds: stream pulls); the consumer
+     scatters each payload as it lands in its own reused buffer, so memory stays at one chunk
+     per stream.
 A ticket is single use and expires after TICKET_TTL_S; the lease reader it holds is returned
 when its stream ends, fails, or the ticket expires unused.
 """
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 
 from kv_transfer.leases import LeaseTable
 from kv_transfer.paged_kv import PagedKVCache
+from kv_transfer.streams import PullSource, StreamFailed
 from kv_transfer.transport import TransferError
 
 FRAME = struct.Struct("<IIIQ")
@@ -34,8 +37,7 @@ TICKET_TTL_S = 10.0
 
 @dataclass(frozen=True)
 class _Ticket:
-    handle: str
-    block_ids: list[int]
+    source: PullSource
     max_chunk_bytes: int
     expires_at: float
 
@@ -55,11 +57,11 @@ class BulkSender:
         self._thread = threading.Thread(target=self._accept_loop, name="kv-bulk", daemon=True)
         self._thread.start()
 
-    def issue(self, handle: str, block_ids: list[int], max_chunk_bytes: int) -> bytes:
-        """Ticket for a pull whose lease reader the caller already acquired (owned now)."""
+    def issue(self, source: PullSource, max_chunk_bytes: int) -> bytes:
+        """Ticket for a pull whose source reader the caller already acquired (owned now)."""
         ticket = secrets.token_bytes(TICKET_BYTES)
         with self._lock:
-            self._tickets[ticket] = _Ticket(handle, block_ids, max_chunk_bytes,
+            self._tickets[ticket] = _Ticket(source, max_chunk_bytes,
                                             time.monotonic() + TICKET_TTL_S)
         return ticket
 
@@ -72,7 +74,7 @@ class BulkSender:
         with self._lock:
             tickets, self._tickets = list(self._tickets.values()), {}
         for ticket in tickets:
-            self._leases.finish_pull(ticket.handle)
+            ticket.source.finish()
 
     def _accept_loop(self) -> None:
         while not self._stopped.is_set():
@@ -89,7 +91,7 @@ class BulkSender:
             expired = [key for key, ticket in self._tickets.items() if ticket.expires_at < now]
             dropped = [self._tickets.pop(key) for key in expired]
         for ticket in dropped:
-            self._leases.finish_pull(ticket.handle)
+            ticket.source.finish()
 
     def _serve(self, conn: socket.socket) -> None:
         with conn:
@@ -104,22 +106,25 @@ class BulkSender:
                 return  # unknown or reused ticket: drop the connection
             try:
                 self._send_blocks(conn, ticket)
-            except OSError:
-                pass  # consumer went away; it reports its own error
+            except (OSError, StreamFailed):
+                pass  # consumer went away, or the stream failed: the consumer sees no end frame
             finally:
-                self._leases.finish_pull(ticket.handle)
+                ticket.source.finish()
 
     def _send_blocks(self, conn: socket.socket, ticket: _Ticket) -> None:
         buf = bytearray()
-        for plan in self._cache.plan_chunks(len(ticket.block_ids), ticket.max_chunk_bytes):
+        source = ticket.source
+        for plan, blocks in source.chunks(ticket.max_chunk_bytes,
+                                          lambda: not self._stopped.is_set()):
             if len(buf) < plan.num_bytes:
                 buf = bytearray(plan.num_bytes)
-            blocks = ticket.block_ids[plan.first_block : plan.first_block + plan.num_blocks]
             self._cache.gather_into(plan.layer_index, blocks, buf, 0)
             conn.sendall(FRAME.pack(plan.layer_index, plan.first_block, plan.num_blocks,
                                     plan.num_bytes))
             conn.sendall(memoryview(buf)[: plan.num_bytes])
-        conn.sendall(FRAME.pack(0, 0, 0, 0))
+        if self._stopped.is_set():
+            return
+        conn.sendall(FRAME.pack(0, 0, 0, int(source.waited_s * 1e6)))
 
 
 def _recv_exact(conn: socket.socket, num_bytes: int, into: memoryview) -> memoryview:
@@ -141,9 +146,11 @@ def receive_blocks(
     store: Callable[[int, int, int, memoryview], int],
     should_stop: Callable[[], bool],
     max_chunk_bytes: int,
+    producer_wait_s: list[float] | None = None,
 ) -> int:
     """Consumer side: read frames until the end frame; store(layer, first, count, payload)
-    writes one chunk and returns its byte count. Returns the bytes stored."""
+    writes one chunk and returns its byte count. Returns the bytes stored; the producer's wait
+    for blocks being computed (seconds, stream pulls) is appended to producer_wait_s."""
     header = memoryview(bytearray(FRAME.size))
     buf = memoryview(bytearray(max_chunk_bytes))
     num_bytes = 0
@@ -154,6 +161,8 @@ def receive_blocks(
             conn.settimeout(max(0.1, deadline - time.monotonic()))
             layer, first, count, size = FRAME.unpack(_recv_exact(conn, FRAME.size, header))
             if count == 0:
+                if producer_wait_s is not None:
+                    producer_wait_s.append(size / 1e6)
                 return num_bytes
             if should_stop():
                 raise TransferError("transfer cancelled: request aborted")

@@ -44,11 +44,15 @@ class ChunkEncoder:
     """Serializes BlockChunks of one stream: a hand-written protobuf header followed by the
     payload, gathered from the paged cache straight into the outgoing message."""
 
-    def __init__(self, cache: PagedKVCache, block_ids: list[int]) -> None:
+    def __init__(self, cache: PagedKVCache, block_ids: list[int] | None = None) -> None:
         self._cache = cache
-        self._block_ids = block_ids
+        self._block_ids = block_ids or []
 
-    def encode(self, plan: ChunkPlan) -> bytes:
+    def encode(self, plan: ChunkPlan, blocks: list[int] | None = None) -> bytes:
+        """The chunk of `plan`; its payload is `blocks` of its layer (default: the plan's
+        share of the encoder's block_ids)."""
+        if blocks is None:
+            blocks = self._block_ids[plan.first_block : plan.first_block + plan.num_blocks]
         header = pb.BlockChunk(
             layer_index=plan.layer_index, first_block=plan.first_block,
             num_blocks=plan.num_blocks,
@@ -56,7 +60,6 @@ class ChunkEncoder:
         prefix = header + _PAYLOAD_TAG + _varint(plan.num_bytes)
         message: bytes = _new_bytes(None, len(prefix) + plan.num_bytes)
         ctypes.memmove(_bytes_address(message), prefix, len(prefix))
-        blocks = self._block_ids[plan.first_block : plan.first_block + plan.num_blocks]
         self._cache.gather_into(plan.layer_index, blocks, message, len(prefix))
         return message
 

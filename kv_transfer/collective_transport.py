@@ -25,7 +25,7 @@ import itertools
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -44,7 +44,8 @@ from kv_transfer.collective import (
 )
 from kv_transfer.grpc_transport import SERVICE, GrpcKVClient, GrpcKVServer, describe_rpc_error
 from kv_transfer.kinds import CollectiveBackend
-from kv_transfer.paged_kv import PagedKVCache
+from kv_transfer.paged_kv import ChunkPlan, PagedKVCache
+from kv_transfer.streams import PullSource, ReadyChunk, StreamFailed
 from kv_transfer.transport import KVBlockClient, PullResult, TransferError
 from protos import kv_transfer_pb2 as pb
 
@@ -111,13 +112,14 @@ class CollectiveSender:
         return pb.JoinResponse(store_port=self._store.port, group_name=name,
                                timeout_s=self._timeout_s)
 
-    def send(self, group_name: str, block_ids: list[int], chunk_bytes: int,
-             is_active: Callable[[], bool]) -> Iterator[pb.CollectiveProgress]:
-        """Send the blocks on the named group (the caller holds a lease reader for them).
+    def send(self, group_name: str, source: PullSource, chunk_bytes: int,
+             is_active: Callable[[], bool], streamed: bool) -> Iterator[pb.CollectiveProgress]:
+        """Send the source's chunks on the named group (the caller owns the source's reader).
 
-        Yields the opening progress message, then done. Raises JoinRefused (before yielding)
-        for an unknown, closed or never-built group; on a failure mid-transfer the group is
-        dropped and the stream ends without done.
+        Yields the opening progress message, (streamed: one announcement per chunk,) then
+        done. Raises JoinRefused (before yielding) for an unknown, closed or never-built group;
+        StreamFailed between chunks (the group stays in step); on a failure mid-chunk the group
+        is dropped and the stream ends without done.
         """
         with self._lock:
             entry = self._groups.get(group_name)
@@ -131,25 +133,34 @@ class CollectiveSender:
         if pair.is_closed:
             self._drop(group_name)
             raise JoinRefused(f"{STALE_GROUP} {group_name}: closed")
-        plans = list(self._cache.plan_chunks(len(block_ids), chunk_bytes))
         with entry.lock:
-            yield pb.CollectiveProgress(num_bytes=sum(p.num_bytes for p in plans),
-                                        chunk_bytes=chunk_bytes)
+            if streamed:
+                chunks: Iterable[ReadyChunk] = source.chunks(chunk_bytes, is_active)
+                yield pb.CollectiveProgress(num_bytes=0, chunk_bytes=chunk_bytes)
+            else:
+                chunks = list(source.chunks(chunk_bytes, is_active))
+                yield pb.CollectiveProgress(num_bytes=sum(p.num_bytes for p, _ in chunks),
+                                            chunk_bytes=chunk_bytes)
             device = staging_device(pair.backend, self._cache.device)
-            staging = torch.empty(max(p.num_bytes for p in plans), dtype=torch.uint8,
-                                  device=device)
-            for plan in plans:
-                blocks = block_ids[plan.first_block : plan.first_block + plan.num_blocks]
+            staging = torch.empty(max(chunk_bytes, *self._cache.block_bytes_per_layer),
+                                  dtype=torch.uint8, device=device)
+            for plan, blocks in chunks:
                 num_bytes = self._cache.gather_tensor(plan.layer_index, blocks, staging)
                 if not is_active():
                     self._drop(group_name)
                     return
+                if streamed:
+                    yield pb.CollectiveProgress(
+                        num_bytes=num_bytes, layer_index=plan.layer_index,
+                        first_block=plan.first_block, num_blocks=plan.num_blocks,
+                    )
                 try:
                     pair.send(staging[:num_bytes])
                 except GroupError:
                     self._drop(group_name)
                     return
-            yield pb.CollectiveProgress(done=True)
+            yield pb.CollectiveProgress(done=True,
+                                        producer_wait_us=int(source.waited_s * 1e6))
 
     def stop(self) -> None:
         with self._lock:
@@ -205,14 +216,16 @@ def collective_handlers(server: GrpcKVServer,
 
     def pull(request: pb.CollectivePullRequest,
              context: grpc.ServicerContext) -> Iterator[pb.CollectiveProgress]:
-        block_ids = server.acquire(request.pull, context)
+        source = server.acquire(request.pull, context)
         try:
-            yield from sender.send(request.group_name, block_ids,
-                                   server.chunk_bytes(request.pull), context.is_active)
+            yield from sender.send(request.group_name, source, server.chunk_bytes(request.pull),
+                                   context.is_active, streamed=bool(request.pull.stream_handle))
         except JoinRefused as err:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
+        except StreamFailed as err:
+            context.abort(grpc.StatusCode.ABORTED, str(err))
         finally:
-            server.finish_pull(request.pull.handle)
+            source.finish()
 
     return {
         "JoinGroup": grpc.unary_unary_rpc_method_handler(
@@ -252,21 +265,24 @@ class CollectiveKVClient(KVBlockClient):
 
     def pull(self, endpoint: str, handle: str, remote_block_ids: list[int],
              local_block_ids: list[int], timeout_s: float,
-             cancelled: threading.Event | None = None) -> PullResult:
+             cancelled: threading.Event | None = None, *, sink: PagedKVCache | None = None,
+             stream_handle: str = "") -> PullResult:
         assert len(remote_block_ids) == len(local_block_ids), "remote/local block count differs"
-        self._cache.check_block_ids(local_block_ids)
+        target = sink or self._cache
+        target.check_block_ids(local_block_ids)
         start = time.perf_counter()
         deadline = time.monotonic() + timeout_s
         request = pb.PullRequest(handle=handle, block_ids=remote_block_ids,
-                                 max_chunk_bytes=self._max_chunk_bytes)
+                                 max_chunk_bytes=self._max_chunk_bytes,
+                                 stream_handle=stream_handle)
         for attempt in range(2):
             entry = self._group(endpoint, deadline)
             try:
                 with entry.lock:
-                    num_bytes = self._pull_on(entry, endpoint, request, local_block_ids,
-                                              deadline, cancelled)
+                    num_bytes, wait_s = self._pull_on(entry, endpoint, request, target,
+                                                      local_block_ids, deadline, cancelled)
                 return PullResult(len(local_block_ids), num_bytes,
-                                  (time.perf_counter() - start) * 1e3)
+                                  (time.perf_counter() - start) * 1e3, wait_s * 1e3)
             except _StaleGroup:
                 self._forget(endpoint, entry)
                 if attempt == 1:
@@ -334,8 +350,8 @@ class CollectiveKVClient(KVBlockClient):
                 del self._groups[endpoint]
 
     def _pull_on(self, entry: _ConsumerGroup, endpoint: str, request: pb.PullRequest,
-                 local_block_ids: list[int], deadline: float,
-                 cancelled: threading.Event | None) -> int:
+                 sink: PagedKVCache, local_block_ids: list[int], deadline: float,
+                 cancelled: threading.Event | None) -> tuple[int, float]:
         stub = self._control.channel(endpoint).unary_stream(
             PULL_COLLECTIVE_METHOD,
             request_serializer=pb.CollectivePullRequest.SerializeToString,
@@ -352,9 +368,15 @@ class CollectiveKVClient(KVBlockClient):
                 raise _StaleGroup() from err
             raise _Refused(describe_rpc_error(err, endpoint)) from err
         try:
-            plans = list(self._cache.plan_chunks(len(local_block_ids), opening.chunk_bytes))
-            staging = self._staging(entry, max(p.num_bytes for p in plans))
+            closed: list[pb.CollectiveProgress] = []
+            if request.stream_handle:
+                plans: Iterable[ChunkPlan] = _announced(call, closed)
+            else:
+                plans = list(sink.plan_chunks(len(local_block_ids), opening.chunk_bytes))
+            staging = self._staging(entry, max(opening.chunk_bytes,
+                                               *sink.block_bytes_per_layer))
             aborted = False
+            num_bytes = 0
             for plan in plans:
                 # An aborted request's chunks are still received (and dropped): leaving the
                 # producer mid-send would cost the pair its group and hold the lease until
@@ -362,27 +384,49 @@ class CollectiveKVClient(KVBlockClient):
                 aborted = aborted or (cancelled is not None and cancelled.is_set())
                 if time.monotonic() > deadline:
                     raise TransferError(f"transfer from {endpoint} passed its deadline")
+                _check_plan(plan, sink, len(local_block_ids))
                 chunk = staging[: plan.num_bytes]
                 entry.pair.recv(chunk)
+                num_bytes += plan.num_bytes
                 if not aborted:
                     blocks = local_block_ids[plan.first_block : plan.first_block + plan.num_blocks]
-                    self._cache.scatter_tensor(plan.layer_index, blocks, chunk)
-            closing = next(call, None)
+                    sink.scatter_tensor(plan.layer_index, blocks, chunk)
+            closing = closed[0] if closed else next(call, None)
             if aborted and closing is not None and closing.done:
                 raise _Refused(f"transfer from {endpoint} cancelled: request aborted")
         except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.ABORTED:  # a stream failed between chunks
+                raise _Refused(describe_rpc_error(err, endpoint)) from err
             raise TransferError(describe_rpc_error(err, endpoint)) from err
         except GroupError as err:
             raise TransferError(f"transfer from {endpoint} failed: {err}") from err
         if closing is None or not closing.done:
             raise TransferError(f"transfer from {endpoint} ended early")
-        return int(opening.num_bytes)
+        return num_bytes, closing.producer_wait_us / 1e6
 
     def _staging(self, entry: _ConsumerGroup, num_bytes: int) -> torch.Tensor:
         if entry.staging is None or entry.staging.numel() < num_bytes:
             device = staging_device(entry.pair.backend, self._cache.device)
             entry.staging = torch.empty(num_bytes, dtype=torch.uint8, device=device)
         return entry.staging
+
+
+def _announced(call: Iterator[pb.CollectiveProgress],
+               closing: list[pb.CollectiveProgress]) -> Iterator[ChunkPlan]:
+    """The chunks a stream pull announces; its closing message goes into `closing`."""
+    for message in call:
+        if message.done:
+            closing.append(message)
+            return
+        yield ChunkPlan(message.layer_index, message.first_block, message.num_blocks,
+                        message.num_bytes)
+
+
+def _check_plan(plan: ChunkPlan, sink: PagedKVCache, num_blocks: int) -> None:
+    if (plan.layer_index >= sink.num_layers or plan.num_blocks == 0
+            or plan.first_block + plan.num_blocks > num_blocks
+            or plan.num_bytes != plan.num_blocks * sink.block_bytes_per_layer[plan.layer_index]):
+        raise TransferError(f"malformed chunk announcement: {plan}")
 
 
 class _StaleGroup(Exception):

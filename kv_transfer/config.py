@@ -50,6 +50,14 @@ class ConnectorConfig(BaseModel):
     group_timeout_s: float = Field(
         10.0, gt=0, description="nccl transport: longest wait for one send/recv or rendezvous."
     )
+    overlap: bool = Field(
+        True, description="Producer: serve a prompt's blocks layer by layer while prefilling it "
+        "(stream pulls); consumer: accept prefetches that pull them into staging meanwhile."
+    )
+    max_prefetch_bytes: int = Field(
+        1 << 30, ge=0, description="Consumer: staging memory all prefetches may hold at once; "
+        "a prefetch that does not fit is skipped (the request then pulls after its prefill)."
+    )
 
     @property
     def endpoint(self) -> str:

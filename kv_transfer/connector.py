@@ -31,6 +31,7 @@ from kv_transfer.config import ConnectorConfig
 from kv_transfer.connector_scheduler import ConnectorScheduler
 from kv_transfer.connector_worker import ConnectorWorker, WorkerStats
 from kv_transfer.metadata import DisaggConnectorMetadata
+from kv_transfer.params import PrefetchSpec
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -70,7 +71,9 @@ class DisaggConnector(KVConnectorBase_V1):
                 num_blocks=kv_cache_config.num_blocks,
                 tp_size=vllm_config.parallel_config.tensor_parallel_size,
                 tp_rank=get_tensor_model_parallel_rank(),
+                block_size=vllm_config.cache_config.block_size,
             )
+        self._endpoint = config.endpoint
 
     @property
     def scheduler_side(self) -> ConnectorScheduler:
@@ -92,17 +95,28 @@ class DisaggConnector(KVConnectorBase_V1):
         assert isinstance(meta, DisaggConnectorMetadata)
         self.worker_side.start_load_kv(meta)
 
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        if self._worker is not None:
+            assert isinstance(connector_metadata, DisaggConnectorMetadata)
+            self._worker.begin_step(connector_metadata)
+
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # loads complete before the request is scheduled (async, whole request)
+        # Loads complete before the request is scheduled (async, whole request): a load that
+        # waited here would stall the whole batch's forward pass, and the only thing it could
+        # overlap with is the decode engine's one-token step.
+        return
 
     def save_kv_layer(
         self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata,
         **kwargs: Any,
     ) -> None:
-        return  # the producer serves blocks from the paged cache itself; nothing to save
+        # The producer serves blocks from the paged cache itself; this layer of the step's
+        # tokens is written now, so stream pulls may send it while later layers compute.
+        self.worker_side.layer_saved(layer_name)
 
     def wait_for_save(self) -> None:
-        return
+        self.worker_side.step_saved()
 
     def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
         return self.worker_side.get_transfer_results(finished_req_ids)
@@ -119,6 +133,17 @@ class DisaggConnector(KVConnectorBase_V1):
 
     def load_error(self, request_id: str) -> str:
         return self.worker_side.load_error(request_id)
+
+    def prefetch(self, spec: PrefetchSpec) -> bool:
+        return self.worker_side.prefetch(spec)
+
+    def cancel_prefetch(self, stream_handle: str) -> None:
+        self.worker_side.cancel_prefetch(stream_handle)
+
+    @property
+    def endpoint(self) -> str:
+        """The producer's KV server endpoint (as consumers dial it)."""
+        return self._endpoint
 
     def shutdown(self) -> None:
         if self._worker is not None:

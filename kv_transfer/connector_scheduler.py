@@ -4,6 +4,10 @@ Producer lifecycle of a request (kv_transfer_params: do_remote_decode):
   1. The prompt is prefilled as usual (max_tokens=1).
   2. `request_finished` keeps the prompt's blocks (delay free), mints an unguessable handle and
      returns TransferParams on the request's output.
+  1b. Overlap: if the request carries a stream handle, each step that computes part of its
+     prompt tells the worker the request's blocks and the tokens the step computes
+     (StreamStep), so the worker can serve them layer by layer while the prefill runs; a
+     request that will not hand its blocks off (aborted, preempted) ends its stream (StreamEnd).
   3. The next `build_connector_meta` tells the worker to grant the lease (the engine steps once
      more for that, `has_pending_push_work`); once the consumer releases the lease or it
      expires, the worker reports the blocks as finished sending at the engine's next step and
@@ -21,6 +25,7 @@ Consumer lifecycle (kv_transfer_params: do_remote_prefill + TransferParams):
 from __future__ import annotations
 
 import secrets
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from vllm.logger import init_logger
@@ -33,6 +38,8 @@ from kv_transfer.metadata import (
     LeaseSpec,
     LoadSpec,
     ReleaseSpec,
+    StreamEnd,
+    StreamStep,
 )
 from kv_transfer.params import (
     CONSUME_KEY,
@@ -42,6 +49,7 @@ from kv_transfer.params import (
     is_producer_request,
     parse_transfer,
     stats_output_params,
+    stream_handle_of,
     transfer_output_params,
 )
 
@@ -59,6 +67,15 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+@dataclass
+class _Streaming:
+    """A producer request whose prompt is being prefilled with its blocks streamed."""
+
+    handle: str
+    num_prompt_tokens: int
+    block_ids: list[int] = field(default_factory=list)
+
+
 class ConnectorScheduler:
     def __init__(self, config: ConnectorConfig, block_size: int) -> None:
         self._config = config
@@ -69,6 +86,8 @@ class ConnectorScheduler:
         self._held: set[str] = set()
         self._stats: dict[str, TransferStats] = {}
         self._loading: set[str] = set()
+        self._streaming: dict[str, _Streaming] = {}  # by request id, while prefilling
+        self._stream_ends: list[StreamEnd] = []
 
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
@@ -82,6 +101,13 @@ class ConnectorScheduler:
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
     ) -> None:
+        handle = stream_handle_of(request.kv_transfer_params)
+        if handle and is_producer_request(request.kv_transfer_params):
+            if self._config.overlap:
+                self._streaming[request.request_id] = _Streaming(handle,
+                                                                 request.num_prompt_tokens)
+            else:
+                self._stream_ends.append(StreamEnd(handle, "overlap is off on this producer"))
         transfer = self._transfer_to_load(request)
         if transfer is None:
             return
@@ -104,6 +130,8 @@ class ConnectorScheduler:
                 remote_block_ids=transfer.block_ids[first:last],
                 local_block_ids=tuple(local_ids[first:last]),
                 num_tokens=num_external_tokens,
+                stream_handle=transfer.stream_handle if self._config.overlap else "",
+                first_block_index=first,
             )
         )
 
@@ -112,9 +140,40 @@ class ConnectorScheduler:
             loads=self._loads,
             leases=self._leases,
             releases=self._releases,
+            stream_steps=self._stream_steps(scheduler_output) if self._streaming else [],
+            stream_ends=self._stream_ends,
         )
-        self._loads, self._leases, self._releases = [], [], []
+        self._loads, self._leases, self._releases, self._stream_ends = [], [], [], []
         return meta
+
+    def _stream_steps(self, scheduler_output: SchedulerOutput) -> list[StreamStep]:
+        for request_id in scheduler_output.preempted_req_ids or ():
+            if (streaming := self._streaming.pop(request_id, None)) is not None:
+                self._stream_ends.append(StreamEnd(streaming.handle, "the prefill was preempted"))
+        scheduled: list[tuple[str, list[int] | None, int, bool]] = [
+            (new.req_id, new.block_ids[0], new.num_computed_tokens, True)
+            for new in scheduler_output.scheduled_new_reqs
+        ]
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, request_id in enumerate(cached.req_ids):
+            new_ids = cached.new_block_ids[i]
+            scheduled.append((request_id, new_ids[0] if new_ids else None,
+                              cached.num_computed_tokens[i], request_id in cached.resumed_req_ids))
+        steps = []
+        for request_id, block_ids, num_computed, replaces in scheduled:
+            streaming = self._streaming.get(request_id)
+            if streaming is None:
+                continue
+            if replaces:
+                streaming.block_ids = list(block_ids or ())
+            else:
+                streaming.block_ids.extend(block_ids or ())
+            num_target = num_computed + scheduler_output.num_scheduled_tokens.get(request_id, 0)
+            steps.append(StreamStep(streaming.handle, request_id, streaming.num_prompt_tokens,
+                                    tuple(streaming.block_ids), num_computed, num_target))
+            if num_target >= streaming.num_prompt_tokens:
+                del self._streaming[request_id]  # prompt done: nothing more to announce
+        return steps
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         self._held.difference_update(connector_output.finished_sending or ())
@@ -131,7 +190,12 @@ class ConnectorScheduler:
     ) -> tuple[bool, dict[str, Any] | None]:
         params = request.kv_transfer_params
         if is_producer_request(params):
-            return self._hand_off(request, block_ids)
+            self._streaming.pop(request.request_id, None)
+            delay_free, output = self._hand_off(request, block_ids)
+            if not delay_free and (handle := stream_handle_of(params)):
+                self._stream_ends.append(StreamEnd(handle, "the prefill ended without a "
+                                                   f"handoff ({request.status.name})"))
+            return delay_free, output
         if is_consumer_request(params):
             # Finished before its blocks were allocated (aborted while waiting): free the
             # producer's lease now instead of at its expiry.
@@ -144,7 +208,7 @@ class ConnectorScheduler:
 
     def has_pending_work(self) -> bool:
         """True while lease grants or releases wait to reach the worker."""
-        return bool(self._leases or self._releases)
+        return bool(self._leases or self._releases or self._stream_ends)
 
     @property
     def num_held_requests(self) -> int:
@@ -170,6 +234,7 @@ class ConnectorScheduler:
             num_tokens=num_tokens,
             block_size=self._block_size,
             lease_s=self._config.lease_s,
+            stream_handle=stream_handle_of(request.kv_transfer_params),
         )
         return True, transfer_output_params(transfer)
 

@@ -6,6 +6,15 @@ reports freed blocks as finished sending.
 Consumer: each step starts the loads the scheduler planned on a thread pool; a load pulls the
 blocks straight into the paged cache, then releases the producer's lease; completed loads are
 reported as finished receiving (failed ones also as failed), with their TransferStats.
+
+Overlap (transfer during the prefill):
+  Producer: `begin_step` (before the forward pass) applies the step's StreamSteps/StreamEnds;
+  `layer_saved` (the connector's save_kv_layer, after each attention layer) and `step_saved`
+  (wait_for_save) mark layers ready, so stream pulls send layer i while layer i+1 computes.
+  Blocks whose lease ended are reported freed only once no stream reader reads them.
+  Consumer: `prefetch` starts a stream pull into staging (prefetch.py) while the prefill
+  runs; the request's load then copies the staged blocks into its paged blocks, or pulls as
+  usual if the prefetch failed or was skipped.
 """
 
 from __future__ import annotations
@@ -31,7 +40,9 @@ from kv_transfer.grpc_transport import GrpcKVClient, GrpcKVServer
 from kv_transfer.leases import LeaseTable
 from kv_transfer.metadata import DisaggConnectorMetadata, DisaggWorkerMetadata, LoadSpec
 from kv_transfer.paged_kv import PagedKVCache
-from kv_transfer.params import TransferStats
+from kv_transfer.params import PrefetchSpec, TransferStats
+from kv_transfer.prefetch import Prefetch, Prefetcher
+from kv_transfer.streams import StreamTable
 from kv_transfer.transport import KVBlockClient, PullResult, TransferError
 
 logger = init_logger(__name__)
@@ -48,6 +59,7 @@ class _Load:
     cancelled: threading.Event = field(default_factory=threading.Event)
     started_at: float = field(default_factory=time.perf_counter)  # reached this worker
     done_at: float = 0.0
+    overlapped: bool = False  # the blocks came from a prefetch
 
 
 @dataclass(frozen=True)
@@ -60,6 +72,10 @@ class WorkerStats:
     num_loads_done: int
     num_loads_failed: int
     loaded_bytes: int
+    num_streams: int = 0  # producer: streams of prompts being prefilled or leased
+    num_prefetches: int = 0  # consumer: prefetches not claimed yet
+    prefetch_bytes: int = 0  # consumer: staging memory held
+    num_loads_overlapped: int = 0  # consumer: loads served from a prefetch
 
     @classmethod
     def from_wire(cls, value: WorkerStats | dict[str, int]) -> WorkerStats:
@@ -71,7 +87,8 @@ class WorkerStats:
 
 class ConnectorWorker:
     def __init__(self, config: ConnectorConfig, is_producer: bool, is_consumer: bool,
-                 num_blocks: int, tp_size: int = 1, tp_rank: int = 0) -> None:
+                 num_blocks: int, tp_size: int = 1, tp_rank: int = 0,
+                 block_size: int = 16) -> None:
         self._config = config
         self._identity = WorkerIdentity(config.collective_backend, tp_size, tp_rank)
         self._is_producer = is_producer
@@ -91,10 +108,19 @@ class ConnectorWorker:
         self._num_loads_done = 0
         self._num_loads_failed = 0
         self._loaded_bytes = 0
+        self._num_loads_overlapped = 0
+        self._block_size = block_size
+        self._streams: StreamTable | None = None
+        self._layer_index: dict[str, int] = {}
+        self._freeing: set[str] = set()  # leases ended, blocks still read by a stream reader
+        self._prefetcher: Prefetcher | None = None
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self._cache = PagedKVCache(kv_caches, self._num_blocks)
         token = self._config.auth_token.get_secret_value()
+        self._layer_index = {name: i for i, name in enumerate(self._cache.layer_names)}
+        if self._is_producer and self._config.overlap:
+            self._streams = StreamTable(self._cache.block_bytes_per_layer, self._block_size)
         if self._is_producer:
             self._server = GrpcKVServer(
                 self._cache,
@@ -104,6 +130,8 @@ class ConnectorWorker:
                 auth_token=token,
                 max_chunk_bytes=self._config.max_chunk_bytes,
                 handle_wait_s=self._config.handle_wait_s,
+                streams=self._streams,
+                stream_wait_s=self._config.pull_timeout_s,
             )
             if self._config.transport == "nccl":
                 self._sender = CollectiveSender(self._cache, self._identity,
@@ -130,7 +158,48 @@ class ConnectorWorker:
                                                   self._config.max_chunk_bytes)
             self._pool = ThreadPoolExecutor(self._config.num_pull_threads,
                                             thread_name_prefix="kv-pull")
+            if self._config.overlap:
+                self._prefetcher = Prefetcher(
+                    self._cache, self._client, max_bytes=self._config.max_prefetch_bytes,
+                    ttl_s=self._config.pull_timeout_s + self._config.lease_s,
+                    timeout_s=self._config.pull_timeout_s,
+                    num_threads=self._config.num_pull_threads,
+                )
+            self._reaper = threading.Thread(target=self._reap_prefetches,
+                                            name="kv-prefetch-reaper", daemon=True)
+            self._reaper.start()
 
+    def begin_step(self, meta: DisaggConnectorMetadata) -> None:
+        """Producer, before the step's forward pass: what the step computes of each stream."""
+        if self._streams is None:
+            for end in meta.stream_ends:
+                logger.debug("stream %s ended: %s (overlap off)", end.handle[:6], end.reason)
+            return
+        for end in meta.stream_ends:
+            self._streams.fail(end.handle, end.reason)
+        for step in meta.stream_steps:
+            self._streams.advance(step.handle, step.request_id, step.num_prompt_tokens,
+                                  step.block_ids, step.num_ready_tokens, step.num_target_tokens)
+
+    def layer_saved(self, layer_name: str) -> None:
+        """Producer: the step's forward pass has written this layer (save_kv_layer)."""
+        if self._streams is not None and (index := self._layer_index.get(layer_name)) is not None:
+            self._streams.mark_layer(index)
+
+    def step_saved(self) -> None:
+        """Producer: the step's forward pass is over (wait_for_save): every layer is written."""
+        if self._streams is not None:
+            self._streams.mark_all()
+
+    def prefetch(self, spec: PrefetchSpec) -> bool:
+        """Consumer: start pulling a prompt still being prefilled; False if skipped."""
+        if self._prefetcher is None:
+            return False
+        return self._prefetcher.start(spec)
+
+    def cancel_prefetch(self, stream_handle: str) -> None:
+        if self._prefetcher is not None:
+            self._prefetcher.cancel(stream_handle)
     def start_load_kv(self, meta: DisaggConnectorMetadata) -> None:
         for lease in meta.leases:
             self._leases.grant(lease.handle, lease.request_id, lease.block_ids, lease.lease_s)
@@ -149,7 +218,12 @@ class ConnectorWorker:
         for request_id in finished_req_ids:
             if (load := self._loads.get(request_id)) is not None:
                 load.cancelled.set()  # aborted while loading
-        results = KVConnectorTransferResults(finished_sending=self._leases.take_freed())
+        freed = self._leases.take_freed() | self._freeing
+        if self._streams is not None:
+            # never hand blocks back to vLLM while a stream reader may still read them
+            self._freeing = self._streams.drop_requests(freed)
+            freed -= self._freeing
+        results = KVConnectorTransferResults(finished_sending=freed)
         for request_id, load in list(self._loads.items()):
             if not load.future.done():
                 continue
@@ -172,6 +246,10 @@ class ConnectorWorker:
             num_loads_done=self._num_loads_done,
             num_loads_failed=self._num_loads_failed,
             loaded_bytes=self._loaded_bytes,
+            num_streams=self._streams.num_streams if self._streams else 0,
+            num_prefetches=self._prefetcher.num_prefetches if self._prefetcher else 0,
+            prefetch_bytes=self._prefetcher.bytes_in_use if self._prefetcher else 0,
+            num_loads_overlapped=self._num_loads_overlapped,
         )
 
     def load_error(self, request_id: str) -> str:
@@ -191,6 +269,8 @@ class ConnectorWorker:
             self._reaper.join(2)
         for load in self._loads.values():
             load.cancelled.set()
+        if self._prefetcher is not None:
+            self._prefetcher.shutdown()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
         if self._client is not None:
@@ -205,14 +285,16 @@ class ConnectorWorker:
         assert self._client is not None
         spec = load.spec
         try:
-            result = self._client.pull(
-                spec.endpoint,
-                spec.handle,
-                list(spec.remote_block_ids),
-                list(spec.local_block_ids),
-                timeout_s=self._config.pull_timeout_s,
-                cancelled=load.cancelled,
-            )
+            result = self._load_prefetched(load)
+            if result is None:
+                result = self._client.pull(
+                    spec.endpoint,
+                    spec.handle,
+                    list(spec.remote_block_ids),
+                    list(spec.local_block_ids),
+                    timeout_s=self._config.pull_timeout_s,
+                    cancelled=load.cancelled,
+                )
             load.done_at = time.perf_counter()
             load.future.set_result(result)
         except BaseException as err:  # noqa: BLE001 - any failure must reach the scheduler
@@ -221,16 +303,57 @@ class ConnectorWorker:
         finally:
             self._client.release(spec.endpoint, spec.handle, RELEASE_TIMEOUT_S)
 
+    def _load_prefetched(self, load: _Load) -> PullResult | None:
+        """The load served from its prefetch (waiting for the rest of it), or None if there is
+        no usable prefetch: then the caller pulls from the lease."""
+        spec = load.spec
+        if not spec.stream_handle or self._prefetcher is None:
+            return None
+        prefetch = self._prefetcher.claim(spec.stream_handle)
+        if prefetch is None:
+            return None
+        try:
+            return self._copy_staged(load, prefetch)
+        except TransferError as err:
+            if load.cancelled.is_set():
+                raise
+            logger.info("request %s: prefetch unusable (%s); pulling after the prefill",
+                        spec.request_id, err)
+            return None
+        finally:
+            self._prefetcher.free(prefetch)
+
+    def _copy_staged(self, load: _Load, prefetch: Prefetch) -> PullResult:
+        spec = load.spec
+        assert self._cache is not None
+        deadline = time.monotonic() + self._config.pull_timeout_s
+        pulled = prefetch.wait(deadline, load.cancelled)
+        staging = prefetch.staging
+        last = spec.first_block_index + len(spec.local_block_ids)
+        if staging is None or last > staging.num_blocks:
+            raise TransferError(f"prefetch holds {prefetch.spec.num_blocks} blocks, "
+                                f"the load needs {last}")
+        started = time.perf_counter()
+        num_bytes = self._cache.copy_blocks_from(
+            staging, list(range(spec.first_block_index, last)), list(spec.local_block_ids)
+        )
+        copy_ms = (time.perf_counter() - started) * 1e3
+        load.overlapped = True
+        moving_ms = max(0.0, pulled.transfer_ms - pulled.producer_wait_ms)
+        return PullResult(len(spec.local_block_ids), num_bytes, moving_ms + copy_ms)
+
     def _finish_load(self, load: _Load, results: KVConnectorTransferResults) -> TransferStats:
         spec = load.spec
         err = load.future.exception()
         if err is None:
             pulled = load.future.result()
             self._num_loads_done += 1
+            self._num_loads_overlapped += load.overlapped
             self._loaded_bytes += pulled.transfer_bytes
             exposed_ms = (load.done_at - load.started_at) * 1e3
             return TransferStats(spec.num_tokens, pulled.num_blocks, pulled.transfer_bytes,
-                                 pulled.transfer_ms, exposed_transfer_ms=exposed_ms)
+                                 pulled.transfer_ms, exposed_transfer_ms=exposed_ms,
+                                 overlapped=load.overlapped)
         self._num_loads_failed += 1
         results.failed_recving.add(spec.request_id)
         reason = str(err) if isinstance(err, TransferError) else f"{type(err).__name__}: {err}"
@@ -239,6 +362,11 @@ class ConnectorWorker:
         if len(self._recent_errors) > NUM_RECENT_ERRORS:
             self._recent_errors.popitem(last=False)
         return TransferStats(0, 0, 0, 0.0, error=reason)
+
+    def _reap_prefetches(self) -> None:
+        while not self._stopped.wait(MAX_REAP_INTERVAL_S):
+            if self._prefetcher is not None:
+                self._prefetcher.expire()
 
     def _reap_leases(self) -> None:
         while not self._stopped.is_set():

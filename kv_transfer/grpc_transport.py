@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import grpc
 
@@ -26,6 +27,7 @@ from kv_transfer.chunks import ChunkEncoder, DecodedChunk, decode_chunk
 from kv_transfer.leases import ExpiredHandle, LeaseError, LeaseTable, UnknownHandle
 from kv_transfer.paged_kv import PagedKVCache
 from kv_transfer.params import TransferParams
+from kv_transfer.streams import LeasePull, PullSource, StreamFailed, StreamTable
 from kv_transfer.transport import KVBlockClient, KVBlockServer, PullResult, TransferError
 from protos import kv_transfer_pb2 as pb
 
@@ -34,6 +36,7 @@ PULL_METHOD = f"/{SERVICE}/PullBlocks"
 RELEASE_METHOD = f"/{SERVICE}/Release"
 OPEN_BULK_METHOD = f"/{SERVICE}/OpenBulk"
 TOKEN_METADATA_KEY = "x-disagg-token"
+WAIT_METADATA_KEY = "x-disagg-wait-us"
 
 
 def _identity(message: bytes) -> bytes:
@@ -57,7 +60,9 @@ class GrpcKVServer(KVBlockServer):
         auth_token: str,
         max_chunk_bytes: int,
         handle_wait_s: float,
-        max_workers: int = 8,
+        max_workers: int = 32,
+        streams: StreamTable | None = None,
+        stream_wait_s: float = 30.0,
     ) -> None:
         self._cache = cache
         self._leases = leases
@@ -65,6 +70,8 @@ class GrpcKVServer(KVBlockServer):
         self._token = auth_token.encode()
         self._max_chunk_bytes = max_chunk_bytes
         self._handle_wait_s = handle_wait_s
+        self._streams = streams
+        self._stream_wait_s = stream_wait_s
         self._max_workers = max_workers
         self._server: grpc.Server | None = None
         self._bulk: BulkSender | None = None
@@ -124,12 +131,17 @@ class GrpcKVServer(KVBlockServer):
                 return
         context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong cluster token")
 
-    def acquire(self, request: pb.PullRequest, context: grpc.ServicerContext) -> list[int]:
-        """Check token, block ids and lease; on success the caller owns one lease reader,
-        which it returns with finish_pull."""
+    def acquire(self, request: pb.PullRequest, context: grpc.ServicerContext) -> PullSource:
+        """Check token, block ids and lease (or stream); on success the caller owns one
+        reader of the returned source and must `finish` it."""
         self.authorize(context)
         block_ids = list(request.block_ids)
         try:
+            if request.stream_handle:
+                if self._streams is None:
+                    raise LeaseError("this producer does not serve overlapped (stream) pulls")
+                return self._streams.open_reader(request.stream_handle, block_ids,
+                                                 self._stream_wait_s, self._stream_wait_s)
             self._cache.check_block_ids(block_ids)
             self._leases.acquire(request.handle, block_ids, self._handle_wait_s)
         except UnknownHandle as err:
@@ -138,29 +150,31 @@ class GrpcKVServer(KVBlockServer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
         except (LeaseError, ValueError) as err:
             context.abort(grpc.StatusCode.PERMISSION_DENIED, str(err))
-        return block_ids
+        return LeasePull(self._cache, self._leases, request.handle, block_ids)
 
     def chunk_bytes(self, request: pb.PullRequest) -> int:
         return min(request.max_chunk_bytes or self._max_chunk_bytes, self._max_chunk_bytes)
 
-    def finish_pull(self, handle: str) -> None:
-        self._leases.finish_pull(handle)
-
     def _pull(self, request: pb.PullRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
-        block_ids = self.acquire(request, context)
+        source = self.acquire(request, context)
         try:
-            encoder = ChunkEncoder(self._cache, block_ids)
-            for plan in self._cache.plan_chunks(len(block_ids), self.chunk_bytes(request)):
+            encoder = ChunkEncoder(self._cache)
+            for plan, blocks in source.chunks(self.chunk_bytes(request), context.is_active):
                 if not context.is_active():
                     return
-                yield encoder.encode(plan)
+                yield encoder.encode(plan, blocks)
+            context.set_trailing_metadata(
+                ((WAIT_METADATA_KEY, str(int(source.waited_s * 1e6))),)
+            )
+        except StreamFailed as err:
+            context.abort(grpc.StatusCode.ABORTED, str(err))
         finally:
-            self._leases.finish_pull(request.handle)
+            source.finish()
 
     def _open_bulk(self, request: pb.PullRequest, context: grpc.ServicerContext) -> pb.BulkTicket:
-        block_ids = self.acquire(request, context)
+        source = self.acquire(request, context)
         assert self._bulk is not None, "server not started"
-        ticket = self._bulk.issue(request.handle, block_ids, self.chunk_bytes(request))
+        ticket = self._bulk.issue(source, self.chunk_bytes(request))
         return pb.BulkTicket(port=self._bulk.port, ticket=ticket)
 
     def _release(
@@ -184,6 +198,18 @@ def describe_rpc_error(err: grpc.RpcError, endpoint: str) -> str:
     }
     reason = reasons.get(code, f"transfer from {endpoint} failed ({code})")
     return f"{reason}: {detail}"
+
+
+@dataclass(frozen=True)
+class _Part:
+    """One stream of a pull: a contiguous share of its blocks."""
+
+    index: int
+    remote_block_ids: list[int]
+    local_block_ids: list[int]
+    handle: str
+    stream_handle: str
+    sink: PagedKVCache
 
 
 class GrpcKVClient(KVBlockClient):
@@ -222,25 +248,32 @@ class GrpcKVClient(KVBlockClient):
         local_block_ids: list[int],
         timeout_s: float,
         cancelled: threading.Event | None = None,
+        *,
+        sink: PagedKVCache | None = None,
+        stream_handle: str = "",
     ) -> PullResult:
         assert len(remote_block_ids) == len(local_block_ids), "remote/local block count differs"
-        self._cache.check_block_ids(local_block_ids)
+        target = sink or self._cache
+        target.check_block_ids(local_block_ids)
         start = time.perf_counter()
         stop = threading.Event()  # set when one stream fails, to end the others
         num_parts = max(1, min(self._num_streams, len(local_block_ids)))
         bounds = [len(local_block_ids) * i // num_parts for i in range(num_parts + 1)]
         parts = [
-            (i, remote_block_ids[lo:hi], local_block_ids[lo:hi])
+            _Part(i, remote_block_ids[lo:hi], local_block_ids[lo:hi], handle, stream_handle,
+                  target)
             for i, (lo, hi) in enumerate(zip(bounds, bounds[1:], strict=False))
         ]
         futures = [
-            self._streams.submit(self._pull_part, endpoint, handle, part, timeout_s,
-                                 cancelled, stop)
+            self._streams.submit(self._pull_part, endpoint, part, timeout_s, cancelled, stop)
             for part in parts[1:]
         ]
         try:
-            num_bytes = self._pull_part(endpoint, handle, parts[0], timeout_s, cancelled, stop)
-            num_bytes += sum(future.result() for future in futures)
+            num_bytes, wait_s = self._pull_part(endpoint, parts[0], timeout_s, cancelled, stop)
+            for future in futures:
+                part_bytes, part_wait_s = future.result()
+                num_bytes += part_bytes
+                wait_s = min(wait_s, part_wait_s)  # parts run at once: the least-waiting one
         except BaseException:
             stop.set()
             for future in futures:
@@ -248,50 +281,50 @@ class GrpcKVClient(KVBlockClient):
                     future.result()
             raise
         elapsed_ms = (time.perf_counter() - start) * 1e3
-        return PullResult(len(local_block_ids), num_bytes, elapsed_ms)
+        return PullResult(len(local_block_ids), num_bytes, elapsed_ms, wait_s * 1e3)
 
     def _pull_part(
         self,
         endpoint: str,
-        handle: str,
-        part: tuple[int, list[int], list[int]],
+        part: _Part,
         timeout_s: float,
         cancelled: threading.Event | None,
         stop: threading.Event,
-    ) -> int:
-        stream_index, remote_block_ids, local_block_ids = part
+    ) -> tuple[int, float]:
+        local_block_ids = part.local_block_ids
         request = pb.PullRequest(
-            handle=handle, block_ids=remote_block_ids, max_chunk_bytes=self._max_chunk_bytes
+            handle=part.handle, block_ids=part.remote_block_ids,
+            max_chunk_bytes=self._max_chunk_bytes, stream_handle=part.stream_handle,
         )
-        received = [bytearray(len(local_block_ids)) for _ in range(self._cache.num_layers)]
+        received = [bytearray(len(local_block_ids)) for _ in range(part.sink.num_layers)]
 
         def should_stop() -> bool:
             return stop.is_set() or (cancelled is not None and cancelled.is_set())
 
         def store(layer: int, first: int, count: int, payload: memoryview) -> int:
             chunk = DecodedChunk(layer, first, count, payload)
-            return self._store_chunk(chunk, local_block_ids, received)
+            return self._store_chunk(part.sink, chunk, local_block_ids, received)
 
-        channel = self._channel(endpoint, stream_index)
+        channel = self._channel(endpoint, part.index)
         try:
             if self._bulk_tcp:
-                num_bytes = self._pull_bulk(channel, endpoint, request, timeout_s, store,
-                                            should_stop)
+                num_bytes, wait_s = self._pull_bulk(channel, endpoint, request, timeout_s, store,
+                                                    should_stop)
             else:
-                num_bytes = self._pull_stream(channel, endpoint, request, timeout_s, store,
-                                              should_stop)
+                num_bytes, wait_s = self._pull_stream(channel, endpoint, request, timeout_s,
+                                                      store, should_stop)
         except grpc.RpcError as err:
             raise TransferError(describe_rpc_error(err, endpoint)) from err
         except OSError as err:
             raise TransferError(f"data connection to {endpoint} failed: {err}") from err
         missing = sum(row.count(0) for row in received)
         if missing:
-            total = len(local_block_ids) * self._cache.num_layers
+            total = len(local_block_ids) * part.sink.num_layers
             raise TransferError(
                 f"transfer from {endpoint} ended early: {total - missing} of {total} "
                 "layer-blocks arrived"
             )
-        return num_bytes
+        return num_bytes, wait_s
 
     def _pull_stream(
         self,
@@ -301,7 +334,7 @@ class GrpcKVClient(KVBlockClient):
         timeout_s: float,
         store: Callable[[int, int, int, memoryview], int],
         should_stop: Callable[[], bool],
-    ) -> int:
+    ) -> tuple[int, float]:
         stub = channel.unary_stream(
             PULL_METHOD,
             request_serializer=pb.PullRequest.SerializeToString,
@@ -316,7 +349,8 @@ class GrpcKVClient(KVBlockClient):
             chunk = decode_chunk(message)
             num_bytes += store(chunk.layer_index, chunk.first_block, chunk.num_blocks,
                                chunk.payload)
-        return num_bytes
+        trailing = dict(call.trailing_metadata() or ())
+        return num_bytes, int(trailing.get(WAIT_METADATA_KEY, 0)) / 1e6
 
     def _pull_bulk(
         self,
@@ -326,7 +360,7 @@ class GrpcKVClient(KVBlockClient):
         timeout_s: float,
         store: Callable[[int, int, int, memoryview], int],
         should_stop: Callable[[], bool],
-    ) -> int:
+    ) -> tuple[int, float]:
         deadline = time.monotonic() + timeout_s
         stub = channel.unary_unary(
             OPEN_BULK_METHOD,
@@ -335,22 +369,26 @@ class GrpcKVClient(KVBlockClient):
         )
         ticket = stub(request, timeout=timeout_s, metadata=self._metadata)
         address = (endpoint.rsplit(":", 1)[0], ticket.port)
-        return receive_blocks(address, ticket.ticket, len(request.block_ids), deadline, store,
-                              should_stop, self._max_chunk_bytes)
+        wait_s: list[float] = []
+        num_bytes = receive_blocks(address, ticket.ticket, len(request.block_ids), deadline,
+                                   store, should_stop, self._max_chunk_bytes, wait_s)
+        return num_bytes, sum(wait_s)
 
+    @staticmethod
     def _store_chunk(
-        self, chunk: DecodedChunk, local_block_ids: list[int], received: list[bytearray]
+        sink: PagedKVCache, chunk: DecodedChunk, local_block_ids: list[int],
+        received: list[bytearray],
     ) -> int:
         layer, first, count = chunk.layer_index, chunk.first_block, chunk.num_blocks
-        if layer >= self._cache.num_layers or count == 0 or first + count > len(local_block_ids):
+        if layer >= sink.num_layers or count == 0 or first + count > len(local_block_ids):
             raise TransferError(f"malformed chunk: layer {layer}, blocks {first}+{count}")
-        expected = count * self._cache.block_bytes_per_layer[layer]
+        expected = count * sink.block_bytes_per_layer[layer]
         if len(chunk.payload) != expected:
             raise TransferError(
                 f"chunk size {len(chunk.payload)} != {expected}: producer and consumer KV "
                 "layouts differ (model, block size or dtype)"
             )
-        self._cache.scatter_from(layer, local_block_ids[first : first + count], chunk.payload)
+        sink.scatter_from(layer, local_block_ids[first : first + count], chunk.payload)
         received[layer][first : first + count] = b"\x01" * count
         return expected
 

@@ -26,6 +26,8 @@ class LoadSpec:
     remote_block_ids: tuple[int, ...]
     local_block_ids: tuple[int, ...]
     num_tokens: int
+    stream_handle: str = ""  # take the blocks from this prefetch when it has them
+    first_block_index: int = 0  # index of remote_block_ids[0] among the prompt's blocks
 
 
 @dataclass(frozen=True)
@@ -46,11 +48,34 @@ class ReleaseSpec:
     handle: str
 
 
+@dataclass(frozen=True)
+class StreamStep:
+    """Producer: this step computes prompt tokens [num_ready_tokens, num_target_tokens) of a
+    streamed request whose blocks (so far) are block_ids."""
+
+    handle: str
+    request_id: str
+    num_prompt_tokens: int
+    block_ids: tuple[int, ...]
+    num_ready_tokens: int
+    num_target_tokens: int
+
+
+@dataclass(frozen=True)
+class StreamEnd:
+    """Producer: this stream's request will not hand its blocks off; stop its readers."""
+
+    handle: str
+    reason: str
+
+
 @dataclass
 class DisaggConnectorMetadata(KVConnectorMetadata):
     loads: list[LoadSpec] = field(default_factory=list)
     leases: list[LeaseSpec] = field(default_factory=list)
     releases: list[ReleaseSpec] = field(default_factory=list)
+    stream_steps: list[StreamStep] = field(default_factory=list)
+    stream_ends: list[StreamEnd] = field(default_factory=list)
 
 
 @dataclass

@@ -34,12 +34,15 @@ class PagedKVCache:
     run the same model with the same block size and dtype (checked by `check_compatible`).
     """
 
-    def __init__(self, kv_caches: Mapping[str, torch.Tensor], num_blocks: int) -> None:
+    def __init__(self, kv_caches: Mapping[str, torch.Tensor], num_blocks: int,
+                 block_dims: list[int] | None = None) -> None:
         assert kv_caches, "no KV cache tensors registered"
         self.layer_names = sorted(kv_caches)
         self.num_blocks = num_blocks
         self._layers = [self._word_view(kv_caches[name]) for name in self.layer_names]
-        self._block_dims = [self._find_block_dim(kv_caches[name]) for name in self.layer_names]
+        self._block_dims = block_dims or [
+            self._find_block_dim(kv_caches[name]) for name in self.layer_names
+        ]
         self.block_bytes_per_layer = [
             layer.numel() * layer.element_size() // num_blocks for layer in self._layers
         ]
@@ -127,6 +130,27 @@ class PagedKVCache:
         source = data[:num_bytes].to(layer.device).view(layer.dtype).view(shape)
         index = torch.tensor(block_ids, dtype=torch.long, device=layer.device)
         layer.index_copy_(dim, index, source)
+
+    def staging(self, num_blocks: int) -> PagedKVCache:
+        """A new cache of num_blocks blocks with this one's layers, layout and device (a
+        consumer's prefetch buffer: filled like a paged cache, copied in by copy_blocks_from)."""
+        tensors = {}
+        for name, layer, dim in zip(self.layer_names, self._layers, self._block_dims,
+                                    strict=True):
+            shape = list(layer.shape)
+            shape[dim] = num_blocks
+            tensors[name] = torch.empty(shape, dtype=layer.dtype, device=layer.device)
+        return PagedKVCache(tensors, num_blocks, list(self._block_dims))
+
+    def copy_blocks_from(self, source: PagedKVCache, source_ids: list[int],
+                         block_ids: list[int]) -> int:
+        """Copy source's blocks (every layer) into these blocks; returns the bytes copied."""
+        assert source.layout_signature == self.layout_signature, "KV layouts differ"
+        for layer, src, dim in zip(self._layers, source._layers, self._block_dims, strict=True):
+            src_index = torch.tensor(source_ids, dtype=torch.long, device=src.device)
+            index = torch.tensor(block_ids, dtype=torch.long, device=layer.device)
+            layer.index_copy_(dim, index, src.index_select(dim, src_index).to(layer.device))
+        return len(block_ids) * self.block_bytes
 
     @property
     def device(self) -> torch.device:

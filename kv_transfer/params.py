@@ -14,6 +14,7 @@ PRODUCE_KEY = "do_remote_decode"
 CONSUME_KEY = "do_remote_prefill"
 TRANSFER_KEY = "disagg_transfer"
 STATS_KEY = "disagg_transfer_stats"
+STREAM_KEY = "disagg_stream_handle"
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class TransferParams:
     num_tokens: int
     block_size: int
     lease_s: float
+    stream_handle: str = ""  # the overlapped pull's handle, when the prefill streamed its KV
 
     def __post_init__(self) -> None:
         needed = -(-self.num_tokens // self.block_size)
@@ -42,10 +44,13 @@ class TransferParams:
 class TransferStats:
     """What the consumer's connector did for one request.
 
-    transfer_ms is the pull's own duration; exposed_transfer_ms is how long the request waited
-    for its KV: from the load reaching the consumer's worker to the blocks being in place
-    (queueing for a pull thread included). Whatever part of the transfer ran before the load
-    reached the worker (hidden behind compute) is in transfer_ms but not in exposed_transfer_ms.
+    transfer_ms is how long the payload was moving: the pull's duration, less the time a
+    stream pull's producer waited for the prefill to compute blocks, plus the copy from the
+    prefetch's staging into the paged cache. exposed_transfer_ms is how long the request
+    waited for its KV: from the load reaching the consumer's worker to the blocks being in
+    place (queueing for a pull thread included). Whatever part of the transfer ran before the
+    load reached the worker (hidden behind the prefill's compute) is in transfer_ms but not in
+    exposed_transfer_ms. overlapped: the blocks came from a prefetch that ran during the prefill.
     """
 
     num_loaded_tokens: int
@@ -54,11 +59,44 @@ class TransferStats:
     transfer_ms: float
     error: str = ""
     exposed_transfer_ms: float = 0.0
+    overlapped: bool = False
 
 
-def producer_request_params() -> dict[str, Any]:
-    """kv_transfer_params for a prefill request whose KV will be pulled by a decode worker."""
-    return {PRODUCE_KEY: True}
+@dataclass(frozen=True)
+class PrefetchSpec:
+    """Consumer: start pulling a prompt's KV while the producer is still prefilling it.
+
+    The pipeline mints stream_handle (unguessable) and gives it to both sides: the producer's
+    request carries it (producer_request_params), the consumer pulls the stream by it.
+    """
+
+    endpoint: str
+    stream_handle: str
+    num_tokens: int
+    block_size: int
+
+    @property
+    def num_blocks(self) -> int:
+        return -(-self.num_tokens // self.block_size)
+
+    @classmethod
+    def from_wire(cls, value: PrefetchSpec | dict[str, Any]) -> PrefetchSpec:
+        """vLLM's RPC may deliver the dataclass as a dict of its fields."""
+        return value if isinstance(value, PrefetchSpec) else cls(**value)
+
+
+def producer_request_params(stream_handle: str = "") -> dict[str, Any]:
+    """kv_transfer_params for a prefill request whose KV will be pulled by a decode worker;
+    with stream_handle, its blocks are also served layer by layer while it is prefilled."""
+    params: dict[str, Any] = {PRODUCE_KEY: True}
+    if stream_handle:
+        params[STREAM_KEY] = stream_handle
+    return params
+
+
+def stream_handle_of(params: dict[str, Any] | None) -> str:
+    """The stream handle of a producer request ('' when it does not stream)."""
+    return str(params.get(STREAM_KEY, "")) if params else ""
 
 
 def consumer_request_params(transfer: TransferParams) -> dict[str, Any]:

@@ -12,6 +12,10 @@ from __future__ import annotations
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kv_transfer.paged_kv import PagedKVCache
 
 
 class TransferError(Exception):
@@ -22,7 +26,8 @@ class TransferError(Exception):
 class PullResult:
     num_blocks: int
     transfer_bytes: int
-    transfer_ms: float
+    transfer_ms: float  # the pull's wall time
+    producer_wait_ms: float = 0.0  # stream pulls: part of transfer_ms spent waiting for compute
 
 
 class KVBlockServer(ABC):
@@ -49,11 +54,17 @@ class KVBlockClient(ABC):
         local_block_ids: list[int],
         timeout_s: float,
         cancelled: threading.Event | None = None,
+        *,
+        sink: PagedKVCache | None = None,
+        stream_handle: str = "",
     ) -> PullResult:
         """Copy remote blocks into local blocks (same order, same count) for every layer.
 
         Blocks until all blocks have arrived, raises TransferError on any failure (the local
         blocks then hold partial data) or after timeout_s. Stops early once `cancelled` is set.
+        `sink` replaces the client's paged cache as the destination (a prefetch's staging).
+        With `stream_handle` (and no handle) the remote ids are indices of the prompt's blocks
+        on a producer still prefilling it; chunks arrive as they are computed.
         """
 
     @abstractmethod

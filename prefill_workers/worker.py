@@ -50,15 +50,19 @@ class PrefillWorker:
         self.worker_id = worker_id
         self._auth_token = auth_token
         self._orphan_releases: set[asyncio.Future[None]] = set()
+        self._endpoint = ""
 
-    async def prefill(self, request: GenerateRequest, target: str = "") -> PrefillResult:
+    async def prefill(self, request: GenerateRequest, target: str = "",
+                      stream_handle: str = "") -> PrefillResult:
         """Run the prompt, return the first token and where its KV blocks wait. (`target`
-        names a replica for remote clients; a local worker is its own target.)
+        names a replica for remote clients; a local worker is its own target.) With
+        stream_handle, the blocks are also served layer by layer while they are computed
+        (overlap: a decode worker prefetches them by that handle).
 
         If the caller is cancelled (client gone), the prefill is aborted; should it have
         finished anyway, its blocks are released instead of waiting for the lease to expire.
         """
-        task = asyncio.ensure_future(self._prefill(request))
+        task = asyncio.ensure_future(self._prefill(request, stream_handle))
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -75,11 +79,12 @@ class PrefillWorker:
             self._orphan_releases.add(release)
             release.add_done_callback(self._orphan_releases.discard)
 
-    async def _prefill(self, request: GenerateRequest) -> PrefillResult:
+    async def _prefill(self, request: GenerateRequest, stream_handle: str) -> PrefillResult:
         start = time.perf_counter()
         hand_off = request.sampling.max_tokens > 1
         params = request.sampling.to_vllm(
-            max_tokens=1, kv_transfer_params=producer_request_params() if hand_off else None
+            max_tokens=1,
+            kv_transfer_params=producer_request_params(stream_handle) if hand_off else None,
         )
         output = None
         async for output in self.engine.generate(
@@ -115,6 +120,12 @@ class PrefillWorker:
     async def release(self, transfer: TransferParams) -> None:
         """Free a handed-off prompt's blocks that no decode engine will pull (idempotent)."""
         await asyncio.to_thread(release_handle, transfer, self._auth_token)
+
+    async def kv_endpoint(self, target: str = "") -> str:
+        """Where decode workers pull this worker's blocks (host:port)."""
+        if not self._endpoint:
+            (self._endpoint,) = await self.engine.collective_rpc("disagg_kv_endpoint")
+        return self._endpoint
 
     async def kv_stats(self) -> WorkerStats:
         (stats,) = await self.engine.collective_rpc("disagg_kv_stats")

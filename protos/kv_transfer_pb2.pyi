@@ -7,14 +7,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PullRequest(_message.Message):
-    __slots__ = ("handle", "block_ids", "max_chunk_bytes")
+    __slots__ = ("handle", "block_ids", "max_chunk_bytes", "stream_handle")
     HANDLE_FIELD_NUMBER: _ClassVar[int]
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STREAM_HANDLE_FIELD_NUMBER: _ClassVar[int]
     handle: str
     block_ids: _containers.RepeatedScalarFieldContainer[int]
     max_chunk_bytes: int
-    def __init__(self, handle: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., max_chunk_bytes: _Optional[int] = ...) -> None: ...
+    stream_handle: str
+    def __init__(self, handle: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., max_chunk_bytes: _Optional[int] = ..., stream_handle: _Optional[str] = ...) -> None: ...
 
 class BlockChunk(_message.Message):
     __slots__ = ("layer_index", "first_block", "num_blocks", "payload")
@@ -81,11 +83,19 @@ class CollectivePullRequest(_message.Message):
     def __init__(self, pull: _Optional[_Union[PullRequest, _Mapping]] = ..., group_name: _Optional[str] = ...) -> None: ...
 
 class CollectiveProgress(_message.Message):
-    __slots__ = ("num_bytes", "chunk_bytes", "done")
+    __slots__ = ("num_bytes", "chunk_bytes", "done", "layer_index", "first_block", "num_blocks", "producer_wait_us")
     NUM_BYTES_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
+    LAYER_INDEX_FIELD_NUMBER: _ClassVar[int]
+    FIRST_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    PRODUCER_WAIT_US_FIELD_NUMBER: _ClassVar[int]
     num_bytes: int
     chunk_bytes: int
     done: bool
-    def __init__(self, num_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., done: _Optional[bool] = ...) -> None: ...
+    layer_index: int
+    first_block: int
+    num_blocks: int
+    producer_wait_us: int
+    def __init__(self, num_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., done: _Optional[bool] = ..., layer_index: _Optional[int] = ..., first_block: _Optional[int] = ..., num_blocks: _Optional[int] = ..., producer_wait_us: _Optional[int] = ...) -> None: ...

@@ -61,6 +61,8 @@ def connector_config(transfer: TransferConfig, role: EngineRole, port: int) -> C
         num_streams=transfer.num_streams,
         transport=transfer.transport,
         collective_backend=transfer.collective_backend,
+        overlap=transfer.overlap,
+        max_prefetch_bytes=transfer.max_prefetch_bytes,
     )
 
 

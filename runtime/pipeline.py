@@ -3,15 +3,20 @@
   1. PrefillWorker computes the prompt and the first token; the first token is emitted at once
      (TTFT does not include the KV transfer).
   2. DecodeWorker pulls the prompt's KV blocks and streams the remaining tokens.
+     Overlap (when both sides support it): the pipeline mints a stream handle and, while the
+     prefill runs, has the decode worker prefetch the blocks layer by layer as the producer
+     computes them; the decode request then finds them staged and waits only for the rest.
   3. The last event carries the request's latency split by phase.
 """
 
 from __future__ import annotations
 
+import asyncio
+import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 from decode_workers.worker import DecodeChunk, DecodeTimings
 from kv_transfer.params import TransferParams
@@ -50,6 +55,7 @@ class PhaseTimings:
     decision_reason: str = ""  # why the scheduler chose this lane, mode and replicas
     # The part of kv_transfer_ms the request waited for (the rest was hidden behind compute).
     kv_transfer_exposed_ms: float = 0.0
+    kv_transfer_overlapped: bool = False  # the KV moved during the prefill (prefetch)
 
     @property
     def phases_ms(self) -> dict[str, float]:
@@ -96,10 +102,42 @@ class DecodeClient(Protocol):
     ) -> AsyncIterator[DecodeChunk]: ...
 
 
+@runtime_checkable
+class StreamingPrefillClient(Protocol):
+    """A prefill client that can serve a prompt's KV while computing it (overlap)."""
+
+    async def prefill(self, request: GenerateRequest, target: str = "",
+                      stream_handle: str = "") -> PrefillResult: ...
+
+    async def release(self, transfer: TransferParams) -> None: ...
+
+    async def kv_endpoint(self, target: str = "") -> str: ...
+
+
+@runtime_checkable
+class PrefetchingDecodeClient(Protocol):
+    """A decode client that can pull a prompt's KV while it is being prefilled (overlap)."""
+
+    def decode(
+        self, request: GenerateRequest, first_token_id: int | None,
+        transfer: TransferParams | None, *, target: str = "",
+    ) -> AsyncIterator[DecodeChunk]: ...
+
+    async def prefetch(self, endpoint: str, stream_handle: str, num_tokens: int,
+                       target: str = "") -> bool: ...
+
+    async def cancel_prefetch(self, stream_handle: str, target: str = "") -> None: ...
+
+
 class DisaggPipeline:
-    def __init__(self, prefill: PrefillClient, decode: DecodeClient) -> None:
+    """`overlap`: move the KV during the prefill where both clients support it (else the
+    decode worker pulls after the prefill)."""
+
+    def __init__(self, prefill: PrefillClient, decode: DecodeClient,
+                 overlap: bool = False) -> None:
         self.prefill = prefill
         self.decode = decode
+        self.overlap = overlap
 
     async def stream(
         self, request: GenerateRequest, arrival_s: float | None = None, lane: Lane = "short",
@@ -110,9 +148,15 @@ class DisaggPipeline:
         start = time.perf_counter()
         arrival = start if arrival_s is None else arrival_s
         queue_ms = (start - arrival) * 1e3
-        first = await self.prefill.prefill(request, prefill_target)
+        stream_handle = await self._start_prefetch(request, prefill_target, decode_target)
+        try:
+            first = await self._prefill(request, prefill_target, stream_handle)
+        except BaseException:
+            await self._end_prefetch(stream_handle, decode_target)
+            raise
         ttft_ms = (time.perf_counter() - arrival) * 1e3
         if first.finish_reason is not None:
+            await self._end_prefetch(stream_handle, decode_target)
             yield StreamEvent((first.first_token_id,))
             timings = self._timings(first, None, ttft_ms, arrival, 1, queue_ms, lane)
             yield StreamEvent((), first.finish_reason, timings)
@@ -131,10 +175,39 @@ class DisaggPipeline:
                                            queue_ms, lane)
                 yield StreamEvent(chunk.token_ids, chunk.finish_reason, phases)
         finally:
+            # A prefetch the decode did not claim (failed, or a local prefix-cache hit) is
+            # dropped now rather than at its expiry; a claimed one is gone already (no-op).
+            await self._end_prefetch(stream_handle, decode_target)
             if not decoding and first.transfer is not None:
                 # Client gone or decode failed before the decode engine took over the blocks:
                 # free them now rather than at lease expiry (a second release is a no-op).
                 await self.prefill.release(first.transfer)
+
+    async def _start_prefetch(self, request: GenerateRequest, prefill_target: str,
+                              decode_target: str) -> str:
+        """Overlap: start the decode worker's prefetch; returns its stream handle ('' if
+        there is none: overlap off, unsupported, or nothing to hand off)."""
+        if not (self.overlap and request.sampling.max_tokens > 1
+                and isinstance(self.prefill, StreamingPrefillClient)
+                and isinstance(self.decode, PrefetchingDecodeClient)):
+            return ""
+        stream_handle = secrets.token_urlsafe(24)
+        endpoint = await self.prefill.kv_endpoint(prefill_target)
+        started = await self.decode.prefetch(endpoint, stream_handle,
+                                             len(request.prompt_token_ids), decode_target)
+        return stream_handle if started else ""
+
+    async def _prefill(self, request: GenerateRequest, target: str,
+                       stream_handle: str) -> PrefillResult:
+        if stream_handle:
+            assert isinstance(self.prefill, StreamingPrefillClient)
+            return await self.prefill.prefill(request, target, stream_handle=stream_handle)
+        return await self.prefill.prefill(request, target)
+
+    async def _end_prefetch(self, stream_handle: str, decode_target: str) -> None:
+        if stream_handle:
+            assert isinstance(self.decode, PrefetchingDecodeClient)
+            await asyncio.shield(self.decode.cancel_prefetch(stream_handle, decode_target))
 
     async def stream_local(
         self, request: GenerateRequest, arrival_s: float, lane: Lane, decode_target: str
@@ -211,4 +284,5 @@ class DisaggPipeline:
             decode_replica=decode.worker_id if decode else "",
             transfer_error=decode.transfer_error if decode else "",
             kv_transfer_exposed_ms=decode.transfer_exposed_ms if decode else 0.0,
+            kv_transfer_overlapped=decode.transfer_overlapped if decode else False,
         )
