@@ -51,7 +51,7 @@ class ConnectorConfig(BaseModel):
         10.0, gt=0, description="nccl transport: longest wait for one send/recv or rendezvous."
     )
     overlap: bool = Field(
-        True, description="Producer: serve a prompt's blocks layer by layer while prefilling it "
+        False, description="Producer: serve a prompt's blocks layer by layer while prefilling it "
         "(stream pulls); consumer: accept prefetches that pull them into staging meanwhile."
     )
     max_prefetch_bytes: int = Field(

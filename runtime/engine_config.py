@@ -69,10 +69,10 @@ class TransferConfig(BaseModel):
         "fail", description="fail the request, or recompute its prompt on the decode engine."
     )
     overlap: bool = Field(
-        True, description="Move a prompt's KV while it is prefilled: the producer serves each "
+        False, description="Move a prompt's KV while it is prefilled: the producer serves each "
         "layer of each block as soon as it is computed, the decode worker prefetches it into "
         "staging during the prefill (every transport: grpc/tcp and nccl/gloo). Off: the decode "
-        "worker pulls after the prefill."
+        "worker pulls after the prefill. Off by default until verified on engines."
     )
     max_prefetch_bytes: int = Field(
         1 << 30, ge=0, description="Decode worker: staging memory all prefetches may hold at "
