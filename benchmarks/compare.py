@@ -5,13 +5,14 @@ One run, the same cores and the same arrival sequences for every target:
      the workload's requests open-loop (seeded Poisson or gamma arrivals), recording TTFT,
      TPOT, inter-token latencies, end-to-end and the server's own phase timings; stop it;
   2. summarize per rate and request class (short / long), with goodput under the SLOs;
-  3. write results.json (summaries and every request's record), results.md and the plots.
+  3. write results.json (summaries), records.json.gz (every request), results.md and plots.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gzip
 import json
 import os
 import sys
@@ -98,10 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     command = list(argv if argv is not None else sys.argv[1:])
     args = build_parser().parse_args(command)
     if args.quick:
-        args.rates = args.rates or [1.5, 3.0]
+        args.rates = args.rates or [2.0, 4.0]
         args.duration_s = args.duration_s or 25.0
-    args.rates = args.rates or [1.0, 2.0, 3.0, 4.0]
-    args.duration_s = args.duration_s or 60.0
+    args.rates = args.rates or [2.0, 4.0, 6.0]
+    args.duration_s = args.duration_s or 45.0
     if args.trace and not Path(args.trace).is_file():
         print(f"error: trace file {args.trace} not found", file=sys.stderr)
         return 2
@@ -136,16 +137,25 @@ def main(argv: list[str] | None = None) -> int:
     title = f"disagg vs colocated vs vLLM: {label}"
     (out_dir / "results.md").write_text(markdown(title, runs, slo, notes))
     image_paths = plots(out_dir, runs, records, args.long_prompt_tokens)
-    with open(out_dir / "results.json", "w") as f:
-        json.dump({"args": {k: v for k, v in vars(args).items()}, "notes": notes,
-                   "summaries": [r.to_json() for r in runs],
-                   "records": {f"{t}@{rate:g}": [r.to_json() for r in recs]
-                               for (t, rate), recs in records.items()}}, f, indent=1)
+    write_results(out_dir, vars(args), notes, runs, records)
     print((out_dir / "results.md").read_text())
     print(f"[compare] wrote {out_dir}/results.json, results.md, "
           f"{', '.join(p.name for p in image_paths)} in {time.perf_counter() - started:.0f} s",
           file=sys.stderr)
     return 0
+
+
+def write_results(out_dir: Path, args: dict[str, object], notes: list[str],
+                  runs: list[RunSummary],
+                  records: dict[tuple[str, float], list[RequestRecord]]) -> None:
+    """results.json: the options and the summaries; records.json.gz: every request's record
+    (TTFT, inter-token latencies, end-to-end, the server's timings), by target@rate."""
+    with open(out_dir / "results.json", "w") as f:
+        json.dump({"args": args, "notes": notes, "summaries": [r.to_json() for r in runs]}, f,
+                  indent=1)
+    with gzip.open(out_dir / "records.json.gz", "wt") as f:
+        json.dump({f"{t}@{rate:g}": [r.to_json() for r in recs]
+                   for (t, rate), recs in records.items()}, f)
 
 
 def resolve_model(path: str | None) -> Path:
@@ -193,17 +203,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="two rates, 25 s of arrivals each (about 5-6 minutes in all)")
     p.add_argument("--rates", type=_rates, help="requests/s, comma-separated "
-                   "(default 1,2,3,4; quick 1.5,3)")
+                   "(default 2,4,6; quick 2,4)")
     p.add_argument("--duration-s", type=float, help="seconds of arrivals per rate "
-                   "(default 60; quick 25)")
+                   "(default 45; quick 25)")
     p.add_argument("--max-requests", type=int, default=2000, help="cap per rate")
     p.add_argument("--targets", type=_targets, default=list(TARGETS),
                    help="comma-separated subset of disagg,colocated,vllm")
     p.add_argument("--cores", default="0,1", help="one core set per engine, comma-separated "
                    "(default 0,1: two engines, one core each)")
     p.add_argument("--model", help="checkpoint directory (default: the tiny model)")
-    p.add_argument("--max-context", type=int, default=4096,
-                   help="long prompts take 50-90%% of this many tokens (default 4096)")
+    p.add_argument("--max-context", type=int, default=8192,
+                   help="long prompts take 50-90%% of this many tokens (default 8192)")
     p.add_argument("--long-fraction", type=float, default=0.1,
                    help="share of long prompts in `mixed` (default 0.1)")
     p.add_argument("--burstiness", type=float, default=1.0,

@@ -1,0 +1,92 @@
+"""The comparison benchmark's pure parts: summaries, goodput, the report, the targets' configs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from benchmarks.compare import build_parser, workload
+from benchmarks.compare_report import markdown, plots
+from benchmarks.loadgen import RequestRecord
+from benchmarks.summary import SLO, summarize
+from benchmarks.targets import EngineSettings, SchedulerSettings, app_config
+from runtime.app_config import AppConfig
+
+
+def _record(i: int, prompt_len: int, ttft_ms: float, e2e_ms: float, num_tokens: int = 11,
+            error: str = "", mode: str = "local") -> RequestRecord:
+    record = RequestRecord(i, prompt_len, num_tokens, scheduled_s=i * 0.1, sent_s=100 + i * 0.1)
+    if error:
+        record.error = error
+        return record
+    record.ttft_ms, record.e2e_ms, record.num_output_tokens = ttft_ms, e2e_ms, num_tokens
+    phases = {p: 1.0 for p in ("scheduler_queue", "prefill_queue", "prefill_compute",
+                               "kv_transfer", "decode_queue", "decode_compute")}
+    record.server_timings = {"phases_ms": phases, "mode": mode}
+    return record
+
+
+def test_summary_splits_classes_and_counts_goodput_under_both_slos():
+    records = [_record(i, 100, ttft_ms=50.0 + i, e2e_ms=150.0 + i) for i in range(10)]
+    records.append(_record(10, 5000, ttft_ms=2000.0, e2e_ms=2100.0, mode="disaggregated"))
+    records.append(_record(11, 100, ttft_ms=80.0, e2e_ms=2080.0))  # TPOT 200 ms: misses
+    records.append(_record(12, 100, 0, 0, error="HTTP 500"))
+    summary = summarize("disagg", 4.0, records, SLO(ttft_ms=1000, tpot_ms=100), 1024)
+    short, long_ = summary.classes["short"], summary.classes["long"]
+    assert (short.num_requests, short.num_errors, long_.num_requests) == (12, 1, 1)
+    assert short.ttft_ms["p50"] == pytest.approx(55.0)  # 50..59 and 80
+    assert short.tpot_ms["p99"] == pytest.approx(200.0, rel=0.1)
+    assert long_.num_slo_met == 0  # TTFT 2 s > 1 s
+    assert summary.classes["all"].num_slo_met == 10
+    # the run lasts from the first send to the last finish
+    assert summary.duration_s == pytest.approx(1.1 + 2.08)
+    assert summary.goodput_per_s == pytest.approx(10 / summary.duration_s)
+    assert long_.modes == {"disaggregated": 1} and short.modes == {"local": 11}
+
+
+def test_report_states_ratios_to_colocated_and_writes_the_plots(tmp_path):
+    slo = SLO(1000, 100)
+    runs, records = [], {}
+    for target, scale in (("disagg", 1.0), ("colocated", 4.0), ("vllm", 2.0)):
+        for rate in (2.0, 4.0):
+            recs = [_record(i, 100 if i % 5 else 6000, 40.0 * scale, 400.0 * scale)
+                    for i in range(20)]
+            runs.append(summarize(target, rate, recs, slo, 1024))
+            records[(target, rate)] = recs
+    text = markdown("t", runs, slo, ["note"])
+    assert "## 2 requests/s" in text and "## 4 requests/s" in text
+    row = next(line for line in text.splitlines() if line.startswith("| disagg | short"))
+    assert "0.25x" in row  # p99 TTFT 40 ms vs colocated's 160 ms
+    paths = plots(tmp_path, runs, records, 1024)
+    assert [p.name for p in paths] == ["ttft_cdf_short.png", "phases.png",
+                                       "p99_ttft_vs_rate.png"]
+    assert all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_targets_get_the_same_engines_and_cores():
+    engine = EngineSettings("/m", ("0", "1"), 8448, 32, 2048, 512 << 20)
+    scheduler = SchedulerSettings(1024, 1024)
+    disagg = AppConfig.model_validate(app_config("disagg", engine, scheduler, 8000))
+    colocated = AppConfig.model_validate(app_config("colocated", engine, scheduler, 8000))
+    assert disagg.serving == "disaggregated" and colocated.serving == "colocated"
+    assert (disagg.prefill.replicas, disagg.decode.replicas) == (1, 1)
+    assert disagg.prefill.cpu_cores + disagg.decode.cpu_cores == ["0", "1"]
+    assert colocated.decode.replicas == 2 and colocated.decode.cpu_cores == ["0", "1"]
+    assert disagg.decode_engine == colocated.decode_engine  # identical engines
+    assert colocated.decode_engine.max_num_batched_tokens == 2048
+
+
+def test_the_same_seed_gives_every_target_the_same_arrivals():
+    args = build_parser().parse_args(["--duration-s", "10"])
+    a, b = workload(args, 4.0, seed=1), workload(args, 4.0, seed=1)
+    assert a == b and len(a) == 40
+    assert not math.isclose(a[0].arrival_s, workload(args, 4.0, seed=2)[0].arrival_s)
+
+
+def test_bad_options_are_refused_with_the_choices():
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--targets", "disagg,sglang"])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--rates", "0"])
