@@ -46,11 +46,12 @@ def workload(args: argparse.Namespace, rate: float, seed: int) -> list[BenchRequ
     if args.trace:
         rows = (read_mooncake_trace if args.trace.endswith(".jsonl") else read_azure_trace)(
             args.trace)
-        # replay at `rate` by rescaling the trace's time axis, capped to the run's duration
-        span = rows[-1].arrival_s or 1.0
-        scale = (len(rows) / rate) / span
+        # the trace's own mix and burstiness, replayed at `rate` (its time axis rescaled) for
+        # about duration_s; prompts capped to the engines' context
+        scale = (len(rows) / rate) / (rows[-1].arrival_s or 1.0)
+        n = min(len(rows), args.max_requests, max(4, round(rate * args.duration_s)))
         return [BenchRequest(r.arrival_s * scale, min(r.prompt_len, args.max_context - 64),
-                             max(1, min(r.output_len, 64))) for r in rows][: args.max_requests]
+                             max(1, min(r.output_len, 128))) for r in rows[:n]]
     n = min(args.max_requests, max(4, round(rate * args.duration_s)))
     return synthetic(args.workload, n, rate, max_context=args.max_context,
                      long_fraction=args.long_fraction, burstiness=args.burstiness, seed=seed)

@@ -90,3 +90,16 @@ def test_bad_options_are_refused_with_the_choices():
         parser.parse_args(["--targets", "disagg,sglang"])
     with pytest.raises(SystemExit):
         parser.parse_args(["--rates", "0"])
+
+
+def test_trace_replay_keeps_the_trace_mix_at_the_asked_rate():
+    from pathlib import Path
+
+    traces = Path(__file__).resolve().parents[2] / "benchmarks" / "traces"
+    for name in ("azure_sample.csv", "mooncake_sample.jsonl"):
+        args = build_parser().parse_args(["--trace", str(traces / name), "--duration-s", "20"])
+        requests = workload(args, 4.0, seed=0)
+        assert len(requests) == 80
+        assert 2.8 < len(requests) / requests[-1].arrival_s < 5.2  # about 4 per second
+        assert max(r.prompt_len for r in requests) <= 8192 - 64
+        assert any(r.prompt_len >= 1024 for r in requests)  # the trace's long prompts
