@@ -86,12 +86,16 @@ class PrefillServer:
         return ReplicaReport("prefill", self._worker.worker_id, self._pending_tokens, 0, 0, 0,
                              0, 0, time.time())
 
-    async def prefill(self, request: GenerateRequest, target_replica: str = "") -> PrefillResult:
+    async def prefill(self, request: GenerateRequest, target_replica: str = "",
+                      stream_handle: str = "") -> PrefillResult:
         self._pending_tokens += len(request.prompt_token_ids)
         try:
-            return await self._worker.prefill(request)
+            return await self._worker.prefill(request, stream_handle=stream_handle)
         finally:
             self._pending_tokens -= len(request.prompt_token_ids)
+
+    async def kv_endpoint(self, target_replica: str = "") -> str:
+        return await self._worker.kv_endpoint()
 
     async def release(self, transfer: TransferParams) -> None:
         await self._worker.release(transfer)
@@ -142,6 +146,13 @@ class DecodeServer:
         async for chunk in self._worker.decode(request, first_token_id, transfer):
             yield chunk
 
+    async def prefetch(self, endpoint: str, stream_handle: str, num_tokens: int,
+                       target_replica: str = "") -> bool:
+        return await self._worker.prefetch(endpoint, stream_handle, num_tokens)
+
+    async def cancel_prefetch(self, stream_handle: str, target_replica: str = "") -> None:
+        await self._worker.cancel_prefetch(stream_handle)
+
     async def status(self) -> ReplicaStatus:
         kv = await self._worker.kv_stats() if self._has_connector else WorkerStats(0, 0, 0, 0,
                                                                                   0, 0)
@@ -162,9 +173,15 @@ class RemotePrefill:
     def __init__(self, handle: Any) -> None:
         self._handle = handle
 
-    async def prefill(self, request: GenerateRequest, target: str = "") -> PrefillResult:
-        result: PrefillResult = await self._handle.prefill.remote(request, target_replica=target)
+    async def prefill(self, request: GenerateRequest, target: str = "",
+                      stream_handle: str = "") -> PrefillResult:
+        result: PrefillResult = await self._handle.prefill.remote(
+            request, target_replica=target, stream_handle=stream_handle)
         return result
+
+    async def kv_endpoint(self, target: str = "") -> str:
+        endpoint: str = await self._handle.kv_endpoint.remote(target_replica=target)
+        return endpoint
 
     async def release(self, transfer: TransferParams) -> None:
         await self._handle.release.remote(transfer)
@@ -174,7 +191,17 @@ class RemoteDecode:
     """DecodeClient over a Serve handle; closing the stream cancels it on the replica."""
 
     def __init__(self, handle: Any) -> None:
+        self._unary = handle
         self._handle = handle.options(stream=True)
+
+    async def prefetch(self, endpoint: str, stream_handle: str, num_tokens: int,
+                       target: str = "") -> bool:
+        started: bool = await self._unary.prefetch.remote(endpoint, stream_handle, num_tokens,
+                                                          target_replica=target)
+        return started
+
+    async def cancel_prefetch(self, stream_handle: str, target: str = "") -> None:
+        await self._unary.cancel_prefetch.remote(stream_handle, target_replica=target)
 
     async def decode(
         self, request: GenerateRequest, first_token_id: int | None,

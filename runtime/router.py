@@ -98,6 +98,10 @@ class Router:
         self.tokenizer = tokenizer
         self.metrics = metrics
         self.pipeline = DisaggPipeline(prefill or NoPrefillPool(), decode)
+        # Overlap needs the scheduler's pinned replicas: the prefetch must pull from the
+        # prefill replica that runs the prompt, on the decode replica that decodes it.
+        self.overlapped = DisaggPipeline(prefill or NoPrefillPool(), decode,
+                                         overlap=config.transfer.overlap)
         self.max_model_len = min(config.prefill_engine.max_model_len,
                                  config.decode_engine.max_model_len)
         self._ids = itertools.count()
@@ -178,7 +182,8 @@ class Router:
             events = self.pipeline.stream_local(request, prepared.arrival_s, lane,
                                                 decision.decode_replica)
         else:
-            events = self.pipeline.stream(
+            pipeline = self.overlapped if decision is not None else self.pipeline
+            events = pipeline.stream(
                 request, prepared.arrival_s, lane,
                 prefill_target=decision.prefill_replica or "" if decision else "",
                 decode_target=decision.decode_replica if decision else "")
