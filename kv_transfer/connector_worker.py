@@ -194,12 +194,16 @@ class ConnectorWorker:
     def prefetch(self, spec: PrefetchSpec) -> bool:
         """Consumer: start pulling a prompt still being prefilled; False if skipped."""
         if self._prefetcher is None:
+            # A silent refusal made every overlapped request fall back to a normal pull.
+            logger.warning_once("prefetch refused: overlap is off on this decode engine "
+                                "(TransferConfig.overlap); the KV is pulled after the prefill")
             return False
         return self._prefetcher.start(spec)
 
     def cancel_prefetch(self, stream_handle: str) -> None:
         if self._prefetcher is not None:
             self._prefetcher.cancel(stream_handle)
+
     def start_load_kv(self, meta: DisaggConnectorMetadata) -> None:
         for lease in meta.leases:
             self._leases.grant(lease.handle, lease.request_id, lease.block_ids, lease.lease_s)

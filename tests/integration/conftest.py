@@ -62,8 +62,8 @@ class Cluster:
     oracle: Any  # AsyncLLM, colocated
     probes: dict[str, LoadProbe]  # "prefill" and CHANNELS: each engine's live load
 
-    def pipeline(self, channel: str = "tcp") -> DisaggPipeline:
-        return DisaggPipeline(self.prefill, self.decoders[channel])
+    def pipeline(self, channel: str = "tcp", overlap: bool = False) -> DisaggPipeline:
+        return DisaggPipeline(self.prefill, self.decoders[channel], overlap=overlap)
 
     @property
     def decode(self) -> DecodeWorker:
@@ -80,7 +80,9 @@ def cluster(tiny_model: Path):
     runner = EventLoopThread()
     engine_config = EngineConfig(model=str(tiny_model), block_size=BLOCK_SIZE,
                                  kv_cache_bytes=256 << 20, max_num_seqs=16)
-    transfer = TransferConfig(lease_s=LEASE_S, pull_timeout_s=10.0)
+    # overlap (off by default) lets the engines stream and prefetch; each pipeline still
+    # chooses per request whether to use it (cluster.pipeline(..., overlap=True))
+    transfer = TransferConfig(lease_s=LEASE_S, pull_timeout_s=10.0, overlap=True)
     grpc_transfer = transfer.model_copy(
         update={"data_channel": "grpc", "num_streams": 2, "max_chunk_bytes": 256 << 10}
     )
@@ -135,7 +137,9 @@ def no_leaks(request: pytest.FixtureRequest):
         for _ in range(100):
             produced = await cluster.prefill.kv_stats()
             consumed = [await d.kv_stats() for d in cluster.decoders.values()]
-            if produced.num_leases == 0 and not any(c.num_loads_in_flight for c in consumed):
+            if (produced.num_leases == 0
+                    and not any(c.num_loads_in_flight or c.num_prefetches or c.prefetch_bytes
+                                for c in consumed)):
                 break
             await asyncio.sleep(0.1)
         return produced, consumed
@@ -143,6 +147,7 @@ def no_leaks(request: pytest.FixtureRequest):
     produced, consumed = cluster.runner.run(settled())
     assert produced.num_leases == 0 and produced.num_leased_blocks == 0, produced
     assert not any(c.num_loads_in_flight for c in consumed), consumed
+    assert not any(c.num_prefetches or c.prefetch_bytes for c in consumed), consumed
 
     # vLLM's own block accounting: one step on each engine (a one-token request) lets it take
     # back what the connector released; then no engine holds a single KV block.
@@ -155,6 +160,9 @@ def no_leaks(request: pytest.FixtureRequest):
                 pass
 
     cluster.runner.run(step_every_engine())
+    # a handed-off prompt's stream goes with its lease, at the producer's next step
+    produced = cluster.runner.run(cluster.prefill.kv_stats())
+    assert produced.num_streams == 0, produced
     for name, probe in cluster.probes.items():
         load = probe.latest
         assert load is not None, f"{name} engine reported no load"
