@@ -8,8 +8,8 @@
 
 Every engine is pinned to its own cores (`cores[i]`), the same cores in every setup, and every
 engine process (vLLM's engine core and workers) runs at nice ENGINE_NICE: the engines fill
-every core, and without it the serving front-ends (vLLM's API server; Serve's proxy, ingress
-and replicas) wait for a time slice on each token, as they would not on cores of their own.
+every core, and the serving front-ends (vLLM's API server; Serve's proxy, ingress and
+replicas) should get the CPU when they need it, as they would on cores of their own.
 The same rule for every target. The servers stay in the benchmark's own session: with the
 kernel's autogroup scheduling (sched_autogroup_enabled, on by default in desktop and many VM
 kernels) a session is one scheduling group, and in a session of its own the load generator was
