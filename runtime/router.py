@@ -97,11 +97,11 @@ class Router:
         self.live = live
         self.tokenizer = tokenizer
         self.metrics = metrics
-        self.pipeline = DisaggPipeline(prefill or NoPrefillPool(), decode)
+        prefill = prefill or NoPrefillPool()
+        self.pipeline = DisaggPipeline(prefill, decode)
         # Overlap needs the scheduler's pinned replicas: the prefetch must pull from the
         # prefill replica that runs the prompt, on the decode replica that decodes it.
-        self.overlapped = DisaggPipeline(prefill or NoPrefillPool(), decode,
-                                         overlap=config.transfer.overlap)
+        self.overlapped = DisaggPipeline(prefill, decode, overlap=config.transfer.overlap)
         self.max_model_len = min(config.prefill_engine.max_model_len,
                                  config.decode_engine.max_model_len)
         self._ids = itertools.count()

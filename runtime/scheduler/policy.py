@@ -82,14 +82,11 @@ class GlobalScheduler:
         """Choose lane, mode and replicas for one request, and book it. Side effect: the
         chosen replicas' counts include this request from now on."""
         lane = self.lane(request.prompt_len)
-        d = self._place_decode(request)
-        if d is None:
-            return Rejection(
-                f"no decode replica can hold {request.prompt_len + request.max_tokens} tokens",
-                retry_after_s=0.0,
-            )
         if not self.config.disaggregation:
             return self._colocated(request, lane)
+        d = self._place_decode(request)
+        if d is None:
+            return _no_room(request)
         waits = self.prefill.predicted_wait_s(now_s, self.config.stale_after_s)
         candidates = np.flatnonzero(self._lane_masks[lane])
         p = int(candidates[np.argmin(waits[candidates])])
@@ -127,6 +124,8 @@ class GlobalScheduler:
         table = self.decode
         blocks = table.blocks_for(request.prompt_len + request.max_tokens)
         candidates = np.flatnonzero(table.total_blocks >= blocks)
+        if not len(candidates):
+            return _no_room(request)
         # least loaded: fewest prompt tokens queued for prefill, then fewest sequences
         score = table.local_pending[candidates] * (table.max_num_seqs.max() + 1) \
             + table.active_seqs[candidates]
@@ -156,3 +155,10 @@ class GlobalScheduler:
         score = table.active_seqs[candidates] * (table.total_blocks.max() + 1) \
             - table.free_blocks[candidates]
         return int(candidates[np.argmin(score)])
+
+
+def _no_room(request: RequestInfo) -> Rejection:
+    return Rejection(
+        f"no decode replica can hold {request.prompt_len + request.max_tokens} tokens",
+        retry_after_s=0.0,
+    )
