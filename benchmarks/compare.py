@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import get_args
 
+from benchmarks import cpu_usage
 from benchmarks.compare_report import markdown, plots
 from benchmarks.loadgen import RequestRecord, run_load
 from benchmarks.summary import SLO, RunSummary, summarize
@@ -32,6 +33,7 @@ from benchmarks.targets import (
     make_target,
 )
 from benchmarks.workloads import (
+    WORKLOADS,
     BenchRequest,
     WorkloadName,
     read_azure_trace,
@@ -81,14 +83,18 @@ def run_target(name: TargetName, args: argparse.Namespace, out_dir: Path,
             requests = workload(args, rate, args.seed)
             print(f"[{name}] {rate:g} req/s: {len(requests)} requests over "
                   f"{requests[-1].arrival_s:.0f} s", file=sys.stderr, flush=True)
+            roots = [proc.pid for proc in target.procs]
+            before = cpu_usage.snapshot(roots)
             records = asyncio.run(run_load(target.base_urls, MODEL_NAME, requests,
                                            seed=args.seed, max_duration_s=args.max_run_s,
                                            request_timeout_s=args.max_run_s))
-            summary = summarize(name, rate, records, slo, args.long_prompt_tokens)
+            cpu = cpu_usage.cpu_by_role(before, cpu_usage.snapshot(roots))
+            summary = summarize(name, rate, records, slo, args.long_prompt_tokens, cpu)
             s, lo = summary.classes["short"], summary.classes["long"]
             print(f"[{name}] {rate:g} req/s: short p99 TTFT {s.ttft_ms['p99']:.0f} ms, "
                   f"p99 TPOT {s.tpot_ms['p99']:.1f} ms; long p99 TTFT {lo.ttft_ms['p99']:.0f} "
-                  f"ms; goodput {summary.goodput_per_s:.2f} req/s; errors "
+                  f"ms; goodput {summary.goodput_per_s:.2f} req/s; CPU "
+                  f"{summary.cpu_ms_per_token:.2f} ms/token; errors "
                   f"{summary.classes['all'].num_errors}", file=sys.stderr, flush=True)
             results.append((summary, records))
     finally:
@@ -198,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
         "results.json, results.md (p50/p90/p99 TTFT and TPOT for short and long requests, "
         "goodput under the SLOs, throughput, per-phase split) and PNG plots.")
     p.add_argument("--workload", choices=list(get_args(WorkloadName)), default="mixed",
-                   help="synthetic workload (default mixed: mostly short, some long prompts)")
+                   help="synthetic workload family (default mixed): "
+                   + "; ".join(f"{k}: {v}" for k, v in WORKLOADS.items()))
     p.add_argument("--trace", help="replay an Azure (.csv) or Mooncake (.jsonl) trace instead, "
                    "rescaled to each rate")
     p.add_argument("--quick", action="store_true",

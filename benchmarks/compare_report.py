@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from benchmarks.cpu_usage import ROLES
 from benchmarks.loadgen import RequestRecord
 from benchmarks.summary import PHASES, SLO, RunSummary
 
@@ -55,6 +56,16 @@ def markdown(title: str, runs: list[RunSummary], slo: SLO, notes: list[str]) -> 
                 f"({_ratio(run.goodput_per_s, base.goodput_per_s) if base else '-'}) | "
                 f"{a.num_slo_met}/{a.num_requests} | {run.throughput_tokens_per_s:.0f} | "
                 f"{run.throughput_requests_per_s:.2f} | {run.duration_s:.1f} |")
+        lines += ["", "CPU per output token (every process of the target, user + system), and "
+                  "CPU seconds by role over the run:", "",
+                  "| target | CPU ms/token (vs vllm) | " + " | ".join(ROLES) + " |",
+                  "|---|---|" + "---|" * len(ROLES)]
+        ref = next((r for r in at_rate if r.target == "vllm"), None)
+        for run in at_rate:
+            vs = _ratio(run.cpu_ms_per_token, ref.cpu_ms_per_token) if ref else "-"
+            lines.append(f"| {run.target} | {run.cpu_ms_per_token:.2f} ({vs}) | "
+                         + " | ".join(f"{run.cpu_s_by_role.get(r, 0.0):.1f}" for r in ROLES)
+                         + " |")
         lines += ["", "Mean server-side phases, ms (what each request waited for, by phase):", "",
                   "| target | class | modes | " + " | ".join(PHASES) + " |",
                   "|---|---|---|" + "---|" * len(PHASES)]

@@ -3,7 +3,7 @@ the server's own per-phase split (pure functions of the load generator's records
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -50,9 +50,21 @@ class RunSummary:
     throughput_tokens_per_s: float  # output tokens per second of the run
     throughput_requests_per_s: float
     classes: dict[str, ClassSummary]  # "short", "long", "all"
+    # CPU seconds the target's processes used during the run, by role (benchmarks/cpu_usage)
+    cpu_s_by_role: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def num_output_tokens(self) -> float:
+        return self.throughput_tokens_per_s * self.duration_s
+
+    @property
+    def cpu_ms_per_token(self) -> float:
+        """CPU milliseconds (every process of the target) per output token."""
+        tokens = self.num_output_tokens
+        return 1e3 * sum(self.cpu_s_by_role.values()) / tokens if tokens else float("nan")
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "cpu_ms_per_token": self.cpu_ms_per_token}
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -90,7 +102,8 @@ def summarize_class(records: list[RequestRecord], slo: SLO) -> ClassSummary:
 
 
 def summarize(target: str, rate_per_s: float, records: list[RequestRecord], slo: SLO,
-              long_prompt_tokens: int) -> RunSummary:
+              long_prompt_tokens: int,
+              cpu_s_by_role: dict[str, float] | None = None) -> RunSummary:
     """Short requests are those with prompts under long_prompt_tokens."""
     sent = [r for r in records if r.sent_s]
     start = min((r.sent_s for r in sent), default=0.0)
@@ -104,4 +117,5 @@ def summarize(target: str, rate_per_s: float, records: list[RequestRecord], slo:
     num_tokens = sum(r.num_output_tokens for r in records if not r.error)
     num_ok = sum(1 for r in records if not r.error)
     return RunSummary(target, rate_per_s, duration_s, classes["all"].num_slo_met / duration_s,
-                      num_tokens / duration_s, num_ok / duration_s, classes)
+                      num_tokens / duration_s, num_ok / duration_s, classes,
+                      dict(cpu_s_by_role or {}))

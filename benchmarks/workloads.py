@@ -1,7 +1,8 @@
 """Benchmark workloads: open-loop arrival schedules of (prompt length, output length), seeded.
 
-Synthetic: `mixed` (mostly short chat prompts with short outputs, plus a fraction of long prompts
-near the context limit), `short`, `long`. Traces: the Azure LLM inference trace CSV
+Synthetic families (`WORKLOADS` describes each): `mixed` (bimodal), `short`, `long`, `continuum`
+(log-normal prompt lengths with a heavy tail), `rag` (many 1-4K prompts), `chat_rag`, `bursty`
+(gamma arrivals), `long_output` (decode-heavy). Traces: the Azure LLM inference trace CSV
 (TIMESTAMP, ContextTokens, GeneratedTokens) and the Mooncake trace JSONL (timestamp in ms,
 input_length, output_length). `write_sample_traces` makes small files of both formats; nothing
 is downloaded.
@@ -11,13 +12,31 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Literal
 
-WorkloadName = Literal["mixed", "short", "long"]
+WorkloadName = Literal["mixed", "short", "long", "continuum", "rag", "chat_rag", "bursty",
+                       "long_output"]
+WORKLOADS: dict[str, str] = {
+    "mixed": "bimodal: 90% short (prompt 64-512, output 16-128), 10% long (prompt 50-90% of "
+             "the context, output 16-64)",
+    "short": "the short half of mixed only",
+    "long": "the long half of mixed only",
+    "continuum": "log-normal prompt lengths (median 400 tokens, heavy tail up to 90% of the "
+                 "context), log-normal outputs (median 48, 8-256)",
+    "rag": "retrieval-augmented: 70% prompts of 1-4K tokens, 30% chat prompts of 64-512; "
+           "outputs 16-192",
+    "chat_rag": "chat + RAG: 80% prompts of 16-900 tokens, 17% of 1,500-4,000, 3% of "
+                "6,000-9,000 (capped at 90% of the context); outputs 8-256",
+    "bursty": "the continuum's sizes with bursty arrivals (gamma gaps, shape 0.25: bursts "
+              "and lulls at the same mean rate)",
+    "long_output": "decode-heavy chat: prompts 64-512, outputs 128-512",
+}
+BURSTY_SHAPE = 0.25
 
 
 @dataclass(frozen=True)
@@ -38,22 +57,46 @@ def arrivals(n: int, rate_per_s: float, burstiness: float, rng: random.Random) -
     return out
 
 
+def _lognormal_int(rng: random.Random, median: float, sigma: float, low: int,
+                   high: int) -> int:
+    return int(min(high, max(low, round(rng.lognormvariate(math.log(median), sigma)))))
+
+
+def _sizes(name: WorkloadName, rng: random.Random, max_context: int,
+           long_fraction: float) -> tuple[int, int]:
+    """(prompt, output) of one request of the named family."""
+    top = int(0.9 * max_context)
+    if name in ("continuum", "bursty"):
+        return (_lognormal_int(rng, 400, 1.3, 16, top), _lognormal_int(rng, 48, 0.9, 8, 256))
+    if name == "rag":
+        prompt = rng.randint(1000, 4000) if rng.random() < 0.7 else rng.randint(64, 512)
+        return min(prompt, top), rng.randint(16, 192)
+    if name == "chat_rag":
+        u = rng.random()
+        prompt = rng.randint(16, 900) if u < 0.80 else rng.randint(1500, 4000) if u < 0.97 \
+            else rng.randint(6000, 9000)
+        return min(prompt, top), rng.randint(8, 256)
+    if name == "long_output":
+        return rng.randint(64, 512), rng.randint(128, 512)
+    is_long = name == "long" or (name == "mixed" and rng.random() < long_fraction)
+    if is_long:
+        return rng.randint(int(0.5 * max_context), top), rng.randint(16, 64)
+    return rng.randint(64, 512), rng.randint(16, 128)
+
+
 def synthetic(name: WorkloadName, n: int, rate_per_s: float, *, max_context: int = 16384,
               long_fraction: float = 0.1, burstiness: float = 1.0,
               seed: int = 0) -> list[BenchRequest]:
-    """Requests sized for the tiny model's 16K context (long prompts at 50-90% of it)."""
+    """`n` requests of a family (WORKLOADS) at `rate_per_s`, sized for `max_context`."""
+    if name not in WORKLOADS:
+        raise ValueError(f"unknown workload {name!r}; choose from {sorted(WORKLOADS)}")
     rng = random.Random(seed)
-    times = arrivals(n, rate_per_s, burstiness, rng)
+    shape = BURSTY_SHAPE if name == "bursty" and burstiness == 1.0 else burstiness
+    times = arrivals(n, rate_per_s, shape, rng)
     out = []
     for t in times:
-        is_long = name == "long" or (name == "mixed" and rng.random() < long_fraction)
-        if is_long:
-            prompt = rng.randint(int(0.5 * max_context), int(0.9 * max_context))
-            output = rng.randint(16, 64)
-        else:
-            prompt = rng.randint(64, 512)
-            output = rng.randint(16, 128)
-        out.append(BenchRequest(t, prompt, min(output, max_context - prompt)))
+        prompt, output = _sizes(name, rng, max_context, long_fraction)
+        out.append(BenchRequest(t, prompt, max(1, min(output, max_context - prompt))))
     return out
 
 

@@ -61,6 +61,19 @@ class DecodeChunk:
     finish_reason: str | None = None
     timings: DecodeTimings | None = None
 
+    @property
+    def is_final(self) -> bool:
+        return self.timings is not None
+
+    @staticmethod
+    def merged(chunks: list[DecodeChunk]) -> DecodeChunk:
+        """Consecutive chunks of one stream as one (the last one's end, if it ends it)."""
+        if len(chunks) == 1:
+            return chunks[0]
+        last = chunks[-1]
+        return DecodeChunk(tuple(t for c in chunks for t in c.token_ids), last.finish_reason,
+                           last.timings)
+
 
 class DecodeWorker:
     def __init__(

@@ -76,6 +76,18 @@ class ServerConfig(BaseModel):
     api_key: SecretStr | None = Field(None, description="Required bearer token, if set.")
     served_model_name: str = Field("", description="Model name clients use; default: the path.")
     app_name: str = Field("disagg", description="Ray Serve application name.")
+    token_stream: bool = Field(
+        True, description="Decode replicas send generated tokens to the ingress over one TCP "
+        "connection each (on transfer.bind_host), all requests of an engine step in one "
+        "frame; off: over each request's Serve call, batched by stream_interval_ms.")
+    stream_interval_ms: float = Field(
+        50.0, ge=0, le=1000, description="Without the token stream: decode replicas send the "
+        "tokens of this long as one message to the ingress (the first and the last at once); "
+        "0 sends every engine step on its own.")
+    direct_ingress: bool = Field(
+        True, description="The ingress replica serves HTTP on http_port itself (Ray Serve's "
+        "direct ingress, throughput-optimized mode), so streamed chunks skip Serve's proxy. "
+        "Off: Serve's HTTP proxy listens on http_port and forwards to the ingress.")
 
 
 class SLOConfig(BaseModel):

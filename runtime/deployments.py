@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ray import serve
@@ -24,6 +24,8 @@ from runtime.engine_stats import EngineLoad, LoadProbe
 from runtime.engines import build_engine
 from runtime.requests import GenerateRequest
 from runtime.scheduler.types import ReplicaReport
+from runtime.streaming import coalesce
+from runtime.token_stream import TokenBatch, TokenInbox, TokenPublisher, TokenSink, merged
 
 REPORT_PERIOD_S = 0.2
 
@@ -127,6 +129,9 @@ class DecodeServer:
         self._num_blocks = int(engine.vllm_config.cache_config.num_gpu_blocks or 0)
         self._block_size = config.decode_engine.block_size
         self._max_num_seqs = config.decode_engine.max_num_seqs
+        self._stream_interval_s = config.server.stream_interval_ms / 1e3
+        self._auth_token = config.transfer.auth_token.get_secret_value()
+        self._publishers: dict[str, TokenPublisher] = {}
         self._reporter = asyncio.get_running_loop().create_task(
             _report_loop(config.server.app_name, self._report))
 
@@ -140,11 +145,33 @@ class DecodeServer:
 
     async def decode(
         self, request: GenerateRequest, first_token_id: int | None,
-        transfer: TransferParams | None, target_replica: str = "",
-    ) -> AsyncIterator[DecodeChunk]:
-        # A caller that stops reading cancels this generator; vLLM then aborts the request.
-        async for chunk in self._worker.decode(request, first_token_id, transfer):
-            yield chunk
+        transfer: TransferParams | None, target_replica: str = "", sink: str = "",
+    ) -> AsyncIterator[TokenBatch | DecodeChunk]:
+        """Tokens go to the ingress's token stream at `sink` (runtime/token_stream.py); this
+        call yields only what the stream could not take, as TokenBatches (batched every
+        stream_interval_ms when there is no sink), then the final chunk with every token.
+        A caller that stops reading cancels this generator; vLLM then aborts the request."""
+        publisher = self._publisher(sink) if sink else None
+        chunks = self._worker.decode(request, first_token_id, transfer)
+        if publisher is None:
+            chunks = coalesce(chunks, self._stream_interval_s, DecodeChunk.merged,
+                              lambda chunk: chunk.is_final)
+        tokens: list[int] = []
+        async for chunk in chunks:
+            start = len(tokens)
+            tokens.extend(chunk.token_ids)
+            if chunk.is_final:
+                yield replace(chunk, token_ids=tuple(tokens))
+                return
+            if publisher is None or not publisher.publish(request.request_id, start,
+                                                          chunk.token_ids):
+                yield TokenBatch(start, chunk.token_ids)
+
+    def _publisher(self, address: str) -> TokenPublisher:
+        publisher = self._publishers.get(address)
+        if publisher is None:
+            publisher = self._publishers[address] = TokenPublisher(address, self._auth_token)
+        return publisher
 
     async def prefetch(self, endpoint: str, stream_handle: str, num_tokens: int,
                        target_replica: str = "") -> bool:
@@ -188,11 +215,13 @@ class RemotePrefill:
 
 
 class RemoteDecode:
-    """DecodeClient over a Serve handle; closing the stream cancels it on the replica."""
+    """DecodeClient over a Serve handle; closing the stream cancels it on the replica. With a
+    TokenSink, the replica sends the tokens over the token stream (runtime/token_stream.py)."""
 
-    def __init__(self, handle: Any) -> None:
+    def __init__(self, handle: Any, sink: TokenSink | None = None) -> None:
         self._unary = handle
         self._handle = handle.options(stream=True)
+        self._sink = sink
 
     async def prefetch(self, endpoint: str, stream_handle: str, num_tokens: int,
                        target: str = "") -> bool:
@@ -207,10 +236,18 @@ class RemoteDecode:
         self, request: GenerateRequest, first_token_id: int | None,
         transfer: TransferParams | None, target: str = "",
     ) -> AsyncIterator[DecodeChunk]:
+        sink = self._sink
+        inbox = sink.open(request.request_id) if sink is not None else TokenInbox()
         stream = self._handle.decode.remote(request, first_token_id, transfer,
-                                            target_replica=target)
+                                            target_replica=target,
+                                            sink=sink.address if sink is not None else "")
         try:
-            async for chunk in stream:
-                yield chunk
+            async for tokens, final in merged(inbox, stream):
+                if final is None:
+                    yield DecodeChunk(tokens)
+                else:
+                    yield DecodeChunk(tokens, final.finish_reason, final.timings)
         finally:
+            if sink is not None:
+                sink.close(request.request_id)
             stream.cancel()

@@ -45,10 +45,15 @@ def node_ip() -> str:
     return socket.gethostbyname(socket.gethostname())
 
 
+def stream_hosts(bind_host: str, advertise_host: str) -> tuple[str, str]:
+    """(host to bind, host peers dial): a wildcard bind is no address to dial."""
+    if advertise_host:
+        return bind_host, advertise_host
+    return bind_host, node_ip() if bind_host in _WILDCARD_HOSTS else bind_host
+
+
 def connector_config(transfer: TransferConfig, role: EngineRole, port: int) -> ConnectorConfig:
-    advertise = transfer.advertise_host
-    if not advertise and transfer.bind_host in _WILDCARD_HOSTS:
-        advertise = node_ip()  # a wildcard bind is no address to dial
+    _, advertise = stream_hosts(transfer.bind_host, transfer.advertise_host)
     return ConnectorConfig(
         bind_host=transfer.bind_host,
         advertise_host=advertise,

@@ -24,22 +24,23 @@ from ray import serve
 
 from runtime.app_config import AppConfig
 from runtime.deployments import RemoteDecode, RemotePrefill
+from runtime.engines import stream_hosts
 from runtime.grpc_api import start_grpc_server
 from runtime.metrics import Metrics
 from runtime.openai_api import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
+    StreamEncoder,
     chat_body,
-    chat_chunk,
     completion_body,
-    completion_chunk,
     sse,
     usage_chunk,
 )
-from runtime.router import PreparedRequest, Router, TextEvent, live_config
+from runtime.router import PreparedRequest, Router, live_config
 from runtime.scheduler.live import LiveScheduler
 from runtime.scheduler.types import ReplicaReport
+from runtime.token_stream import TokenSink
 
 logger = logging.getLogger("ray.serve")
 api = FastAPI(title="disagg", description="Disaggregated prefill/decode LLM serving")
@@ -82,8 +83,13 @@ class Ingress:
         self.metrics = Metrics()
         tokenizer = AutoTokenizer.from_pretrained(config.engine.model, local_files_only=True)
         self.live = LiveScheduler(live_config(config))
+        self.sink: TokenSink | None = None
+        if config.server.token_stream:
+            self.sink = TokenSink(config.transfer.auth_token.get_secret_value())
+            await self.sink.start(*stream_hosts(config.transfer.bind_host,
+                                                config.transfer.advertise_host))
         self.router = Router(config, tokenizer, RemotePrefill(prefill) if prefill else None,
-                             RemoteDecode(decode),
+                             RemoteDecode(decode, self.sink),
                              self.metrics, self.live)
         key = config.server.api_key
         self._api_key = key.get_secret_value().encode() if key else None
@@ -209,22 +215,20 @@ class Ingress:
     def _sse(self, prepared: PreparedRequest, model: str, chat: bool,
              usage: bool = False) -> StreamingResponse:
         request_id = prepared.request.request_id
-
-        def chunk(event: TextEvent, first: bool) -> dict[str, Any]:
-            if chat:
-                return chat_chunk(request_id, model, event.text, event.finish_reason,
-                                  event.timings, first)
-            return completion_chunk(request_id, model, event.text, event.finish_reason,
-                                    event.timings)
+        encoder = StreamEncoder(request_id, model, chat)
 
         async def events() -> AsyncIterator[str]:
             first = True
             try:
                 async for event in self.router.stream(prepared):
-                    yield sse(chunk(event, first))
+                    if event.timings is None:
+                        yield encoder.text(event.text, first)
+                    else:
+                        yield encoder.last(event.text, event.finish_reason, event.timings,
+                                           first)
+                        if usage:
+                            yield sse(usage_chunk(request_id, model, chat, event.timings))
                     first = False
-                    if usage and event.timings is not None:
-                        yield sse(usage_chunk(request_id, model, chat, event.timings))
             except APIError as err:
                 yield sse(err.body())
             except Exception as err:  # noqa: BLE001 - the client gets an error event, not a cut

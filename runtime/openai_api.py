@@ -183,6 +183,35 @@ def usage_chunk(request_id: str, model: str, chat: bool,
     }
 
 
+class StreamEncoder:
+    """The SSE events of one streamed completion. A chunk that only carries text (all but the
+    last) is the constant head, encoded once per request, plus the JSON-escaped text."""
+
+    def __init__(self, request_id: str, model: str, chat: bool) -> None:
+        self.request_id, self.model, self.chat = request_id, model, chat
+        head = json.dumps({"id": request_id,
+                           "object": "chat.completion.chunk" if chat else "text_completion",
+                           "created": int(time.time()), "model": model})
+        self._head = f'data: {head[:-1]}, "choices": [{{"index": 0, '
+        self._tail = ', "finish_reason": null, "logprobs": null}]}\n\n'
+
+    def text(self, text: str, first: bool) -> str:
+        """A chunk of text (with the assistant role on a chat stream's first chunk)."""
+        escaped = json.dumps(text)
+        if not self.chat:
+            return f'{self._head}"text": {escaped}{self._tail}'
+        role = '"role": "assistant", ' if first else ""
+        return f'{self._head}"delta": {{{role}"content": {escaped}}}{self._tail}'
+
+    def last(self, text: str, finish_reason: str | None, timings: PhaseTimings,
+             first: bool) -> str:
+        """The final chunk: the last text, the finish reason, usage and timings."""
+        if self.chat:
+            return sse(chat_chunk(self.request_id, self.model, text, finish_reason, timings,
+                                  first))
+        return sse(completion_chunk(self.request_id, self.model, text, finish_reason, timings))
+
+
 def sse(payload: dict[str, Any] | str) -> str:
     data = payload if isinstance(payload, str) else json.dumps(payload)
     return f"data: {data}\n\n"

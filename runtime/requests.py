@@ -31,8 +31,12 @@ class SamplingSpec:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
 
     def to_vllm(
-        self, max_tokens: int | None = None, kv_transfer_params: dict[str, Any] | None = None
+        self, max_tokens: int | None = None, kv_transfer_params: dict[str, Any] | None = None,
+        detokenize: bool = False,
     ) -> SamplingParams:
+        """vLLM's parameters. The engine does not detokenize unless asked: the ingress turns
+        token ids into text once, for the whole output (so an engine front-end spends no CPU
+        on text nobody reads)."""
         from vllm import SamplingParams
 
         extra_args = {"kv_transfer_params": kv_transfer_params} if kv_transfer_params else None
@@ -47,6 +51,7 @@ class SamplingSpec:
             repetition_penalty=self.repetition_penalty,
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
+            detokenize=detokenize,
             extra_args=extra_args,
         )
 

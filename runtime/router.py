@@ -176,7 +176,7 @@ class Router:
         """Run a prepared request; its scheduler booking is released however it ends."""
         decision = prepared.decision
         lane: Lane = decision.lane if decision else prepared.lane
-        detok = IncrementalDetokenizer(self.tokenizer)
+        detok = IncrementalDetokenizer(self.tokenizer, prepared.request.prompt_token_ids)
         request = prepared.request
         if decision is not None and decision.mode == "local":
             events = self.pipeline.stream_local(request, prepared.arrival_s, lane,
@@ -191,8 +191,7 @@ class Router:
         prefilled = False
         try:
             async for event in events:
-                final = event.timings is not None
-                text = detok.push(event.token_ids, final=final)
+                text = detok.push(event.token_ids)
                 if event.timings is not None and decision is not None:
                     event = replace(event, timings=replace(
                         event.timings, decision_reason=decision.reason))

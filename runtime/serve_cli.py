@@ -11,8 +11,24 @@ from pathlib import Path
 from typing import Any
 
 from runtime.app_config import AppConfig
+from runtime.engines import free_port
 
-RAY_ENV = {"env_vars": {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}}
+
+def serve_env(config: AppConfig) -> dict[str, str]:
+    """Ray Serve settings for the controller and every replica. With `server.direct_ingress`,
+    Serve's throughput-optimized mode: the ingress replica serves HTTP itself on
+    server.http_port (no proxy hop per streamed chunk), handles call replicas over gRPC, and
+    user code runs on the replica's own event loop."""
+    env = {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
+    if config.server.direct_ingress:
+        port = config.server.http_port
+        env.update({
+            "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+            "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1),
+        })
+    return env
 
 
 def start_app(config: AppConfig, address: str | None,
@@ -24,14 +40,21 @@ def start_app(config: AppConfig, address: str | None,
 
     from runtime.app import build_app
 
+    env = serve_env(config)
+    os.environ.update(env)
+    runtime_env = {"env_vars": env}
     if address:
-        ray.init(address=address, runtime_env=RAY_ENV, log_to_driver=False)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
     else:
-        ray.init(include_dashboard=False, runtime_env=RAY_ENV, log_to_driver=False)
+        ray.init(include_dashboard=False, runtime_env=runtime_env, log_to_driver=False)
     if on_ray_up is not None:
         on_ray_up()
     server = config.server
-    serve.start(http_options={"host": server.host, "port": server.http_port})
+    # With direct ingress Serve's proxy still runs, on a port of its own; clients use the
+    # ingress's port.
+    proxy_port = free_port(server.host) if server.direct_ingress else server.http_port
+    serve.start(http_options={"host": server.host, "port": proxy_port},
+                controller_options={"runtime_env": runtime_env})
     print(f"[serve] starting {config.prefill.replicas} prefill and {config.decode.replicas} "
           "decode replica(s); each loads a vLLM engine (30-60 s on a CPU)", flush=True)
     start = time.perf_counter()

@@ -29,3 +29,17 @@ async def colocated_tokens(
         pass
     assert output is not None
     return tuple(output.outputs[0].token_ids)
+
+
+async def colocated_text(oracle: Any, request_id: str, prompt: tuple[int, ...],
+                         sampling: SamplingSpec) -> str:
+    """The text vLLM's own detokenizer makes of the oracle's greedy output (what vLLM's
+    OpenAI server would return)."""
+    output = None
+    async for output in oracle.generate(
+        {"prompt_token_ids": list(prompt)}, sampling.to_vllm(detokenize=True),
+        request_id=request_id,
+    ):
+        pass
+    assert output is not None
+    return str(output.outputs[0].text)

@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from runtime.engines import free_port
-from tests.integration.helpers import colocated_tokens, greedy, make_prompt
+from tests.integration.helpers import colocated_text, colocated_tokens, greedy, make_prompt
 
 API_KEY = "test-key-" + "k" * 24
 MODEL = "tiny"
@@ -19,11 +19,8 @@ MODEL = "tiny"
 
 @pytest.fixture(scope="session")
 def serve_app(tiny_model):
-    import ray
-    from ray import serve
-
-    from runtime.app import build_app
     from runtime.app_config import AppConfig
+    from runtime.serve_cli import start_app, stop_app
 
     port, grpc_port = free_port(), free_port()
     config = AppConfig.model_validate({
@@ -35,14 +32,11 @@ def serve_app(tiny_model):
         "server": {"http_port": port, "grpc_port": grpc_port, "api_key": API_KEY,
                    "served_model_name": MODEL},
     })
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": "WARNING"}})
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(config), name="disagg", route_prefix="/")
-    _wait_for_load_reports(f"http://127.0.0.1:{port}")
-    yield ServeApp(f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}")
-    serve.shutdown()
-    ray.shutdown()
+    # as `disagg serve` starts it: direct ingress, the ingress serving HTTP on its port
+    url = start_app(config, address=None)
+    _wait_for_load_reports(url)
+    yield ServeApp(url, f"127.0.0.1:{grpc_port}")
+    stop_app(config)
 
 
 def _wait_for_load_reports(url: str, timeout_s: float = 30.0) -> None:
@@ -83,9 +77,8 @@ def tokenizer(tiny_model):
 
 
 def _oracle_text(cluster, tokenizer, prompt_ids, max_tokens) -> str:
-    ids = cluster.runner.run(colocated_tokens(cluster.oracle, f"o-{time.monotonic_ns()}",
-                                              tuple(prompt_ids), greedy(max_tokens)))
-    return _text(tokenizer, ids)
+    return cluster.runner.run(colocated_text(cluster.oracle, f"o-{time.monotonic_ns()}",
+                                             tuple(prompt_ids), greedy(max_tokens)))
 
 
 GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True}}

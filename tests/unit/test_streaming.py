@@ -1,0 +1,149 @@
+"""The lean streaming path's pure parts: batching across the Ray hop, incremental
+detokenization as vLLM does it, and the SSE encoder."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+
+from decode_workers.worker import DecodeChunk
+from runtime.detokenizer import IncrementalDetokenizer
+from runtime.openai_api import StreamEncoder
+from runtime.streaming import coalesce
+
+
+async def _source(gaps_s: list[float], final_at: int | None = None, fail_at: int | None = None):
+    for i, gap in enumerate(gaps_s):
+        await asyncio.sleep(gap)
+        if i == fail_at:
+            raise RuntimeError("engine died")
+        yield DecodeChunk((i,), "length" if i == final_at else None,
+                          object() if i == final_at else None)  # type: ignore[arg-type]
+
+
+async def _collect(stream) -> list[tuple[float, DecodeChunk]]:
+    start, out = time.perf_counter(), []
+    async for chunk in stream:
+        out.append((time.perf_counter() - start, chunk))
+    return out
+
+
+def _batched(source, interval_s: float):
+    return coalesce(source, interval_s, DecodeChunk.merged, lambda c: c.is_final)
+
+
+def test_coalesce_sends_the_first_at_once_then_one_message_per_interval():
+    # 1. twenty tokens 10 ms apart, batched at 50 ms
+    out = asyncio.run(_collect(_batched(_source([0.01] * 20, final_at=19), 0.05)))
+    chunks = [c for _, c in out]
+    # 2. nothing lost, in order, and the end kept
+    assert [t for c in chunks for t in c.token_ids] == list(range(20))
+    assert chunks[-1].finish_reason == "length" and chunks[-1].is_final
+    # 3. the first message carries the first token only and left at once
+    assert chunks[0].token_ids == (0,) and out[0][0] < 0.03
+    # 4. far fewer messages than tokens, none closer than the interval (the last may be)
+    assert len(chunks) <= 6
+    gaps = [b - a for (a, _), (b, _) in zip(out, out[1:], strict=False)][:-1]
+    assert all(gap >= 0.045 for gap in gaps), gaps
+
+
+def test_coalesce_flushes_the_final_chunk_without_waiting_for_the_interval():
+    out = asyncio.run(_collect(_batched(_source([0.0, 0.01], final_at=1), 1.0)))
+    assert [c.token_ids for _, c in out] == [(0,), (1,)]
+    assert out[-1][0] < 0.5  # not held for the 1 s interval
+
+
+def test_coalesce_raises_the_sources_error_after_what_came_before():
+    async def run():
+        got = []
+        with pytest.raises(RuntimeError, match="engine died"):
+            async for chunk in _batched(_source([0.0, 0.0, 0.0], fail_at=2), 0.05):
+                got.extend(chunk.token_ids)
+        return got
+
+    assert asyncio.run(run()) == [0, 1]
+
+
+def test_closing_the_batched_stream_closes_the_source():
+    closed = asyncio.Event()
+
+    async def endless():
+        try:
+            while True:
+                await asyncio.sleep(0.005)
+                yield DecodeChunk((1,))
+        finally:
+            closed.set()
+
+    async def run():
+        stream = _batched(endless(), 0.02)
+        async for _ in stream:
+            break
+        await stream.aclose()
+        await asyncio.wait_for(closed.wait(), 1.0)
+
+    asyncio.run(run())
+    assert closed.is_set()
+
+
+def test_interval_zero_passes_every_item_through():
+    out = asyncio.run(_collect(_batched(_source([0.0] * 5, final_at=4), 0.0)))
+    assert [c.token_ids for _, c in out] == [(i,) for i in range(5)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    from runtime.tiny_model import make_tiny_model
+
+    return AutoTokenizer.from_pretrained(make_tiny_model(tmp_path_factory.mktemp("tiny")))
+
+
+def test_detokenizer_holds_back_split_characters_and_never_emits_replacements(tokenizer):
+    text = "héllo wörld 日本 🎉!"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    detok = IncrementalDetokenizer(tokenizer, prompt_ids=[70, 71])
+    deltas = [detok.push([t]) for t in ids]
+    assert "".join(deltas) == text
+    assert not any("\ufffd" in d for d in deltas)
+    # a character's first bytes give "", its last byte gives the whole character
+    assert deltas[:3] == ["h", "", "é"]
+    # an output that stops inside a character holds the partial bytes back
+    cut = IncrementalDetokenizer(tokenizer, prompt_ids=[70])
+    assert cut.push(tokenizer("a日", add_special_tokens=False)["input_ids"][:-1]) == "a"
+
+
+def test_slow_tokenizer_path_gives_the_same_text(tokenizer):
+    class Slow:
+        def decode(self, ids, skip_special_tokens=True):
+            return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    text = "naïve café ✓ done"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    fast, slow = IncrementalDetokenizer(tokenizer, [70]), IncrementalDetokenizer(Slow(), [70])
+    fast_deltas = [fast.push([t]) for t in ids]
+    slow_deltas = [slow.push([t]) for t in ids]
+    assert "".join(slow_deltas) == "".join(fast_deltas) == text
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_stream_encoder_text_chunks_are_the_openai_chunk_json(chat):
+    encoder = StreamEncoder("req-1", "tiny", chat)
+    event = encoder.text('a "quoted"\n\u2028 text', first=True)
+    assert event.startswith("data: ") and event.endswith("\n\n")
+    body = json.loads(event[len("data: "):])
+    assert body["id"] == "req-1" and body["model"] == "tiny"
+    choice = body["choices"][0]
+    assert choice["finish_reason"] is None and choice["index"] == 0
+    if chat:
+        assert body["object"] == "chat.completion.chunk"
+        assert choice["delta"] == {"role": "assistant", "content": 'a "quoted"\n\u2028 text'}
+        later = json.loads(encoder.text("x", first=False)[len("data: "):])
+        assert later["choices"][0]["delta"] == {"content": "x"}
+    else:
+        assert body["object"] == "text_completion"
+        assert choice["text"] == 'a "quoted"\n\u2028 text'
