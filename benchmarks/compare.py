@@ -1,9 +1,9 @@
-"""`disagg bench compare`: disagg against colocated serving and plain vLLM, side by side.
+"""`disagg bench compare`: disagg against colocated serving, plain vLLM and Ray Serve LLM.
 
 One run, the same cores and the same arrival sequences for every target:
-  1. for each target (disagg, colocated, vllm): start it, warm it up, then for each rate send
-     the workload's requests open-loop (seeded Poisson or gamma arrivals), recording TTFT,
-     TPOT, inter-token latencies, end-to-end and the server's own phase timings; stop it;
+  1. for each target (disagg, colocated, vllm, rayllm): start it, warm it up, then for each
+     rate send the workload's requests open-loop (seeded Poisson or gamma arrivals), recording
+     TTFT, TPOT, inter-token latencies, end-to-end and the server's own phase timings; stop it;
   2. summarize per rate and request class (short / long), with goodput under the SLOs;
   3. write results.json (summaries), records.json.gz (every request), results.md and plots.
 """
@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     engine = EngineSettings(str(model), cores, args.max_context + 256, args.max_num_seqs,
                             args.max_num_batched_tokens, args.kv_cache_mib << 20)
-    scheduler = SchedulerSettings(args.long_prompt_tokens, args.local_max_prompt_tokens)
+    scheduler = SchedulerSettings(args.long_prompt_tokens, args.local_max_prompt_tokens,
+                                  args.slo_ttft_ms, args.slo_tpot_ms)
     slo = SLO(args.slo_ttft_ms, args.slo_tpot_ms)
     label = Path(args.trace).stem if args.trace else args.workload
     out_dir = Path(args.out or DEFAULT_OUT / f"compare-{label}{'-quick' if args.quick else ''}")
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
              "(chunked prefill), block size 128, same in every target",
              f"command: `disagg bench compare {' '.join(command)}`",
              f"wall time {time.perf_counter() - started:.0f} s"]
-    title = f"disagg vs colocated vs vLLM: {label}"
+    title = f"disagg vs colocated vs vLLM vs Ray Serve LLM: {label}"
     (out_dir / "results.md").write_text(markdown(title, runs, slo, notes))
     image_paths = plots(out_dir, runs, records, args.long_prompt_tokens)
     write_results(out_dir, vars(args), notes, runs, records)
@@ -199,10 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="disagg bench compare",
         description="Run disagg (prefill/decode pools + global scheduler), colocated serving "
-        "(our ingress, disaggregation off) and plain vLLM OpenAI servers (round-robin) one "
-        "after another on the same pinned cores with the same seeded arrivals; write "
-        "results.json, results.md (p50/p90/p99 TTFT and TPOT for short and long requests, "
-        "goodput under the SLOs, throughput, per-phase split) and PNG plots.")
+        "(our ingress, disaggregation off), plain vLLM OpenAI servers (round-robin) and Ray "
+        "Serve LLM's OpenAI app (build_openai_app) one after another on the same pinned cores "
+        "with the same seeded arrivals; write results.json, results.md (p50/p90/p99 TTFT and "
+        "TPOT for short and long requests, goodput under the SLOs, throughput, per-phase "
+        "split) and PNG plots.")
     p.add_argument("--workload", choices=list(get_args(WorkloadName)), default="mixed",
                    help="synthetic workload family (default mixed): "
                    + "; ".join(f"{k}: {v}" for k, v in WORKLOADS.items()))
@@ -216,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default 45; quick 25)")
     p.add_argument("--max-requests", type=int, default=2000, help="cap per rate")
     p.add_argument("--targets", type=_targets, default=list(TARGETS),
-                   help="comma-separated subset of disagg,colocated,vllm")
+                   help=f"comma-separated subset of {','.join(TARGETS)}")
     p.add_argument("--cores", default="0,1", help="one core set per engine, comma-separated "
                    "(default 0,1: two engines, one core each)")
     p.add_argument("--model", help="checkpoint directory (default: the tiny model)")
@@ -228,8 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gamma shape of the arrival gaps: 1 Poisson, < 1 burstier")
     p.add_argument("--long-prompt-tokens", type=int, default=1024,
                    help="long-lane threshold, also the short/long split of the report")
-    p.add_argument("--local-max-prompt-tokens", type=int, default=1024,
-                   help="disagg: prompts up to this may be prefilled on the decode replica")
+    p.add_argument("--local-max-prompt-tokens", type=int, default=None,
+                   help="disagg: the longest prompt the decode replica may prefill itself "
+                   "(default: no cap; the scheduler decides by predicted time and TPOT budget)")
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048,
                    help="per-step token budget (chunked prefill), every engine")

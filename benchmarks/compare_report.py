@@ -121,7 +121,8 @@ def plots(out_dir: Path, runs: list[RunSummary], records: dict[tuple[str, float]
             bottom += heights
     ax.set_ylabel("mean ms per request")
     ax.set_title(f"Where the time goes, by phase, at {top:g} req/s\n"
-                 "(vllm: client-side TTFT and the rest; it reports no phases)", fontsize=9)
+                 "(vllm, rayllm: client-side TTFT and the rest; they report no phases)",
+                 fontsize=9)
     ax.legend(fontsize=7)
     paths.append(_save(fig, out_dir / "phases.png"))
 

@@ -5,8 +5,10 @@ Every process under the target's root processes (and the roots themselves) is re
   engine       vLLM's engine core and workers (VLLM::EngineCore, VLLM::Worker...)
   api_server   vLLM's OpenAI server (plain vLLM, Ray Serve LLM's replicas are `replica`)
   proxy        Ray Serve's HTTP proxy actor
-  ingress      our ingress replica (the global scheduler; HTTP and gRPC APIs)
-  replica      a pool replica (engine front-end: AsyncLLM, output processing, Ray calls)
+  ingress      our ingress replica (the global scheduler; HTTP and gRPC APIs), or Ray Serve
+               LLM's OpenAI ingress (OpenAiIngress)
+  replica      a pool replica, or a Ray Serve LLM LLMServer replica (engine front-end: AsyncLLM,
+               output processing, Ray calls)
   serve_ctl    Ray Serve's controller
   ray_system   Ray's own daemons (GCS, raylet, dashboard, agents, log monitor)
   driver       the command that started the target (`disagg serve`)
@@ -17,6 +19,7 @@ the roles above all live for the whole run.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass
 
@@ -24,6 +27,9 @@ import psutil
 
 ROLES = ("engine", "api_server", "proxy", "ingress", "replica", "serve_ctl", "ray_system",
          "driver", "other")
+# Serve replicas are titled ray::ServeReplica:<app>:<deployment>
+_SERVE_REPLICA = re.compile(r"ServeReplica:[^:\s]+:(\S+)")
+INGRESS_DEPLOYMENTS = ("Ingress", "OpenAiIngress")  # ours; Ray Serve LLM's
 _RAY_DAEMONS = ("gcs_server", "raylet", "dashboard", "agent", "log_monitor", "monitor.py",
                 "ray_client_server", "runtime_env")
 
@@ -38,10 +44,11 @@ def role_of(name: str, cmdline: str, is_root: bool) -> str:
         return "proxy"
     if "ServeController" in cmdline:
         return "serve_ctl"
-    if "ServeReplica" in cmdline:
-        return "ingress" if cmdline.rstrip().endswith(":Ingress") or ":Ingress " in cmdline \
-            else "replica"
-    if any(daemon in name or daemon in cmdline[:200] for daemon in _RAY_DAEMONS):
+    replica = _SERVE_REPLICA.search(cmdline)
+    if replica:
+        return "ingress" if replica.group(1) in INGRESS_DEPLOYMENTS else "replica"
+    head = f"{name} {cmdline[:200]}".lower()  # ray::DashboardAgent, ray::TelemetryAgent...
+    if any(daemon in head for daemon in _RAY_DAEMONS):
         return "ray_system"
     if is_root:
         return "driver"

@@ -13,21 +13,23 @@ import time
 
 from runtime.scheduler.loads import DecodeTable, PrefillTable
 from runtime.scheduler.policy import GlobalScheduler, PolicyConfig
-from runtime.scheduler.types import DecodeLoad, PrefillLoad, RequestInfo
+from runtime.scheduler.prefill_model import PrefillModel
+from runtime.scheduler.types import Decision, DecodeLoad, PrefillLoad, RequestInfo
 
 
 def build(num_replicas: int, seed: int = 0) -> GlobalScheduler:
     rng = random.Random(seed)
     num_long = max(1, num_replicas // 4)
     lanes = ["long"] * num_long + ["short"] * (num_replicas - num_long)
-    prefill = PrefillTable([f"p{i}" for i in range(num_replicas)], lanes, 20_000.0)  # type: ignore[arg-type]
+    model = PrefillModel(2.0, 0.02, 2e-6)
+    prefill = PrefillTable([f"p{i}" for i in range(num_replicas)], lanes, model)  # type: ignore[arg-type]
     decode = DecodeTable([f"d{i}" for i in range(num_replicas)], [8192] * num_replicas, 16,
-                         256, 20_000.0)
+                         256, model)
     for i, lane in enumerate(lanes):
-        prefill.report(PrefillLoad(f"p{i}", lane, rng.randint(0, 50_000),  # type: ignore[arg-type]
-                                   rng.uniform(5e3, 5e4), 0.0))
+        prefill.report(PrefillLoad(f"p{i}", lane, 0, 0.0))  # type: ignore[arg-type]
+        prefill.work.book(i, f"warm-p{i}", lane, rng.randint(0, 50_000), 0.0)  # type: ignore[arg-type]
         decode.report(DecodeLoad(f"d{i}", rng.randint(0, 8192), 16, rng.randint(0, 255), 256,
-                                 2e4, 0.0))
+                                 0.0))
     return GlobalScheduler(PolicyConfig(local_max_prompt_tokens=512), prefill, decode)
 
 
@@ -45,9 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         decision = sched.decide(request, 1.0)
         samples.append(time.perf_counter() - start)
-        if getattr(decision, "decode_replica", None):  # keep the cluster from filling up
-            sched.decode.released(decision.decode_replica, sched.decode.blocks_for(  # type: ignore[union-attr]
-                request.prompt_len + request.max_tokens))
+        if isinstance(decision, Decision):  # keep the cluster from filling up
+            sched.first_token(decision, request.request_id)
+            sched.decode.released(decision.decode_replica, sched.decode.blocks_for(
+                request.prompt_len + request.max_tokens), request.max_tokens)
     samples.sort()
     print(f"{args.replicas} prefill + {args.replicas} decode replicas, {args.decisions} "
           f"decisions: median {statistics.median(samples) * 1e6:.1f} us, "

@@ -5,8 +5,11 @@
      of engines, each prefilling and decoding (chunked prefill), least-loaded routing.
   3. `vllm`: vLLM's own OpenAI server processes, unmodified, one per engine; the load
      generator round-robins over them (no code of ours in the serving path).
+  4. `rayllm`: Ray Serve LLM's own OpenAI app (`build_openai_app`, benchmarks/rayllm_app.py),
+     one replica per engine behind its ingress: what a Ray user deploys instead of disagg.
 
-Every engine is pinned to its own cores (`cores[i]`), the same cores in every setup, and every
+Every engine is pinned to its own cores (`cores[i]`), the same cores in every setup (`rayllm`
+gives every replica one environment, so its engines are pinned from outside once up), and every
 engine process (vLLM's engine core and workers) runs at nice ENGINE_NICE: the engines fill
 every core, and the serving front-ends (vLLM's API server; Serve's proxy, ingress and
 replicas) should get the CPU when they need it, as they would on cores of their own.
@@ -33,14 +36,18 @@ from typing import Any, Literal
 import httpx
 import yaml
 
+from benchmarks.affinity import pin_engines
 from runtime.app_config import AppConfig
 from runtime.engines import free_port
 
 ENGINE_NICE = 10
 ENGINE_PROCESS_PREFIX = "VLLM::"  # vLLM's names: VLLM::EngineCore, VLLM::Worker
-TargetName = Literal["disagg", "colocated", "vllm"]
-TARGETS: tuple[TargetName, ...] = ("disagg", "colocated", "vllm")
+TargetName = Literal["disagg", "colocated", "vllm", "rayllm"]
+TARGETS: tuple[TargetName, ...] = ("disagg", "colocated", "vllm", "rayllm")
 MODEL_NAME = "tiny"
+# Ray starts its workers (Serve's proxy, ingress and replicas) at nice 15 by default; at 0 they
+# compete as vLLM's API server does in the `vllm` target.
+RAY_ENV = {"RAY_DEDUP_LOGS": "0", "RAY_worker_niceness": "0"}
 
 
 @dataclass(frozen=True)
@@ -59,7 +66,9 @@ class EngineSettings:
 @dataclass(frozen=True)
 class SchedulerSettings:
     long_prompt_tokens: int
-    local_max_prompt_tokens: int
+    local_max_prompt_tokens: int | None
+    slo_ttft_ms: float = 1000.0
+    slo_tpot_ms: float = 100.0  # also the decode replicas' TPOT budget for local prefills
 
 
 class Target:
@@ -77,8 +86,12 @@ class Target:
                                            env={**os.environ, **(env or {})}))
 
     def start(self, timeout_s: float = 300.0) -> float:
-        """Start and wait until every endpoint's /health is 200; returns seconds taken."""
+        """Start and wait until every endpoint is up (`is_up`); returns seconds taken."""
         raise NotImplementedError
+
+    def is_up(self, base_url: str) -> bool:
+        """Whether the endpoint serves: its /health answers 200."""
+        return httpx.get(f"{base_url}/health", timeout=2.0).status_code == 200
 
     def _wait_healthy(self, timeout_s: float, started: float) -> float:
         pending = list(self.base_urls)
@@ -93,7 +106,7 @@ class Target:
                 raise RuntimeError(f"{self.name}: not healthy after {timeout_s:.0f} s "
                                    f"(logs in {self.out_dir})")
             try:
-                if httpx.get(f"{pending[0]}/health", timeout=2.0).status_code == 200:
+                if self.is_up(pending[0]):
                     pending.pop(0)
                     continue
             except httpx.HTTPError:
@@ -169,10 +182,8 @@ class ServeTarget(Target):
         path = self.out_dir / f"{self.name}.yaml"
         path.write_text(yaml.safe_dump(self.config, sort_keys=False))
         started = time.perf_counter()
-        # Ray starts its workers (here: Serve's proxy, the ingress and the replicas) at nice 15
-        # by default; at 0 they compete as vLLM's API server does in the `vllm` target.
         self._spawn([sys.executable, "-m", "runtime.cli", "serve", "--config", str(path)],
-                    f"{self.name}.log", {"RAY_DEDUP_LOGS": "0", "RAY_worker_niceness": "0"})
+                    f"{self.name}.log", RAY_ENV)
         return self._wait_healthy(timeout_s, started)
 
 
@@ -194,6 +205,7 @@ def app_config(name: TargetName, engine: EngineSettings, scheduler: SchedulerSet
         "transfer": {"data_channel": "tcp", "on_transfer_failure": "recompute"},
         "scheduler": {"long_prompt_tokens": scheduler.long_prompt_tokens,
                       "local_max_prompt_tokens": scheduler.local_max_prompt_tokens},
+        "slo": {"ttft_ms": scheduler.slo_ttft_ms, "tpot_ms": scheduler.slo_tpot_ms},
         "server": {"host": "127.0.0.1", "http_port": http_port, "grpc_port": 0,
                    "served_model_name": MODEL_NAME, "app_name": f"bench-{name}"},
     }
@@ -228,8 +240,53 @@ class VllmTarget(Target):
         return self._wait_healthy(timeout_s, started)
 
 
+class RayLlmTarget(Target):
+    """Ray Serve LLM's OpenAI app on a fresh local Ray (benchmarks/rayllm_app.py)."""
+
+    def __init__(self, out_dir: Path, engine: EngineSettings) -> None:
+        super().__init__("rayllm", out_dir)
+        self.engine = engine
+        self.port = free_port()
+        self.ready_file = out_dir / "rayllm.ready"
+        self.base_urls = [f"http://127.0.0.1:{self.port}"]
+
+    def start(self, timeout_s: float = 300.0) -> float:
+        self.ready_file.unlink(missing_ok=True)
+        started = time.perf_counter()
+        self._spawn(rayllm_argv(self.engine, self.port, self.ready_file), "rayllm.log",
+                    {**RAY_ENV, "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL",
+                                                                     "WARNING")})
+        took = self._wait_healthy(timeout_s, started)
+        self.ready_file.unlink()
+        pinned = pin_engines([proc.pid for proc in self.procs], self.engine.cores)
+        num_off = sum(engine.num_threads_off for engine in pinned)
+        assert num_off == 0, f"{self.name}: {num_off} engine threads not on their cores"
+        print(f"[{self.name}] engines pinned: " + ", ".join(
+            f"pid {e.engine_pid} ({e.num_threads} threads) -> cores {sorted(e.cores)}"
+            for e in pinned), file=sys.stderr, flush=True)
+        return took
+
+    def is_up(self, base_url: str) -> bool:
+        """/v1/models answers once the ingress runs; the ready file says every LLM replica
+        (engine) is RUNNING too."""
+        return (self.ready_file.exists()
+                and httpx.get(f"{base_url}/v1/models", timeout=2.0).status_code == 200)
+
+
+def rayllm_argv(engine: EngineSettings, port: int, ready_file: Path) -> list[str]:
+    return [sys.executable, "-m", "benchmarks.rayllm_app", "--model", engine.model,
+            "--cores", ",".join(engine.cores), "--port", str(port),
+            "--ready-file", str(ready_file), "--max-model-len", str(engine.max_model_len),
+            "--max-num-seqs", str(engine.max_num_seqs),
+            "--max-num-batched-tokens", str(engine.max_num_batched_tokens),
+            "--kv-cache-bytes", str(engine.kv_cache_bytes),
+            "--block-size", str(engine.block_size)]
+
+
 def make_target(name: TargetName, out_dir: Path, engine: EngineSettings,
                 scheduler: SchedulerSettings) -> Target:
     if name == "vllm":
         return VllmTarget(out_dir, engine)
+    if name == "rayllm":
+        return RayLlmTarget(out_dir, engine)
     return ServeTarget(name, out_dir, engine, scheduler)

@@ -133,7 +133,8 @@ class DecodeWorker:
         first_token_at = None
         num_sent = 0
         async for output in self.engine.generate(
-            {"prompt_token_ids": prompt}, params, request_id=request.request_id
+            {"prompt_token_ids": prompt}, params, request_id=request.request_id,
+            priority=request.priority,
         ):
             completion = output.outputs[0]
             new_tokens = tuple(completion.token_ids[num_sent:])

@@ -89,7 +89,7 @@ class PrefillWorker:
         output = None
         async for output in self.engine.generate(
             {"prompt_token_ids": list(request.prompt_token_ids)}, params,
-            request_id=request.request_id,
+            request_id=request.request_id, priority=request.priority,
         ):
             pass
         assert output is not None and output.finished, "prefill ended without output"

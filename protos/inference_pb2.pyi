@@ -51,7 +51,7 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
 
 class Timings(_message.Message):
-    __slots__ = ("scheduler_queue_ms", "prefill_queue_ms", "prefill_compute_ms", "kv_transfer_ms", "kv_transfer_bytes", "decode_queue_ms", "decode_compute_ms", "ttft_ms", "tpot_ms", "e2e_ms", "lane", "mode", "prefill_replica", "decode_replica", "num_loaded_tokens", "transfer_error")
+    __slots__ = ("scheduler_queue_ms", "prefill_queue_ms", "prefill_compute_ms", "kv_transfer_ms", "kv_transfer_bytes", "decode_queue_ms", "decode_compute_ms", "ttft_ms", "tpot_ms", "e2e_ms", "lane", "mode", "prefill_replica", "decode_replica", "num_loaded_tokens", "transfer_error", "decision_reason", "predicted_prefill_ms", "predicted_ttft_ms", "num_cached_prompt_tokens")
     SCHEDULER_QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +68,10 @@ class Timings(_message.Message):
     DECODE_REPLICA_FIELD_NUMBER: _ClassVar[int]
     NUM_LOADED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_ERROR_FIELD_NUMBER: _ClassVar[int]
+    DECISION_REASON_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_PREFILL_MS_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_TTFT_MS_FIELD_NUMBER: _ClassVar[int]
+    NUM_CACHED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     scheduler_queue_ms: float
     prefill_queue_ms: float
     prefill_compute_ms: float
@@ -84,7 +88,11 @@ class Timings(_message.Message):
     decode_replica: str
     num_loaded_tokens: int
     transfer_error: str
-    def __init__(self, scheduler_queue_ms: _Optional[float] = ..., prefill_queue_ms: _Optional[float] = ..., prefill_compute_ms: _Optional[float] = ..., kv_transfer_ms: _Optional[float] = ..., kv_transfer_bytes: _Optional[int] = ..., decode_queue_ms: _Optional[float] = ..., decode_compute_ms: _Optional[float] = ..., ttft_ms: _Optional[float] = ..., tpot_ms: _Optional[float] = ..., e2e_ms: _Optional[float] = ..., lane: _Optional[str] = ..., mode: _Optional[str] = ..., prefill_replica: _Optional[str] = ..., decode_replica: _Optional[str] = ..., num_loaded_tokens: _Optional[int] = ..., transfer_error: _Optional[str] = ...) -> None: ...
+    decision_reason: str
+    predicted_prefill_ms: float
+    predicted_ttft_ms: float
+    num_cached_prompt_tokens: int
+    def __init__(self, scheduler_queue_ms: _Optional[float] = ..., prefill_queue_ms: _Optional[float] = ..., prefill_compute_ms: _Optional[float] = ..., kv_transfer_ms: _Optional[float] = ..., kv_transfer_bytes: _Optional[int] = ..., decode_queue_ms: _Optional[float] = ..., decode_compute_ms: _Optional[float] = ..., ttft_ms: _Optional[float] = ..., tpot_ms: _Optional[float] = ..., e2e_ms: _Optional[float] = ..., lane: _Optional[str] = ..., mode: _Optional[str] = ..., prefill_replica: _Optional[str] = ..., decode_replica: _Optional[str] = ..., num_loaded_tokens: _Optional[int] = ..., transfer_error: _Optional[str] = ..., decision_reason: _Optional[str] = ..., predicted_prefill_ms: _Optional[float] = ..., predicted_ttft_ms: _Optional[float] = ..., num_cached_prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class HealthRequest(_message.Message):
     __slots__ = ()

@@ -57,8 +57,13 @@ class SchedulerConfig(BaseModel):
     long_lane_replicas: int = Field(
         0, ge=0, description="Prefill replicas reserved for the long lane (0: lanes share all)."
     )
-    local_max_prompt_tokens: int = Field(
-        256, ge=0, description="Prompts up to this long may be prefilled on the decode replica."
+    local_max_prompt_tokens: int | None = Field(
+        None, ge=0, description="Longest prompt a decode replica may prefill itself (local "
+        "mode); None: any, when the policy predicts it is faster and within the TPOT budget."
+    )
+    calibrate: bool = Field(
+        True, description="Each replica measures its engine's prefill time at a few prompt "
+        "lengths when it starts (a few seconds), to seed the scheduler's prefill model."
     )
     admission: bool = Field(
         False, description="Reject (429) requests whose predicted TTFT exceeds slo.ttft_ms."

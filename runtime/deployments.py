@@ -19,6 +19,7 @@ from kv_transfer.connector_worker import WorkerStats
 from kv_transfer.params import TransferParams
 from prefill_workers.worker import PrefillResult, PrefillWorker
 from runtime.app_config import AppConfig, PoolConfig
+from runtime.calibration import calibrate
 from runtime.engine_config import EngineConfig, EngineRole
 from runtime.engine_stats import EngineLoad, LoadProbe
 from runtime.engines import build_engine
@@ -55,6 +56,15 @@ def _pinned(engine: EngineConfig, pool: PoolConfig) -> EngineConfig:
     return engine.model_copy(update={"cpu_threads_bind": cores}) if cores else engine
 
 
+async def _calibrate(engine: Any, config: AppConfig) -> tuple[tuple[int, float], ...]:
+    """The engine's prefill times at a few lengths, for the scheduler's model (see
+    runtime/calibration.py); nothing when scheduler.calibrate is off."""
+    if not config.scheduler.calibrate:
+        return ()
+    model_config = engine.vllm_config.model_config
+    return await calibrate(engine, model_config.max_model_len, model_config.get_vocab_size())
+
+
 async def _report_loop(app_name: str, make_report: Callable[[], ReplicaReport]) -> None:
     """Tell the ingress this replica's load every REPORT_PERIOD_S (it may not exist yet)."""
     handle = None
@@ -81,12 +91,13 @@ class PrefillServer:
         self._worker = PrefillWorker(engine, config.transfer.auth_token.get_secret_value(),
                                      worker_id=_replica_id())
         self._pending_tokens = 0
+        self._calibration = await _calibrate(engine, config)
         self._reporter = asyncio.get_running_loop().create_task(
             _report_loop(config.server.app_name, self._report))
 
     def _report(self) -> ReplicaReport:
         return ReplicaReport("prefill", self._worker.worker_id, self._pending_tokens, 0, 0, 0,
-                             0, 0, time.time())
+                             0, 0, time.time(), self._calibration)
 
     async def prefill(self, request: GenerateRequest, target_replica: str = "",
                       stream_handle: str = "") -> PrefillResult:
@@ -132,6 +143,7 @@ class DecodeServer:
         self._stream_interval_s = config.server.stream_interval_ms / 1e3
         self._auth_token = config.transfer.auth_token.get_secret_value()
         self._publishers: dict[str, TokenPublisher] = {}
+        self._calibration = await _calibrate(engine, config)
         self._reporter = asyncio.get_running_loop().create_task(
             _report_loop(config.server.app_name, self._report))
 
@@ -141,7 +153,8 @@ class DecodeServer:
         active = (load.num_running + load.num_waiting) if load else 0
         return ReplicaReport("decode", self._worker.worker_id, 0,
                              int((1.0 - usage) * self._num_blocks), self._num_blocks,
-                             self._block_size, active, self._max_num_seqs, time.time())
+                             self._block_size, active, self._max_num_seqs, time.time(),
+                             self._calibration)
 
     async def decode(
         self, request: GenerateRequest, first_token_id: int | None,

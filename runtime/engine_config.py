@@ -11,6 +11,7 @@ from kv_transfer.kinds import CollectiveBackend, DataChannel, TransportKind
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 TransferFailurePolicy = Literal["fail", "recompute"]
+SchedulingPolicy = Literal["priority", "fcfs"]
 EngineRole = Literal["prefill", "decode", "colocated"]
 
 
@@ -30,6 +31,14 @@ class EngineConfig(BaseModel):
         None, ge=1, description="Token budget per step (chunked prefill); None: vLLM's default."
     )
     enable_prefix_caching: bool = Field(True, description="Reuse identical prompt prefixes.")
+    scheduling_policy: SchedulingPolicy = Field(
+        "priority", description="vLLM's scheduling policy. 'priority': the scheduler's lane is "
+        "the request's priority, so short prompts are scheduled before long ones waiting in "
+        "the same engine; 'fcfs': arrival order.")
+    long_prefill_chunk_tokens: int = Field(
+        512, ge=0, description="While other requests are in the engine, a prefill gets at most "
+        "this many tokens of each step (vLLM's long_prefill_token_threshold), so a short "
+        "prompt or a decode step never waits for a whole long prefill; 0: no cap.")
     enforce_eager: bool = Field(True, description="No graph capture or compilation.")
     cpu_threads_bind: str | None = Field(
         None, description="CPU engines: cores for the engine's threads, e.g. '0' or '0-1'."

@@ -109,6 +109,8 @@ def build_engine(
         max_num_seqs=config.max_num_seqs,
         max_num_batched_tokens=config.max_num_batched_tokens,
         enable_prefix_caching=config.enable_prefix_caching,
+        scheduling_policy=config.scheduling_policy,
+        long_prefill_token_threshold=config.long_prefill_chunk_tokens,
         enforce_eager=config.enforce_eager,
         disable_log_stats=False,
         kv_transfer_config=kv_transfer_config,

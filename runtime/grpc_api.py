@@ -35,7 +35,9 @@ def timings_message(t: PhaseTimings) -> pb.Timings:
         decode_compute_ms=t.decode_compute_ms, ttft_ms=t.ttft_ms, tpot_ms=t.tpot_ms,
         e2e_ms=t.e2e_ms, lane=t.lane, mode=t.mode, prefill_replica=t.prefill_replica,
         decode_replica=t.decode_replica, num_loaded_tokens=t.num_loaded_tokens,
-        transfer_error=t.transfer_error,
+        transfer_error=t.transfer_error, decision_reason=t.decision_reason,
+        predicted_prefill_ms=t.predicted_prefill_ms, predicted_ttft_ms=t.predicted_ttft_ms,
+        num_cached_prompt_tokens=t.num_cached_prompt_tokens,
     )
 
 

@@ -44,6 +44,12 @@ class Metrics:
             "disagg_lane_in_flight", "Requests in flight per lane.", ["lane"],
             registry=self.registry,
         )
+        self.prediction_ratio = Histogram(
+            "disagg_prefill_prediction_ratio", "Measured / predicted prefill time of each "
+            "request (1 is a perfect prediction).", ["lane", "mode"],
+            buckets=(0.25, 0.5, 0.67, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2, 4, 10),
+            registry=self.registry,
+        )
         self.pending_tokens = Gauge(
             "disagg_prefill_pending_tokens", "Prompt tokens in flight per prefill replica.",
             ["replica"], registry=self.registry,
@@ -60,6 +66,9 @@ class Metrics:
         self.tokens.labels(kind="prompt").inc(timings.num_prompt_tokens)
         self.tokens.labels(kind="completion").inc(timings.num_output_tokens)
         self.kv_bytes.inc(timings.kv_transfer_bytes)
+        if timings.predicted_prefill_ms > 0 and timings.prefill_compute_ms > 0:
+            self.prediction_ratio.labels(**labels).observe(
+                timings.prefill_compute_ms / timings.predicted_prefill_ms)
         if timings.transfer_error:
             self.transfer_failures.inc()
 

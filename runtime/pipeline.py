@@ -56,6 +56,11 @@ class PhaseTimings:
     # The part of kv_transfer_ms the request waited for (the rest was hidden behind compute).
     kv_transfer_exposed_ms: float = 0.0
     kv_transfer_overlapped: bool = False  # the KV moved during the prefill (prefetch)
+    # prompt tokens the prefilling engine found in its prefix cache (not computed)
+    num_cached_prompt_tokens: int = 0
+    # what the scheduler predicted: this prompt's prefill time on its engine, and the TTFT
+    predicted_prefill_ms: float = 0.0
+    predicted_ttft_ms: float = 0.0
 
     @property
     def phases_ms(self) -> dict[str, float]:
@@ -233,6 +238,8 @@ class DisaggPipeline:
                     e2e_ms=e2e_ms, num_prompt_tokens=len(request.prompt_token_ids),
                     num_output_tokens=num_tokens, num_loaded_tokens=0,
                     num_decode_computed_prompt_tokens=d.num_computed_prompt_tokens,
+                    num_cached_prompt_tokens=max(0, len(request.prompt_token_ids)
+                                                 - d.num_computed_prompt_tokens),
                     lane=lane, mode="local", prefill_replica="", decode_replica=d.worker_id,
                 )
             yield StreamEvent(chunk.token_ids, chunk.finish_reason, timings)
@@ -279,6 +286,7 @@ class DisaggPipeline:
             num_decode_computed_prompt_tokens=(
                 decode.num_computed_prompt_tokens if decode else 0
             ),
+            num_cached_prompt_tokens=first.num_cached_tokens,
             lane=lane,
             prefill_replica=first.worker_id,
             decode_replica=decode.worker_id if decode else "",

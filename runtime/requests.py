@@ -61,6 +61,7 @@ class GenerateRequest:
     request_id: str
     prompt_token_ids: tuple[int, ...]
     sampling: SamplingSpec = field(default_factory=SamplingSpec)
+    priority: int = 0  # vLLM's priority (lower first): the scheduler's lane, short 0, long 1
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:

@@ -31,6 +31,9 @@ from runtime.scheduler.live import LiveConfig, LiveScheduler
 from runtime.scheduler.policy import PolicyConfig
 from runtime.scheduler.types import Decision, Rejection
 
+DEFAULT_TPOT_BUDGET_MS = 100.0  # without slo.tpot_ms
+DEFAULT_STEP_TOKENS = 2048  # vLLM's max_num_batched_tokens when the config leaves it unset
+
 
 def live_config(config: AppConfig) -> LiveConfig:
     """The scheduler's settings, from the app config."""
@@ -57,9 +60,11 @@ def live_config(config: AppConfig) -> LiveConfig:
         link_bytes_per_s=scheduler.link_bytes_per_s,
         admission_ttft_ms=slo.ttft_ms if scheduler.admission else None,
         disaggregation=config.serving == "disaggregated",
+        tpot_budget_ms=slo.tpot_ms or DEFAULT_TPOT_BUDGET_MS,
     )
     return LiveConfig(policy, scheduler.long_lane_replicas, engine.block_size,
-                      engine.max_num_seqs)
+                      engine.max_num_seqs, chunk_tokens=engine.long_prefill_chunk_tokens,
+                      step_tokens=engine.max_num_batched_tokens or DEFAULT_STEP_TOKENS)
 
 
 @dataclass(frozen=True)
@@ -150,7 +155,11 @@ class Router:
         prepared = PreparedRequest(GenerateRequest(request_id, tuple(prompt_ids), sampling),
                                    lane, arrival)
         decision = self.decide(prepared)
-        return replace(prepared, decision=decision) if decision else prepared
+        if decision is None:
+            return prepared
+        # the lane is the engines' priority: short prompts first wherever they wait
+        request = replace(prepared.request, priority=0 if decision.lane == "short" else 1)
+        return replace(prepared, request=request, decision=decision)
 
     def decide(self, prepared: PreparedRequest) -> Decision | None:
         """The global scheduler's decision (None until replicas have reported). Raises
@@ -188,20 +197,31 @@ class Router:
                 prefill_target=decision.prefill_replica or "" if decision else "",
                 decode_target=decision.decode_replica if decision else "")
         self.metrics.in_flight.labels(lane=lane).inc()
-        prefilled = False
+        live = self.live if decision is not None else None
+        clean: bool | None = None  # the prompt ran alone on its engine
+        first = True
+        tpot_ms = 0.0
         try:
             async for event in events:
+                if first and event.token_ids and live is not None:
+                    assert decision is not None
+                    clean = live.first_token(decision, request.request_id)
+                    first = False
                 text = detok.push(event.token_ids)
                 if event.timings is not None and decision is not None:
                     event = replace(event, timings=replace(
-                        event.timings, decision_reason=decision.reason))
+                        event.timings, decision_reason=decision.reason,
+                        predicted_prefill_ms=decision.predicted_prefill_ms,
+                        predicted_ttft_ms=decision.predicted_ttft_ms))
                 if event.timings is not None:
-                    self.metrics.record(event.timings)
-                    if decision is not None and self.live is not None:
-                        t = event.timings
-                        self.live.prefill_done(decision, t.num_prompt_tokens,
-                                               t.prefill_compute_ms)
-                        prefilled = True
+                    t = event.timings
+                    self.metrics.record(t)
+                    tpot_ms = t.tpot_ms
+                    if live is not None:
+                        assert decision is not None
+                        live.prefill_measured(
+                            decision, t.num_prompt_tokens - t.num_cached_prompt_tokens,
+                            t.prefill_compute_ms, clean)
                 yield TextEvent(text, event.token_ids, event.finish_reason, event.timings)
         except KVTransferFailed as err:
             self.metrics.record_failure(lane, "disaggregated", "transfer_failed")
@@ -209,6 +229,7 @@ class Router:
                            code="kv_transfer_failed") from err
         finally:
             self.metrics.in_flight.labels(lane=lane).dec()
-            if decision is not None and self.live is not None:
-                self.live.request_done(decision, len(request.prompt_token_ids),
-                                       request.sampling.max_tokens, prefilled)
+            if live is not None:
+                assert decision is not None
+                live.request_done(decision, request.request_id, len(request.prompt_token_ids),
+                                  request.sampling.max_tokens, tpot_ms)

@@ -114,6 +114,12 @@ def serve_forever(config_path: Path, api_key: str | None, address: str | None,
     return 0
 
 
+def _model_line(model: dict[str, float]) -> str:
+    return "prefill model " + ", ".join(
+        f"{n // 1024}K {model[f'predicted_ms_{n}']:.0f} ms" if n >= 1024
+        else f"{n} {model[f'predicted_ms_{n}']:.0f} ms" for n in (128, 1024, 4096, 8192))
+
+
 def show_status(address: str, app_name: str) -> int:
     import ray
     from ray import serve
@@ -136,12 +142,15 @@ def show_status(address: str, app_name: str) -> int:
     for lane, lane_view in view["lanes"].items():
         print(f"  {lane} lane: {lane_view['in_flight']} in flight")
     for p in view["prefill"]:
-        print(f"  prefill {p['replica']} [{p['lane']}]: {p['pending_tokens']:.0f} pending tokens, "
-              f"{p['tokens_per_s']:.0f} tokens/s, predicted wait {p['predicted_wait_ms']:.1f} ms, "
-              f"report {p['report_age_s']:.1f} s old")
+        left = p["remaining_ms"]
+        print(f"  prefill {p['replica']} [{p['lane']}]: {p['outstanding']} prompts in flight, "
+              f"work left {left['short']:.0f} ms short + {left['long']:.0f} ms long; "
+              f"{_model_line(p['model'])}; report {p['report_age_s']:.1f} s old")
     for d in view["decode"]:
+        left = d["local_remaining_ms"]
         print(f"  decode {d['replica']}: {d['free_blocks']}/{d['total_blocks']} blocks free, "
-              f"{d['active_seqs']} sequences")
+              f"{d['active_seqs']} sequences, TPOT {d['tpot_ms']:.1f} ms, local prefill left "
+              f"{left['short'] + left['long']:.0f} ms; {_model_line(d['model'])}")
     decisions = ", ".join(f"{k}: {v}" for k, v in sorted(view["decisions"].items()))
     print(f"  decisions: {decisions or 'none yet'}")
     print("one replica per pool (engine view):")

@@ -1,5 +1,14 @@
 """The policy as the ingress runs it: tables that grow as replicas report, and the bookkeeping
-of each request's start and end. Still no Ray here (the ingress feeds it)."""
+of each request's start, first token and end. Still no Ray here (the ingress feeds it).
+
+Lifecycle of one request's booking:
+  1. `decide` books its prefill on the chosen engine and its sequence on the decode replica;
+  2. `first_token` (its first token reached the ingress) clears the prefill from the engine's
+     books; `prefill_measured` (its timings arrived) feeds the engine's prefill model when the
+     prompt ran alone there;
+  3. `request_done` (however it ended) releases the decode booking, and the prefill booking if
+     the request ended before its first token.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +19,7 @@ from typing import Any
 
 from runtime.scheduler.loads import DecodeTable, PrefillTable
 from runtime.scheduler.policy import GlobalScheduler, PolicyConfig
+from runtime.scheduler.prefill_model import PrefillModel
 from runtime.scheduler.types import (
     Decision,
     DecodeLoad,
@@ -27,15 +37,18 @@ class LiveConfig:
     num_long_lane_replicas: int  # the first prefill replicas to report serve the long lane
     block_size: int
     max_num_seqs: int
-    default_tokens_per_s: float = 5000.0
+    chunk_tokens: int = 512  # the engines' long_prefill_token_threshold
+    step_tokens: int = 2048  # the engines' max_num_batched_tokens
+    default_tokens_per_s: float = 5000.0  # the prefill model before any calibration
 
 
 class LiveScheduler:
     def __init__(self, config: LiveConfig) -> None:
         self.config = config
-        self.prefill = PrefillTable([], [], config.default_tokens_per_s)
-        self.decode = DecodeTable([], [], config.block_size, config.max_num_seqs,
-                                  config.default_tokens_per_s)
+        prior = PrefillModel.from_throughput(config.default_tokens_per_s)
+        self.prefill = PrefillTable([], [], prior, config.chunk_tokens, config.step_tokens)
+        self.decode = DecodeTable([], [], config.block_size, config.max_num_seqs, prior,
+                                  config.chunk_tokens, config.step_tokens)
         self.policy = GlobalScheduler(config.policy, self.prefill, self.decode)
         self.decisions: Counter[tuple[str, str]] = Counter()  # (lane, mode)
         self.in_flight: Counter[str] = Counter()  # by lane
@@ -48,21 +61,24 @@ class LiveScheduler:
     def report(self, report: ReplicaReport) -> None:
         now = time.monotonic() - max(0.0, time.time() - report.reported_at_s)
         if report.role == "prefill":
-            if report.replica_id not in self.prefill.index:
+            i = self.prefill.index.get(report.replica_id)
+            if i is None:
                 num_long = int(self.prefill.is_long.sum())
                 lane: Lane = "long" if num_long < self.config.num_long_lane_replicas else "short"
-                self.prefill.add(report.replica_id, lane)
+                i = self.prefill.add(report.replica_id, lane)
                 self.policy.refresh_lanes()
-            i = self.prefill.index[report.replica_id]
+                self.prefill.work.learn(i, [(n, ms) for n, ms in report.calibration])
             self.prefill.report(PrefillLoad(report.replica_id,
                                             "long" if self.prefill.is_long[i] else "short",
-                                            report.num_pending_tokens, 0.0, now))
+                                            report.num_pending_tokens, now))
         else:
-            if report.replica_id not in self.decode.index:
-                self.decode.add(report.replica_id, report.num_total_blocks)
+            i = self.decode.index.get(report.replica_id)
+            if i is None:
+                i = self.decode.add(report.replica_id, report.num_total_blocks)
+                self.decode.work.learn(i, [(n, ms) for n, ms in report.calibration])
             self.decode.report(DecodeLoad(report.replica_id, report.num_free_blocks,
                                           report.block_size, report.num_active_seqs,
-                                          report.max_num_seqs, 0.0, now))
+                                          report.max_num_seqs, now))
 
     def decide(self, request_id: str, prompt_len: int, max_tokens: int) -> Decision | Rejection:
         assert self.ready, "decide before any replica reported"
@@ -73,42 +89,55 @@ class LiveScheduler:
             self.in_flight[decision.lane] += 1
         return decision
 
-    def prefill_done(self, decision: Decision, prompt_len: int, compute_ms: float) -> None:
-        if decision.prefill_replica in self.prefill.index:
-            self.prefill.finished(decision.prefill_replica, prompt_len, compute_ms / 1e3)
-        elif decision.mode == "local" and decision.decode_replica in self.decode.index:
-            self.decode.local_prefill_finished(self.decode.index[decision.decode_replica],
-                                               prompt_len, compute_ms / 1e3)
+    def first_token(self, decision: Decision, request_id: str) -> bool | None:
+        """Returns whether the prompt ran alone on its engine (None: not booked any more)."""
+        return self.policy.first_token(decision, request_id)
 
-    def request_done(self, decision: Decision, prompt_len: int, max_tokens: int,
-                     prefilled: bool) -> None:
-        """The request ended (done, failed or aborted); `prefilled`: prefill_done was called."""
+    def prefill_measured(self, decision: Decision, num_tokens: int, compute_ms: float,
+                         clean: bool | None) -> None:
+        if clean and compute_ms > 0:
+            self.policy.learn(decision, num_tokens, compute_ms)
+
+    def request_done(self, decision: Decision, request_id: str, prompt_len: int,
+                     max_tokens: int, tpot_ms: float = 0.0) -> None:
+        """The request ended (done, failed or aborted)."""
         self.in_flight[decision.lane] -= 1
-        if not prefilled:
-            self.prefill_done(decision, prompt_len, 0.0)
+        self.policy.first_token(decision, request_id)  # no-op unless it ended before
         if decision.decode_replica in self.decode.index:
             self.decode.released(decision.decode_replica,
-                                 self.decode.blocks_for(prompt_len + max_tokens))
+                                 self.decode.blocks_for(prompt_len + max_tokens), max_tokens,
+                                 tpot_ms)
 
     def snapshot(self) -> dict[str, Any]:
         now = time.monotonic()
-        waits = self.prefill.predicted_wait_s(now, self.config.policy.stale_after_s)
+        p_short, p_long = self.prefill.work.remaining_ms(now)
+        d_short, d_long = self.decode.work.remaining_ms(now)
         return {
             "lanes": {lane: {"in_flight": self.in_flight[lane]} for lane in ("short", "long")},
             "prefill": [
                 {"replica": rid, "lane": "long" if self.prefill.is_long[i] else "short",
-                 "pending_tokens": float(self.prefill.reported_pending[i]
-                                         + self.prefill.sent_since_report[i]),
-                 "tokens_per_s": float(self.prefill.tokens_per_s[i]),
-                 "predicted_wait_ms": float(1e3 * waits[i]),
+                 "pending_tokens": float(self.prefill.reported_pending[i]),
+                 "outstanding": int(self.prefill.work.num_outstanding[i]),
+                 "remaining_ms": {"short": float(p_short[i]), "long": float(p_long[i])},
+                 "model": _model(self.prefill.work.model(i)),
                  "report_age_s": float(now - self.prefill.reported_at[i])}
                 for i, rid in enumerate(self.prefill.ids)
             ],
             "decode": [
                 {"replica": rid, "free_blocks": int(self.decode.free_blocks[i]),
                  "total_blocks": int(self.decode.total_blocks[i]),
-                 "active_seqs": int(self.decode.active_seqs[i])}
+                 "active_seqs": int(self.decode.active_seqs[i]),
+                 "tpot_ms": float(self.decode.tpot_ms[i]),
+                 "local_remaining_ms": {"short": float(d_short[i]), "long": float(d_long[i])},
+                 "model": _model(self.decode.work.model(i))}
                 for i, rid in enumerate(self.decode.ids)
             ],
             "decisions": {f"{lane}/{mode}": n for (lane, mode), n in self.decisions.items()},
         }
+
+
+def _model(model: PrefillModel) -> dict[str, float]:
+    """The prefill model as status shows it, with what it predicts for a few lengths."""
+    return {"a_ms": model.a_ms, "b_ms_per_token": model.b_ms,
+            "c_ms_per_token2": model.c_ms,
+            **{f"predicted_ms_{n}": model.predict_ms(n) for n in (128, 1024, 4096, 8192)}}

@@ -1,25 +1,31 @@
 """The per-request decision: lane, mode, replicas, admission.
 
+Every prefill time below is a replica's own quadratic model (prefill_model.py, calibrated at
+start and refitted online) applied to the work booked on it (work.py): engines run short
+prompts first and cap a long prefill's share of each step, so a short prompt waits for the
+short work ahead of it plus one chunk of a long prefill per step it shares with one; a long
+prompt waits for everything ahead of it.
+
 Rules, in order (each decision's `reason` says which applied):
   1. Lane: a prompt of `long_prompt_tokens` or more is long; with `long_prefill_ms` set, so is
-     one whose predicted prefill (prompt / median measured prefill throughput) takes longer.
-     Long prompts go only to long-lane prefill replicas, short ones only to short-lane ones, so
-     a short prompt never queues behind a long prefill. (A lane without replicas borrows the
-     other lane's.)
-  2. Prefill replica: least predicted wait = pending prompt tokens / measured tokens per second,
-     counting what this scheduler dispatched since the replica's last report; a stale report is
-     replaced by the scheduler's own count of outstanding tokens.
-  3. Decode replica: only replicas whose KV cache can hold prompt + max_tokens at all; among
-     them, those with the blocks free now and a free sequence slot first, then fewest active
-     sequences, then most free blocks.
-  4. Mode: local (the decode replica prefills the prompt itself, no transfer) when the prompt is
-     at most `local_max_prompt_tokens`, the decode replica has room now, and its predicted local
-     prefill ends no later than the disaggregated path would have the KV on it (prefill wait +
-     prefill + transfer + the extra hop). A decode replica's prefill speed is measured from its
-     local prefills; until then it is taken to be the prefill pool's. Otherwise disaggregated.
-  5. Colocated serving (`disaggregation` off): every request is local, on the decode replica
-     with the fewest prompt tokens waiting to be prefilled, then the fewest active sequences
-     (a least-loaded router over engines that each prefill and decode).
+     one whose predicted prefill takes longer. With long-lane replicas configured, long
+     prompts go only to them and short ones only to the others (a lane without replicas
+     borrows the other lane's).
+  2. Decode replica for the split path: only replicas whose KV cache can hold prompt +
+     max_tokens at all; among them, those with the blocks free now and a free sequence slot
+     first, then fewest active sequences, then most free blocks.
+  3. Prefill replica: the earliest predicted first token.
+  4. Mode: local (a decode replica prefills the prompt itself, no transfer), on the decode
+     replica that would finish it first, when that is no later than the split path would have
+     the KV on a decode replica (prefill + transfer + the extra hop), the replica has room now,
+     the prompt is at most `local_max_prompt_tokens` (if set), and the replica's decodes stay
+     within the TPOT budget: the local prefill work outstanding on it, spread over the tokens
+     its sequences still decode, may add at most tpot_budget_ms - its recent TPOT to each.
+     A long prompt goes local only for a clear win (at most `long_local_gain` x the split
+     path's time: the prefill pool is busy), since its prefill slows that replica's decodes
+     all along. Otherwise disaggregated.
+  5. Colocated serving (`disaggregation` off): every request is local, on the engine with
+     the earliest predicted first token.
   6. Admission (off unless `admission_ttft_ms` is set): a request whose predicted TTFT exceeds
      it is rejected now, with a Retry-After of the excess, instead of queueing to miss its SLO.
 """
@@ -39,11 +45,13 @@ class PolicyConfig:
     long_prompt_tokens: int = 4096
     long_prefill_ms: float | None = None
     stale_after_s: float = 2.0
-    local_max_prompt_tokens: int = 512
+    local_max_prompt_tokens: int | None = None  # None: any prompt may be prefilled locally
     kv_bytes_per_token: int = 131072  # Llama-3-8B bf16: 2 * 32 layers * 8 heads * 128 * 2 B
     link_bytes_per_s: float = 5e9
     transfer_latency_ms: float = 0.5
     split_overhead_ms: float = 5.0  # the extra hop to a prefill replica and back
+    tpot_budget_ms: float = 100.0  # local prefills may slow a decode replica's TPOT up to this
+    long_local_gain: float = 0.8  # a long prompt goes local if it finishes in this x split time
     admission_ttft_ms: float | None = None
     disaggregation: bool = True
 
@@ -72,9 +80,9 @@ class GlobalScheduler:
     def lane(self, prompt_len: int) -> Lane:
         if prompt_len >= self.config.long_prompt_tokens:
             return "long"
-        if self.config.long_prefill_ms is not None:
-            typical_tps = float(np.median(self.prefill.tokens_per_s))
-            if 1e3 * prompt_len / typical_tps >= self.config.long_prefill_ms:
+        if self.config.long_prefill_ms is not None and len(self.prefill.ids):
+            typical_ms = float(np.median(self.prefill.work.predict_ms(prompt_len)))
+            if typical_ms >= self.config.long_prefill_ms:
                 return "long"
         return "short"
 
@@ -83,63 +91,103 @@ class GlobalScheduler:
         chosen replicas' counts include this request from now on."""
         lane = self.lane(request.prompt_len)
         if not self.config.disaggregation:
-            return self._colocated(request, lane)
+            return self._colocated(request, lane, now_s)
         d = self._place_decode(request)
         if d is None:
             return _no_room(request)
-        waits = self.prefill.predicted_wait_s(now_s, self.config.stale_after_s)
+        n = request.prompt_len
+        split_ms = self.prefill.work.wait_ms(now_s, n, lane) + self.config.split_overhead_ms
         candidates = np.flatnonzero(self._lane_masks[lane])
-        p = int(candidates[np.argmin(waits[candidates])])
-        tps = self.prefill.tokens_per_s[p]
-        disagg_ttft_ms = 1e3 * (waits[p] + request.prompt_len / tps)
-        disagg_ready_ms = disagg_ttft_ms + self.config.transfer_ms(request.prompt_len) \
-            + self.config.split_overhead_ms
-        local_tps = self.decode.prefill_tokens_per_s[d] if self.decode.prefill_measured[d] \
-            else float(np.median(self.prefill.tokens_per_s))
-        local_ttft_ms = 1e3 * (self.decode.local_pending[d] + request.prompt_len) / local_tps
-        blocks = self.decode.blocks_for(request.prompt_len + request.max_tokens)
-        has_room = bool(self.decode.free_blocks[d] >= blocks
-                        and self.decode.active_seqs[d] < self.decode.max_num_seqs[d])
-        local = (request.prompt_len <= self.config.local_max_prompt_tokens and has_room
-                 and local_ttft_ms <= disagg_ready_ms)
-        ttft_ms = local_ttft_ms if local else disagg_ttft_ms
+        p = int(candidates[np.argmin(split_ms[candidates])])
+        split_ttft = float(split_ms[p])
+        split_ready = split_ttft + self.config.transfer_ms(n)
+        local_ms = self._local_ms(n, lane, now_s)
+        can_local = self._can_local(request, now_s)
+        local = None
+        if can_local.any():
+            local = int(np.flatnonzero(can_local)[np.argmin(local_ms[can_local])])
+            # a long prefill on a decode replica slows its decodes all along: only for a
+            # clear win (not just the transfer it saves)
+            gain = 1.0 if lane == "short" else self.config.long_local_gain
+            if local_ms[local] > gain * split_ready:
+                local = None
+        if local is not None:
+            return self._book_local(request, lane, local, float(local_ms[local]), now_s,
+                                    f"local prefill {local_ms[local]:.1f} ms <= split "
+                                    f"{split_ready:.1f} ms")
+        rejection = self._admit(split_ttft)
+        if rejection is not None:
+            return rejection
+        blocks = self.decode.blocks_for(n + request.max_tokens)
+        self.decode.placed(d, blocks, request.max_tokens)
+        own_ms = self.prefill.work.book(p, request.request_id, lane, n, now_s)
+        reason = self._split_reason(request, can_local, local_ms, split_ready)
+        return Decision(lane, "disaggregated", self.prefill.ids[p], self.decode.ids[d],
+                        split_ttft, reason, own_ms)
+
+    def _split_reason(self, request: RequestInfo, can_local: np.ndarray,
+                      local_ms: np.ndarray, split_ready: float) -> str:
+        limit = self.config.local_max_prompt_tokens
+        if limit is not None and request.prompt_len > limit:
+            return "prompt too long for local"
+        if not can_local.any():
+            return "no decode replica has room or TPOT budget for a local prefill"
+        return f"split {split_ready:.1f} ms < local {float(local_ms[can_local].min()):.1f} ms"
+
+    def _can_local(self, request: RequestInfo, now_s: float) -> np.ndarray:
+        """Decode replicas that may prefill this prompt themselves now (room, TPOT budget)."""
+        table = self.decode
+        limit = self.config.local_max_prompt_tokens
+        if limit is not None and request.prompt_len > limit:
+            return np.zeros(len(table.ids), dtype=bool)
+        blocks = table.blocks_for(request.prompt_len + request.max_tokens)
+        room = (table.free_blocks >= blocks) & (table.active_seqs < table.max_num_seqs)
+        short, long_ = table.work.remaining_ms(now_s)
+        work_after = short + long_ + table.work.predict_ms(request.prompt_len)
+        # the tokens a sequence there still decodes: about half its max_tokens on average
+        tokens_left = 0.5 * table.booked_max_tokens / np.maximum(table.booked_seqs, 1)
+        slack_ms = np.maximum(self.config.tpot_budget_ms - table.tpot_ms, 0.0)
+        within_budget = (table.booked_seqs == 0) | (work_after <= tokens_left * slack_ms)
+        return room & within_budget
+
+    def _local_ms(self, num_tokens: int, lane: Lane, now_s: float) -> np.ndarray:
+        """Every decode replica's predicted first token for a local prefill: its prefill work,
+        plus its decode batch in every step the prompt takes."""
+        table = self.decode
+        steps = np.ceil(num_tokens / max(1, table.work.step_tokens))
+        decoding = np.where(table.booked_seqs > 0, table.tpot_ms, 0.0)
+        return table.work.wait_ms(now_s, num_tokens, lane) + steps * decoding
+
+    def _book_local(self, request: RequestInfo, lane: Lane, d: int, ttft_ms: float,
+                    now_s: float, reason: str) -> Decision | Rejection:
+        rejection = self._admit(ttft_ms)
+        if rejection is not None:
+            return rejection
+        self.decode.placed(d, self.decode.blocks_for(request.prompt_len + request.max_tokens),
+                           request.max_tokens)
+        own_ms = self.decode.work.book(d, request.request_id, lane, request.prompt_len, now_s)
+        return Decision(lane, "local", None, self.decode.ids[d], ttft_ms, reason, own_ms)
+
+    def _admit(self, ttft_ms: float) -> Rejection | None:
         slo = self.config.admission_ttft_ms
         if slo is not None and ttft_ms > slo:
             return Rejection(f"predicted TTFT {ttft_ms:.0f} ms > SLO {slo:.0f} ms",
                              retry_after_s=(ttft_ms - slo) / 1e3)
-        self.decode.placed(d, blocks, request.prompt_len if local else 0)
-        if local:
-            return Decision(lane, "local", None, self.decode.ids[d], local_ttft_ms,
-                            f"local prefill {local_ttft_ms:.1f} ms <= split "
-                            f"{disagg_ready_ms:.1f} ms")
-        self.prefill.dispatched(p, request.prompt_len)
-        reason = ("prompt too long for local" if request.prompt_len
-                  > self.config.local_max_prompt_tokens else
-                  "decode replica busy" if not has_room else
-                  f"split {disagg_ready_ms:.1f} ms < local {local_ttft_ms:.1f} ms")
-        return Decision(lane, "disaggregated", self.prefill.ids[p], self.decode.ids[d],
-                        disagg_ttft_ms, reason)
+        return None
 
-    def _colocated(self, request: RequestInfo, lane: Lane) -> Decision | Rejection:
+    def _colocated(self, request: RequestInfo, lane: Lane, now_s: float) -> Decision | Rejection:
         table = self.decode
         blocks = table.blocks_for(request.prompt_len + request.max_tokens)
-        candidates = np.flatnonzero(table.total_blocks >= blocks)
-        if not len(candidates):
+        fits = table.total_blocks >= blocks
+        if not fits.any():
             return _no_room(request)
-        # least loaded: fewest prompt tokens queued for prefill, then fewest sequences
-        score = table.local_pending[candidates] * (table.max_num_seqs.max() + 1) \
-            + table.active_seqs[candidates]
-        d = int(candidates[np.argmin(score)])
-        tps = table.prefill_tokens_per_s[d]
-        ttft_ms = 1e3 * (table.local_pending[d] + request.prompt_len) / tps
-        slo = self.config.admission_ttft_ms
-        if slo is not None and ttft_ms > slo:
-            return Rejection(f"predicted TTFT {ttft_ms:.0f} ms > SLO {slo:.0f} ms",
-                             retry_after_s=(ttft_ms - slo) / 1e3)
-        table.placed(d, blocks, request.prompt_len)
-        return Decision(lane, "local", None, table.ids[d], ttft_ms,
-                        f"colocated: least-loaded engine ({table.local_pending[d]:.0f} "
-                        f"tokens queued, {table.active_seqs[d]} sequences)")
+        room = fits & (table.free_blocks >= blocks) & (table.active_seqs < table.max_num_seqs)
+        pool = np.flatnonzero(room if room.any() else fits)
+        wait_ms = self._local_ms(request.prompt_len, lane, now_s)
+        d = int(pool[np.argmin(wait_ms[pool])])
+        return self._book_local(request, lane, d, float(wait_ms[d]), now_s,
+                                f"colocated: earliest first token ({wait_ms[d]:.0f} ms "
+                                f"predicted, {table.active_seqs[d]} sequences)")
 
     def _place_decode(self, request: RequestInfo) -> int | None:
         table = self.decode
@@ -155,6 +203,23 @@ class GlobalScheduler:
         score = table.active_seqs[candidates] * (table.total_blocks.max() + 1) \
             - table.free_blocks[candidates]
         return int(candidates[np.argmin(score)])
+
+    def first_token(self, decision: Decision, request_id: str) -> bool | None:
+        """The request's prefill is done (its first token exists, or it ended before): its
+        work leaves the engine's books. Returns whether it ran alone there (a clean sample
+        for the model), None if it was not booked (any more)."""
+        table = self.decode if decision.mode == "local" else self.prefill
+        return table.work.finished(request_id)
+
+    def learn(self, decision: Decision, num_tokens: int, compute_ms: float) -> None:
+        """A prefill time measured on the engine that ran the prompt alone."""
+        if decision.mode == "local":
+            i = self.decode.index.get(decision.decode_replica)
+            if i is not None:
+                self.decode.work.learn(i, [(num_tokens, compute_ms)])
+        elif decision.prefill_replica in self.prefill.index:
+            self.prefill.work.learn(self.prefill.index[decision.prefill_replica],
+                                    [(num_tokens, compute_ms)])
 
 
 def _no_room(request: RequestInfo) -> Rejection:

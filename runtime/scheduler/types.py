@@ -16,7 +16,6 @@ class PrefillLoad:
     replica_id: str
     lane: Lane  # the lane this replica serves
     num_pending_tokens: int  # prompt tokens queued or running on it
-    tokens_per_s: float  # measured prefill throughput (0: not measured yet)
     reported_at_s: float
 
 
@@ -29,7 +28,6 @@ class DecodeLoad:
     block_size: int
     num_active_seqs: int
     max_num_seqs: int
-    prefill_tokens_per_s: float  # its own prefill speed, for local prefills
     reported_at_s: float
 
 
@@ -51,6 +49,7 @@ class Decision:
     decode_replica: str
     predicted_ttft_ms: float
     reason: str
+    predicted_prefill_ms: float = 0.0  # the prompt's own prefill time on the chosen engine
 
 
 @dataclass(frozen=True)
@@ -74,3 +73,5 @@ class ReplicaReport:
     num_active_seqs: int
     max_num_seqs: int
     reported_at_s: float  # time.time() on the replica
+    # prefill times measured on this engine at start: ((uncached tokens, ms), ...)
+    calibration: tuple[tuple[int, float], ...] = ()

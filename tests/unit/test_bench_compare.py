@@ -6,11 +6,20 @@ import math
 
 import pytest
 
+from benchmarks import rayllm_app
+from benchmarks.affinity import parse_core_set
 from benchmarks.compare import build_parser, workload
 from benchmarks.compare_report import markdown, plots
+from benchmarks.cpu_usage import role_of
 from benchmarks.loadgen import RequestRecord
 from benchmarks.summary import SLO, summarize
-from benchmarks.targets import EngineSettings, SchedulerSettings, app_config
+from benchmarks.targets import (
+    TARGETS,
+    EngineSettings,
+    SchedulerSettings,
+    app_config,
+    rayllm_argv,
+)
 from runtime.app_config import AppConfig
 
 
@@ -75,6 +84,55 @@ def test_targets_get_the_same_engines_and_cores():
     assert colocated.decode.replicas == 2 and colocated.decode.cpu_cores == ["0", "1"]
     assert disagg.decode_engine == colocated.decode_engine  # identical engines
     assert colocated.decode_engine.max_num_batched_tokens == 2048
+
+
+def test_rayllm_serves_one_model_with_a_replica_per_engine_and_the_same_engine_args(tmp_path):
+    engine = EngineSettings("/m", ("0", "2-3"), 8448, 32, 2048, 512 << 20)
+    # 1. the harness's command line carries every engine setting to the app, unchanged
+    argv = rayllm_argv(engine, 8123, tmp_path / "ready")
+    assert argv[1:3] == ["-m", "benchmarks.rayllm_app"]
+    args = rayllm_app.build_parser().parse_args(argv[3:])
+    assert rayllm_app.engine_settings(args) == engine
+    assert (args.port, args.ready_file) == (8123, tmp_path / "ready")
+    # 2. one LLMConfig: model id `tiny`, one replica per core set, on CPU
+    (config,) = rayllm_app.serving_args(engine)["llm_configs"]
+    assert config["model_loading_config"] == {"model_id": "tiny", "model_source": "/m"}
+    assert config["deployment_config"] == {"num_replicas": 2}
+    assert config["accelerator_config"] == {"kind": "cpu"}
+    assert "experimental_configs" not in config  # Ray Serve LLM's defaults (stream batching)
+    # 3. the engine arguments the `vllm` target passes on its command line
+    assert config["engine_kwargs"] == {
+        "dtype": "float32", "block_size": 128, "max_model_len": 8448, "max_num_seqs": 32,
+        "max_num_batched_tokens": 2048, "kv_cache_memory_bytes": 512 << 20,
+        "enforce_eager": True}
+    # 4. one environment for every replica: no binding by vLLM, one OpenMP thread each (the
+    #    harness pins each engine to its own core once up)
+    assert config["runtime_env"] == {"env_vars": {"VLLM_CPU_OMP_THREADS_BIND": "nobind",
+                                                  "OMP_NUM_THREADS": "1"}}
+    assert rayllm_app.num_logical_cpus(2) == 5  # 2 x (replica actor + engine bundle) + ingress
+    assert "rayllm" in TARGETS and build_parser().parse_args([]).targets == list(TARGETS)
+
+
+def test_core_sets_parse_as_vllm_writes_them():
+    assert parse_core_set("3") == {3}
+    assert parse_core_set("2-4") == {2, 3, 4}
+    assert parse_core_set("0|2-3") == {0, 2, 3}
+
+
+@pytest.mark.parametrize(("title", "role"), [
+    ("ray::ServeReplica:rayllm:LLMServer:tiny", "replica"),
+    ("ray::ServeReplica:rayllm:OpenAiIngress", "ingress"),
+    ("ray::ServeReplica:bench-disagg:Ingress", "ingress"),
+    ("ray::ServeReplica:bench-disagg:DecodeServer", "replica"),
+    ("ray::ProxyActor", "proxy"),
+    ("ray::ServeController", "serve_ctl"),
+    ("VLLM::EngineCore", "engine"),
+    ("VLLM::Worker", "engine"),
+    ("ray::TelemetryAgent", "ray_system"),
+])
+def test_processes_of_every_setup_get_their_role(title, role):
+    padded = title + " " * 40  # Ray pads its process titles
+    assert role_of(title, padded, is_root=False) == role
 
 
 def test_the_same_seed_gives_every_target_the_same_arrivals():

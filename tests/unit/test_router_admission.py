@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from runtime.app_config import AppConfig
@@ -25,30 +27,46 @@ def _router(admission: bool) -> tuple[Router, LiveScheduler]:
     return router, live
 
 
-def _report(live: LiveScheduler, pending_tokens: int) -> None:
+CALIBRATION = ((64, 5.0), (1024, 60.0), (4096, 400.0), (8192, 1400.0))  # ms, quadratic
+
+
+def _report(live: LiveScheduler) -> None:
     import time
 
-    live.report(ReplicaReport("prefill", "p0", pending_tokens, 0, 0, 0, 0, 0, time.time()))
-    live.report(ReplicaReport("decode", "d0", 0, 1000, 1000, 128, 0, 64, time.time()))
+    live.report(ReplicaReport("prefill", "p0", 0, 0, 0, 0, 0, 0, time.time(), CALIBRATION))
+    live.report(ReplicaReport("decode", "d0", 0, 1000, 1000, 128, 0, 64, time.time(),
+                              CALIBRATION))
+
+
+def test_the_calibration_seeds_each_replicas_prefill_model():
+    _, live = _router(admission=False)
+    _report(live)
+    for n, ms in CALIBRATION:
+        assert live.prefill.work.model(0).predict_ms(n) == pytest.approx(ms, rel=0.15)
+        assert live.decode.work.model(0).predict_ms(n) == pytest.approx(ms, rel=0.15)
 
 
 def test_admission_rejects_with_retry_after_when_the_ttft_would_miss_the_slo():
     router, live = _router(admission=True)
-    _report(live, pending_tokens=50_000)  # 10 s of queued prefill at the default 5K tokens/s
+    _report(live)
+    live.prefill.work.book(0, "earlier", "short", 8192, time.monotonic())  # 1.4 s of work
     with pytest.raises(APIError) as err:
         router.prepare(list(range(500)), SamplingSpec(max_tokens=8), "cmpl")
     assert err.value.status == 429 and err.value.retry_after_s is not None
-    assert err.value.retry_after_s > 5
-    _report(live, pending_tokens=0)
+    assert err.value.retry_after_s > 1
+    live.prefill.work.finished("earlier")
     prepared = router.prepare(list(range(500)), SamplingSpec(max_tokens=8), "cmpl")
     assert prepared.decision is not None and prepared.decision.mode == "disaggregated"
+    assert prepared.request.priority == 0  # the short lane's priority on the engines
 
 
 def test_without_admission_the_request_is_placed_anyway():
     router, live = _router(admission=False)
-    _report(live, pending_tokens=50_000)
-    prepared = router.prepare(list(range(500)), SamplingSpec(max_tokens=8), "cmpl")
+    _report(live)
+    live.prefill.work.book(0, "earlier", "short", 8192, time.monotonic())
+    prepared = router.prepare(list(range(5000)), SamplingSpec(max_tokens=8), "cmpl")
     assert prepared.decision is not None and prepared.decision.prefill_replica == "p0"
+    assert prepared.decision.lane == "long" and prepared.request.priority == 1
 
 
 def test_admission_needs_an_slo():

@@ -7,19 +7,20 @@ import pytest
 from runtime.scheduler.lanes import LaneQueues
 from runtime.scheduler.loads import DecodeTable, PrefillTable
 from runtime.scheduler.policy import GlobalScheduler, PolicyConfig
-from runtime.scheduler.types import Decision, DecodeLoad, PrefillLoad, Rejection, RequestInfo
+from runtime.scheduler.prefill_model import PrefillModel
+from runtime.scheduler.types import Decision, DecodeLoad, Rejection, RequestInfo
 
 NOW = 100.0
+# 1 ms + 0.05 ms/token + quadratic: 1K tokens 61 ms, 8K 1.1 s (the tiny model's shape)
+MODEL = PrefillModel(1.0, 0.05, 1e-5)
 
 
-def _scheduler(num_short=2, num_long=1, num_decode=2, decode_blocks=1000, tps=10_000.0,
-               decode_tps=5_000.0, **config) -> GlobalScheduler:
+def _scheduler(num_short=2, num_long=1, num_decode=2, decode_blocks=1000, model=MODEL,
+               decode_model=None, **config) -> GlobalScheduler:
     lanes = ["short"] * num_short + ["long"] * num_long
-    prefill = PrefillTable([f"p{i}" for i in range(len(lanes))], lanes, tps)
+    prefill = PrefillTable([f"p{i}" for i in range(len(lanes))], lanes, model)
     decode = DecodeTable([f"d{i}" for i in range(num_decode)], [decode_blocks] * num_decode,
-                         block_size=16, max_num_seqs=8, default_tokens_per_s=decode_tps)
-    for i, lane in enumerate(lanes):
-        prefill.report(PrefillLoad(f"p{i}", lane, 0, tps, NOW))
+                         block_size=16, max_num_seqs=8, prior=decode_model or model)
     return GlobalScheduler(PolicyConfig(**{"local_max_prompt_tokens": 0, **config}), prefill,
                            decode)
 
@@ -37,15 +38,27 @@ def test_long_prompts_go_to_long_replicas_only():
     assert short.lane == "short" and short.prefill_replica in ("p0", "p1")
 
 
-def test_short_requests_wait_no_longer_when_long_ones_arrive():
-    sched = _scheduler()
-    before = sched.decide(_req(0, 200), NOW).predicted_ttft_ms
-    for i in range(20):
-        sched.decide(_req(100 + i, 30_000), NOW)  # a wave of long prompts
-    # the short lane's replicas are untouched: the next short request (on the other short
-    # replica) is predicted exactly as fast as the first
-    after = sched.decide(_req(1, 200), NOW).predicted_ttft_ms
-    assert after == pytest.approx(before)
+def test_predicted_prefill_is_quadratic_in_the_prompt():
+    sched = _scheduler(num_short=1, num_long=0)
+    t1k = sched.decide(_req(0, 1000), NOW).predicted_prefill_ms
+    t8k = sched.decide(_req(1, 8000), NOW + 100).predicted_prefill_ms
+    assert t1k == pytest.approx(MODEL.predict_ms(1000))
+    assert t8k > 15 * t1k  # 8x the tokens, far more than 8x the time
+
+
+def test_short_prompts_wait_for_short_work_and_one_chunk_per_step_of_a_long_prefill():
+    sched = _scheduler(num_short=1, num_long=0, long_prompt_tokens=4096)
+    alone = sched.decide(_req(0, 200), NOW).predicted_ttft_ms
+    sched.first_token(Decision("short", "disaggregated", "p0", "d0", 0, ""), "r0")
+    sched.decide(_req(1, 8000), NOW)  # a 1.1 s long prefill now runs on p0
+    short = sched.decide(_req(2, 200), NOW + 0.1).predicted_ttft_ms
+    long_remaining = MODEL.predict_ms(8000) - 100
+    # the short prompt shares a couple of steps with 512-token chunks of the long one: far
+    # less than the long prefill's remaining second
+    assert alone < short < alone + 0.3 * long_remaining
+    # a second long prompt waits for all of the first
+    second_long = sched.decide(_req(3, 8000), NOW + 0.1).predicted_ttft_ms
+    assert second_long > long_remaining + MODEL.predict_ms(8000) - 1
 
 
 def test_dispatches_count_before_the_next_report():
@@ -54,46 +67,75 @@ def test_dispatches_count_before_the_next_report():
     assert sorted(chosen) == ["p0", "p0", "p1", "p1", "p2", "p2", "p3", "p3"]
 
 
-def test_a_stale_report_is_not_trusted():
-    sched = _scheduler(num_short=2, num_long=0, stale_after_s=2.0)
-    for i in range(5):  # 5 prompts we sent to p0 ourselves
-        sched.prefill.dispatched(0, 2000)
-    # p0's last report (long ago) said it was idle; p1 reports 3,000 pending tokens now
-    sched.prefill.report(PrefillLoad("p0", "short", 0, 10_000.0, NOW - 60))
-    sched.prefill.report(PrefillLoad("p1", "short", 3000, 10_000.0, NOW))
-    assert sched.decide(_req(0, 100), NOW).prefill_replica == "p1"
-    # a fresh report from p0 is believed again
-    sched.prefill.report(PrefillLoad("p0", "short", 0, 10_000.0, NOW))
-    assert sched.decide(_req(1, 100), NOW).prefill_replica == "p0"
+def test_remaining_work_shrinks_as_the_engine_works_and_clears_at_the_first_token():
+    sched = _scheduler(num_short=1, num_long=0)
+    decision = sched.decide(_req(0, 4000), NOW)
+    predicted = decision.predicted_prefill_ms
+    short, long_ = sched.prefill.work.remaining_ms(NOW + predicted / 2e3)
+    assert short[0] + long_[0] == pytest.approx(predicted / 2, rel=0.01)
+    assert sched.first_token(decision, "r0") is True  # ran alone: a clean sample
+    assert sched.prefill.work.remaining_ms(NOW + 1)[0][0] == 0
+    assert sched.first_token(decision, "r0") is None  # already cleared
 
 
-def test_measured_throughput_steers_choice():
+def test_a_prefill_that_shared_its_engine_is_no_sample_for_the_model():
+    sched = _scheduler(num_short=1, num_long=0)
+    first = sched.decide(_req(0, 1000), NOW)
+    sched.decide(_req(1, 1000), NOW)
+    assert sched.first_token(first, "r0") is False
+
+
+def test_measured_prefill_times_refit_the_replicas_model():
     sched = _scheduler(num_short=2, num_long=0)
-    sched.prefill.report(PrefillLoad("p0", "short", 5000, 10_000.0, NOW))
-    sched.prefill.report(PrefillLoad("p1", "short", 5000, 10_000.0, NOW))
-    for _ in range(20):
-        sched.prefill.finished("p1", 4000, 0.1)  # p1 measures 40K tokens/s
-    assert sched.decide(_req(0, 100), NOW).prefill_replica == "p1"
+    slow = PrefillModel(2.0, 0.2, 4e-5)  # p1 is four times slower than believed
+    sched.prefill.work.learn(1, [(n, slow.predict_ms(n)) for n in (100, 1000, 4000, 8000)])
+    assert sched.prefill.work.model(1).predict_ms(2000) == pytest.approx(
+        slow.predict_ms(2000), rel=0.02)
+    chosen = {sched.decide(_req(i, 1000), NOW).prefill_replica for i in range(3)}
+    assert chosen == {"p0"}  # p0 finishes three 1K prompts before p1 finishes one
 
 
 @pytest.mark.parametrize(
-    ("prompt_len", "decode_tps", "busy", "mode"),
+    ("prompt_len", "decode_model", "busy", "limit", "mode"),
     [
-        (64, 50_000.0, False, "local"),  # short prompt, fast idle decode replica
-        (2000, 50_000.0, False, "disaggregated"),  # above local_max_prompt_tokens
-        (64, 50_000.0, True, "disaggregated"),  # decode replica has no room now
-        (400, 500.0, False, "disaggregated"),  # decode replica too slow to prefill it
+        (64, MODEL, False, None, "local"),  # short prompt, idle decode replica
+        (2000, MODEL, False, 512, "disaggregated"),  # above local_max_prompt_tokens
+        (64, MODEL, True, None, "disaggregated"),  # decode replica has no room now
+        (400, PrefillModel(50, 1.0, 1e-3), False, None, "disaggregated"),  # too slow
     ],
 )
-def test_local_versus_disaggregated(prompt_len, decode_tps, busy, mode):
-    sched = _scheduler(num_decode=1, local_max_prompt_tokens=512)
-    # the decode replica's measured prefill speed, and whether it has room right now
-    sched.decode.report(DecodeLoad("d0", 0 if busy else 1000, 16, 8 if busy else 0, 8,
-                                   decode_tps, NOW))
+def test_local_versus_disaggregated(prompt_len, decode_model, busy, limit, mode):
+    sched = _scheduler(num_decode=1, decode_model=decode_model, local_max_prompt_tokens=limit)
+    sched.decode.report(DecodeLoad("d0", 0 if busy else 1000, 16, 8 if busy else 0, 8, NOW))
     decision = sched.decide(_req(0, prompt_len), NOW)
     assert isinstance(decision, Decision)
     assert decision.mode == mode, decision.reason
     assert (decision.prefill_replica is None) == (mode == "local")
+
+
+def test_local_prefills_stay_within_the_decode_replicas_tpot_budget():
+    sched = _scheduler(num_short=1, num_long=0, num_decode=1, local_max_prompt_tokens=None,
+                       tpot_budget_ms=50.0, long_prompt_tokens=2000)
+    sched.prefill.work.book(0, "busy", "short", 1500, NOW)  # p0 is busy for ~100 ms
+    for _ in range(4):  # four sequences decoding on d0, 64 tokens each
+        sched.decode.placed(0, 10, 64)
+    sched.decode.tpot_ms[0] = 45.0  # 5 ms of slack per token left
+    assert sched.decide(_req(0, 500), NOW).mode == "local"  # 29 ms of prefill work
+    # now 27 tokens left per sequence x 5 ms = 136 ms; 29 + 123 ms of prefill would exceed it
+    assert sched.decide(_req(1, 1800), NOW).mode == "disaggregated"
+    sched.decode.tpot_ms[0] = 10.0  # decoding fast: plenty of budget
+    assert sched.decide(_req(2, 1800), NOW).mode == "local"
+
+
+def test_a_long_prompt_uses_an_idle_decode_replica_when_the_prefill_pool_is_busy():
+    sched = _scheduler(num_short=1, num_long=0, num_decode=1, local_max_prompt_tokens=None,
+                       long_prompt_tokens=1024)
+    first = sched.decide(_req(0, 6000), NOW)
+    # both idle: the prefill pool takes it (local would win only the transfer, while its
+    # prefill slowed every decode there for 0.7 s)
+    assert first.mode == "disaggregated", first.reason
+    second = sched.decide(_req(1, 6000), NOW)
+    assert second.mode == "local", second.reason  # p0 is busy for ~0.7 s: d0 starts now
 
 
 def test_decode_placement_respects_kv_capacity():
@@ -107,31 +149,33 @@ def test_decode_placement_respects_kv_capacity():
 
 def test_decode_placement_prefers_room_then_fewest_sequences():
     sched = _scheduler(num_decode=3, decode_blocks=100)
-    sched.decode.report(DecodeLoad("d0", 5, 16, 2, 8, 5000.0, NOW))  # too full right now
-    sched.decode.report(DecodeLoad("d1", 90, 16, 5, 8, 5000.0, NOW))
-    sched.decode.report(DecodeLoad("d2", 60, 16, 1, 8, 5000.0, NOW))
+    sched.decode.report(DecodeLoad("d0", 5, 16, 2, 8, NOW))  # too full right now
+    sched.decode.report(DecodeLoad("d1", 90, 16, 5, 8, NOW))
+    sched.decode.report(DecodeLoad("d2", 60, 16, 1, 8, NOW))
     assert sched.decide(_req(0, 100), NOW).decode_replica == "d2"
 
 
 def test_admission_rejects_what_would_miss_the_slo():
     sched = _scheduler(num_short=1, num_long=0, admission_ttft_ms=500.0)
-    sched.prefill.report(PrefillLoad("p0", "short", 20_000, 10_000.0, NOW))  # 2 s queued
-    rejection = sched.decide(_req(0, 1000), NOW)
+    sched.prefill.work.book(0, "r0", "long", 8000, NOW)  # 1.1 s of long work on p0
+    rejection = sched.decide(_req(1, 8000), NOW)
     assert isinstance(rejection, Rejection)
-    assert rejection.retry_after_s == pytest.approx(1.6, abs=0.01)
-    sched.prefill.report(PrefillLoad("p0", "short", 0, 10_000.0, NOW))
-    assert isinstance(sched.decide(_req(1, 1000), NOW), Decision)
+    assert rejection.retry_after_s == pytest.approx(
+        (2 * MODEL.predict_ms(8000) + 5.0 - 500.0) / 1e3, rel=0.01)
+    assert isinstance(sched.decide(_req(2, 1000), NOW), Decision)  # short: not behind it
 
 
 def test_admission_is_off_by_default():
     sched = _scheduler(num_short=1, num_long=0)
-    sched.prefill.report(PrefillLoad("p0", "short", 10**7, 10_000.0, NOW))
-    assert isinstance(sched.decide(_req(0, 1000), NOW), Decision)
+    for i in range(20):
+        sched.decide(_req(i, 8000), NOW)
+    assert isinstance(sched.decide(_req(99, 8000), NOW), Decision)
 
 
 def test_lane_by_latency_budget():
-    sched = _scheduler(long_prompt_tokens=100_000, long_prefill_ms=200.0, tps=10_000.0)
-    assert sched.lane(1999) == "short" and sched.lane(2000) == "long"
+    sched = _scheduler(long_prompt_tokens=100_000, long_prefill_ms=200.0)
+    boundary = next(n for n in range(1, 10_000) if MODEL.predict_ms(n) >= 200.0)
+    assert sched.lane(boundary - 1) == "short" and sched.lane(boundary) == "long"
 
 
 def test_no_request_starves_behind_the_other_lane():
@@ -144,36 +188,23 @@ def test_no_request_starves_behind_the_other_lane():
     assert len(queues) == 6
 
 
-def test_unmeasured_decode_replicas_are_assumed_as_fast_as_the_prefill_pool():
-    sched = _scheduler(num_decode=1, local_max_prompt_tokens=512, decode_tps=1.0)
-    decision = sched.decide(_req(0, 100), NOW)
-    assert decision.mode == "local", decision.reason
-    sched.decode.local_prefill_finished(0, 100, 1.0)  # too short to measure throughput by
-    assert sched.decide(_req(1, 100), NOW).mode == "local"
-    sched.decode.local_prefill_finished(0, 400, 4.0)  # measured: 100 tokens/s, very slow
-    assert sched.decide(_req(2, 100), NOW).mode == "disaggregated"
-
-
-def test_colocated_serving_is_always_local_on_the_least_loaded_engine():
-    sched = _scheduler(num_short=0, num_long=0, num_decode=2, disaggregation=False,
-                       local_max_prompt_tokens=0)
+def test_colocated_serving_is_always_local_on_the_earliest_engine():
+    sched = _scheduler(num_short=0, num_long=0, num_decode=2, disaggregation=False)
     first = sched.decide(_req(0, 8000), NOW)  # long: still local, no prefill pool
     assert isinstance(first, Decision)
     assert first.mode == "local" and first.prefill_replica is None
     # the engine prefilling 8,000 tokens is the loaded one: the next ones go to the other
     second = sched.decide(_req(1, 100), NOW)
+    assert second.decode_replica != first.decode_replica
+    # once the long prefill is done, the first engine is the free one again
+    sched.first_token(first, "r0")
     third = sched.decide(_req(2, 100), NOW)
-    assert {second.decode_replica, third.decode_replica} == {"d0", "d1"} - {
-        first.decode_replica}
-    # once its prefill is done, sequences decide: d(first) has 1, the other has 2
-    sched.decode.local_prefill_finished(sched.decode.index[first.decode_replica], 8000, 1.0)
-    sched.decode.local_prefill_finished(sched.decode.index[second.decode_replica], 200, 0.1)
-    assert sched.decide(_req(3, 100), NOW).decode_replica == first.decode_replica
+    assert third.decode_replica == first.decode_replica
 
 
 def test_colocated_admission_uses_the_local_prediction():
-    sched = _scheduler(num_short=0, num_long=0, disaggregation=False, admission_ttft_ms=500.0,
-                       decode_tps=1000.0)
+    sched = _scheduler(num_short=0, num_long=0, num_decode=1, disaggregation=False,
+                       admission_ttft_ms=500.0)
     assert isinstance(sched.decide(_req(0, 400), NOW), Decision)
-    rejected = sched.decide(_req(1, 900), NOW)  # 900 tokens at 1,000 tokens/s > 500 ms
+    rejected = sched.decide(_req(1, 8000), NOW)  # 1.1 s > 500 ms
     assert isinstance(rejected, Rejection) and rejected.retry_after_s > 0

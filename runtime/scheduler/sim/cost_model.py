@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from runtime.scheduler.prefill_model import PrefillModel
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -59,6 +61,17 @@ class CostModel:
         attention = 4.0 * m.num_layers * m.hidden_size * num_tokens * (num_cached
                                                                          + num_tokens / 2)
         return (linear + attention) / (h.peak_flops * h.mfu) + h.step_overhead_s
+
+    def chunk_s(self, num_tokens: int, num_cached: int = 0) -> float:
+        """A prefill chunk's share of an engine step (prefill_s without the step overhead)."""
+        return self.prefill_s(num_tokens, num_cached) - self.hardware.step_overhead_s
+
+    def prefill_model(self) -> PrefillModel:
+        """prefill_s as the scheduler's quadratic model (ms): what it would calibrate to."""
+        m, h = self.model, self.hardware
+        flops_per_ms = h.peak_flops * h.mfu / 1e3
+        return PrefillModel(1e3 * h.step_overhead_s, 2.0 * m.num_params / flops_per_ms,
+                            2.0 * m.num_layers * m.hidden_size / flops_per_ms)
 
     def decode_step_s(self, batch: int, kv_tokens: float) -> float:
         m, h = self.model, self.hardware

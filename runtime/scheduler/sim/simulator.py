@@ -25,7 +25,7 @@ from runtime.scheduler.loads import DecodeTable, PrefillTable
 from runtime.scheduler.policy import GlobalScheduler, PolicyConfig
 from runtime.scheduler.sim.cost_model import CostModel
 from runtime.scheduler.sim.workload import TraceRequest
-from runtime.scheduler.types import Decision, Lane, PrefillLoad, RequestInfo
+from runtime.scheduler.types import Decision, Lane, RequestInfo
 
 SimMode = Literal["colocated", "static", "policy"]
 BLOCK_SIZE = 16
@@ -33,7 +33,7 @@ BLOCK_SIZE = 16
 
 class Req:
     __slots__ = ("arrival", "finish", "first_token", "lane", "mode", "output_len", "prompt_len",
-                 "rid", "decode_id", "local")
+                 "rid", "decode_id", "local", "decision")
 
     def __init__(self, rid: int, trace: TraceRequest, lane: Lane) -> None:
         self.rid = rid
@@ -45,6 +45,7 @@ class Req:
         self.finish = -1.0
         self.decode_id = -1
         self.local = False
+        self.decision: Decision | None = None
 
 
 class Sim:
@@ -67,9 +68,10 @@ class DecodeReplica:
     """Continuous batching; prefills too when colocated or for local-mode requests."""
 
     def __init__(self, sim: Sim, index: int, cost: CostModel, chunk_tokens: int,
-                 on_finish: Callable[[Req], None]) -> None:
+                 on_finish: Callable[[Req], None], cap_tokens: int = 0) -> None:
         self.sim, self.index, self.cost = sim, index, cost
         self.chunk_tokens = chunk_tokens
+        self.cap_tokens = cap_tokens
         self.on_finish = on_finish
         self.prefill_queue: deque[list] = deque()  # [req, tokens done]
         self.queued_prefill_tokens = 0
@@ -85,7 +87,12 @@ class DecodeReplica:
         return len(self.running) + len(self.admitted) + len(self.prefill_queue)
 
     def enqueue_prefill(self, req: Req) -> None:
-        self.prefill_queue.append([req, 0])
+        if req.lane == "short":  # short prompts first (priority scheduling)
+            at = next((i for i, (r, _) in enumerate(self.prefill_queue) if r.lane == "long"),
+                      len(self.prefill_queue))
+            self.prefill_queue.insert(at, [req, 0])
+        else:
+            self.prefill_queue.append([req, 0])
         self.queued_prefill_tokens += req.prompt_len
         self._wake()
 
@@ -110,19 +117,25 @@ class DecodeReplica:
         for req in self.admitted:
             self._join(req, self.step)
         self.admitted.clear()
+        batch = len(self.running)
+        capped = self.cap_tokens > 0 and batch + len(self.prefill_queue) > 1
         budget, duration, done = self.chunk_tokens, 0.0, []
-        while self.prefill_queue and budget > 0:
-            item = self.prefill_queue[0]
+        for item in list(self.prefill_queue):
+            if budget <= 0:
+                break
             req, offset = item
             take = min(budget, req.prompt_len - offset)
-            duration += self.cost.prefill_s(take, offset)
+            if capped:
+                take = min(take, self.cap_tokens)
+            duration += self.cost.chunk_s(take, offset)
             budget -= take
             item[1] += take
             self.queued_prefill_tokens -= take
             if item[1] >= req.prompt_len:
-                self.prefill_queue.popleft()
+                self.prefill_queue.remove(item)
                 done.append(req)
-        batch = len(self.running)
+        if done or batch:
+            duration += self.cost.hardware.step_overhead_s
         if batch:
             kv = self.kv_base + batch * (self.step + 1)
             duration += self.cost.decode_step_s(batch, kv)
@@ -149,36 +162,54 @@ class DecodeReplica:
 
 
 class PrefillReplica:
-    """FCFS prompts, one at a time; hands each one's KV to a decode replica."""
+    """Chunked prefill in steps of `chunk_tokens`, short prompts first, and while others wait
+    no prompt takes more than `cap_tokens` of a step (vLLM's priority policy and
+    long_prefill_token_threshold); hands each finished prompt's KV on."""
 
-    def __init__(self, sim: Sim, index: int, cost: CostModel,
-                 on_done: Callable[[Req, float], None]) -> None:
+    def __init__(self, sim: Sim, index: int, cost: CostModel, chunk_tokens: int,
+                 cap_tokens: int, on_done: Callable[[Req], None]) -> None:
         self.sim, self.index, self.cost, self.on_done = sim, index, cost, on_done
-        self.queue: deque[Req] = deque()
+        self.chunk_tokens, self.cap_tokens = chunk_tokens, cap_tokens
+        self.queues: dict[Lane, deque[list]] = {"short": deque(), "long": deque()}
         self.queued_tokens = 0
         self.busy = False
 
     def enqueue(self, req: Req) -> None:
-        self.queue.append(req)
+        self.queues[req.lane].append([req, 0])
         self.queued_tokens += req.prompt_len
         if not self.busy:
-            self._next()
+            self.busy = True
+            self._step()
 
-    def _next(self) -> None:
-        if not self.queue:
+    def _step(self) -> None:
+        items = [*self.queues["short"], *self.queues["long"]]
+        if not items:
             self.busy = False
             return
-        self.busy = True
-        req = self.queue.popleft()
-        elapsed = self.cost.prefill_s(req.prompt_len)
+        capped = self.cap_tokens > 0 and len(items) > 1
+        budget, duration, done = self.chunk_tokens, self.cost.hardware.step_overhead_s, []
+        for item in items:
+            if budget <= 0:
+                break
+            req, offset = item
+            take = min(budget, req.prompt_len - offset)
+            if capped:
+                take = min(take, self.cap_tokens)
+            duration += self.cost.chunk_s(take, offset)
+            budget -= take
+            item[1] += take
+            if item[1] >= req.prompt_len:
+                self.queues[req.lane].remove(item)
+                done.append(req)
 
-        def finish() -> None:
-            self.queued_tokens -= req.prompt_len
-            req.first_token = self.sim.now
-            self.on_done(req, elapsed)
-            self._next()
+        def end() -> None:
+            for req in done:
+                self.queued_tokens -= req.prompt_len
+                req.first_token = self.sim.now
+                self.on_done(req)
+            self._step()
 
-        self.sim.at(self.sim.now + elapsed, finish)
+        self.sim.at(self.sim.now + duration, end)
 
 
 @dataclass(frozen=True)
@@ -188,6 +219,7 @@ class ClusterSpec:
     num_decode: int
     num_long_prefill: int = 0  # policy mode: prefill replicas in the long lane
     chunk_tokens: int = 2048
+    cap_tokens: int = 512  # a prompt's share of a step while others wait (0: no cap)
     policy: PolicyConfig = PolicyConfig()
 
 
@@ -207,93 +239,91 @@ def simulate(spec: ClusterSpec, cost: CostModel, trace: list[TraceRequest]) -> l
             req.local = True
             best.enqueue_prefill(req)
 
-        route = route_colocated
+        route: Callable[[Req], None] = route_colocated
     else:
-        decoders: list[DecodeReplica] = []
-        free_blocks = np.full(spec.num_decode, capacity_blocks, dtype=np.int64)
-        scheduler: GlobalScheduler | None = None
-
-        def blocks(req: Req) -> int:
-            return -(-(req.prompt_len + req.output_len) // BLOCK_SIZE)
-
-        def on_finish(req: Req) -> None:
-            if scheduler is not None:
-                scheduler.decode.released(scheduler.decode.ids[req.decode_id], blocks(req))
-            else:
-                free_blocks[req.decode_id] += blocks(req)
-
-        decoders.extend(DecodeReplica(sim, i, cost, spec.chunk_tokens, on_finish)
-                        for i in range(spec.num_decode))
-
-        def on_prefilled(req: Req, elapsed: float, replica: PrefillReplica) -> None:
-            if scheduler is not None:
-                rid = scheduler.prefill.ids[replica.index]
-                scheduler.prefill.finished(rid, req.prompt_len, elapsed)
-                scheduler.prefill.report(PrefillLoad(rid, "short", replica.queued_tokens,
-                                                     0.0, sim.now))
-            target = decoders[req.decode_id]
-            sim.at(sim.now + cost.transfer_s(req.prompt_len), lambda: target.admit(req))
-
-        prefillers: list[PrefillReplica] = []
-
-        def done_on(i: int) -> Callable[[Req, float], None]:
-            return lambda req, elapsed: on_prefilled(req, elapsed, prefillers[i])
-
-        prefillers.extend(PrefillReplica(sim, i, cost, done_on(i)) for i in range(spec.num_prefill))
-
-        if spec.mode == "policy":
-            num_short = spec.num_prefill - spec.num_long_prefill
-            long_lane: list[Lane] = ["long"] * spec.num_long_prefill
-            short_lane: list[Lane] = ["short"] * num_short
-            lanes = long_lane + short_lane
-            tps = cost.prefill_tokens_per_s
-            prefill_table = PrefillTable([f"p{i}" for i in range(spec.num_prefill)], lanes, tps)
-            decode_table = DecodeTable([f"d{i}" for i in range(spec.num_decode)],
-                                       [capacity_blocks] * spec.num_decode, BLOCK_SIZE,
-                                       max_num_seqs=512, default_tokens_per_s=tps)
-            scheduler = GlobalScheduler(spec.policy, prefill_table, decode_table)
-            for d in decoders:
-                def local_done(req: Req, d: DecodeReplica = d) -> None:
-                    decode_table.local_pending[d.index] = max(
-                        0.0, decode_table.local_pending[d.index] - req.prompt_len)
-                    decode_table.prefill_measured[d.index] = True  # same engines: same speed
-                d.on_local_prefill_done = local_done
-
-            def route_policy(req: Req) -> None:
-                assert scheduler is not None
-                info = RequestInfo(str(req.rid), req.prompt_len, req.output_len, req.arrival)
-                decision = scheduler.decide(info, sim.now)
-                if not isinstance(decision, Decision):
-                    return  # cannot be held anywhere: counted as failed
-                req.lane = decision.lane
-                req.decode_id = scheduler.decode.index[decision.decode_replica]
-                if decision.mode == "local":
-                    req.local = True
-                    decoders[req.decode_id].enqueue_prefill(req)
-                else:
-                    assert decision.prefill_replica is not None
-                    prefillers[scheduler.prefill.index[decision.prefill_replica]].enqueue(req)
-
-            route = route_policy
-        else:
-            def route_static(req: Req) -> None:
-                need = blocks(req)
-                fits = np.flatnonzero(free_blocks >= need)
-                if not len(fits):
-                    fits = np.flatnonzero(capacity_blocks >= need)
-                    if not len(fits):
-                        return
-                d = int(fits[np.argmin([decoders[i].num_active for i in fits])])
-                free_blocks[d] -= need
-                req.decode_id = d
-                p = min(prefillers, key=lambda r: r.queued_tokens)
-                p.enqueue(req)
-
-            route = route_static
-
+        route = _split_router(spec, cost, sim, capacity_blocks)
     for rid, trace_req in enumerate(trace):
         req = Req(rid, trace_req, "short")
         reqs.append(req)
         sim.at(trace_req.arrival_s, functools.partial(route, req))
     sim.run()
     return reqs
+
+
+def _split_router(spec: ClusterSpec, cost: CostModel, sim: Sim,
+                  capacity_blocks: int) -> Callable[[Req], None]:
+    """Static or policy routing over a prefill pool and a decode pool."""
+    policy = spec.mode == "policy"
+    cap = spec.cap_tokens if policy else 0
+    free_blocks = np.full(spec.num_decode, capacity_blocks, dtype=np.int64)
+    scheduler: GlobalScheduler | None = None
+    if policy:
+        num_short = spec.num_prefill - spec.num_long_prefill
+        long_lane: list[Lane] = ["long"] * spec.num_long_prefill
+        short_lane: list[Lane] = ["short"] * num_short
+        lanes = long_lane + short_lane
+        model = cost.prefill_model()
+        scheduler = GlobalScheduler(
+            spec.policy,
+            PrefillTable([f"p{i}" for i in range(spec.num_prefill)], lanes, model, cap,
+                         spec.chunk_tokens),
+            DecodeTable([f"d{i}" for i in range(spec.num_decode)],
+                        [capacity_blocks] * spec.num_decode, BLOCK_SIZE, 512, model, cap,
+                        spec.chunk_tokens))
+
+    def blocks(req: Req) -> int:
+        return -(-(req.prompt_len + req.output_len) // BLOCK_SIZE)
+
+    def on_finish(req: Req) -> None:
+        if scheduler is None:
+            free_blocks[req.decode_id] += blocks(req)
+            return
+        tpot_ms = 1e3 * (req.finish - req.first_token) / max(1, req.output_len - 1)
+        scheduler.decode.released(scheduler.decode.ids[req.decode_id], blocks(req),
+                                  req.output_len, tpot_ms)
+
+    def first_token(req: Req) -> None:
+        if scheduler is not None and req.decision is not None:
+            scheduler.first_token(req.decision, str(req.rid))
+
+    decoders = [DecodeReplica(sim, i, cost, spec.chunk_tokens, on_finish, cap)
+                for i in range(spec.num_decode)]
+    for d in decoders:
+        d.on_local_prefill_done = first_token
+
+    def on_prefilled(req: Req) -> None:
+        first_token(req)
+        target = decoders[req.decode_id]
+        sim.at(sim.now + cost.transfer_s(req.prompt_len), lambda: target.admit(req))
+
+    prefillers = [PrefillReplica(sim, i, cost, spec.chunk_tokens, cap, on_prefilled)
+                  for i in range(spec.num_prefill)]
+
+    def route_policy(req: Req) -> None:
+        assert scheduler is not None
+        info = RequestInfo(str(req.rid), req.prompt_len, req.output_len, req.arrival)
+        decision = scheduler.decide(info, sim.now)
+        if not isinstance(decision, Decision):
+            return  # cannot be held anywhere: counted as failed
+        req.decision, req.lane = decision, decision.lane
+        req.decode_id = scheduler.decode.index[decision.decode_replica]
+        if decision.mode == "local":
+            req.local = True
+            decoders[req.decode_id].enqueue_prefill(req)
+        else:
+            assert decision.prefill_replica is not None
+            prefillers[scheduler.prefill.index[decision.prefill_replica]].enqueue(req)
+
+    def route_static(req: Req) -> None:
+        need = blocks(req)
+        fits = np.flatnonzero(free_blocks >= need)
+        if not len(fits):
+            fits = np.flatnonzero(capacity_blocks >= need)
+            if not len(fits):
+                return
+        d = int(fits[np.argmin([decoders[i].num_active for i in fits])])
+        free_blocks[d] -= need
+        req.decode_id = d
+        min(prefillers, key=lambda r: r.queued_tokens).enqueue(req)
+
+    return route_policy if policy else route_static

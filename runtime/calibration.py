@@ -1,0 +1,51 @@
+"""Measure an engine's prefill time at a few prompt lengths when its replica starts.
+
+The global scheduler fits each engine's quadratic prefill model (runtime/scheduler/
+prefill_model.py) from these samples before the first request, then refines it online. A
+prompt of random token ids per length (nothing from the prefix cache), one at a time on the
+idle engine, timed by the engine itself (scheduled -> first token); lengths up to 8,192 tokens
+or the context, whichever is shorter; a length is skipped once one prefill took longer than
+`max_prefill_s` (a large model on slow hardware), so calibration stays short.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import TYPE_CHECKING
+
+from runtime.requests import SamplingSpec
+
+if TYPE_CHECKING:
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+LENGTHS = (64, 256, 1024, 2048, 4096, 8192)
+
+
+async def calibrate(engine: AsyncLLM, max_model_len: int, vocab_size: int,
+                    max_prefill_s: float = 3.0, seed: int = 0) -> tuple[tuple[int, float], ...]:
+    """((prompt tokens, prefill ms), ...) measured on `engine`, shortest first."""
+    rng = random.Random(seed)
+    params = SamplingSpec(max_tokens=1).to_vllm()
+    samples = []
+    lengths = [n for n in LENGTHS if n < max_model_len - 8]
+    for i, n in enumerate([lengths[0], *lengths]):  # the first run warms the engine up
+        ids = [rng.randrange(3, vocab_size) for _ in range(n)]
+        start = time.perf_counter()
+        output = None
+        async for output in engine.generate({"prompt_token_ids": ids}, params,
+                                            request_id=f"calibrate-{seed}-{i}"):
+            pass
+        wall_ms = (time.perf_counter() - start) * 1e3
+        if i == 0 or output is None:
+            continue
+        samples.append((n, _engine_ms(output.metrics, wall_ms)))
+        if wall_ms > 1e3 * max_prefill_s:
+            break
+    return tuple(samples)
+
+
+def _engine_ms(metrics: object, wall_ms: float) -> float:
+    scheduled = getattr(metrics, "scheduled_ts", 0.0)
+    first_token = getattr(metrics, "first_token_ts", 0.0)
+    return (first_token - scheduled) * 1e3 if scheduled and first_token else wall_ms

@@ -1,0 +1,148 @@
+"""The prefill work each engine has been given and not yet finished, one row per replica.
+
+Every engine that prefills (prefill replicas; decode replicas for local prefills) runs short
+prompts before long ones (vLLM's priority scheduling, the lane as the priority) and gives a
+running long prefill at most `chunk_tokens` per step while others wait (vLLM's
+long_prefill_token_threshold), so:
+  - a new short prompt waits for the short work ahead of it, plus, while a long prefill is in
+    progress, one chunk of it per engine step it shares with it;
+  - a new long prompt waits for all the work ahead of it.
+The scheduler books every dispatch here with its predicted time (the replica's PrefillModel)
+and clears it at the request's first token. Remaining work is estimated from the time the
+engine has been busy: busy time since it last went idle, less the predicted work of what
+finished since, is progress on what is still outstanding; the short lane's work goes first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from runtime.scheduler.prefill_model import PrefillFit, PrefillModel
+from runtime.scheduler.types import Lane
+
+# Never believe that outstanding work is more than this much done (the model may be slow).
+MAX_PROGRESS = 0.95
+
+
+@dataclass(frozen=True)
+class Booking:
+    replica: int
+    lane: Lane
+    work_ms: float
+    num_tokens: int
+    alone_at_start: bool  # nothing else was prefilling on the replica when it was sent
+    dispatch_seq: int  # the replica's dispatch count right after this one
+
+
+
+
+class PrefillWork:
+    def __init__(self, prior: PrefillModel, chunk_tokens: int, step_tokens: int) -> None:
+        self.prior = prior
+        self.chunk_tokens = chunk_tokens  # a long prefill's share of a step while others wait
+        self.step_tokens = step_tokens  # tokens per engine step (max_num_batched_tokens)
+        self.fits: list[PrefillFit] = []
+        self.a = np.zeros(0)
+        self.b = np.zeros(0)
+        self.c = np.zeros(0)
+        self.short_ms = np.zeros(0)  # predicted work outstanding, by lane
+        self.long_ms = np.zeros(0)
+        self.long_tokens = np.zeros(0)  # tokens of the long prompts outstanding
+        self.busy_since = np.zeros(0)
+        self.done_ms = np.zeros(0)  # predicted work finished since busy_since
+        self.num_outstanding = np.zeros(0, dtype=np.int64)
+        self.num_dispatched = np.zeros(0, dtype=np.int64)
+        self._bookings: dict[str, Booking] = {}
+
+    def add_replica(self) -> int:
+        self.fits.append(PrefillFit(self.prior))
+        for name in ("a", "b", "c", "short_ms", "long_ms", "long_tokens", "busy_since",
+                     "done_ms"):
+            setattr(self, name, np.append(getattr(self, name), 0.0))
+        self.num_outstanding = np.append(self.num_outstanding, 0)
+        self.num_dispatched = np.append(self.num_dispatched, 0)
+        self._set_model(len(self.fits) - 1, self.prior)
+        return len(self.fits) - 1
+
+    def _set_model(self, i: int, model: PrefillModel) -> None:
+        self.a[i], self.b[i], self.c[i] = model.a_ms, model.b_ms, model.c_ms
+
+    def model(self, i: int) -> PrefillModel:
+        return PrefillModel(float(self.a[i]), float(self.b[i]), float(self.c[i]))
+
+    def learn(self, i: int, samples: list[tuple[float, float]]) -> None:
+        """Prefill times measured on replica i ((uncached tokens, ms) of prompts alone)."""
+        fit = self.fits[i]
+        for num_tokens, ms in samples:
+            fit.add(num_tokens, ms, refit=False)
+        fit.refit()
+        self._set_model(i, fit.model)
+
+    def predict_ms(self, num_tokens: int) -> np.ndarray:
+        """Every replica's time to prefill num_tokens alone."""
+        n = float(num_tokens)
+        return self.a + self.b * n + self.c * n * n
+
+    def remaining_ms(self, now_s: float) -> tuple[np.ndarray, np.ndarray]:
+        """(short, long) predicted work still to do on every replica."""
+        total = self.short_ms + self.long_ms
+        progress = np.clip(1e3 * (now_s - self.busy_since) - self.done_ms, 0.0,
+                           MAX_PROGRESS * total)
+        progress = np.where(self.num_outstanding > 0, progress, 0.0)
+        short = np.maximum(self.short_ms - progress, 0.0)
+        long_ = total - progress - short
+        return short, np.maximum(long_, 0.0)
+
+    def wait_ms(self, now_s: float, num_tokens: int, lane: Lane) -> np.ndarray:
+        """Every replica's predicted time until a new prompt of this lane is prefilled."""
+        short, long_ = self.remaining_ms(now_s)
+        own = self.predict_ms(num_tokens)
+        if lane == "long":
+            return short + long_ + own
+        # the long prefill in progress takes one chunk of every step the short prompt is in
+        steps = 1 + np.ceil(num_tokens / max(1, self.step_tokens - self.chunk_tokens))
+        position = self.long_tokens / 2
+        k = float(self.chunk_tokens)
+        chunk_ms = self.b * k + self.c * k * (k + 2.0 * position)
+        return short + own + np.where(long_ > 0, steps * chunk_ms, 0.0)
+
+    def book(self, i: int, request_id: str, lane: Lane, num_tokens: int, now_s: float) -> float:
+        """A prefill dispatched to replica i; returns its predicted time alone."""
+        work = float(self.predict_ms(num_tokens)[i])
+        alone = bool(self.num_outstanding[i] == 0)
+        if alone:
+            self.busy_since[i], self.done_ms[i] = now_s, 0.0
+        self.num_dispatched[i] += 1
+        self._bookings[request_id] = Booking(i, lane, work, num_tokens, alone,
+                                             int(self.num_dispatched[i]))
+        self.num_outstanding[i] += 1
+        if lane == "long":
+            self.long_ms[i] += work
+            self.long_tokens[i] += num_tokens
+        else:
+            self.short_ms[i] += work
+        return work
+
+    def finished(self, request_id: str) -> bool | None:
+        """The prefill's first token came back (or the request ended before it did). Returns
+        whether it ran alone on the replica its whole life (nothing sent there before it was
+        done, nothing outstanding when it was sent): a clean sample of the prefill model.
+        None if it was not booked (any more)."""
+        booking = self._bookings.pop(request_id, None)
+        if booking is None:
+            return None
+        i = booking.replica
+        clean = booking.alone_at_start and self.num_dispatched[i] == booking.dispatch_seq
+        self.num_outstanding[i] -= 1
+        if booking.lane == "long":
+            self.long_ms[i] = max(0.0, self.long_ms[i] - booking.work_ms)
+            self.long_tokens[i] = max(0.0, self.long_tokens[i] - booking.num_tokens)
+        else:
+            self.short_ms[i] = max(0.0, self.short_ms[i] - booking.work_ms)
+        if self.num_outstanding[i] == 0:
+            self.short_ms[i] = self.long_ms[i] = self.long_tokens[i] = 0.0
+        else:
+            self.done_ms[i] += booking.work_ms
+        return bool(clean)
