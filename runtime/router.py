@@ -202,6 +202,9 @@ class Router:
         first = True
         tpot_ms = 0.0
         try:
+            if live is not None:
+                assert decision is not None
+                await live.turn(decision, request.request_id)  # counts as scheduler queue
             async for event in events:
                 if first and event.token_ids and live is not None:
                     assert decision is not None

@@ -3,6 +3,7 @@ of each request's start, first token and end. Still no Ray here (the ingress fee
 
 Lifecycle of one request's booking:
   1. `decide` books its prefill on the chosen engine and its sequence on the decode replica;
+     a long prompt then waits for its `turn` (one long prefill per engine at a time);
   2. `first_token` (its first token reached the ingress) clears the prefill from the engine's
      books; `prefill_measured` (its timings arrived) feeds the engine's prefill model when the
      prompt ran alone there;
@@ -12,6 +13,7 @@ Lifecycle of one request's booking:
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -52,6 +54,7 @@ class LiveScheduler:
         self.policy = GlobalScheduler(config.policy, self.prefill, self.decode)
         self.decisions: Counter[tuple[str, str]] = Counter()  # (lane, mode)
         self.in_flight: Counter[str] = Counter()  # by lane
+        self._long_done = asyncio.Event()  # set (and replaced) whenever a long prefill ends
 
     @property
     def ready(self) -> bool:
@@ -89,9 +92,21 @@ class LiveScheduler:
             self.in_flight[decision.lane] += 1
         return decision
 
+    async def turn(self, decision: Decision, request_id: str) -> None:
+        """Wait until the request may go to its engine: at once for a short prompt; for a
+        long one, once every long prompt booked on that engine before it has its first
+        token (they would share every engine step otherwise)."""
+        work = (self.decode if decision.mode == "local" else self.prefill).work
+        while not work.has_turn(request_id):
+            await self._long_done.wait()
+
     def first_token(self, decision: Decision, request_id: str) -> bool | None:
         """Returns whether the prompt ran alone on its engine (None: not booked any more)."""
-        return self.policy.first_token(decision, request_id)
+        clean = self.policy.first_token(decision, request_id)
+        if clean is not None and decision.lane == "long":
+            self._long_done.set()
+            self._long_done = asyncio.Event()
+        return clean
 
     def prefill_measured(self, decision: Decision, num_tokens: int, compute_ms: float,
                          clean: bool | None) -> None:
@@ -102,7 +117,7 @@ class LiveScheduler:
                      max_tokens: int, tpot_ms: float = 0.0) -> None:
         """The request ended (done, failed or aborted)."""
         self.in_flight[decision.lane] -= 1
-        self.policy.first_token(decision, request_id)  # no-op unless it ended before
+        self.first_token(decision, request_id)  # no-op unless it ended before
         if decision.decode_replica in self.decode.index:
             self.decode.released(decision.decode_replica,
                                  self.decode.blocks_for(prompt_len + max_tokens), max_tokens,

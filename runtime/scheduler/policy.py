@@ -96,20 +96,27 @@ class GlobalScheduler:
         if d is None:
             return _no_room(request)
         n = request.prompt_len
-        split_ms = self.prefill.work.wait_ms(now_s, n, lane) + self.config.split_overhead_ms
+        work = self.prefill.work
+        split_ms = work.wait_ms(now_s, n, lane) + self.config.split_overhead_ms
+        # what else it costs: a short prompt runs before the long ones waiting there, and
+        # delays each of them by its own prefill time
+        split_cost = split_ms + (work.predict_ms(n) * work.num_long if lane == "short" else 0.0)
         candidates = np.flatnonzero(self._lane_masks[lane])
-        p = int(candidates[np.argmin(split_ms[candidates])])
+        p = int(candidates[np.argmin(split_cost[candidates])])
         split_ttft = float(split_ms[p])
-        split_ready = split_ttft + self.config.transfer_ms(n)
+        transfer_ms = self.config.transfer_ms(n)
+        split_ready = split_ttft + transfer_ms
         local_ms = self._local_ms(n, lane, now_s)
+        local_cost = local_ms + (self.decode.work.predict_ms(n) * self.decode.work.num_long
+                                 if lane == "short" else 0.0)
         can_local = self._can_local(request, now_s)
         local = None
         if can_local.any():
-            local = int(np.flatnonzero(can_local)[np.argmin(local_ms[can_local])])
+            local = int(np.flatnonzero(can_local)[np.argmin(local_cost[can_local])])
             # a long prefill on a decode replica slows its decodes all along: only for a
             # clear win (not just the transfer it saves)
             gain = 1.0 if lane == "short" else self.config.long_local_gain
-            if local_ms[local] > gain * split_ready:
+            if local_cost[local] > gain * (float(split_cost[p]) + transfer_ms):
                 local = None
         if local is not None:
             return self._book_local(request, lane, local, float(local_ms[local]), now_s,

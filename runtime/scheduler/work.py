@@ -8,13 +8,17 @@ long_prefill_token_threshold), so:
     progress, one chunk of it per engine step it shares with it;
   - a new long prompt waits for all the work ahead of it.
 The scheduler books every dispatch here with its predicted time (the replica's PrefillModel)
-and clears it at the request's first token. Remaining work is estimated from the time the
-engine has been busy: busy time since it last went idle, less the predicted work of what
-finished since, is progress on what is still outstanding; the short lane's work goes first.
+and clears it at the request's first token. Long prompts are sent to an engine one at a time,
+in booking order (`has_turn`): two long prefills in one engine would share every step (the cap
+applies to both) and both finish late, where one after the other the first finishes early.
+Remaining work is estimated from the time the engine has been busy: busy time since it last
+went idle, less the predicted work of what finished since, is progress on what is still
+outstanding; the short lane's work goes first.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,20 +53,24 @@ class PrefillWork:
         self.c = np.zeros(0)
         self.short_ms = np.zeros(0)  # predicted work outstanding, by lane
         self.long_ms = np.zeros(0)
-        self.long_tokens = np.zeros(0)  # tokens of the long prompts outstanding
+        self.head_tokens = np.zeros(0)  # tokens of the long prompt the engine runs now
         self.busy_since = np.zeros(0)
         self.done_ms = np.zeros(0)  # predicted work finished since busy_since
         self.num_outstanding = np.zeros(0, dtype=np.int64)
         self.num_dispatched = np.zeros(0, dtype=np.int64)
+        self.num_long = np.zeros(0, dtype=np.int64)  # long prompts outstanding
+        self._long_queues: list[deque[str]] = []  # per replica, in booking order
         self._bookings: dict[str, Booking] = {}
 
     def add_replica(self) -> int:
         self.fits.append(PrefillFit(self.prior))
-        for name in ("a", "b", "c", "short_ms", "long_ms", "long_tokens", "busy_since",
+        for name in ("a", "b", "c", "short_ms", "long_ms", "head_tokens", "busy_since",
                      "done_ms"):
             setattr(self, name, np.append(getattr(self, name), 0.0))
         self.num_outstanding = np.append(self.num_outstanding, 0)
         self.num_dispatched = np.append(self.num_dispatched, 0)
+        self.num_long = np.append(self.num_long, 0)
+        self._long_queues.append(deque())
         self._set_model(len(self.fits) - 1, self.prior)
         return len(self.fits) - 1
 
@@ -103,7 +111,7 @@ class PrefillWork:
             return short + long_ + own
         # the long prefill in progress takes one chunk of every step the short prompt is in
         steps = 1 + np.ceil(num_tokens / max(1, self.step_tokens - self.chunk_tokens))
-        position = self.long_tokens / 2
+        position = self.head_tokens / 2
         k = float(self.chunk_tokens)
         chunk_ms = self.b * k + self.c * k * (k + 2.0 * position)
         return short + own + np.where(long_ > 0, steps * chunk_ms, 0.0)
@@ -120,10 +128,21 @@ class PrefillWork:
         self.num_outstanding[i] += 1
         if lane == "long":
             self.long_ms[i] += work
-            self.long_tokens[i] += num_tokens
+            self.num_long[i] += 1
+            self._long_queues[i].append(request_id)
+            if len(self._long_queues[i]) == 1:
+                self.head_tokens[i] = num_tokens
         else:
             self.short_ms[i] += work
         return work
+
+    def has_turn(self, request_id: str) -> bool:
+        """Whether a booked prompt may go to its engine now: short ones at once, long ones once
+        every long prompt booked on that engine before it has its first token."""
+        booking = self._bookings.get(request_id)
+        if booking is None or booking.lane != "long":
+            return True
+        return self._long_queues[booking.replica][0] == request_id
 
     def finished(self, request_id: str) -> bool | None:
         """The prefill's first token came back (or the request ended before it did). Returns
@@ -138,11 +157,14 @@ class PrefillWork:
         self.num_outstanding[i] -= 1
         if booking.lane == "long":
             self.long_ms[i] = max(0.0, self.long_ms[i] - booking.work_ms)
-            self.long_tokens[i] = max(0.0, self.long_tokens[i] - booking.num_tokens)
+            self.num_long[i] -= 1
+            queue = self._long_queues[i]
+            queue.remove(request_id)
+            self.head_tokens[i] = self._bookings[queue[0]].num_tokens if queue else 0.0
         else:
             self.short_ms[i] = max(0.0, self.short_ms[i] - booking.work_ms)
         if self.num_outstanding[i] == 0:
-            self.short_ms[i] = self.long_ms[i] = self.long_tokens[i] = 0.0
+            self.short_ms[i] = self.long_ms[i] = self.head_tokens[i] = 0.0
         else:
             self.done_ms[i] += booking.work_ms
         return bool(clean)

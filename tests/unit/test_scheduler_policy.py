@@ -208,3 +208,50 @@ def test_colocated_admission_uses_the_local_prediction():
     assert isinstance(sched.decide(_req(0, 400), NOW), Decision)
     rejected = sched.decide(_req(1, 8000), NOW)  # 1.1 s > 500 ms
     assert isinstance(rejected, Rejection) and rejected.retry_after_s > 0
+
+
+def test_a_short_prompt_stays_off_an_engine_running_a_long_prefill_when_it_can():
+    sched = _scheduler(num_short=1, num_long=0, num_decode=1, local_max_prompt_tokens=None,
+                       long_prompt_tokens=4096)
+    for _ in range(2):  # d0 decodes two sequences, 30 ms a step
+        sched.decode.placed(0, 2, 16)
+    sched.decode.tpot_ms[0] = 30.0
+    idle = sched.decide(_req(0, 600), NOW)
+    assert idle.mode == "disaggregated", idle.reason  # p0 is idle and does it sooner
+    sched.first_token(idle, "r0")
+    sched.decide(_req(1, 8000), NOW)  # p0 runs a long prefill now
+    during = sched.decide(_req(2, 600), NOW)
+    # on p0 it would wait a chunk per step and push the long prefill back by its own time
+    assert during.mode == "local", during.reason
+
+
+def test_long_prompts_go_to_an_engine_one_at_a_time_in_booking_order():
+    import asyncio
+
+    from runtime.scheduler.live import LiveConfig, LiveScheduler
+    from runtime.scheduler.types import ReplicaReport
+
+    async def run() -> list[str]:
+        live = LiveScheduler(LiveConfig(PolicyConfig(long_prompt_tokens=1000,
+                                                     local_max_prompt_tokens=0), 0, 16, 8))
+        live.report(ReplicaReport("prefill", "p0", 0, 0, 0, 0, 0, 0, 0.0))
+        live.report(ReplicaReport("decode", "d0", 0, 1000, 1000, 16, 0, 8, 0.0))
+        order: list[str] = []
+        decisions = {rid: live.decide(rid, 5000, 16) for rid in ("a", "b", "c")}
+        short = live.decide("s", 100, 16)
+
+        async def send(rid: str) -> None:
+            await live.turn(decisions.get(rid, short), rid)
+            order.append(rid)
+
+        tasks = [asyncio.ensure_future(send(rid)) for rid in ("c", "b", "s", "a")]
+        await asyncio.sleep(0.01)
+        assert order == ["s", "a"]  # the short one at once; only the first long one
+        live.first_token(decisions["a"], "a")
+        await asyncio.sleep(0.01)
+        assert order == ["s", "a", "b"]
+        live.request_done(decisions["b"], "b", 5000, 16)  # b ends (e.g. its client left)
+        await asyncio.gather(*tasks)
+        return order
+
+    assert asyncio.run(run()) == ["s", "a", "b", "c"]
