@@ -81,6 +81,9 @@ class ServerConfig(BaseModel):
     api_key: SecretStr | None = Field(None, description="Required bearer token, if set.")
     served_model_name: str = Field("", description="Model name clients use; default: the path.")
     app_name: str = Field("disagg", description="Ray Serve application name.")
+    request_timeout_s: float = Field(
+        600.0, gt=0, description="A request still running after this long ends with a clear "
+        "error (HTTP 504, gRPC DEADLINE_EXCEEDED) and frees all it held.")
     token_stream: bool = Field(
         True, description="Decode replicas send generated tokens to the ingress over one TCP "
         "connection each (on transfer.bind_host), all requests of an engine step in one "

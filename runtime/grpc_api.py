@@ -7,6 +7,8 @@ request flow and timings; only the encoding differs. Errors map to gRPC status c
 from __future__ import annotations
 
 import hmac
+import logging
+import secrets
 from collections.abc import AsyncIterator
 
 import grpc
@@ -18,12 +20,14 @@ from runtime.pipeline import PhaseTimings
 from runtime.requests import SamplingSpec
 from runtime.router import Router
 
+logger = logging.getLogger("ray.serve")
 _STATUS_CODES = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
     401: grpc.StatusCode.UNAUTHENTICATED,
     404: grpc.StatusCode.NOT_FOUND,
     429: grpc.StatusCode.RESOURCE_EXHAUSTED,
     503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 
 
@@ -64,12 +68,17 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         except APIError as err:
             await context.abort(_STATUS_CODES.get(err.status, grpc.StatusCode.INTERNAL),
                                 err.message)
+        except Exception:  # noqa: BLE001 - a clear status, never the exception's text
+            request_id = f"err-{secrets.token_hex(6)}"
+            logger.exception("gRPC request %s failed", request_id)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id "
+                                f"{request_id}); the server log has the details")
 
     async def Health(  # noqa: N802
         self, request: pb.HealthRequest, context: grpc.aio.ServicerContext
     ) -> pb.HealthResponse:
-        ready = self._router.live is None or self._router.live.ready
-        return pb.HealthResponse(status="ok" if ready else "starting")
+        live = self._router.live
+        return pb.HealthResponse(status="ok" if live is None else live.health()["status"])
 
     def _authorize(self, context: grpc.aio.ServicerContext) -> None:
         if self._api_key is None:

@@ -13,6 +13,7 @@ import hmac
 import json
 import logging
 import math
+import secrets
 from collections.abc import AsyncIterator
 from dataclasses import asdict
 from typing import Any
@@ -23,7 +24,7 @@ from pydantic import ValidationError
 from ray import serve
 
 from runtime.app_config import AppConfig
-from runtime.deployments import RemoteDecode, RemotePrefill
+from runtime.clients import RemoteDecode, RemotePrefill
 from runtime.engines import stream_hosts
 from runtime.grpc_api import start_grpc_server
 from runtime.metrics import Metrics
@@ -54,11 +55,17 @@ async def _api_error(request: Request, err: APIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
 
+def internal_error(request_id: str) -> APIError:
+    """What a client sees of an unexpected failure: no exception text, an id to report."""
+    return APIError(500, f"internal error (request id {request_id}); the server log has the "
+                    "details", "server_error", code="internal_error")
+
+
 @api.exception_handler(Exception)
 async def _server_error(request: Request, err: Exception) -> JSONResponse:
-    logger.exception("request failed: %s", err)
-    body = APIError(500, f"internal error: {type(err).__name__}: {err}", "server_error").body()
-    return JSONResponse(body, status_code=500)
+    request_id = f"err-{secrets.token_hex(6)}"
+    logger.exception("request %s failed: %s", request_id, err)
+    return JSONResponse(internal_error(request_id).body(), status_code=500)
 
 
 def _validation_error(err: ValidationError) -> APIError:
@@ -88,9 +95,9 @@ class Ingress:
             self.sink = TokenSink(config.transfer.auth_token.get_secret_value())
             await self.sink.start(*stream_hosts(config.transfer.bind_host,
                                                 config.transfer.advertise_host))
-        self.router = Router(config, tokenizer, RemotePrefill(prefill) if prefill else None,
-                             RemoteDecode(decode, self.sink),
-                             self.metrics, self.live)
+        prefill_client = RemotePrefill(prefill, self.sink) if prefill else None
+        self.router = Router(config, tokenizer, prefill_client, RemoteDecode(decode, self.sink),
+                             self.metrics, self.live, prefill_generation=prefill_client)
         key = config.server.api_key
         self._api_key = key.get_secret_value().encode() if key else None
         self._grpc_server = None
@@ -101,13 +108,13 @@ class Ingress:
             )
 
     @api.get("/health", response_model=None)
-    async def health(self) -> dict[str, str] | JSONResponse:
-        """200 once both pools have engines up (they report their load from then on); 503
-        while they are still starting, so a load balancer or a script waits for real
-        readiness rather than for the ingress alone."""
-        if not self.live.ready:
-            return JSONResponse({"status": "starting"}, status_code=503)
-        return {"status": "ok"}
+    async def health(self) -> JSONResponse:
+        """200 while requests can be served: "ok", or "degraded" when one pool has no live
+        replica and the other serves alone; 503 while the engines are still starting, or
+        when no replica of either pool is live. The body counts live replicas per pool."""
+        view = self.live.health()
+        return JSONResponse(view, status_code=200 if view["status"] in ("ok", "degraded")
+                            else 503)
 
     @api.get("/metrics")
     async def metrics_text(self) -> Response:
@@ -231,10 +238,9 @@ class Ingress:
                     first = False
             except APIError as err:
                 yield sse(err.body())
-            except Exception as err:  # noqa: BLE001 - the client gets an error event, not a cut
+            except Exception:  # noqa: BLE001 - the client gets an error event, not a cut
                 logger.exception("stream %s failed", request_id)
-                yield sse(APIError(500, f"internal error: {type(err).__name__}: {err}",
-                                   "server_error").body())
+                yield sse(internal_error(request_id).body())
             yield sse("[DONE]")
 
         return StreamingResponse(events(), media_type="text/event-stream")

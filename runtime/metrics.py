@@ -50,6 +50,22 @@ class Metrics:
             buckets=(0.25, 0.5, 0.67, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2, 4, 10),
             registry=self.registry,
         )
+        self.retries = Counter(
+            "disagg_retries", "Requests retried on another replica after one failed before "
+            "their first token.", registry=self.registry,
+        )
+        self.replica_failures = Counter(
+            "disagg_replica_failures", "Calls that failed because their replica did.",
+            ["role"], registry=self.registry,
+        )
+        self.timeouts = Counter(
+            "disagg_request_timeouts", "Requests ended at server.request_timeout_s.",
+            registry=self.registry,
+        )
+        self.degraded = Counter(
+            "disagg_degraded_requests", "Requests served by the other pool because one pool "
+            "had no live replica.", ["mode"], registry=self.registry,
+        )
         self.pending_tokens = Gauge(
             "disagg_prefill_pending_tokens", "Prompt tokens in flight per prefill replica.",
             ["replica"], registry=self.registry,
@@ -63,6 +79,8 @@ class Metrics:
                                 ("e2e", timings.e2e_ms)):
             self.phase_seconds.labels(phase=phase, **labels).observe(value_ms / 1e3)
         self.requests.labels(outcome="ok", **labels).inc()
+        if timings.degraded:
+            self.degraded.labels(mode=timings.mode).inc()
         self.tokens.labels(kind="prompt").inc(timings.num_prompt_tokens)
         self.tokens.labels(kind="completion").inc(timings.num_output_tokens)
         self.kv_bytes.inc(timings.kv_transfer_bytes)

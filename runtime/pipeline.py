@@ -24,7 +24,7 @@ from prefill_workers.worker import PrefillResult
 from runtime.requests import GenerateRequest
 
 Lane = Literal["short", "long"]
-Mode = Literal["disaggregated", "local"]
+Mode = Literal["disaggregated", "local", "prefill_local"]
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,8 @@ class PhaseTimings:
     # what the scheduler predicted: this prompt's prefill time on its engine, and the TTFT
     predicted_prefill_ms: float = 0.0
     predicted_ttft_ms: float = 0.0
+    num_retries: int = 0  # tries on other replicas after one failed before the first token
+    degraded: bool = False  # served by the other pool because one pool had no live replica
 
     @property
     def phases_ms(self) -> dict[str, float]:
@@ -215,9 +217,12 @@ class DisaggPipeline:
             await asyncio.shield(self.decode.cancel_prefetch(stream_handle, decode_target))
 
     async def stream_local(
-        self, request: GenerateRequest, arrival_s: float, lane: Lane, decode_target: str
+        self, request: GenerateRequest, arrival_s: float, lane: Lane, decode_target: str,
+        mode: Mode = "local",
     ) -> AsyncIterator[StreamEvent]:
-        """Local mode: the decode replica prefills the prompt itself (no KV transfer)."""
+        """Local mode: one replica prefills the prompt and decodes (no KV transfer): a decode
+        replica, or in prefill_local mode a prefill replica (the decode client is then the
+        prefill pool's)."""
         queue_ms = (time.perf_counter() - arrival_s) * 1e3
         ttft_ms = 0.0
         num_tokens = 0
@@ -240,7 +245,7 @@ class DisaggPipeline:
                     num_decode_computed_prompt_tokens=d.num_computed_prompt_tokens,
                     num_cached_prompt_tokens=max(0, len(request.prompt_token_ids)
                                                  - d.num_computed_prompt_tokens),
-                    lane=lane, mode="local", prefill_replica="", decode_replica=d.worker_id,
+                    lane=lane, mode=mode, prefill_replica="", decode_replica=d.worker_id,
                 )
             yield StreamEvent(chunk.token_ids, chunk.finish_reason, timings)
 

@@ -11,6 +11,8 @@ Lifecycle of one request:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import secrets
 import time
@@ -22,15 +24,24 @@ from decode_workers.worker import KVTransferFailed
 from kv_transfer.params import TransferParams
 from prefill_workers.worker import PrefillResult
 from runtime.app_config import AppConfig
+from runtime.clients import ReplicaFailed
 from runtime.detokenizer import IncrementalDetokenizer
 from runtime.metrics import Metrics
 from runtime.openai_api import APIError
-from runtime.pipeline import DecodeClient, DisaggPipeline, Lane, PhaseTimings, PrefillClient
+from runtime.pipeline import (
+    DecodeClient,
+    DisaggPipeline,
+    Lane,
+    PhaseTimings,
+    PrefillClient,
+    StreamEvent,
+)
 from runtime.requests import GenerateRequest, SamplingSpec
 from runtime.scheduler.live import LiveConfig, LiveScheduler
 from runtime.scheduler.policy import PolicyConfig
 from runtime.scheduler.types import Decision, Rejection
 
+MAX_RETRIES = 2  # tries on other replicas after a replica failed before the first token
 DEFAULT_TPOT_BUDGET_MS = 100.0  # without slo.tpot_ms
 DEFAULT_STEP_TOKENS = 2048  # vLLM's max_num_batched_tokens when the config leaves it unset
 
@@ -97,7 +108,8 @@ class NoPrefillPool:
 class Router:
     def __init__(self, config: AppConfig, tokenizer: Any, prefill: PrefillClient | None,
                  decode: DecodeClient, metrics: Metrics,
-                 live: LiveScheduler | None = None) -> None:
+                 live: LiveScheduler | None = None,
+                 prefill_generation: DecodeClient | None = None) -> None:
         self.config = config
         self.live = live
         self.tokenizer = tokenizer
@@ -107,6 +119,8 @@ class Router:
         # Overlap needs the scheduler's pinned replicas: the prefetch must pull from the
         # prefill replica that runs the prompt, on the decode replica that decodes it.
         self.overlapped = DisaggPipeline(prefill, decode, overlap=config.transfer.overlap)
+        # degraded mode: a prefill replica serves whole requests when no decode replica lives
+        self.prefill_only = DisaggPipeline(prefill, prefill_generation or decode)
         self.max_model_len = min(config.prefill_engine.max_model_len,
                                  config.decode_engine.max_model_len)
         self._ids = itertools.count()
@@ -173,6 +187,10 @@ class Router:
         request = prepared.request
         decision = self.live.decide(request.request_id, len(request.prompt_token_ids),
                                     request.sampling.max_tokens)
+        if isinstance(decision, Rejection) and decision.unavailable:
+            raise APIError(503, f"no replica can serve requests now ({decision.reason}); "
+                           "retry shortly", "server_error", code="unavailable",
+                           retry_after_s=decision.retry_after_s)
         if isinstance(decision, Rejection):
             self.metrics.rejections.inc()
             raise APIError(429, f"rejected: {decision.reason}", "rate_limit_error",
@@ -182,20 +200,89 @@ class Router:
         return decision
 
     async def stream(self, prepared: PreparedRequest) -> AsyncIterator[TextEvent]:
-        """Run a prepared request; its scheduler booking is released however it ends."""
-        decision = prepared.decision
-        lane: Lane = decision.lane if decision else prepared.lane
+        """Run a prepared request within its deadline (server.request_timeout_s). The request
+        runs in a task of its own, so the deadline and a replica's failure end it cleanly
+        whatever its reader is doing; closing this stream cancels it."""
+        queue: asyncio.Queue[TextEvent | BaseException | None] = asyncio.Queue()
+        producer = asyncio.ensure_future(self._produce(prepared, queue))
+        try:
+            while (item := await queue.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            if not producer.done():
+                producer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await producer
+
+    async def _produce(self, prepared: PreparedRequest,
+                       queue: asyncio.Queue[TextEvent | BaseException | None]) -> None:
+        timeout_s = self.config.server.request_timeout_s
+        try:
+            async with asyncio.timeout(timeout_s):
+                async for event in self._run(prepared):
+                    queue.put_nowait(event)
+            queue.put_nowait(None)
+        except TimeoutError:
+            self.metrics.timeouts.inc()
+            queue.put_nowait(APIError(504, f"the request did not finish within its deadline "
+                                      f"of {timeout_s:g} s (server.request_timeout_s)",
+                                      "server_error", code="timeout"))
+        except Exception as err:  # noqa: BLE001 - handed to the reader, raised there
+            queue.put_nowait(err)
+
+    async def _run(self, prepared: PreparedRequest) -> AsyncIterator[TextEvent]:
+        """A replica that fails before the request's first token is taken out and the request
+        re-decided and sent elsewhere (up to MAX_RETRIES times); after it, the request ends
+        with a retryable 503."""
         detok = IncrementalDetokenizer(self.tokenizer, prepared.request.prompt_token_ids)
-        request = prepared.request
-        if decision is not None and decision.mode == "local":
-            events = self.pipeline.stream_local(request, prepared.arrival_s, lane,
-                                                decision.decode_replica)
-        else:
-            pipeline = self.overlapped if decision is not None else self.pipeline
-            events = pipeline.stream(
-                request, prepared.arrival_s, lane,
-                prefill_target=decision.prefill_replica or "" if decision else "",
-                decode_target=decision.decode_replica if decision else "")
+        attempt, sent = prepared, False
+        for retry in range(MAX_RETRIES + 1):
+            try:
+                async for event in self._attempt(attempt, detok, retry):
+                    sent = True
+                    yield event
+                return
+            except ReplicaFailed as err:
+                self.metrics.replica_failures.labels(role=err.role).inc()
+                if self.live is not None:
+                    self.live.replica_failed(err.role, err.replica_id)
+                if sent or retry == MAX_RETRIES:
+                    raise APIError(503, "the replica serving this request failed"
+                                   + (" after it started streaming" if sent else "")
+                                   + "; the request can be retried", "server_error",
+                                   code="replica_failed", retry_after_s=1.0) from err
+                self.metrics.retries.inc()
+                request = replace(prepared.request,
+                                  request_id=f"{prepared.request.request_id}-r{retry + 1}")
+                attempt = replace(prepared, request=request, decision=None)
+                decision = self.decide(attempt)
+                if decision is not None:
+                    attempt = replace(attempt, decision=decision)
+
+    def _events(self, prepared: PreparedRequest) -> AsyncIterator[StreamEvent]:
+        decision, request = prepared.decision, prepared.request
+        lane: Lane = decision.lane if decision else prepared.lane
+        if decision is None:
+            return self.pipeline.stream(request, prepared.arrival_s, lane)
+        if decision.mode == "local":
+            return self.pipeline.stream_local(request, prepared.arrival_s, lane,
+                                              decision.decode_replica)
+        if decision.mode == "prefill_local":
+            assert decision.prefill_replica is not None
+            return self.prefill_only.stream_local(request, prepared.arrival_s, lane,
+                                                  decision.prefill_replica, "prefill_local")
+        return self.overlapped.stream(request, prepared.arrival_s, lane,
+                                      prefill_target=decision.prefill_replica or "",
+                                      decode_target=decision.decode_replica)
+
+    async def _attempt(self, prepared: PreparedRequest, detok: IncrementalDetokenizer,
+                       num_retries: int) -> AsyncIterator[TextEvent]:
+        """One try of a request on the replicas of its decision; its scheduler booking is
+        released however it ends."""
+        decision, request = prepared.decision, prepared.request
+        lane: Lane = decision.lane if decision else prepared.lane
         self.metrics.in_flight.labels(lane=lane).inc()
         live = self.live if decision is not None else None
         clean: bool | None = None  # the prompt ran alone on its engine
@@ -205,7 +292,7 @@ class Router:
             if live is not None:
                 assert decision is not None
                 await live.turn(decision, request.request_id)  # counts as scheduler queue
-            async for event in events:
+            async for event in self._events(prepared):
                 if first and event.token_ids and live is not None:
                     assert decision is not None
                     clean = live.first_token(decision, request.request_id)
@@ -215,7 +302,9 @@ class Router:
                     event = replace(event, timings=replace(
                         event.timings, decision_reason=decision.reason,
                         predicted_prefill_ms=decision.predicted_prefill_ms,
-                        predicted_ttft_ms=decision.predicted_ttft_ms))
+                        predicted_ttft_ms=decision.predicted_ttft_ms,
+                        num_retries=num_retries,
+                        degraded=decision.reason.startswith("degraded")))
                 if event.timings is not None:
                     t = event.timings
                     self.metrics.record(t)

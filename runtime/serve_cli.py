@@ -27,6 +27,9 @@ def serve_env(config: AppConfig) -> dict[str, str]:
             "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
             "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
             "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1),
+            # the ingress drains this long on shutdown, for load balancers in front of many
+            # ingress replicas (Ray's default: 30 s); clients here talk to it directly
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
         })
     return env
 
@@ -46,7 +49,9 @@ def start_app(config: AppConfig, address: str | None,
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
     else:
-        ray.init(include_dashboard=False, runtime_env=runtime_env, log_to_driver=False)
+        # "local": a new Ray of our own, never one some earlier `ray start` left behind
+        ray.init(address="local", include_dashboard=False, runtime_env=runtime_env,
+                 log_to_driver=False)
     if on_ray_up is not None:
         on_ray_up()
     server = config.server
@@ -131,11 +136,12 @@ def show_status(address: str, app_name: str) -> int:
         print(f"no application {app_name!r} on this Ray cluster "
               f"(found: {', '.join(status.applications) or 'none'})")
         return 1
-    print(f"application {app_name}: {app.status}")
+    print(f"application {app_name}: {getattr(app.status, 'value', app.status)}")
     for name, deployment in app.deployments.items():
         replicas = ", ".join(f"{count} {state}" for state, count in
                              deployment.replica_states.items())
-        print(f"  {name:<14} {deployment.status:<10} replicas: {replicas or 'none'}")
+        state = getattr(deployment.status, "value", deployment.status)
+        print(f"  {name:<14} {state:<10} replicas: {replicas or 'none'}")
     pools: dict[str, Any] = serve.get_app_handle(app_name).pool_status.remote().result()
     view = pools.pop("scheduler")
     print("scheduler (the ingress's view of every replica):")

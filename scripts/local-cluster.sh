@@ -108,7 +108,7 @@ node_stop() {  # stop the Ray node that node-start started here (pid file), noth
 node_start() {  # node-start ray start ARGS...: that command, kept under a pid file
   [[ "${1:-}" == ray && "${2:-}" == start ]] || die "usage: node-start ray start ARGS..."
   shift 2
-  [[ -x "$RAY" ]] || die "no Ray at $RAY on $(hostname): install the project there " \
+  [[ -x "$RAY" ]] || die "no Ray at $RAY on $(hostname): install the project there" \
     "(bash scripts/install.sh), or set DISAGG_HOME in this node's ~/.bashrc"
   mkdir -p "$STATE"
   node_stop
@@ -386,7 +386,9 @@ cmd_up() {
     esac
   done
   need_venv
-  [[ "$config" = /* ]] || config="$PROJECT/$config"
+  if [[ "$config" != /* ]]; then  # relative to here, else to the project
+    if [[ -f "$config" ]]; then config="$PWD/$config"; else config="$PROJECT/$config"; fi
+  fi
   [[ -f "$config" ]] || die "no app config $config"
   read_app_config "$config"
   [[ -e "$MODEL" ]] || die "no model at $MODEL (the tiny one: .venv/bin/disagg make-tiny-model" \

@@ -73,7 +73,7 @@ class LiveScheduler:
                 self.prefill.work.learn(i, [(n, ms) for n, ms in report.calibration])
             self.prefill.report(PrefillLoad(report.replica_id,
                                             "long" if self.prefill.is_long[i] else "short",
-                                            report.num_pending_tokens, now))
+                                            report.num_pending_tokens, now, report.healthy))
         else:
             i = self.decode.index.get(report.replica_id)
             if i is None:
@@ -81,7 +81,7 @@ class LiveScheduler:
                 self.decode.work.learn(i, [(n, ms) for n, ms in report.calibration])
             self.decode.report(DecodeLoad(report.replica_id, report.num_free_blocks,
                                           report.block_size, report.num_active_seqs,
-                                          report.max_num_seqs, now))
+                                          report.max_num_seqs, now, report.healthy))
 
     def decide(self, request_id: str, prompt_len: int, max_tokens: int) -> Decision | Rejection:
         assert self.ready, "decide before any replica reported"
@@ -91,6 +91,29 @@ class LiveScheduler:
             self.decisions[(decision.lane, decision.mode)] += 1
             self.in_flight[decision.lane] += 1
         return decision
+
+    def replica_failed(self, role: str, replica_id: str) -> None:
+        """A call to the replica failed as a replica: choose it no more until it reports."""
+        self.policy.replica_failed(role, replica_id, time.monotonic())
+
+    def health(self) -> dict[str, Any]:
+        """Live replicas per pool, and the app's state: ok, degraded (a pool has no live
+        replica but the other can serve alone), unavailable, or starting."""
+        now, stale = time.monotonic(), self.config.policy.stale_after_s
+        pools = {"decode": self.decode.live(now, stale)}
+        if self.config.policy.disaggregation:
+            pools["prefill"] = self.prefill.live(now, stale)
+        view = {name: {"live": int(live.sum()), "replicas": len(live)}
+                for name, live in pools.items()}
+        if not self.ready:
+            status = "starting"
+        elif not any(v["live"] for v in view.values()):
+            status = "unavailable"
+        elif all(v["live"] for v in view.values()):
+            status = "ok"
+        else:
+            status = "degraded"
+        return {"status": status, "pools": view}
 
     async def turn(self, decision: Decision, request_id: str) -> None:
         """Wait until the request may go to its engine: at once for a short prompt; for a

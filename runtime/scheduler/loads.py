@@ -17,15 +17,46 @@ from runtime.scheduler.work import PrefillWork
 TPOT_EWMA_WEIGHT = 0.1  # weight of the newest request's TPOT
 
 
-class PrefillTable:
+class Liveness:
+    """Which replicas can take requests: healthy by their last report, that report recent, and
+    no call to them failed since it. A replica that never reported (tables built by hand, as
+    in the simulator) is taken to be live."""
+
+    def __init__(self) -> None:
+        self.reported_at = np.zeros(0)
+        self.healthy = np.zeros(0, dtype=bool)
+        self.failed_at = np.zeros(0)
+
+    def _add_liveness(self) -> None:
+        self.reported_at = np.append(self.reported_at, -np.inf)
+        self.healthy = np.append(self.healthy, True)
+        self.failed_at = np.append(self.failed_at, -np.inf)
+
+    def _reported(self, i: int, reported_at_s: float, healthy: bool) -> None:
+        self.reported_at[i] = reported_at_s
+        self.healthy[i] = healthy
+
+    def mark_failed(self, i: int, now_s: float) -> None:
+        """A call to replica i failed as a replica (died, engine dead): out until it reports
+        again."""
+        self.failed_at[i] = now_s
+
+    def live(self, now_s: float, stale_after_s: float) -> np.ndarray:
+        reported = np.isfinite(self.reported_at)
+        fresh = ~reported | (now_s - self.reported_at <= stale_after_s)
+        failed_since = np.isfinite(self.failed_at) & (self.failed_at >= self.reported_at)
+        return self.healthy & fresh & ~failed_since
+
+
+class PrefillTable(Liveness):
     def __init__(self, replica_ids: list[str], lanes: list[Lane], prior: PrefillModel,
                  chunk_tokens: int = 512, step_tokens: int = 2048):
         assert len(replica_ids) == len(lanes), "one lane per replica"
+        super().__init__()
         self.ids: list[str] = []
         self.index: dict[str, int] = {}
         self.is_long = np.zeros(0, dtype=bool)
         self.reported_pending = np.zeros(0)
-        self.reported_at = np.zeros(0)
         self.work = PrefillWork(prior, chunk_tokens, step_tokens)
         for replica_id, lane in zip(replica_ids, lanes, strict=True):
             self.add(replica_id, lane)
@@ -36,20 +67,21 @@ class PrefillTable:
         self.index[replica_id] = len(self.ids) - 1
         self.is_long = np.append(self.is_long, lane == "long")
         self.reported_pending = np.append(self.reported_pending, 0.0)
-        self.reported_at = np.append(self.reported_at, -np.inf)
+        self._add_liveness()
         self.work.add_replica()
         return self.index[replica_id]
 
     def report(self, load: PrefillLoad) -> None:
         i = self.index[load.replica_id]
         self.reported_pending[i] = load.num_pending_tokens
-        self.reported_at[i] = load.reported_at_s
+        self._reported(i, load.reported_at_s, load.healthy)
 
 
-class DecodeTable:
+class DecodeTable(Liveness):
     def __init__(self, replica_ids: list[str], num_total_blocks: list[int], block_size: int,
                  max_num_seqs: int, prior: PrefillModel, chunk_tokens: int = 512,
                  step_tokens: int = 2048):
+        super().__init__()
         self.default_max_num_seqs = max_num_seqs
         self.block_size = block_size
         self.ids: list[str] = []
@@ -58,7 +90,6 @@ class DecodeTable:
         self.free_blocks = np.zeros(0, dtype=np.int64)
         self.active_seqs = np.zeros(0, dtype=np.int64)
         self.max_num_seqs = np.zeros(0, dtype=np.int64)
-        self.reported_at = np.zeros(0)
         self.booked_seqs = np.zeros(0, dtype=np.int64)  # sequences we placed, not yet done
         self.booked_max_tokens = np.zeros(0)  # their max_tokens, summed
         self.tpot_ms = np.zeros(0)  # recent TPOT of its requests (EWMA; 0: none yet)
@@ -71,9 +102,10 @@ class DecodeTable:
         self.index[replica_id] = len(self.ids) - 1
         for name, value in (("total_blocks", num_total_blocks), ("free_blocks", num_total_blocks),
                             ("active_seqs", 0), ("max_num_seqs", self.default_max_num_seqs),
-                            ("reported_at", -np.inf), ("booked_seqs", 0),
+                            ("booked_seqs", 0),
                             ("booked_max_tokens", 0.0), ("tpot_ms", 0.0)):
             setattr(self, name, np.append(getattr(self, name), value))
+        self._add_liveness()
         self.work.add_replica()
         return self.index[replica_id]
 
@@ -82,7 +114,7 @@ class DecodeTable:
         self.free_blocks[i] = load.num_free_blocks
         self.active_seqs[i] = load.num_active_seqs
         self.max_num_seqs[i] = load.max_num_seqs
-        self.reported_at[i] = load.reported_at_s
+        self._reported(i, load.reported_at_s, load.healthy)
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)

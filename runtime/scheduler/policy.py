@@ -28,6 +28,11 @@ Rules, in order (each decision's `reason` says which applied):
      the earliest predicted first token.
   6. Admission (off unless `admission_ttft_ms` is set): a request whose predicted TTFT exceeds
      it is rejected now, with a Retry-After of the excess, instead of queueing to miss its SLO.
+  7. Liveness: only replicas that are healthy by their last report, reported within
+     `stale_after_s`, and had no failed call since, are chosen. With no live prefill replica
+     the decode replicas prefill every prompt (degraded); with no live decode replica a
+     prefill replica serves whole requests (`prefill_local`, degraded); with neither, the
+     request is refused as unavailable (503).
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ from runtime.scheduler.types import Decision, Lane, Rejection, RequestInfo
 class PolicyConfig:
     long_prompt_tokens: int = 4096
     long_prefill_ms: float | None = None
-    stale_after_s: float = 2.0
+    stale_after_s: float = 1.0  # replicas report every 0.2 s
     local_max_prompt_tokens: int | None = None  # None: any prompt may be prefilled locally
     kv_bytes_per_token: int = 131072  # Llama-3-8B bf16: 2 * 32 layers * 8 heads * 128 * 2 B
     link_bytes_per_s: float = 5e9
@@ -90,26 +95,40 @@ class GlobalScheduler:
         """Choose lane, mode and replicas for one request, and book it. Side effect: the
         chosen replicas' counts include this request from now on."""
         lane = self.lane(request.prompt_len)
+        stale_s = self.config.stale_after_s
+        d_live = self.decode.live(now_s, stale_s)
+        p_live = self.prefill.live(now_s, stale_s) if self.config.disaggregation \
+            else np.zeros(len(self.prefill.ids), dtype=bool)
+        if not d_live.any():
+            if p_live.any():
+                return self._prefill_local(request, lane, p_live, now_s)
+            return _unavailable("no live replica in either pool")
         if not self.config.disaggregation:
-            return self._colocated(request, lane, now_s)
-        d = self._place_decode(request)
+            return self._colocated(request, lane, d_live, now_s)
+        d = self._place_decode(request, d_live)
         if d is None:
             return _no_room(request)
         n = request.prompt_len
+        local_ms = self._local_ms(n, lane, now_s)
+        can_local = self._can_local(request, d_live, now_s)
+        if not p_live.any():  # degraded: the decode replicas prefill everything themselves
+            pool = np.flatnonzero(can_local if can_local.any() else d_live)
+            best = int(pool[np.argmin(local_ms[pool])])
+            return self._book_local(request, lane, best, float(local_ms[best]), now_s,
+                                    "degraded: no live prefill replica")
         work = self.prefill.work
         split_ms = work.wait_ms(now_s, n, lane) + self.config.split_overhead_ms
         # what else it costs: a short prompt runs before the long ones waiting there, and
         # delays each of them by its own prefill time
         split_cost = split_ms + (work.predict_ms(n) * work.num_long if lane == "short" else 0.0)
-        candidates = np.flatnonzero(self._lane_masks[lane])
+        in_lane = self._lane_masks[lane] & p_live
+        candidates = np.flatnonzero(in_lane if in_lane.any() else p_live)
         p = int(candidates[np.argmin(split_cost[candidates])])
         split_ttft = float(split_ms[p])
         transfer_ms = self.config.transfer_ms(n)
         split_ready = split_ttft + transfer_ms
-        local_ms = self._local_ms(n, lane, now_s)
         local_cost = local_ms + (self.decode.work.predict_ms(n) * self.decode.work.num_long
                                  if lane == "short" else 0.0)
-        can_local = self._can_local(request, now_s)
         local = None
         if can_local.any():
             local = int(np.flatnonzero(can_local)[np.argmin(local_cost[can_local])])
@@ -132,6 +151,20 @@ class GlobalScheduler:
         return Decision(lane, "disaggregated", self.prefill.ids[p], self.decode.ids[d],
                         split_ttft, reason, own_ms)
 
+    def _prefill_local(self, request: RequestInfo, lane: Lane, p_live: np.ndarray,
+                       now_s: float) -> Decision | Rejection:
+        """Degraded: no decode replica is live; a prefill replica serves the whole request."""
+        work = self.prefill.work
+        wait_ms = work.wait_ms(now_s, request.prompt_len, lane)
+        candidates = np.flatnonzero(p_live)
+        p = int(candidates[np.argmin(wait_ms[candidates])])
+        rejection = self._admit(float(wait_ms[p]))
+        if rejection is not None:
+            return rejection
+        own_ms = work.book(p, request.request_id, lane, request.prompt_len, now_s)
+        return Decision(lane, "prefill_local", self.prefill.ids[p], "", float(wait_ms[p]),
+                        "degraded: no live decode replica", own_ms)
+
     def _split_reason(self, request: RequestInfo, can_local: np.ndarray,
                       local_ms: np.ndarray, split_ready: float) -> str:
         limit = self.config.local_max_prompt_tokens
@@ -141,8 +174,9 @@ class GlobalScheduler:
             return "no decode replica has room or TPOT budget for a local prefill"
         return f"split {split_ready:.1f} ms < local {float(local_ms[can_local].min()):.1f} ms"
 
-    def _can_local(self, request: RequestInfo, now_s: float) -> np.ndarray:
-        """Decode replicas that may prefill this prompt themselves now (room, TPOT budget)."""
+    def _can_local(self, request: RequestInfo, d_live: np.ndarray,
+                   now_s: float) -> np.ndarray:
+        """Live decode replicas that may prefill this prompt themselves now (room, budget)."""
         table = self.decode
         limit = self.config.local_max_prompt_tokens
         if limit is not None and request.prompt_len > limit:
@@ -155,7 +189,7 @@ class GlobalScheduler:
         tokens_left = 0.5 * table.booked_max_tokens / np.maximum(table.booked_seqs, 1)
         slack_ms = np.maximum(self.config.tpot_budget_ms - table.tpot_ms, 0.0)
         within_budget = (table.booked_seqs == 0) | (work_after <= tokens_left * slack_ms)
-        return room & within_budget
+        return d_live & room & within_budget
 
     def _local_ms(self, num_tokens: int, lane: Lane, now_s: float) -> np.ndarray:
         """Every decode replica's predicted first token for a local prefill: its prefill work,
@@ -182,10 +216,11 @@ class GlobalScheduler:
                              retry_after_s=(ttft_ms - slo) / 1e3)
         return None
 
-    def _colocated(self, request: RequestInfo, lane: Lane, now_s: float) -> Decision | Rejection:
+    def _colocated(self, request: RequestInfo, lane: Lane, d_live: np.ndarray,
+                   now_s: float) -> Decision | Rejection:
         table = self.decode
         blocks = table.blocks_for(request.prompt_len + request.max_tokens)
-        fits = table.total_blocks >= blocks
+        fits = d_live & (table.total_blocks >= blocks)
         if not fits.any():
             return _no_room(request)
         room = fits & (table.free_blocks >= blocks) & (table.active_seqs < table.max_num_seqs)
@@ -196,10 +231,10 @@ class GlobalScheduler:
                                 f"colocated: earliest first token ({wait_ms[d]:.0f} ms "
                                 f"predicted, {table.active_seqs[d]} sequences)")
 
-    def _place_decode(self, request: RequestInfo) -> int | None:
+    def _place_decode(self, request: RequestInfo, d_live: np.ndarray) -> int | None:
         table = self.decode
         blocks = table.blocks_for(request.prompt_len + request.max_tokens)
-        can_fit = table.total_blocks >= blocks
+        can_fit = d_live & (table.total_blocks >= blocks)
         if not can_fit.any():
             return None
         room_now = can_fit & (table.free_blocks >= blocks) & (table.active_seqs
@@ -218,6 +253,13 @@ class GlobalScheduler:
         table = self.decode if decision.mode == "local" else self.prefill
         return table.work.finished(request_id)
 
+    def replica_failed(self, role: str, replica_id: str, now_s: float) -> None:
+        """A call to the replica failed as a replica would (it died, its engine died)."""
+        table = self.prefill if role == "prefill" else self.decode
+        i = table.index.get(replica_id)
+        if i is not None:
+            table.mark_failed(i, now_s)
+
     def learn(self, decision: Decision, num_tokens: int, compute_ms: float) -> None:
         """A prefill time measured on the engine that ran the prompt alone."""
         if decision.mode == "local":
@@ -227,6 +269,10 @@ class GlobalScheduler:
         elif decision.prefill_replica in self.prefill.index:
             self.prefill.work.learn(self.prefill.index[decision.prefill_replica],
                                     [(num_tokens, compute_ms)])
+
+
+def _unavailable(reason: str) -> Rejection:
+    return Rejection(reason, retry_after_s=1.0, unavailable=True)
 
 
 def _no_room(request: RequestInfo) -> Rejection:

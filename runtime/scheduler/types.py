@@ -6,7 +6,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 Lane = Literal["short", "long"]
-Mode = Literal["disaggregated", "local"]
+# disaggregated: prefill replica, KV handoff, decode replica; local: a decode replica prefills
+# the prompt itself; prefill_local: a prefill replica decodes too (the decode pool is down)
+Mode = Literal["disaggregated", "local", "prefill_local"]
 
 
 @dataclass(frozen=True)
@@ -17,6 +19,7 @@ class PrefillLoad:
     lane: Lane  # the lane this replica serves
     num_pending_tokens: int  # prompt tokens queued or running on it
     reported_at_s: float
+    healthy: bool = True
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,7 @@ class DecodeLoad:
     num_active_seqs: int
     max_num_seqs: int
     reported_at_s: float
+    healthy: bool = True
 
 
 @dataclass(frozen=True)
@@ -46,7 +50,7 @@ class Decision:
     lane: Lane
     mode: Mode
     prefill_replica: str | None  # None in local mode
-    decode_replica: str
+    decode_replica: str  # "" in prefill_local mode
     predicted_ttft_ms: float
     reason: str
     predicted_prefill_ms: float = 0.0  # the prompt's own prefill time on the chosen engine
@@ -58,6 +62,7 @@ class Rejection:
 
     reason: str
     retry_after_s: float
+    unavailable: bool = False  # no live replica can serve it at all (503, not 429)
 
 
 @dataclass(frozen=True)
@@ -75,3 +80,4 @@ class ReplicaReport:
     reported_at_s: float  # time.time() on the replica
     # prefill times measured on this engine at start: ((uncached tokens, ms), ...)
     calibration: tuple[tuple[int, float], ...] = ()
+    healthy: bool = True  # False: its engine died or stopped making progress

@@ -158,7 +158,7 @@ def test_ray_up_serve_complete_status_down(tiny_model: Path, tmp_path: Path) -> 
 
     # 4. down
     _, timings["down"] = _run(["bash", str(SCRIPT), "down"], env, DOWN_S)
-    print("timings: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
+    print("timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
 
     # 5. nothing left
     assert _left(processes) == []

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from runtime.scheduler.lanes import LaneQueues
 from runtime.scheduler.loads import DecodeTable, PrefillTable
 from runtime.scheduler.policy import GlobalScheduler, PolicyConfig
 from runtime.scheduler.prefill_model import PrefillModel
-from runtime.scheduler.types import Decision, DecodeLoad, Rejection, RequestInfo
+from runtime.scheduler.types import Decision, DecodeLoad, PrefillLoad, Rejection, RequestInfo
 
 NOW = 100.0
 # 1 ms + 0.05 ms/token + quadratic: 1K tokens 61 ms, 8K 1.1 s (the tiny model's shape)
@@ -234,8 +236,9 @@ def test_long_prompts_go_to_an_engine_one_at_a_time_in_booking_order():
     async def run() -> list[str]:
         live = LiveScheduler(LiveConfig(PolicyConfig(long_prompt_tokens=1000,
                                                      local_max_prompt_tokens=0), 0, 16, 8))
-        live.report(ReplicaReport("prefill", "p0", 0, 0, 0, 0, 0, 0, 0.0))
-        live.report(ReplicaReport("decode", "d0", 0, 1000, 1000, 16, 0, 8, 0.0))
+        now = time.time()
+        live.report(ReplicaReport("prefill", "p0", 0, 0, 0, 0, 0, 0, now))
+        live.report(ReplicaReport("decode", "d0", 0, 1000, 1000, 16, 0, 8, now))
         order: list[str] = []
         decisions = {rid: live.decide(rid, 5000, 16) for rid in ("a", "b", "c")}
         short = live.decide("s", 100, 16)
@@ -255,3 +258,32 @@ def test_long_prompts_go_to_an_engine_one_at_a_time_in_booking_order():
         return order
 
     assert asyncio.run(run()) == ["s", "a", "b", "c"]
+
+
+def test_dead_stale_and_failed_replicas_are_not_chosen():
+    sched = _scheduler(num_short=2, num_long=0, num_decode=2)
+    for i in range(2):
+        sched.prefill.report(PrefillLoad(f"p{i}", "short", 0, NOW))
+        sched.decode.report(DecodeLoad(f"d{i}", 1000, 16, 0, 8, NOW))
+    sched.prefill.report(PrefillLoad("p0", "short", 0, NOW, healthy=False))  # engine died
+    sched.decode.report(DecodeLoad("d0", 1000, 16, 0, 8, NOW - 5.0))  # silent for 5 s
+    for i in range(4):
+        decision = sched.decide(_req(i, 1000), NOW)
+        assert (decision.prefill_replica, decision.decode_replica) == ("p1", "d1")
+    sched.replica_failed("prefill", "p1", NOW)  # a call to p1 failed: out at once
+    degraded = sched.decide(_req(9, 1000), NOW)
+    assert degraded.mode == "local" and degraded.decode_replica == "d1"
+    assert "degraded" in degraded.reason
+    sched.prefill.report(PrefillLoad("p1", "short", 0, NOW + 0.5))  # it reports again: back
+    assert sched.decide(_req(10, 1000), NOW + 0.5).prefill_replica == "p1"
+
+
+def test_without_decode_replicas_a_prefill_replica_serves_whole_requests():
+    sched = _scheduler(num_short=1, num_long=0, num_decode=1)
+    sched.decode.report(DecodeLoad("d0", 1000, 16, 0, 8, NOW, healthy=False))
+    decision = sched.decide(_req(0, 300), NOW)
+    assert decision.mode == "prefill_local" and decision.prefill_replica == "p0"
+    assert decision.decode_replica == ""
+    sched.prefill.report(PrefillLoad("p0", "short", 0, NOW, healthy=False))
+    refused = sched.decide(_req(1, 300), NOW)
+    assert isinstance(refused, Rejection) and refused.unavailable

@@ -1,0 +1,119 @@
+"""Clients of the two pools over Serve handles, as the ingress uses them.
+
+`target` pins the replica the scheduler chose (runtime/routing.py: PinnedReplicaRouter);
+without one Serve picks. A generation's tokens come over the ingress's token stream when it
+has one (runtime/token_stream.py). A call that fails because its replica did (the actor died,
+its engine died, Serve has no replica to run it) raises `ReplicaFailed` naming the replica, so
+the router can stop choosing it and retry the request elsewhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from decode_workers.worker import DecodeChunk
+from kv_transfer.params import TransferParams
+from prefill_workers.worker import PrefillResult
+from runtime.requests import GenerateRequest
+from runtime.token_stream import TokenInbox, TokenSink, merged
+
+# Exceptions that mean the replica (not the request) failed, by class name anywhere in the
+# error's type hierarchy: Ray raises RayTaskError subclasses of the replica's own exception.
+_REPLICA_FAILURES = frozenset({
+    "RayActorError", "ActorDiedError", "ActorUnavailableError", "ActorUnschedulableError",
+    "WorkerCrashedError", "NodeDiedError", "ObjectLostError", "OwnerDiedError",
+    "DeploymentUnavailableError", "BackPressureError",
+    "EngineDeadError", "EngineGenerateError",
+})
+
+
+class ReplicaFailed(RuntimeError):
+    """A call failed because the replica running it failed."""
+
+    def __init__(self, role: str, replica_id: str, cause: BaseException) -> None:
+        super().__init__(f"{role} replica {replica_id or '?'} failed: {type(cause).__name__}")
+        self.role = role
+        self.replica_id = replica_id
+
+
+def is_replica_failure(err: BaseException) -> bool:
+    return any(cls.__name__ in _REPLICA_FAILURES for cls in type(err).__mro__)
+
+
+class RemotePrefill:
+    """PrefillClient over a Serve handle; also a DecodeClient for degraded mode, where a
+    prefill replica serves whole requests (`prefill_local`)."""
+
+    def __init__(self, handle: Any, sink: TokenSink | None = None) -> None:
+        self._handle = handle
+        self._stream = handle.options(stream=True)
+        self._sink = sink
+
+    async def prefill(self, request: GenerateRequest, target: str = "",
+                      stream_handle: str = "") -> PrefillResult:
+        try:
+            result: PrefillResult = await self._handle.prefill.remote(
+                request, target_replica=target, stream_handle=stream_handle)
+        except Exception as err:
+            if is_replica_failure(err):
+                raise ReplicaFailed("prefill", target, err) from err
+            raise
+        return result
+
+    async def kv_endpoint(self, target: str = "") -> str:
+        endpoint: str = await self._handle.kv_endpoint.remote(target_replica=target)
+        return endpoint
+
+    async def release(self, transfer: TransferParams) -> None:
+        await self._handle.release.remote(transfer)
+
+    def decode(self, request: GenerateRequest, first_token_id: int | None,
+               transfer: TransferParams | None, target: str = "") -> AsyncIterator[DecodeChunk]:
+        return _generate(self._stream, self._sink, "prefill", request, first_token_id,
+                         transfer, target)
+
+
+class RemoteDecode:
+    """DecodeClient over a Serve handle; closing the stream cancels it on the replica."""
+
+    def __init__(self, handle: Any, sink: TokenSink | None = None) -> None:
+        self._unary = handle
+        self._stream = handle.options(stream=True)
+        self._sink = sink
+
+    async def prefetch(self, endpoint: str, stream_handle: str, num_tokens: int,
+                       target: str = "") -> bool:
+        started: bool = await self._unary.prefetch.remote(endpoint, stream_handle, num_tokens,
+                                                          target_replica=target)
+        return started
+
+    async def cancel_prefetch(self, stream_handle: str, target: str = "") -> None:
+        await self._unary.cancel_prefetch.remote(stream_handle, target_replica=target)
+
+    def decode(self, request: GenerateRequest, first_token_id: int | None,
+               transfer: TransferParams | None, target: str = "") -> AsyncIterator[DecodeChunk]:
+        return _generate(self._stream, self._sink, "decode", request, first_token_id,
+                         transfer, target)
+
+
+async def _generate(handle: Any, sink: TokenSink | None, role: str, request: GenerateRequest,
+                    first_token_id: int | None, transfer: TransferParams | None,
+                    target: str) -> AsyncIterator[DecodeChunk]:
+    inbox = sink.open(request.request_id) if sink is not None else TokenInbox()
+    stream = handle.decode.remote(request, first_token_id, transfer, target_replica=target,
+                                  sink=sink.address if sink is not None else "")
+    try:
+        async for tokens, final in merged(inbox, stream):
+            if final is None:
+                yield DecodeChunk(tokens)
+            else:
+                yield DecodeChunk(tokens, final.finish_reason, final.timings)
+    except Exception as err:
+        if is_replica_failure(err):
+            raise ReplicaFailed(role, target, err) from err
+        raise
+    finally:
+        if sink is not None:
+            sink.close(request.request_id)
+        stream.cancel()

@@ -1,0 +1,114 @@
+"""What both pools' replicas share: their id and cores, the engine's calibration, the load
+report loop, and streaming a generation's tokens to the ingress.
+
+A prefill replica decodes too when the decode pool is down (degraded mode, `prefill_local`),
+through the same `StreamedGeneration` the decode replicas use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
+from typing import Any
+
+from ray import serve
+
+from decode_workers.worker import DecodeChunk, DecodeWorker
+from kv_transfer.params import TransferParams
+from runtime.app_config import AppConfig, PoolConfig
+from runtime.calibration import calibrate
+from runtime.engine_config import EngineConfig
+from runtime.requests import GenerateRequest
+from runtime.scheduler.types import ReplicaReport
+from runtime.streaming import coalesce
+from runtime.token_stream import TokenBatch, TokenPublisher
+
+REPORT_PERIOD_S = 0.2
+
+
+def replica_id() -> str:
+    try:
+        return str(serve.get_replica_context().replica_id.unique_id)
+    except Exception:  # noqa: BLE001 - outside a replica (tests)
+        return "local"
+
+
+def pinned(engine: EngineConfig, pool: PoolConfig) -> EngineConfig:
+    """The engine config with this replica's cores, when the pool pins replicas to cores."""
+    try:
+        local_rank = serve.get_replica_context().rank.local_rank
+    except Exception:  # noqa: BLE001 - outside a replica, or no rank: the first entry
+        local_rank = 0
+    cores = pool.cores_for(local_rank)
+    return engine.model_copy(update={"cpu_threads_bind": cores}) if cores else engine
+
+
+async def calibration(engine: Any, config: AppConfig) -> tuple[tuple[int, float], ...]:
+    """The engine's prefill times at a few lengths, for the scheduler's model (see
+    runtime/calibration.py); nothing when scheduler.calibrate is off."""
+    if not config.scheduler.calibrate:
+        return ()
+    model_config = engine.vllm_config.model_config
+    return await calibrate(engine, model_config.max_model_len, model_config.get_vocab_size())
+
+
+def engine_healthy(engine: Any) -> bool:
+    """False once the engine died (vLLM's AsyncLLM.errored)."""
+    return not bool(getattr(engine, "errored", False))
+
+
+async def report_loop(app_name: str, make_report: Callable[[], ReplicaReport]) -> None:
+    """Tell the ingress this replica's load every REPORT_PERIOD_S (it may not exist yet)."""
+    handle = None
+    while True:
+        await asyncio.sleep(REPORT_PERIOD_S)
+        try:
+            if handle is None:
+                # a blocking call (it waits for the controller): keep it off the replica's
+                # event loop, which serves requests meanwhile
+                handle = await asyncio.to_thread(serve.get_deployment_handle, "Ingress",
+                                                 app_name)
+            await handle.report_load.remote(make_report())
+        except Exception:  # noqa: BLE001 - the ingress is starting or restarting; retry
+            handle = None
+            await asyncio.sleep(1.0)
+
+
+class StreamedGeneration:
+    """Runs generations on a replica's engine (DecodeWorker) and sends their tokens to the
+    ingress's token stream (runtime/token_stream.py), one publisher per ingress address."""
+
+    def __init__(self, worker: DecodeWorker, config: AppConfig) -> None:
+        self.worker = worker
+        self._interval_s = config.server.stream_interval_ms / 1e3
+        self._auth_token = config.transfer.auth_token.get_secret_value()
+        self._publishers: dict[str, TokenPublisher] = {}
+
+    async def run(self, request: GenerateRequest, first_token_id: int | None,
+                  transfer: TransferParams | None,
+                  sink: str) -> AsyncIterator[TokenBatch | DecodeChunk]:
+        """Yields only what the token stream at `sink` could not take, as TokenBatches
+        (batched every stream_interval_ms when there is no sink), then the final chunk with
+        every token. Closing it aborts the request in the engine."""
+        publisher = self._publisher(sink) if sink else None
+        chunks = self.worker.decode(request, first_token_id, transfer)
+        if publisher is None:
+            chunks = coalesce(chunks, self._interval_s, DecodeChunk.merged,
+                              lambda chunk: chunk.is_final)
+        tokens: list[int] = []
+        async for chunk in chunks:
+            start = len(tokens)
+            tokens.extend(chunk.token_ids)
+            if chunk.is_final:
+                yield replace(chunk, token_ids=tuple(tokens))
+                return
+            if publisher is None or not publisher.publish(request.request_id, start,
+                                                          chunk.token_ids):
+                yield TokenBatch(start, chunk.token_ids)
+
+    def _publisher(self, address: str) -> TokenPublisher:
+        publisher = self._publishers.get(address)
+        if publisher is None:
+            publisher = self._publishers[address] = TokenPublisher(address, self._auth_token)
+        return publisher
