@@ -41,7 +41,8 @@ def build_app(config: AppConfig) -> serve.Application:
         health_check_period_s=10,
     ).bind(config)
     return Ingress.options(  # type: ignore[attr-defined]
-        name="Ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024
+        name="Ingress", ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=config.server.max_concurrent_requests
     ).bind(config, prefill, decode)
 
 

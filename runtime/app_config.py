@@ -61,6 +61,9 @@ class SchedulerConfig(BaseModel):
         None, ge=0, description="Longest prompt a decode replica may prefill itself (local "
         "mode); None: any, when the policy predicts it is faster and within the TPOT budget."
     )
+    max_queued_per_replica: int = Field(
+        256, ge=0, description="Requests a decode replica may hold beyond its engine's "
+        "max_num_seqs; when every replica is that full, requests get 429 + Retry-After.")
     calibrate: bool = Field(
         True, description="Each replica measures its engine's prefill time at a few prompt "
         "lengths when it starts (a few seconds), to seed the scheduler's prefill model."
@@ -81,6 +84,11 @@ class ServerConfig(BaseModel):
     api_key: SecretStr | None = Field(None, description="Required bearer token, if set.")
     served_model_name: str = Field("", description="Model name clients use; default: the path.")
     app_name: str = Field("disagg", description="Ray Serve application name.")
+    max_concurrent_requests: int = Field(
+        1024, ge=1, description="Requests the ingress runs at once per API (gRPC: "
+        "RESOURCE_EXHAUSTED beyond it; HTTP: Serve's max_ongoing_requests of the ingress).")
+    max_body_bytes: int = Field(
+        16 << 20, ge=1024, description="Largest HTTP request body accepted (413 beyond).")
     request_timeout_s: float = Field(
         600.0, gt=0, description="A request still running after this long ends with a clear "
         "error (HTTP 504, gRPC DEADLINE_EXCEEDED) and frees all it held.")

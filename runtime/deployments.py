@@ -26,6 +26,7 @@ from runtime.engines import build_engine
 from runtime.replica_common import (
     StreamedGeneration,
     calibration,
+    check_health,
     engine_healthy,
     pinned,
     replica_id,
@@ -64,7 +65,7 @@ class PrefillServer:
     def _report(self) -> ReplicaReport:
         return ReplicaReport("prefill", self._worker.worker_id, self._pending_tokens, 0, 0, 0,
                              0, 0, time.time(), self._calibration,
-                             engine_healthy(self._worker.engine))
+                             engine_healthy(self._worker.engine, self._probe))
 
     async def prefill(self, request: GenerateRequest, target_replica: str = "",
                       stream_handle: str = "") -> PrefillResult:
@@ -93,7 +94,7 @@ class PrefillServer:
                              await self._worker.kv_stats())
 
     async def check_health(self) -> None:
-        await self._worker.engine.check_health()
+        await check_health(self._worker.engine, self._probe)
 
     def __del__(self) -> None:
         # Serve calls this on graceful replica shutdown: stop the engine's processes too.
@@ -127,7 +128,8 @@ class DecodeServer:
         return ReplicaReport("decode", self._worker.worker_id, 0,
                              int((1.0 - usage) * self._num_blocks), self._num_blocks,
                              self._block_size, active, self._max_num_seqs, time.time(),
-                             self._calibration, engine_healthy(self._worker.engine))
+                             self._calibration,
+                             engine_healthy(self._worker.engine, self._probe))
 
     async def decode(
         self, request: GenerateRequest, first_token_id: int | None,
@@ -152,7 +154,7 @@ class DecodeServer:
         return ReplicaStatus("decode", self._worker.worker_id, self._probe.latest, kv)
 
     async def check_health(self) -> None:
-        await self._worker.engine.check_health()
+        await check_health(self._worker.engine, self._probe)
 
     def __del__(self) -> None:
         if "_worker" in self.__dict__:

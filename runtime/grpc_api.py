@@ -55,8 +55,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     ) -> AsyncIterator[pb.GenerateResponse]:
         try:
             self._authorize(context)
-            prepared = self._router.prepare(self._prompt(request), self._sampling(request),
-                                            "grpc")
+            prepared = self._router.prepare(await self._prompt(request),
+                                            self._sampling(request), "grpc")
             async for event in self._router.stream(prepared):
                 response = pb.GenerateResponse(token_ids=event.token_ids, text=event.text)
                 if event.timings is not None:
@@ -92,13 +92,13 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         raise APIError(401, "missing or wrong API key ('authorization: Bearer <key>')",
                        "authentication_error")
 
-    def _prompt(self, request: pb.GenerateRequest) -> list[int]:
+    async def _prompt(self, request: pb.GenerateRequest) -> list[int]:
         self._router.check_model(request.model)
         if request.prompt and request.prompt_token_ids:
             raise APIError(400, "give prompt or prompt_token_ids, not both", param="prompt")
         if request.prompt_token_ids:
-            return self._router.tokenize(list(request.prompt_token_ids))
-        return self._router.tokenize(request.prompt)
+            return self._router.prompts.check_ids(list(request.prompt_token_ids))
+        return await self._router.prompts.tokenize(request.prompt)
 
     @staticmethod
     def _sampling(request: pb.GenerateRequest) -> SamplingSpec:
@@ -116,9 +116,17 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         )
 
 
-async def start_grpc_server(router: Router, host: str, port: int,
-                            api_key: str | None) -> grpc.aio.Server:
-    server = grpc.aio.server()
+async def start_grpc_server(router: Router, host: str, port: int, api_key: str | None,
+                            max_concurrent_rpcs: int = 1024,
+                            max_message_bytes: int = 16 << 20) -> grpc.aio.Server:
+    """The gRPC API on host:port: at most max_concurrent_rpcs calls at once (beyond that,
+    RESOURCE_EXHAUSTED), requests up to max_message_bytes, keepalive against dead clients."""
+    server = grpc.aio.server(maximum_concurrent_rpcs=max_concurrent_rpcs, options=[
+        ("grpc.max_receive_message_length", max_message_bytes),
+        # find dead clients: ping after 30 s without traffic, drop after 10 s without an answer
+        ("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ])
     pb_grpc.add_InferenceServicer_to_server(InferenceServicer(router, api_key), server)
     if server.add_insecure_port(f"{host}:{port}") == 0:
         raise OSError(f"gRPC API cannot bind {host}:{port}")

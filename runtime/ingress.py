@@ -22,6 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
+from starlette.background import BackgroundTask
 
 from runtime.app_config import AppConfig
 from runtime.clients import RemoteDecode, RemotePrefill
@@ -105,6 +106,7 @@ class Ingress:
             self._grpc_server = await start_grpc_server(
                 self.router, config.server.host, config.server.grpc_port,
                 key.get_secret_value() if key else None,
+                config.server.max_concurrent_requests, config.server.max_body_bytes,
             )
 
     @api.get("/health", response_model=None)
@@ -156,7 +158,8 @@ class Ingress:
         assert isinstance(body, CompletionRequest)
         self.router.check_model(body.model)
         body.refuse_unsupported()
-        prepared = self.router.prepare(self.router.tokenize(body.prompt), body.sampling(16),
+        prepared = self.router.prepare(await self.router.prompts.tokenize(body.prompt),
+                                       body.sampling(16),
                                        "cmpl")
         if body.stream:
             return self._sse(prepared, body.model, chat=False, usage=body.include_usage)
@@ -174,7 +177,7 @@ class Ingress:
         if body.max_completion_tokens is not None and body.max_tokens is None:
             body.max_tokens = body.max_completion_tokens
         default_max = self.router.max_model_len
-        prompt = self.router.tokenize_chat(
+        prompt = await self.router.prompts.tokenize_chat(
             [{"role": m.role, "content": m.text} for m in body.messages])
         prepared = self.router.prepare(prompt, body.sampling(default_max - len(prompt)), "chat")
         if body.stream:
@@ -192,13 +195,25 @@ class Ingress:
             raise APIError(401, "missing or wrong API key (use 'Authorization: Bearer <key>')",
                            "authentication_error", code="invalid_api_key")
 
-    @staticmethod
-    async def _json(request: Request) -> Any:
-        raw = await request.body()
+    async def _json(self, request: Request) -> Any:
+        """The body as JSON: at most server.max_body_bytes (413 beyond, read no further)."""
+        limit = self.config.server.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise APIError(413, f"the request body ({int(declared):,} bytes) is larger than "
+                           f"server.max_body_bytes ({limit:,})", code="body_too_large")
+        raw = bytearray()
+        async for part in request.stream():
+            raw += part
+            if len(raw) > limit:
+                raise APIError(413, f"the request body is larger than server.max_body_bytes "
+                               f"({limit:,})", code="body_too_large")
         try:
             return json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise APIError(400, f"the request body is not valid JSON: {err}") from err
+        except RecursionError as err:
+            raise APIError(400, "the request body's JSON is nested too deeply") from err
 
     @staticmethod
     def _parse(model: type[CompletionRequest] | type[ChatCompletionRequest],
@@ -243,4 +258,7 @@ class Ingress:
                 yield sse(internal_error(request_id).body())
             yield sse("[DONE]")
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        # a client gone before the first event: Starlette never starts events(), so the
+        # booking its finally would release is released here instead
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 background=BackgroundTask(self.router.discard, prepared))

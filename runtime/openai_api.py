@@ -35,16 +35,19 @@ class APIError(Exception):
                           "code": self.code}}
 
 
+_INT32_MAX = 2**31 - 1
+
+
 class _SamplingFields(BaseModel):
     # Unknown fields are collected (not dropped) so they can be refused by name.
     model_config = ConfigDict(extra="allow")
 
     model: str
-    max_tokens: int | None = None
+    max_tokens: int | None = Field(None, le=_INT32_MAX)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=-1)
-    seed: int | None = None
+    top_k: int = Field(0, ge=-1, le=_INT32_MAX)
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # what the engine's RNG takes
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     n: int = 1

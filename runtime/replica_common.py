@@ -8,6 +8,7 @@ through the same `StreamedGeneration` the decode replicas use.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import Any
@@ -19,6 +20,7 @@ from kv_transfer.params import TransferParams
 from runtime.app_config import AppConfig, PoolConfig
 from runtime.calibration import calibrate
 from runtime.engine_config import EngineConfig
+from runtime.engine_stats import LoadProbe
 from runtime.requests import GenerateRequest
 from runtime.scheduler.types import ReplicaReport
 from runtime.streaming import coalesce
@@ -53,9 +55,26 @@ async def calibration(engine: Any, config: AppConfig) -> tuple[tuple[int, float]
     return await calibrate(engine, model_config.max_model_len, model_config.get_vocab_size())
 
 
-def engine_healthy(engine: Any) -> bool:
-    """False once the engine died (vLLM's AsyncLLM.errored)."""
-    return not bool(getattr(engine, "errored", False))
+STALL_AFTER_S = 60.0  # an engine with work that has not finished a step in this long is stuck
+
+
+def engine_healthy(engine: Any, probe: LoadProbe, stall_after_s: float = STALL_AFTER_S) -> bool:
+    """False once the engine died (vLLM's AsyncLLM.errored), or stopped making progress: it
+    has requests but finished no step for stall_after_s (its probe hears of every step)."""
+    if getattr(engine, "errored", False):
+        return False
+    load = probe.latest
+    if load is None or load.num_running + load.num_waiting == 0:
+        return True
+    return time.monotonic() - load.measured_at_s <= stall_after_s
+
+
+async def check_health(engine: Any, probe: LoadProbe) -> None:
+    """Serve's health check: raises when the engine is dead or stuck (Serve replaces it)."""
+    await engine.check_health()
+    if not engine_healthy(engine, probe):
+        raise RuntimeError(f"the engine finished no step in {STALL_AFTER_S:.0f} s while it "
+                           "had requests")
 
 
 async def report_loop(app_name: str, make_report: Callable[[], ReplicaReport]) -> None:

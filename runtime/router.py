@@ -36,6 +36,7 @@ from runtime.pipeline import (
     PrefillClient,
     StreamEvent,
 )
+from runtime.prompts import PromptTokenizer
 from runtime.requests import GenerateRequest, SamplingSpec
 from runtime.scheduler.live import LiveConfig, LiveScheduler
 from runtime.scheduler.policy import PolicyConfig
@@ -70,6 +71,7 @@ def live_config(config: AppConfig) -> LiveConfig:
         kv_bytes_per_token=kv_bytes_per_token,
         link_bytes_per_s=scheduler.link_bytes_per_s,
         admission_ttft_ms=slo.ttft_ms if scheduler.admission else None,
+        max_queued_per_replica=scheduler.max_queued_per_replica,
         disaggregation=config.serving == "disaggregated",
         tpot_budget_ms=slo.tpot_ms or DEFAULT_TPOT_BUDGET_MS,
     )
@@ -123,7 +125,9 @@ class Router:
         self.prefill_only = DisaggPipeline(prefill, prefill_generation or decode)
         self.max_model_len = min(config.prefill_engine.max_model_len,
                                  config.decode_engine.max_model_len)
+        self.prompts = PromptTokenizer(tokenizer, self.max_model_len)
         self._ids = itertools.count()
+        self._unstarted: set[str] = set()  # prepared and booked, not streamed yet
         self._id_prefix = secrets.token_hex(4)
 
     def check_model(self, model: str) -> None:
@@ -131,24 +135,6 @@ class Router:
             raise APIError(404, f"model {model!r} not found; this server serves "
                            f"{self.config.model_name!r}", "not_found_error", "model",
                            "model_not_found")
-
-    def tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise APIError(400, "this model has no chat template; use /v1/completions",
-                           param="messages")
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                  tokenize=False)
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def tokenize(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        vocab_size = len(self.tokenizer)
-        bad = [t for t in prompt if not 0 <= t < vocab_size]
-        if bad:
-            raise APIError(400, f"token ids out of the vocabulary [0, {vocab_size}): {bad[:5]}",
-                           param="prompt")
-        return list(prompt)
 
     def prepare(self, prompt_ids: list[int], sampling: SamplingSpec, kind: str) -> PreparedRequest:
         arrival = time.perf_counter()
@@ -173,6 +159,7 @@ class Router:
             return prepared
         # the lane is the engines' priority: short prompts first wherever they wait
         request = replace(prepared.request, priority=0 if decision.lane == "short" else 1)
+        self._unstarted.add(request.request_id)
         return replace(prepared, request=request, decision=decision)
 
     def decide(self, prepared: PreparedRequest) -> Decision | None:
@@ -199,10 +186,23 @@ class Router:
         self.metrics.decisions.labels(lane=decision.lane, mode=decision.mode).inc()
         return decision
 
+    def discard(self, prepared: PreparedRequest) -> None:
+        """Release the booking of a prepared request that was never streamed (its client left
+        before the first byte); a no-op once `stream` started it."""
+        if prepared.request.request_id not in self._unstarted:
+            return
+        self._unstarted.discard(prepared.request.request_id)
+        decision = prepared.decision
+        if decision is not None and self.live is not None:
+            request = prepared.request
+            self.live.request_done(decision, request.request_id, len(request.prompt_token_ids),
+                                   request.sampling.max_tokens)
+
     async def stream(self, prepared: PreparedRequest) -> AsyncIterator[TextEvent]:
         """Run a prepared request within its deadline (server.request_timeout_s). The request
         runs in a task of its own, so the deadline and a replica's failure end it cleanly
         whatever its reader is doing; closing this stream cancels it."""
+        self._unstarted.discard(prepared.request.request_id)
         queue: asyncio.Queue[TextEvent | BaseException | None] = asyncio.Queue()
         producer = asyncio.ensure_future(self._produce(prepared, queue))
         try:
@@ -259,7 +259,9 @@ class Router:
                 attempt = replace(prepared, request=request, decision=None)
                 decision = self.decide(attempt)
                 if decision is not None:
-                    attempt = replace(attempt, decision=decision)
+                    priority = 0 if decision.lane == "short" else 1
+                    attempt = replace(attempt, decision=decision,
+                                      request=replace(request, priority=priority))
 
     def _events(self, prepared: PreparedRequest) -> AsyncIterator[StreamEvent]:
         decision, request = prepared.decision, prepared.request

@@ -26,7 +26,9 @@ Rules, in order (each decision's `reason` says which applied):
      all along. Otherwise disaggregated.
   5. Colocated serving (`disaggregation` off): every request is local, on the engine with
      the earliest predicted first token.
-  6. Admission (off unless `admission_ttft_ms` is set): a request whose predicted TTFT exceeds
+  6. Overload: a decode replica holds at most max_num_seqs + `max_queued_per_replica`
+     requests; when every live one is full the request is refused (429, Retry-After 1 s).
+     Admission (off unless `admission_ttft_ms` is set): a request whose predicted TTFT exceeds
      it is rejected now, with a Retry-After of the excess, instead of queueing to miss its SLO.
   7. Liveness: only replicas that are healthy by their last report, reported within
      `stale_after_s`, and had no failed call since, are chosen. With no live prefill replica
@@ -59,6 +61,9 @@ class PolicyConfig:
     long_local_gain: float = 0.8  # a long prompt goes local if it finishes in this x split time
     admission_ttft_ms: float | None = None
     disaggregation: bool = True
+    # requests a decode replica may hold beyond max_num_seqs (waiting in its engine); more
+    # are refused (429) rather than queued without bound
+    max_queued_per_replica: int = 256
 
     def transfer_ms(self, num_tokens: int) -> float:
         return self.transfer_latency_ms + 1e3 * num_tokens * self.kv_bytes_per_token \
@@ -103,9 +108,14 @@ class GlobalScheduler:
             if p_live.any():
                 return self._prefill_local(request, lane, p_live, now_s)
             return _unavailable("no live replica in either pool")
+        d_open = d_live & (self.decode.booked_seqs
+                           < self.decode.max_num_seqs + self.config.max_queued_per_replica)
+        if not d_open.any():
+            return Rejection("overloaded: every live decode replica has max_num_seqs + "
+                             f"{self.config.max_queued_per_replica} requests", 1.0)
         if not self.config.disaggregation:
-            return self._colocated(request, lane, d_live, now_s)
-        d = self._place_decode(request, d_live)
+            return self._colocated(request, lane, d_open, now_s)
+        d = self._place_decode(request, d_open)
         if d is None:
             return _no_room(request)
         n = request.prompt_len
