@@ -60,6 +60,7 @@ class DecodeChunk:
     token_ids: tuple[int, ...]
     finish_reason: str | None = None
     timings: DecodeTimings | None = None
+    stop_reason: str | int | None = None  # the stop string or token that ended it
 
     @property
     def is_final(self) -> bool:
@@ -72,7 +73,7 @@ class DecodeChunk:
             return chunks[0]
         last = chunks[-1]
         return DecodeChunk(tuple(t for c in chunks for t in c.token_ids), last.finish_reason,
-                           last.timings)
+                           last.timings, last.stop_reason)
 
 
 class DecodeWorker:
@@ -128,7 +129,8 @@ class DecodeWorker:
             max_tokens -= 1
         assert max_tokens >= 1, "nothing left to decode"
         kv_params = consumer_request_params(transfer) if transfer is not None else None
-        params = request.sampling.to_vllm(max_tokens=max_tokens, kv_transfer_params=kv_params)
+        params = request.sampling.to_vllm(max_tokens=max_tokens, kv_transfer_params=kv_params,
+                                          continuation=first_token_id is not None)
         start = time.perf_counter()
         first_token_at = None
         num_sent = 0
@@ -163,6 +165,7 @@ class DecodeWorker:
             yield DecodeChunk(
                 new_tokens,
                 finish_reason=completion.finish_reason,
+                stop_reason=completion.stop_reason,
                 timings=DecodeTimings(
                     queue_ms=max(0.0, engine_queue_ms - exposed_ms),
                     transfer_ms=transfer_ms,

@@ -42,6 +42,7 @@ class PrefillResult:
     num_cached_tokens: int
     timings: PrefillTimings
     worker_id: str = ""
+    stop_reason: str | int | None = None  # the stop string or token that ended it
 
 
 class PrefillWorker:
@@ -115,6 +116,7 @@ class PrefillWorker:
             num_cached_tokens=output.num_cached_tokens or 0,
             timings=PrefillTimings(queue_ms, compute_ms, total_ms),
             worker_id=self.worker_id,
+            stop_reason=completion.stop_reason if stopped else None,
         )
 
     async def release(self, transfer: TransferParams) -> None:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/inference.proto\x12\x10\x64isagg.inference\"\xc1\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12\r\n\x05top_p\x18\x06 \x01(\x02\x12\r\n\x05top_k\x18\x07 \x01(\x05\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x00\x88\x01\x01\x12\x12\n\nignore_eos\x18\t \x01(\x08\x42\x07\n\x05_seed\"\x9e\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12&\n\x05usage\x18\x04 \x01(\x0b\x32\x17.disagg.inference.Usage\x12*\n\x07timings\x18\x05 \x01(\x0b\x32\x19.disagg.inference.Timings\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xe8\x03\n\x07Timings\x12\x1a\n\x12scheduler_queue_ms\x18\x01 \x01(\x01\x12\x18\n\x10prefill_queue_ms\x18\x02 \x01(\x01\x12\x1a\n\x12prefill_compute_ms\x18\x03 \x01(\x01\x12\x16\n\x0ekv_transfer_ms\x18\x04 \x01(\x01\x12\x19\n\x11kv_transfer_bytes\x18\x05 \x01(\x04\x12\x17\n\x0f\x64\x65\x63ode_queue_ms\x18\x06 \x01(\x01\x12\x19\n\x11\x64\x65\x63ode_compute_ms\x18\x07 \x01(\x01\x12\x0f\n\x07ttft_ms\x18\x08 \x01(\x01\x12\x0f\n\x07tpot_ms\x18\t \x01(\x01\x12\x0e\n\x06\x65\x32\x65_ms\x18\n \x01(\x01\x12\x0c\n\x04lane\x18\x0b \x01(\t\x12\x0c\n\x04mode\x18\x0c \x01(\t\x12\x17\n\x0fprefill_replica\x18\r \x01(\t\x12\x16\n\x0e\x64\x65\x63ode_replica\x18\x0e \x01(\t\x12\x19\n\x11num_loaded_tokens\x18\x0f \x01(\r\x12\x16\n\x0etransfer_error\x18\x10 \x01(\t\x12\x17\n\x0f\x64\x65\x63ision_reason\x18\x11 \x01(\t\x12\x1c\n\x14predicted_prefill_ms\x18\x12 \x01(\x01\x12\x19\n\x11predicted_ttft_ms\x18\x13 \x01(\x01\x12 \n\x18num_cached_prompt_tokens\x18\x14 \x01(\r\"\x0f\n\rHealthRequest\" \n\x0eHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t2\xad\x01\n\tInference\x12S\n\x08Generate\x12!.disagg.inference.GenerateRequest\x1a\".disagg.inference.GenerateResponse0\x01\x12K\n\x06Health\x12\x1f.disagg.inference.HealthRequest\x1a .disagg.inference.HealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/inference.proto\x12\x10\x64isagg.inference\"\x9f\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12\r\n\x05top_p\x18\x06 \x01(\x02\x12\r\n\x05top_k\x18\x07 \x01(\x05\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x00\x88\x01\x01\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\"\n\x1ainclude_stop_str_in_output\x18\x0c \x01(\x08\x12\x12\n\nmin_tokens\x18\r \x01(\rB\x07\n\x05_seed\"\xb3\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12&\n\x05usage\x18\x04 \x01(\x0b\x32\x17.disagg.inference.Usage\x12*\n\x07timings\x18\x05 \x01(\x0b\x32\x19.disagg.inference.Timings\x12\x13\n\x0bstop_reason\x18\x06 \x01(\t\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xe8\x03\n\x07Timings\x12\x1a\n\x12scheduler_queue_ms\x18\x01 \x01(\x01\x12\x18\n\x10prefill_queue_ms\x18\x02 \x01(\x01\x12\x1a\n\x12prefill_compute_ms\x18\x03 \x01(\x01\x12\x16\n\x0ekv_transfer_ms\x18\x04 \x01(\x01\x12\x19\n\x11kv_transfer_bytes\x18\x05 \x01(\x04\x12\x17\n\x0f\x64\x65\x63ode_queue_ms\x18\x06 \x01(\x01\x12\x19\n\x11\x64\x65\x63ode_compute_ms\x18\x07 \x01(\x01\x12\x0f\n\x07ttft_ms\x18\x08 \x01(\x01\x12\x0f\n\x07tpot_ms\x18\t \x01(\x01\x12\x0e\n\x06\x65\x32\x65_ms\x18\n \x01(\x01\x12\x0c\n\x04lane\x18\x0b \x01(\t\x12\x0c\n\x04mode\x18\x0c \x01(\t\x12\x17\n\x0fprefill_replica\x18\r \x01(\t\x12\x16\n\x0e\x64\x65\x63ode_replica\x18\x0e \x01(\t\x12\x19\n\x11num_loaded_tokens\x18\x0f \x01(\r\x12\x16\n\x0etransfer_error\x18\x10 \x01(\t\x12\x17\n\x0f\x64\x65\x63ision_reason\x18\x11 \x01(\t\x12\x1c\n\x14predicted_prefill_ms\x18\x12 \x01(\x01\x12\x19\n\x11predicted_ttft_ms\x18\x13 \x01(\x01\x12 \n\x18num_cached_prompt_tokens\x18\x14 \x01(\r\"\x0f\n\rHealthRequest\" \n\x0eHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t2\xad\x01\n\tInference\x12S\n\x08Generate\x12!.disagg.inference.GenerateRequest\x1a\".disagg.inference.GenerateResponse0\x01\x12K\n\x06Health\x12\x1f.disagg.inference.HealthRequest\x1a .disagg.inference.HealthResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,17 +32,17 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.inference_pb2', _glo
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST']._serialized_start=45
-  _globals['_GENERATEREQUEST']._serialized_end=238
-  _globals['_GENERATERESPONSE']._serialized_start=241
-  _globals['_GENERATERESPONSE']._serialized_end=399
-  _globals['_USAGE']._serialized_start=401
-  _globals['_USAGE']._serialized_end=458
-  _globals['_TIMINGS']._serialized_start=461
-  _globals['_TIMINGS']._serialized_end=949
-  _globals['_HEALTHREQUEST']._serialized_start=951
-  _globals['_HEALTHREQUEST']._serialized_end=966
-  _globals['_HEALTHRESPONSE']._serialized_start=968
-  _globals['_HEALTHRESPONSE']._serialized_end=1000
-  _globals['_INFERENCE']._serialized_start=1003
-  _globals['_INFERENCE']._serialized_end=1176
+  _globals['_GENERATEREQUEST']._serialized_end=332
+  _globals['_GENERATERESPONSE']._serialized_start=335
+  _globals['_GENERATERESPONSE']._serialized_end=514
+  _globals['_USAGE']._serialized_start=516
+  _globals['_USAGE']._serialized_end=573
+  _globals['_TIMINGS']._serialized_start=576
+  _globals['_TIMINGS']._serialized_end=1064
+  _globals['_HEALTHREQUEST']._serialized_start=1066
+  _globals['_HEALTHREQUEST']._serialized_end=1081
+  _globals['_HEALTHRESPONSE']._serialized_start=1083
+  _globals['_HEALTHRESPONSE']._serialized_end=1115
+  _globals['_INFERENCE']._serialized_start=1118
+  _globals['_INFERENCE']._serialized_end=1291
 # @@protoc_insertion_point(module_scope)

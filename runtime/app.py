@@ -12,6 +12,11 @@ from runtime.deployments import DecodeServer, PrefillServer
 from runtime.ingress import Ingress
 from runtime.routing import PinnedReplicaRouter
 
+# Serve replaces a replica after a few failed checks; with a dead or stuck engine that should
+# take seconds, not the half minute of Serve's default 10 s period. (The ingress stops
+# choosing the replica sooner still: its reports say the engine is unhealthy.)
+HEALTH_CHECK_PERIOD_S = 2.0
+
 
 def _actor_options(pool: PoolConfig) -> dict[str, Any]:
     options: dict[str, Any] = {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus}
@@ -30,7 +35,7 @@ def build_app(config: AppConfig) -> serve.Application:
             num_replicas=config.prefill.replicas,
             ray_actor_options=_actor_options(config.prefill),
             max_ongoing_requests=config.prefill.max_ongoing_requests,
-            health_check_period_s=10,
+            health_check_period_s=HEALTH_CHECK_PERIOD_S,
         ).bind(config)
     decode = DecodeServer.options(  # type: ignore[attr-defined]
         name="DecodeServer",
@@ -38,7 +43,7 @@ def build_app(config: AppConfig) -> serve.Application:
         num_replicas=config.decode.replicas,
         ray_actor_options=_actor_options(config.decode),
         max_ongoing_requests=config.decode.max_ongoing_requests,
-        health_check_period_s=10,
+        health_check_period_s=HEALTH_CHECK_PERIOD_S,
     ).bind(config)
     return Ingress.options(  # type: ignore[attr-defined]
         name="Ingress", ray_actor_options={"num_cpus": 0},

@@ -108,7 +108,8 @@ async def _generate(handle: Any, sink: TokenSink | None, role: str, request: Gen
             if final is None:
                 yield DecodeChunk(tokens)
             else:
-                yield DecodeChunk(tokens, final.finish_reason, final.timings)
+                yield DecodeChunk(tokens, final.finish_reason, final.timings,
+                                  final.stop_reason)
     except Exception as err:
         if is_replica_failure(err):
             raise ReplicaFailed(role, target, err) from err

@@ -61,6 +61,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 response = pb.GenerateResponse(token_ids=event.token_ids, text=event.text)
                 if event.timings is not None:
                     response.finish_reason = event.finish_reason or ""
+                    if isinstance(event.stop_reason, str):
+                        response.stop_reason = event.stop_reason
                     response.usage.prompt_tokens = event.timings.num_prompt_tokens
                     response.usage.completion_tokens = event.timings.num_output_tokens
                     response.timings.CopyFrom(timings_message(event.timings))
@@ -108,11 +110,17 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                            param="max_tokens")
         if not 0 <= request.temperature <= 2 or not 0 <= request.top_p <= 1:
             raise APIError(400, "temperature must be in [0, 2] and top_p in (0, 1]")
+        if request.min_tokens > max_tokens:
+            raise APIError(400, f"min_tokens ({request.min_tokens}) must be less than or equal "
+                           f"to max_tokens ({max_tokens})", param="min_tokens")
         return SamplingSpec(
             max_tokens=max_tokens, temperature=request.temperature,
             top_p=request.top_p or 1.0, top_k=max(request.top_k, 0),
             seed=request.seed if request.HasField("seed") else None,
-            ignore_eos=request.ignore_eos,
+            ignore_eos=request.ignore_eos, stop=tuple(s for s in request.stop if s),
+            stop_token_ids=tuple(request.stop_token_ids),
+            include_stop_str_in_output=request.include_stop_str_in_output,
+            min_tokens=request.min_tokens,
         )
 
 

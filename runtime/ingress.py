@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from ray import serve
 from starlette.background import BackgroundTask
 
+from runtime import fanout
 from runtime.app_config import AppConfig
 from runtime.clients import RemoteDecode, RemotePrefill
 from runtime.engines import stream_hosts
@@ -32,14 +33,13 @@ from runtime.metrics import Metrics
 from runtime.openai_api import (
     APIError,
     ChatCompletionRequest,
+    ChoiceResult,
     CompletionRequest,
     StreamEncoder,
-    chat_body,
-    completion_body,
+    response_body,
     sse,
-    usage_chunk,
 )
-from runtime.router import PreparedRequest, Router, live_config
+from runtime.router import Router, live_config
 from runtime.scheduler.live import LiveScheduler
 from runtime.scheduler.types import ReplicaReport
 from runtime.token_stream import TokenSink
@@ -156,35 +156,52 @@ class Ingress:
         self._authorize(request)
         body = self._parse(CompletionRequest, await self._json(request))
         assert isinstance(body, CompletionRequest)
-        self.router.check_model(body.model)
+        model = self._model(body.model)
         body.refuse_unsupported()
-        prepared = self.router.prepare(await self.router.prompts.tokenize(body.prompt),
-                                       body.sampling(16),
-                                       "cmpl")
-        if body.stream:
-            return self._sse(prepared, body.model, chat=False, usage=body.include_usage)
-        text, finish, timings = await self._collect(prepared)
-        return JSONResponse(completion_body(prepared.request.request_id, body.model, text,
-                                            finish, timings))
+        prompts = [await self.router.prompts.tokenize(p) for p in body.prompts]
+        jobs = fanout.plan(self.router, prompts, body.n, body.sampling(16), "cmpl")
+        echo = [self.router.prompts.text_of(p) for p in body.prompts] if body.echo else None
+        return await self._respond(jobs, body.n, model, False, body.stream,
+                                   body.include_usage, echo)
 
     @api.post("/v1/chat/completions", response_model=None)
     async def chat_completions(self, request: Request) -> Response:
         self._authorize(request)
         body = self._parse(ChatCompletionRequest, await self._json(request))
         assert isinstance(body, ChatCompletionRequest)
-        self.router.check_model(body.model)
+        model = self._model(body.model)
         body.refuse_unsupported()
         if body.max_completion_tokens is not None and body.max_tokens is None:
             body.max_tokens = body.max_completion_tokens
-        default_max = self.router.max_model_len
         prompt = await self.router.prompts.tokenize_chat(
-            [{"role": m.role, "content": m.text} for m in body.messages])
-        prepared = self.router.prepare(prompt, body.sampling(default_max - len(prompt)), "chat")
-        if body.stream:
-            return self._sse(prepared, body.model, chat=True, usage=body.include_usage)
-        text, finish, timings = await self._collect(prepared)
-        return JSONResponse(chat_body(prepared.request.request_id, body.model, text, finish,
-                                      timings))
+            [m.for_template() for m in body.messages])
+        sampling = body.sampling(self.router.max_model_len - len(prompt))
+        jobs = fanout.plan(self.router, [prompt], body.n, sampling, "chat")
+        return await self._respond(jobs, body.n, model, True, body.stream,
+                                   body.include_usage, None)
+
+    def _model(self, model: str | None) -> str:
+        """The model a request names (the served one when it names none)."""
+        if model is None:
+            return self.config.model_name
+        self.router.check_model(model)
+        return model
+
+    async def _respond(self, jobs: list[fanout.Job], n: int, model: str, chat: bool,
+                       stream: bool, usage: bool, echo: list[str] | None) -> Response:
+        request_id = jobs[0].prepared.request.request_id
+        if stream:
+            return self._sse(jobs, n, model, chat, usage, echo)
+        texts: dict[int, list[str]] = {j.index: [echo[j.prompt_index]] if echo else []
+                                       for j in jobs}
+        done: list[ChoiceResult] = []
+        async for job, event in fanout.run(self.router, jobs, n):
+            texts[job.index].append(event.text)
+            if event.timings is not None:
+                done.append(ChoiceResult(job.index, job.prompt_index,
+                                         "".join(texts[job.index]), event.finish_reason,
+                                         event.stop_reason, event.timings))
+        return JSONResponse(response_body(request_id, model, chat, done))
 
     def _authorize(self, request: Request) -> None:
         if self._api_key is None:
@@ -225,32 +242,30 @@ class Ingress:
         except ValidationError as err:
             raise _validation_error(err) from err
 
-    async def _collect(self, prepared: PreparedRequest) -> tuple[str, str | None, Any]:
-        text, finish, timings = [], None, None
-        async for event in self.router.stream(prepared):
-            text.append(event.text)
-            finish = event.finish_reason or finish
-            timings = event.timings or timings
-        assert timings is not None, "request ended without timings"
-        return "".join(text), finish, timings
-
-    def _sse(self, prepared: PreparedRequest, model: str, chat: bool,
-             usage: bool = False) -> StreamingResponse:
-        request_id = prepared.request.request_id
+    def _sse(self, jobs: list[fanout.Job], n: int, model: str, chat: bool,
+             usage: bool, echo: list[str] | None) -> StreamingResponse:
+        request_id = jobs[0].prepared.request.request_id
         encoder = StreamEncoder(request_id, model, chat)
 
         async def events() -> AsyncIterator[str]:
-            first = True
+            started: set[int] = set()
+            done: list[ChoiceResult] = []
             try:
-                async for event in self.router.stream(prepared):
+                async for job, event in fanout.run(self.router, jobs, n):
+                    first = job.index not in started
+                    started.add(job.index)
+                    text = echo[job.prompt_index] + event.text if echo and first \
+                        else event.text
                     if event.timings is None:
-                        yield encoder.text(event.text, first)
-                    else:
-                        yield encoder.last(event.text, event.finish_reason, event.timings,
-                                           first)
-                        if usage:
-                            yield sse(usage_chunk(request_id, model, chat, event.timings))
-                    first = False
+                        yield encoder.text(job.index, text, first)
+                        continue
+                    choice = ChoiceResult(job.index, job.prompt_index, text,
+                                          event.finish_reason, event.stop_reason,
+                                          event.timings)
+                    done.append(choice)
+                    yield encoder.last(choice, text, first, usage=len(jobs) == 1)
+                if usage and done:
+                    yield encoder.usage(done)
             except APIError as err:
                 yield sse(err.body())
             except Exception:  # noqa: BLE001 - the client gets an error event, not a cut
@@ -259,6 +274,10 @@ class Ingress:
             yield sse("[DONE]")
 
         # a client gone before the first event: Starlette never starts events(), so the
-        # booking its finally would release is released here instead
+        # bookings its finally would release are released here instead
         return StreamingResponse(events(), media_type="text/event-stream",
-                                 background=BackgroundTask(self.router.discard, prepared))
+                                 background=BackgroundTask(self._discard, jobs))
+
+    def _discard(self, jobs: list[fanout.Job]) -> None:
+        for job in jobs:
+            self.router.discard(job.prepared)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -36,13 +36,22 @@ class APIError(Exception):
 
 
 _INT32_MAX = 2**31 - 1
+MAX_N = 16  # sequences per prompt
+# Parameters vLLM's server takes that this one does not (yet): refused by name rather than
+# silently ignored, since the output would not be what the client asked for. Other unknown
+# fields are ignored, as vLLM's server ignores them.
+NOT_SUPPORTED = ("logprobs", "top_logprobs", "prompt_logprobs", "response_format",
+                 "structured_outputs", "logit_bias", "suffix", "use_beam_search",
+                 "allowed_token_ids", "bad_words", "tools", "tool_choice", "functions",
+                 "prompt_embeds", "return_tokens_as_token_ids", "logprob_token_ids")
+REFUSED = ("kv_transfer_params",)  # ours to set, never a client's
 
 
 class _SamplingFields(BaseModel):
-    # Unknown fields are collected (not dropped) so they can be refused by name.
+    # Unknown fields are collected (not dropped) so the unsupported ones can be named.
     model_config = ConfigDict(extra="allow")
 
-    model: str
+    model: str | None = None  # None: the served model
     max_tokens: int | None = Field(None, le=_INT32_MAX)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -50,12 +59,18 @@ class _SamplingFields(BaseModel):
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # what the engine's RNG takes
     stream: bool = False
     stream_options: dict[str, Any] | None = None
-    n: int = 1
+    n: int = Field(1, ge=1, le=MAX_N)
     ignore_eos: bool = False
     user: str | None = None
     repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    min_tokens: int = Field(0, ge=0, le=_INT32_MAX)
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
 
     @property
     def include_usage(self) -> bool:
@@ -66,26 +81,47 @@ class _SamplingFields(BaseModel):
         if max_tokens < 1:
             raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}",
                            param="max_tokens")
+        if self.min_tokens > max_tokens:
+            raise APIError(400, f"min_tokens ({self.min_tokens}) must be less than or equal "
+                           f"to max_tokens ({max_tokens})", param="min_tokens")
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingSpec(max_tokens=max_tokens, temperature=self.temperature,
                             top_p=self.top_p, top_k=max(self.top_k, 0), seed=self.seed,
                             ignore_eos=self.ignore_eos,
+                            stop_token_ids=tuple(self.stop_token_ids or ()),
                             repetition_penalty=self.repetition_penalty,
                             presence_penalty=self.presence_penalty,
-                            frequency_penalty=self.frequency_penalty)
+                            frequency_penalty=self.frequency_penalty,
+                            stop=tuple(stop),
+                            include_stop_str_in_output=self.include_stop_str_in_output,
+                            min_tokens=self.min_tokens,
+                            skip_special_tokens=self.skip_special_tokens)
 
     def refuse_unsupported(self) -> None:
-        # null or false means "not asked for" (some clients send every field)
-        unsupported = sorted(k for k, v in (self.model_extra or {}).items()
-                             if v is not None and v is not False)
-        if self.n != 1:
-            unsupported.append("n")
+        # null, false or 0 means "not asked for" (some clients send every field)
+        extra = self.model_extra or {}
+        unsupported = sorted(k for k in (*NOT_SUPPORTED, *REFUSED)
+                             if extra.get(k) not in (None, False, 0, [], {}))
         if unsupported:
             raise APIError(400, f"unsupported parameter(s): {', '.join(unsupported)}",
                            param=unsupported[0], code="unsupported_parameter")
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[int]
+    prompt: str | list[int] | list[str] | list[list[int]]
+    echo: bool = False
+
+    @property
+    def prompts(self) -> list[str] | list[list[int]]:
+        """One entry per prompt of a batch."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return [prompt]
+        if not prompt:
+            raise APIError(400, "the prompt is empty", param="prompt")
+        if isinstance(prompt[0], int):
+            return [prompt]  # type: ignore[list-item]
+        return prompt  # type: ignore[return-value]
 
 
 class TextPart(BaseModel):
@@ -96,21 +132,30 @@ class TextPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="allow")  # what the chat template ignores, we do too
 
-    role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart]  # text parts only: this server takes no images or audio
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None  # text only: no images or audio here
+    name: str | None = None
 
     @property
     def text(self) -> str:
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
 
+    def for_template(self) -> dict[str, str]:
+        message = {"role": self.role, "content": self.text}
+        if self.name is not None:
+            message["name"] = self.name
+        return message
+
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = None
+    max_completion_tokens: int | None = Field(None, le=_INT32_MAX)
 
 
 def timings_body(timings: PhaseTimings) -> dict[str, Any]:
@@ -119,100 +164,90 @@ def timings_body(timings: PhaseTimings) -> dict[str, Any]:
     return body
 
 
-def usage_body(timings: PhaseTimings) -> dict[str, int]:
-    return {"prompt_tokens": timings.num_prompt_tokens,
-            "completion_tokens": timings.num_output_tokens,
-            "total_tokens": timings.num_prompt_tokens + timings.num_output_tokens}
+@dataclass(frozen=True)
+class ChoiceResult:
+    """One finished choice of a response (a prompt of the batch, one of its n samples)."""
+
+    index: int
+    prompt_index: int
+    text: str
+    finish_reason: str | None
+    stop_reason: str | int | None
+    timings: PhaseTimings
 
 
-def completion_body(request_id: str, model: str, text: str, finish_reason: str | None,
-                    timings: PhaseTimings) -> dict[str, Any]:
+def usage_body(choices: list[ChoiceResult]) -> dict[str, int]:
+    """Each prompt's tokens once (however many samples it had), every choice's output."""
+    prompt_tokens = {c.prompt_index: c.timings.num_prompt_tokens for c in choices}
+    completion = sum(c.timings.num_output_tokens for c in choices)
+    return {"prompt_tokens": sum(prompt_tokens.values()), "completion_tokens": completion,
+            "total_tokens": sum(prompt_tokens.values()) + completion}
+
+
+def response_body(request_id: str, model: str, chat: bool,
+                  choices: list[ChoiceResult]) -> dict[str, Any]:
+    """A whole (non-streamed) completion or chat completion."""
+    out = []
+    for c in sorted(choices, key=lambda c: c.index):
+        choice: dict[str, Any] = {"index": c.index, "finish_reason": c.finish_reason,
+                                  "stop_reason": c.stop_reason, "logprobs": None}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": c.text}
+        else:
+            choice["text"] = c.text
+        if len(choices) > 1:
+            choice["timings"] = timings_body(c.timings)
+        out.append(choice)
     return {
-        "id": request_id, "object": "text_completion", "created": int(time.time()),
-        "model": model,
-        "choices": [{"index": 0, "text": text, "finish_reason": finish_reason,
-                     "logprobs": None}],
-        "usage": usage_body(timings), "timings": timings_body(timings),
-    }
-
-
-def chat_body(request_id: str, model: str, text: str, finish_reason: str | None,
-              timings: PhaseTimings) -> dict[str, Any]:
-    return {
-        "id": request_id, "object": "chat.completion", "created": int(time.time()),
-        "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                     "finish_reason": finish_reason, "logprobs": None}],
-        "usage": usage_body(timings), "timings": timings_body(timings),
-    }
-
-
-def completion_chunk(request_id: str, model: str, text: str, finish_reason: str | None,
-                     timings: PhaseTimings | None) -> dict[str, Any]:
-    chunk: dict[str, Any] = {
-        "id": request_id, "object": "text_completion", "created": int(time.time()),
-        "model": model,
-        "choices": [{"index": 0, "text": text, "finish_reason": finish_reason,
-                     "logprobs": None}],
-    }
-    if timings is not None:
-        chunk["usage"], chunk["timings"] = usage_body(timings), timings_body(timings)
-    return chunk
-
-
-def chat_chunk(request_id: str, model: str, text: str, finish_reason: str | None,
-               timings: PhaseTimings | None, first: bool) -> dict[str, Any]:
-    delta: dict[str, Any] = {"content": text}
-    if first:
-        delta["role"] = "assistant"
-    chunk: dict[str, Any] = {
-        "id": request_id, "object": "chat.completion.chunk", "created": int(time.time()),
-        "model": model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason,
-                     "logprobs": None}],
-    }
-    if timings is not None:
-        chunk["usage"], chunk["timings"] = usage_body(timings), timings_body(timings)
-    return chunk
-
-
-def usage_chunk(request_id: str, model: str, chat: bool,
-                timings: PhaseTimings) -> dict[str, Any]:
-    """The extra last chunk OpenAI sends with stream_options.include_usage: no choices."""
-    return {
-        "id": request_id, "created": int(time.time()), "model": model,
-        "object": "chat.completion.chunk" if chat else "text_completion", "choices": [],
-        "usage": usage_body(timings), "timings": timings_body(timings),
+        "id": request_id, "object": "chat.completion" if chat else "text_completion",
+        "created": int(time.time()), "model": model, "choices": out,
+        "usage": usage_body(choices), "timings": timings_body(choices[0].timings),
     }
 
 
 class StreamEncoder:
-    """The SSE events of one streamed completion. A chunk that only carries text (all but the
-    last) is the constant head, encoded once per request, plus the JSON-escaped text."""
+    """The SSE events of one streamed completion. A chunk that only carries text (all but each
+    choice's last) is a constant head, encoded once per request, plus the JSON-escaped text."""
 
     def __init__(self, request_id: str, model: str, chat: bool) -> None:
         self.request_id, self.model, self.chat = request_id, model, chat
-        head = json.dumps({"id": request_id,
-                           "object": "chat.completion.chunk" if chat else "text_completion",
-                           "created": int(time.time()), "model": model})
-        self._head = f'data: {head[:-1]}, "choices": [{{"index": 0, '
+        self.object = "chat.completion.chunk" if chat else "text_completion"
+        self.created = int(time.time())
+        head = json.dumps({"id": request_id, "object": self.object, "created": self.created,
+                           "model": model})
+        self._head = f'data: {head[:-1]}, "choices": [{{"index": '
         self._tail = ', "finish_reason": null, "logprobs": null}]}\n\n'
 
-    def text(self, text: str, first: bool) -> str:
-        """A chunk of text (with the assistant role on a chat stream's first chunk)."""
+    def text(self, index: int, text: str, first: bool) -> str:
+        """A chunk of a choice's text (with the assistant role on a chat choice's first)."""
         escaped = json.dumps(text)
         if not self.chat:
-            return f'{self._head}"text": {escaped}{self._tail}'
+            return f'{self._head}{index}, "text": {escaped}{self._tail}'
         role = '"role": "assistant", ' if first else ""
-        return f'{self._head}"delta": {{{role}"content": {escaped}}}{self._tail}'
+        return f'{self._head}{index}, "delta": {{{role}"content": {escaped}}}{self._tail}'
 
-    def last(self, text: str, finish_reason: str | None, timings: PhaseTimings,
-             first: bool) -> str:
-        """The final chunk: the last text, the finish reason, usage and timings."""
+    def last(self, choice: ChoiceResult, text: str, first: bool, usage: bool) -> str:
+        """A choice's final chunk: its last text, finish reason and timings (and usage, for
+        a one-choice response whose client did not ask for the separate usage chunk)."""
+        body: dict[str, Any] = {"index": choice.index, "finish_reason": choice.finish_reason,
+                                "stop_reason": choice.stop_reason, "logprobs": None}
         if self.chat:
-            return sse(chat_chunk(self.request_id, self.model, text, finish_reason, timings,
-                                  first))
-        return sse(completion_chunk(self.request_id, self.model, text, finish_reason, timings))
+            body["delta"] = {"role": "assistant", "content": text} if first \
+                else {"content": text}
+        else:
+            body["text"] = text
+        chunk: dict[str, Any] = {"id": self.request_id, "object": self.object,
+                                 "created": self.created, "model": self.model,
+                                 "choices": [body], "timings": timings_body(choice.timings)}
+        if usage:
+            chunk["usage"] = usage_body([choice])
+        return sse(chunk)
+
+    def usage(self, choices: list[ChoiceResult]) -> str:
+        """The extra last chunk OpenAI sends with stream_options.include_usage: no choices."""
+        return sse({"id": self.request_id, "object": self.object, "created": self.created,
+                    "model": self.model, "choices": [], "usage": usage_body(choices),
+                    "timings": timings_body(choices[0].timings)})
 
 
 def sse(payload: dict[str, Any] | str) -> str:

@@ -82,6 +82,7 @@ class StreamEvent:
     token_ids: tuple[int, ...]
     finish_reason: str | None = None
     timings: PhaseTimings | None = None
+    stop_reason: str | int | None = None  # the stop string or token that ended it
 
 
 @dataclass(frozen=True)
@@ -166,7 +167,7 @@ class DisaggPipeline:
             await self._end_prefetch(stream_handle, decode_target)
             yield StreamEvent((first.first_token_id,))
             timings = self._timings(first, None, ttft_ms, arrival, 1, queue_ms, lane)
-            yield StreamEvent((), first.finish_reason, timings)
+            yield StreamEvent((), first.finish_reason, timings, first.stop_reason)
             return
         num_tokens = 1
         decoding = False
@@ -180,7 +181,8 @@ class DisaggPipeline:
                 if chunk.timings is not None:
                     phases = self._timings(first, chunk.timings, ttft_ms, arrival, num_tokens,
                                            queue_ms, lane)
-                yield StreamEvent(chunk.token_ids, chunk.finish_reason, phases)
+                yield StreamEvent(chunk.token_ids, chunk.finish_reason, phases,
+                                  chunk.stop_reason)
         finally:
             # A prefetch the decode did not claim (failed, or a local prefix-cache hit) is
             # dropped now rather than at its expiry; a claimed one is gone already (no-op).
@@ -247,7 +249,7 @@ class DisaggPipeline:
                                                  - d.num_computed_prompt_tokens),
                     lane=lane, mode=mode, prefill_replica="", decode_replica=d.worker_id,
                 )
-            yield StreamEvent(chunk.token_ids, chunk.finish_reason, timings)
+            yield StreamEvent(chunk.token_ids, chunk.finish_reason, timings, chunk.stop_reason)
 
     async def generate(self, request: GenerateRequest) -> Completion:
         tokens: list[int] = []

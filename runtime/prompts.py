@@ -47,6 +47,12 @@ class PromptTokenizer:
         self._check_text(text, "messages")
         return await self._run(self._encode, text)
 
+    def text_of(self, prompt: str | list[int]) -> str:
+        """A prompt as text (echo): as given, or its token ids decoded."""
+        if isinstance(prompt, str):
+            return prompt
+        return str(self.tokenizer.decode(prompt, skip_special_tokens=False))
+
     def check_ids(self, token_ids: list[int], param: str = "prompt") -> list[int]:
         vocab_size = len(self.tokenizer)
         bad = [t for t in token_ids if not 0 <= t < vocab_size]

@@ -23,6 +23,12 @@ class SamplingSpec:
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    stop: tuple[str, ...] = ()  # stop strings (vLLM's rules; the ingress applies them too)
+    include_stop_str_in_output: bool = False
+    min_tokens: int = 0  # no EOS, stop token or stop string ends the output before this
+    skip_special_tokens: bool = True
+    logprobs: int | None = None  # top log-probabilities per generated token (0: the token's)
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (echo + logprobs)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -32,16 +38,26 @@ class SamplingSpec:
 
     def to_vllm(
         self, max_tokens: int | None = None, kv_transfer_params: dict[str, Any] | None = None,
-        detokenize: bool = False,
+        detokenize: bool = False, continuation: bool = False,
     ) -> SamplingParams:
-        """vLLM's parameters. The engine does not detokenize unless asked: the ingress turns
-        token ids into text once, for the whole output (so an engine front-end spends no CPU
-        on text nobody reads)."""
+        """vLLM's parameters. The engine detokenizes only when it must apply stop strings (or
+        when asked): the ingress turns token ids into text once, for the whole output, so an
+        engine front-end spends no CPU on text nobody reads. `continuation`: the request
+        continues after a first token another engine made (one less to generate)."""
         from vllm import SamplingParams
 
         extra_args = {"kv_transfer_params": kv_transfer_params} if kv_transfer_params else None
+        detokenize = detokenize or bool(self.stop)
+        limit = self.max_tokens if max_tokens is None else max_tokens
         return SamplingParams(
-            max_tokens=self.max_tokens if max_tokens is None else max_tokens,
+            max_tokens=limit,
+            min_tokens=min(limit, max(0, self.min_tokens - (1 if continuation else 0))),
+            stop=list(self.stop) if self.stop else None,
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            skip_special_tokens=self.skip_special_tokens,
+            logprobs=self.logprobs,
+            # the prompt's are the prefilling engine's to give, not a continuation's
+            prompt_logprobs=None if continuation else self.prompt_logprobs,
             temperature=self.temperature,
             top_p=self.top_p,
             top_k=self.top_k,

@@ -11,30 +11,25 @@ Lifecycle of one request:
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import itertools
 import secrets
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
-from decode_workers.worker import KVTransferFailed
 from kv_transfer.params import TransferParams
 from prefill_workers.worker import PrefillResult
 from runtime.app_config import AppConfig
-from runtime.clients import ReplicaFailed
-from runtime.detokenizer import IncrementalDetokenizer
+from runtime.execution import Execution
+from runtime.messages import PreparedRequest, TextEvent
 from runtime.metrics import Metrics
 from runtime.openai_api import APIError
 from runtime.pipeline import (
     DecodeClient,
     DisaggPipeline,
     Lane,
-    PhaseTimings,
     PrefillClient,
-    StreamEvent,
 )
 from runtime.prompts import PromptTokenizer
 from runtime.requests import GenerateRequest, SamplingSpec
@@ -42,7 +37,6 @@ from runtime.scheduler.live import LiveConfig, LiveScheduler
 from runtime.scheduler.policy import PolicyConfig
 from runtime.scheduler.types import Decision, Rejection
 
-MAX_RETRIES = 2  # tries on other replicas after a replica failed before the first token
 DEFAULT_TPOT_BUDGET_MS = 100.0  # without slo.tpot_ms
 DEFAULT_STEP_TOKENS = 2048  # vLLM's max_num_batched_tokens when the config leaves it unset
 
@@ -80,22 +74,6 @@ def live_config(config: AppConfig) -> LiveConfig:
                       step_tokens=engine.max_num_batched_tokens or DEFAULT_STEP_TOKENS)
 
 
-@dataclass(frozen=True)
-class PreparedRequest:
-    request: GenerateRequest
-    lane: Lane
-    arrival_s: float
-    decision: Decision | None = None  # None: Serve's own routing, always disaggregated
-
-
-@dataclass(frozen=True)
-class TextEvent:
-    text: str
-    token_ids: tuple[int, ...]
-    finish_reason: str | None = None
-    timings: PhaseTimings | None = None
-
-
 class NoPrefillPool:
     """The prefill client of colocated serving: there is no prefill pool, and every decision
     is local, so reaching it is a bug."""
@@ -126,6 +104,7 @@ class Router:
         self.max_model_len = min(config.prefill_engine.max_model_len,
                                  config.decode_engine.max_model_len)
         self.prompts = PromptTokenizer(tokenizer, self.max_model_len)
+        self.execution = Execution(self, metrics)
         self._ids = itertools.count()
         self._unstarted: set[str] = set()  # prepared and booked, not streamed yet
         self._id_prefix = secrets.token_hex(4)
@@ -198,132 +177,19 @@ class Router:
             self.live.request_done(decision, request.request_id, len(request.prompt_token_ids),
                                    request.sampling.max_tokens)
 
-    async def stream(self, prepared: PreparedRequest) -> AsyncIterator[TextEvent]:
-        """Run a prepared request within its deadline (server.request_timeout_s). The request
-        runs in a task of its own, so the deadline and a replica's failure end it cleanly
-        whatever its reader is doing; closing this stream cancels it."""
-        self._unstarted.discard(prepared.request.request_id)
-        queue: asyncio.Queue[TextEvent | BaseException | None] = asyncio.Queue()
-        producer = asyncio.ensure_future(self._produce(prepared, queue))
-        try:
-            while (item := await queue.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            if not producer.done():
-                producer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await producer
-
-    async def _produce(self, prepared: PreparedRequest,
-                       queue: asyncio.Queue[TextEvent | BaseException | None]) -> None:
-        timeout_s = self.config.server.request_timeout_s
-        try:
-            async with asyncio.timeout(timeout_s):
-                async for event in self._run(prepared):
-                    queue.put_nowait(event)
-            queue.put_nowait(None)
-        except TimeoutError:
-            self.metrics.timeouts.inc()
-            queue.put_nowait(APIError(504, f"the request did not finish within its deadline "
-                                      f"of {timeout_s:g} s (server.request_timeout_s)",
-                                      "server_error", code="timeout"))
-        except Exception as err:  # noqa: BLE001 - handed to the reader, raised there
-            queue.put_nowait(err)
-
-    async def _run(self, prepared: PreparedRequest) -> AsyncIterator[TextEvent]:
-        """A replica that fails before the request's first token is taken out and the request
-        re-decided and sent elsewhere (up to MAX_RETRIES times); after it, the request ends
-        with a retryable 503."""
-        detok = IncrementalDetokenizer(self.tokenizer, prepared.request.prompt_token_ids)
-        attempt, sent = prepared, False
-        for retry in range(MAX_RETRIES + 1):
-            try:
-                async for event in self._attempt(attempt, detok, retry):
-                    sent = True
-                    yield event
-                return
-            except ReplicaFailed as err:
-                self.metrics.replica_failures.labels(role=err.role).inc()
-                if self.live is not None:
-                    self.live.replica_failed(err.role, err.replica_id)
-                if sent or retry == MAX_RETRIES:
-                    raise APIError(503, "the replica serving this request failed"
-                                   + (" after it started streaming" if sent else "")
-                                   + "; the request can be retried", "server_error",
-                                   code="replica_failed", retry_after_s=1.0) from err
-                self.metrics.retries.inc()
-                request = replace(prepared.request,
-                                  request_id=f"{prepared.request.request_id}-r{retry + 1}")
-                attempt = replace(prepared, request=request, decision=None)
-                decision = self.decide(attempt)
-                if decision is not None:
-                    priority = 0 if decision.lane == "short" else 1
-                    attempt = replace(attempt, decision=decision,
-                                      request=replace(request, priority=priority))
-
-    def _events(self, prepared: PreparedRequest) -> AsyncIterator[StreamEvent]:
-        decision, request = prepared.decision, prepared.request
-        lane: Lane = decision.lane if decision else prepared.lane
+    def redecide(self, prepared: PreparedRequest, num_retry: int) -> PreparedRequest:
+        """The request again, under a new id, with a new decision (a replica failed)."""
+        request = replace(prepared.request,
+                          request_id=f"{prepared.request.request_id}-r{num_retry}")
+        attempt = replace(prepared, request=request, decision=None)
+        decision = self.decide(attempt)
         if decision is None:
-            return self.pipeline.stream(request, prepared.arrival_s, lane)
-        if decision.mode == "local":
-            return self.pipeline.stream_local(request, prepared.arrival_s, lane,
-                                              decision.decode_replica)
-        if decision.mode == "prefill_local":
-            assert decision.prefill_replica is not None
-            return self.prefill_only.stream_local(request, prepared.arrival_s, lane,
-                                                  decision.prefill_replica, "prefill_local")
-        return self.overlapped.stream(request, prepared.arrival_s, lane,
-                                      prefill_target=decision.prefill_replica or "",
-                                      decode_target=decision.decode_replica)
+            return attempt
+        priority = 0 if decision.lane == "short" else 1
+        return replace(attempt, decision=decision, request=replace(request, priority=priority))
 
-    async def _attempt(self, prepared: PreparedRequest, detok: IncrementalDetokenizer,
-                       num_retries: int) -> AsyncIterator[TextEvent]:
-        """One try of a request on the replicas of its decision; its scheduler booking is
-        released however it ends."""
-        decision, request = prepared.decision, prepared.request
-        lane: Lane = decision.lane if decision else prepared.lane
-        self.metrics.in_flight.labels(lane=lane).inc()
-        live = self.live if decision is not None else None
-        clean: bool | None = None  # the prompt ran alone on its engine
-        first = True
-        tpot_ms = 0.0
-        try:
-            if live is not None:
-                assert decision is not None
-                await live.turn(decision, request.request_id)  # counts as scheduler queue
-            async for event in self._events(prepared):
-                if first and event.token_ids and live is not None:
-                    assert decision is not None
-                    clean = live.first_token(decision, request.request_id)
-                    first = False
-                text = detok.push(event.token_ids)
-                if event.timings is not None and decision is not None:
-                    event = replace(event, timings=replace(
-                        event.timings, decision_reason=decision.reason,
-                        predicted_prefill_ms=decision.predicted_prefill_ms,
-                        predicted_ttft_ms=decision.predicted_ttft_ms,
-                        num_retries=num_retries,
-                        degraded=decision.reason.startswith("degraded")))
-                if event.timings is not None:
-                    t = event.timings
-                    self.metrics.record(t)
-                    tpot_ms = t.tpot_ms
-                    if live is not None:
-                        assert decision is not None
-                        live.prefill_measured(
-                            decision, t.num_prompt_tokens - t.num_cached_prompt_tokens,
-                            t.prefill_compute_ms, clean)
-                yield TextEvent(text, event.token_ids, event.finish_reason, event.timings)
-        except KVTransferFailed as err:
-            self.metrics.record_failure(lane, "disaggregated", "transfer_failed")
-            raise APIError(503, f"KV transfer failed: {err}", "server_error",
-                           code="kv_transfer_failed") from err
-        finally:
-            self.metrics.in_flight.labels(lane=lane).dec()
-            if live is not None:
-                assert decision is not None
-                live.request_done(decision, request.request_id, len(request.prompt_token_ids),
-                                  request.sampling.max_tokens, tpot_ms)
+    def stream(self, prepared: PreparedRequest) -> AsyncIterator[TextEvent]:
+        """Run a prepared request (runtime/execution.py): text events as tokens arrive, the
+        last one with the request's timings."""
+        self._unstarted.discard(prepared.request.request_id)
+        return self.execution.stream(prepared)

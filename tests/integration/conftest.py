@@ -28,6 +28,8 @@ from runtime.pipeline import DisaggPipeline
 from runtime.tiny_model import make_tiny_model
 from tests.integration.helpers import greedy
 
+pytest_plugins = ["tests.integration.serve_app"]  # the `serve_app` fixture
+
 T = TypeVar("T")
 _flush_ids = itertools.count()
 BLOCK_SIZE = 128

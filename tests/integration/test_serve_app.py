@@ -10,56 +10,8 @@ import httpx
 import openai
 import pytest
 
-from runtime.engines import free_port
 from tests.integration.helpers import colocated_text, colocated_tokens, greedy, make_prompt
-
-API_KEY = "test-key-" + "k" * 24
-MODEL = "tiny"
-
-
-@pytest.fixture(scope="session")
-def serve_app(tiny_model):
-    from runtime.app_config import AppConfig
-    from runtime.serve_cli import start_app, stop_app
-
-    port, grpc_port = free_port(), free_port()
-    config = AppConfig.model_validate({
-        "engine": {"model": str(tiny_model), "kv_cache_bytes": 256 << 20, "max_num_seqs": 16},
-        "prefill": {"num_cpus": 0},
-        "decode": {"num_cpus": 0},
-        "transfer": {"lease_s": 6.0},
-        # prompts over 256 tokens always split here (the tests below check the handoff);
-        # shorter ones go wherever the scheduler predicts the first token sooner
-        "scheduler": {"long_prompt_tokens": 1000, "local_max_prompt_tokens": 256},
-        "server": {"http_port": port, "grpc_port": grpc_port, "api_key": API_KEY,
-                   "served_model_name": MODEL},
-    })
-    # as `disagg serve` starts it: direct ingress, the ingress serving HTTP on its port
-    url = start_app(config, address=None)
-    _wait_for_load_reports(url)
-    yield ServeApp(url, f"127.0.0.1:{grpc_port}")
-    stop_app(config)
-
-
-def _wait_for_load_reports(url: str, timeout_s: float = 30.0) -> None:
-    """The scheduler decides once both pools have reported their load (every 0.2 s)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        view = httpx.get(f"{url}/v1/disagg/status", timeout=10,
-                         headers={"Authorization": f"Bearer {API_KEY}"}).json()["scheduler"]
-        if view["prefill"] and view["decode"]:
-            return
-        time.sleep(0.2)
-    raise AssertionError("replicas never reported their load to the ingress")
-
-
-class ServeApp(str):
-    """The HTTP base URL (as a str), with the gRPC endpoint beside it."""
-
-    def __new__(cls, http_url: str, grpc_endpoint: str) -> ServeApp:
-        app = super().__new__(cls, http_url)
-        app.grpc_endpoint = grpc_endpoint
-        return app
+from tests.integration.serve_app import API_KEY, MODEL
 
 
 @pytest.fixture
@@ -171,7 +123,7 @@ def _post(serve_app, path, body, key=API_KEY, raw=None):
     [
         (None, b"{not json", 400, "not valid JSON"),
         (None, b"[1, 2]", 400, "JSON object"),
-        ({"prompt": "hi"}, None, 400, "model"),
+        ({"model": 5, "prompt": "hi"}, None, 400, "model"),
         ({"model": MODEL, "prompt": 5}, None, 400, "prompt"),
         ({"model": MODEL, "prompt": "hi", "max_tokens": "many"}, None, 400, "max_tokens"),
         ({"model": MODEL, "prompt": "hi", "max_tokens": 0}, None, 400, "at least 1"),
@@ -180,7 +132,10 @@ def _post(serve_app, path, body, key=API_KEY, raw=None):
         ({"model": MODEL, "prompt": [1, 99999]}, None, 400, "vocabulary"),
         ({"model": "gpt-9", "prompt": "hi"}, None, 404, "not found"),
         ({"model": MODEL, "prompt": "hi", "logprobs": 2}, None, 400, "logprobs"),
-        ({"model": MODEL, "prompt": "hi", "n": 3}, None, 400, "unsupported"),
+        ({"model": MODEL, "prompt": "hi", "n": 99}, None, 400, "n"),
+        ({"model": MODEL, "prompt": "hi", "max_tokens": 4, "min_tokens": 5}, None, 400,
+         "min_tokens"),
+        ({"model": MODEL, "prompt": "hi\ud800"}, None, 400, "Unicode"),
         ({"model": MODEL, "prompt": "hi", "temperature": -1}, None, 400, "temperature"),
     ],
 )
@@ -347,3 +302,26 @@ def test_vllm_own_benchmark_client_runs_unchanged_against_the_api(serve_app, tin
     assert result["completed"] == 6 and result["failed"] == 0
     assert result["total_output_tokens"] == 6 * 8
     assert result["mean_ttft_ms"] > 0
+
+
+def test_stop_strings_batches_n_and_echo_as_vllm_gives_them(client, cluster, tokenizer):
+    prompt = _text(tokenizer, make_prompt(40, seed=700))
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    full = _oracle_text(cluster, tokenizer, prompt_ids, 24)
+    stop = next(full[i:i + 2] for i in range(4, len(full) - 2) if "\ufffd" not in full[i:i + 2])
+    expected = full[:full.index(stop)]
+    for stream in (False, True):
+        response = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24,
+                                             stop=[stop], stream=stream, **GREEDY)
+        chunks = list(response) if stream else [response]
+        text = "".join(c.choices[0].text for c in chunks if c.choices)
+        assert text == expected, (stop, full)
+        assert chunks[-1].choices[0].finish_reason == "stop"
+    # two prompts, two samples each, the prompt echoed: four choices, indexed prompt * n + j
+    batch = client.completions.create(model=MODEL, prompt=[prompt, prompt[:20]], n=2,
+                                      max_tokens=6, echo=True, **GREEDY)
+    assert sorted(c.index for c in batch.choices) == [0, 1, 2, 3]
+    by_index = {c.index: c.text for c in batch.choices}
+    assert by_index[0] == by_index[1] and by_index[0].startswith(prompt)
+    assert by_index[2] == by_index[3] and by_index[2].startswith(prompt[:20])
+    assert batch.usage.completion_tokens == 24

@@ -21,8 +21,9 @@ def test_clients_that_send_every_field_are_accepted():
 
 def test_unsupported_parameters_are_named():
     body = CompletionRequest.model_validate({"model": "m", "prompt": "hi", "logprobs": 3,
+                                             "response_format": {"type": "json_object"},
                                              "echo": True})
-    with pytest.raises(APIError, match="echo, logprobs"):
+    with pytest.raises(APIError, match="logprobs, response_format"):
         body.refuse_unsupported()
 
 

@@ -133,7 +133,7 @@ def test_slow_tokenizer_path_gives_the_same_text(tokenizer):
 @pytest.mark.parametrize("chat", [False, True])
 def test_stream_encoder_text_chunks_are_the_openai_chunk_json(chat):
     encoder = StreamEncoder("req-1", "tiny", chat)
-    event = encoder.text('a "quoted"\n\u2028 text', first=True)
+    event = encoder.text(0, 'a "quoted"\n\u2028 text', first=True)
     assert event.startswith("data: ") and event.endswith("\n\n")
     body = json.loads(event[len("data: "):])
     assert body["id"] == "req-1" and body["model"] == "tiny"
@@ -142,7 +142,8 @@ def test_stream_encoder_text_chunks_are_the_openai_chunk_json(chat):
     if chat:
         assert body["object"] == "chat.completion.chunk"
         assert choice["delta"] == {"role": "assistant", "content": 'a "quoted"\n\u2028 text'}
-        later = json.loads(encoder.text("x", first=False)[len("data: "):])
+        later = json.loads(encoder.text(2, "x", first=False)[len("data: "):])
+        assert later["choices"][0]["index"] == 2
         assert later["choices"][0]["delta"] == {"content": "x"}
     else:
         assert body["object"] == "text_completion"

@@ -1,0 +1,218 @@
+"""Running one prepared request on the replicas its decision names (the ingress side).
+
+Lifecycle of one request:
+  1. `stream` runs it in a task of its own, under its deadline (server.request_timeout_s), so
+     the deadline or a replica's failure ends it cleanly whatever its reader is doing;
+  2. each try (`_attempt`) waits for its turn (a long prompt: one per engine at a time), then
+     turns the pipeline's token ids into text (OutputText: vLLM's detokenizer and stop string
+     rules), books the first token and the measured prefill with the scheduler, and releases
+     its booking however it ends;
+  3. a replica that fails before the first token is taken out and the request re-decided and
+     tried elsewhere (MAX_RETRIES); after it, the request ends with a retryable 503;
+  4. a stop string found here before the engine stopped (it can span the first token, which
+     the decode engine never saw as text) ends the request here: the engine is given a moment
+     to finish on its own, then aborted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from decode_workers.worker import KVTransferFailed
+from runtime.clients import ReplicaFailed
+from runtime.detokenizer import IncrementalDetokenizer
+from runtime.messages import PreparedRequest, TextEvent
+from runtime.metrics import Metrics
+from runtime.openai_api import APIError
+from runtime.pipeline import Lane, PhaseTimings, StreamEvent
+from runtime.stops import OutputText
+
+if TYPE_CHECKING:
+    from runtime.router import Router
+
+MAX_RETRIES = 2  # tries on other replicas after a replica failed before the first token
+STOP_GRACE_S = 1.0  # after a stop string: how long the engine may take to stop on its own
+
+
+class Execution:
+    def __init__(self, router: Router, metrics: Metrics) -> None:
+        self.router = router
+        self.metrics = metrics
+
+    async def stream(self, prepared: PreparedRequest) -> AsyncIterator[TextEvent]:
+        queue: asyncio.Queue[TextEvent | BaseException | None] = asyncio.Queue()
+        producer = asyncio.ensure_future(self._produce(prepared, queue))
+        try:
+            while (item := await queue.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            if not producer.done():
+                producer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await producer
+
+    async def _produce(self, prepared: PreparedRequest,
+                       queue: asyncio.Queue[TextEvent | BaseException | None]) -> None:
+        timeout_s = self.router.config.server.request_timeout_s
+        try:
+            async with asyncio.timeout(timeout_s):
+                async for event in self._run(prepared):
+                    queue.put_nowait(event)
+            queue.put_nowait(None)
+        except TimeoutError:
+            self.metrics.timeouts.inc()
+            queue.put_nowait(APIError(504, f"the request did not finish within its deadline "
+                                      f"of {timeout_s:g} s (server.request_timeout_s)",
+                                      "server_error", code="timeout"))
+        except Exception as err:  # noqa: BLE001 - handed to the reader, raised there
+            queue.put_nowait(err)
+
+    async def _run(self, prepared: PreparedRequest) -> AsyncIterator[TextEvent]:
+        attempt, sent = prepared, False
+        for retry in range(MAX_RETRIES + 1):
+            try:
+                async for event in self._attempt(attempt, retry):
+                    sent = True
+                    yield event
+                return
+            except ReplicaFailed as err:
+                self.metrics.replica_failures.labels(role=err.role).inc()
+                if self.router.live is not None:
+                    self.router.live.replica_failed(err.role, err.replica_id)
+                if sent or retry == MAX_RETRIES:
+                    raise APIError(503, "the replica serving this request failed"
+                                   + (" after it started streaming" if sent else "")
+                                   + "; the request can be retried", "server_error",
+                                   code="replica_failed", retry_after_s=1.0) from err
+                self.metrics.retries.inc()
+                attempt = self.router.redecide(prepared, retry + 1)
+
+    def _events(self, prepared: PreparedRequest) -> AsyncIterator[StreamEvent]:
+        router, decision, request = self.router, prepared.decision, prepared.request
+        lane: Lane = decision.lane if decision else prepared.lane
+        if decision is None:
+            return router.pipeline.stream(request, prepared.arrival_s, lane)
+        if decision.mode == "local":
+            return router.pipeline.stream_local(request, prepared.arrival_s, lane,
+                                                decision.decode_replica)
+        if decision.mode == "prefill_local":
+            assert decision.prefill_replica is not None
+            return router.prefill_only.stream_local(request, prepared.arrival_s, lane,
+                                                    decision.prefill_replica, "prefill_local")
+        return router.overlapped.stream(request, prepared.arrival_s, lane,
+                                        prefill_target=decision.prefill_replica or "",
+                                        decode_target=decision.decode_replica)
+
+    async def _attempt(self, prepared: PreparedRequest,
+                       num_retries: int) -> AsyncIterator[TextEvent]:
+        decision, request = prepared.decision, prepared.request
+        sampling = request.sampling
+        lane: Lane = decision.lane if decision else prepared.lane
+        live = self.router.live if decision is not None else None
+        output = OutputText(IncrementalDetokenizer(self.router.tokenizer,
+                                                   request.prompt_token_ids,
+                                                   sampling.skip_special_tokens),
+                            sampling.stop, sampling.min_tokens,
+                            sampling.include_stop_str_in_output)
+        self.metrics.in_flight.labels(lane=lane).inc()
+        clean: bool | None = None  # the prompt ran alone on its engine
+        first_token_at: float | None = None
+        tpot_ms = 0.0
+        events = self._events(prepared)
+        try:
+            if live is not None:
+                assert decision is not None
+                await live.turn(decision, request.request_id)  # counts as scheduler queue
+            while True:
+                try:
+                    event = await (asyncio.wait_for(anext(events), STOP_GRACE_S)
+                                   if output.stop_reason else anext(events))
+                except StopAsyncIteration:
+                    return
+                except asyncio.TimeoutError:  # stopped here; the engine went on: abort it
+                    timings = self._stopped_timings(prepared, first_token_at, output)
+                    self.metrics.record(timings)
+                    yield TextEvent(output.finish(), (), "stop", timings, output.stop_reason)
+                    return
+                if first_token_at is None and event.token_ids:
+                    first_token_at = time.perf_counter()
+                    if live is not None:
+                        assert decision is not None
+                        clean = live.first_token(decision, request.request_id)
+                kept, text = output.push(event.token_ids)
+                if event.timings is None:
+                    if text or kept:
+                        yield TextEvent(text, kept)
+                    continue
+                t = self._final_timings(prepared, event.timings, num_retries, output)
+                self.metrics.record(t)
+                tpot_ms = t.tpot_ms
+                if live is not None:
+                    assert decision is not None
+                    live.prefill_measured(decision,
+                                          t.num_prompt_tokens - t.num_cached_prompt_tokens,
+                                          t.prefill_compute_ms, clean)
+                stopped = output.stop_reason is not None
+                yield TextEvent(text + output.finish(), kept,
+                                "stop" if stopped else event.finish_reason, t,
+                                output.stop_reason if stopped else event.stop_reason)
+                return
+        except KVTransferFailed as err:
+            self.metrics.record_failure(lane, "disaggregated", "transfer_failed")
+            raise APIError(503, f"KV transfer failed: {err}", "server_error",
+                           code="kv_transfer_failed") from err
+        finally:
+            aclose = getattr(events, "aclose", None)
+            if aclose is not None:
+                await aclose()  # a stop here, or a failure: the replicas drop the request
+            self.metrics.in_flight.labels(lane=lane).dec()
+            if live is not None:
+                assert decision is not None
+                live.request_done(decision, request.request_id, len(request.prompt_token_ids),
+                                  sampling.max_tokens, tpot_ms)
+
+    @staticmethod
+    def _final_timings(prepared: PreparedRequest, timings: PhaseTimings, num_retries: int,
+                       output: OutputText) -> PhaseTimings:
+        decision = prepared.decision
+        extra: dict[str, object] = {"num_retries": num_retries}
+        if decision is not None:
+            extra.update(decision_reason=decision.reason,
+                         predicted_prefill_ms=decision.predicted_prefill_ms,
+                         predicted_ttft_ms=decision.predicted_ttft_ms,
+                         degraded=decision.reason.startswith("degraded"))
+        if output.stop_reason is not None:  # tokens after the stop string are not output
+            extra["num_output_tokens"] = len(output.token_ids)
+        return replace(timings, **extra)  # type: ignore[arg-type]
+
+    @staticmethod
+    def _stopped_timings(prepared: PreparedRequest, first_token_at: float | None,
+                         output: OutputText) -> PhaseTimings:
+        """Timings of a request this side ended on a stop string: what the ingress saw (the
+        engines' own phase split never came)."""
+        now = time.perf_counter()
+        decision, request = prepared.decision, prepared.request
+        ttft_ms = ((first_token_at or now) - prepared.arrival_s) * 1e3
+        e2e_ms = (now - prepared.arrival_s) * 1e3
+        n = len(output.token_ids)
+        return PhaseTimings(
+            scheduler_queue_ms=0.0, prefill_queue_ms=0.0, prefill_compute_ms=0.0,
+            kv_transfer_ms=0.0, kv_transfer_bytes=0, decode_queue_ms=0.0,
+            decode_compute_ms=0.0, ttft_ms=ttft_ms,
+            tpot_ms=(e2e_ms - ttft_ms) / (n - 1) if n > 1 else 0.0, e2e_ms=e2e_ms,
+            num_prompt_tokens=len(request.prompt_token_ids), num_output_tokens=n,
+            num_loaded_tokens=0, num_decode_computed_prompt_tokens=0,
+            lane=decision.lane if decision else prepared.lane,
+            mode=decision.mode if decision else "disaggregated",
+            prefill_replica=decision.prefill_replica or "" if decision else "",
+            decode_replica=decision.decode_replica if decision else "",
+            decision_reason=(decision.reason if decision else "")
+            + "; ended by a stop string at the ingress",
+        )

@@ -1,0 +1,86 @@
+"""One API request, many generations: a batch of prompts, n samples each.
+
+  1. every (prompt, sample) becomes a prepared request, booked with the scheduler at once (a
+     429 for one is a 429 for all, before anything runs);
+  2. a prompt's first sample runs at once; its other samples start once the first has its
+     first token, so the prompt is prefilled once and the others find it in the prefix cache
+     (all but its last partial block; under disaggregation, on the same prefill replica);
+  3. events come out merged, each tagged with its choice index (prompt * n + sample), and
+     each choice ends with its finish reason and timings; an error in one ends them all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from runtime.messages import PreparedRequest, TextEvent
+from runtime.router import Router
+
+
+@dataclass(frozen=True)
+class Job:
+    index: int  # the choice index
+    prompt_index: int
+    prepared: PreparedRequest
+
+
+def plan(router: Router, prompts: list[list[int]], n: int, sampling: object,
+         kind: str) -> list[Job]:
+    """Prepare (and book) every choice; undoes the bookings if one is refused."""
+    jobs: list[Job] = []
+    try:
+        for p, prompt_ids in enumerate(prompts):
+            for sample in range(n):
+                prepared = router.prepare(prompt_ids, sampling, kind)  # type: ignore[arg-type]
+                jobs.append(Job(p * n + sample, p, prepared))
+    except BaseException:
+        for job in jobs:
+            router.discard(job.prepared)
+        raise
+    return jobs
+
+
+async def run(router: Router, jobs: list[Job], n: int) -> AsyncIterator[tuple[Job, TextEvent]]:
+    """Every job's events, merged as they come."""
+    if len(jobs) == 1:
+        async for event in router.stream(jobs[0].prepared):
+            yield jobs[0], event
+        return
+    queue: asyncio.Queue[tuple[Job, TextEvent] | BaseException | None] = asyncio.Queue()
+    first_token = {job.prompt_index: asyncio.Event() for job in jobs}
+
+    async def one(job: Job) -> None:
+        try:
+            if job.index % n:  # a later sample: after the first one's prefill
+                await first_token[job.prompt_index].wait()
+            async for event in router.stream(job.prepared):
+                first_token[job.prompt_index].set()
+                queue.put_nowait((job, event))
+        except Exception as err:  # noqa: BLE001 - handed to the reader, raised there
+            queue.put_nowait(err)
+        finally:
+            first_token[job.prompt_index].set()
+            queue.put_nowait(None)
+
+    tasks = [asyncio.ensure_future(one(job)) for job in jobs]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for job in jobs:  # never streamed (an error came first): bookings released
+            router.discard(job.prepared)
