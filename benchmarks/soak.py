@@ -56,7 +56,8 @@ def sample(roots: list[int], base_url: str, started: float) -> Sample:
         for proc in procs:
             try:
                 with proc.oneshot():
-                    role = cpu_usage.role_of(proc.name(), " ".join(proc.cmdline()), proc.pid == root)
+                    role = cpu_usage.role_of(proc.name(), " ".join(proc.cmdline()),
+                                             proc.pid == root)
                     key = f"{role}:{proc.pid}"
                     rss[key] = proc.memory_info().rss
                     threads[key] = proc.num_threads()

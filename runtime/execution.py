@@ -70,7 +70,7 @@ class Execution:
             self.metrics.timeouts.inc()
             queue.put_nowait(APIError(504, f"the request did not finish within its deadline "
                                       f"of {timeout_s:g} s (server.request_timeout_s)",
-                                      "server_error", code="timeout"))
+                                      code="timeout"))
         except Exception as err:  # noqa: BLE001 - handed to the reader, raised there
             queue.put_nowait(err)
 
@@ -89,7 +89,7 @@ class Execution:
                 if sent or retry == MAX_RETRIES:
                     raise APIError(503, "the replica serving this request failed"
                                    + (" after it started streaming" if sent else "")
-                                   + "; the request can be retried", "server_error",
+                                   + "; the request can be retried",
                                    code="replica_failed", retry_after_s=1.0) from err
                 self.metrics.retries.inc()
                 attempt = self.router.redecide(prepared, retry + 1)
@@ -166,7 +166,7 @@ class Execution:
                 return
         except KVTransferFailed as err:
             self.metrics.record_failure(lane, "disaggregated", "transfer_failed")
-            raise APIError(503, f"KV transfer failed: {err}", "server_error",
+            raise APIError(503, f"KV transfer failed: {err}",
                            code="kv_transfer_failed") from err
         finally:
             aclose = getattr(events, "aclose", None)

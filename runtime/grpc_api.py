@@ -91,8 +91,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 if scheme.lower() == "bearer" and hmac.compare_digest(token.encode(),
                                                                       self._api_key):
                     return
-        raise APIError(401, "missing or wrong API key ('authorization: Bearer <key>')",
-                       "authentication_error")
+        raise APIError(401, "missing or wrong API key ('authorization: Bearer <key>')")
 
     async def _prompt(self, request: pb.GenerateRequest) -> list[int]:
         self._router.check_model(request.model)

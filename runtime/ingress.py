@@ -59,7 +59,7 @@ async def _api_error(request: Request, err: APIError) -> JSONResponse:
 def internal_error(request_id: str) -> APIError:
     """What a client sees of an unexpected failure: no exception text, an id to report."""
     return APIError(500, f"internal error (request id {request_id}); the server log has the "
-                    "details", "server_error", code="internal_error")
+                    "details", code="internal_error")
 
 
 @api.exception_handler(Exception)
@@ -210,7 +210,7 @@ class Ingress:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), self._api_key):
             raise APIError(401, "missing or wrong API key (use 'Authorization: Bearer <key>')",
-                           "authentication_error", code="invalid_api_key")
+                           code="invalid_api_key")
 
     async def _json(self, request: Request) -> Any:
         """The body as JSON: at most server.max_body_bytes (413 beyond, read no further)."""

@@ -12,21 +12,26 @@ from pydantic import BaseModel, ConfigDict, Field
 from runtime.pipeline import PhaseTimings
 from runtime.requests import SamplingSpec
 
-ErrorType = Literal["invalid_request_error", "authentication_error", "not_found_error",
-                    "rate_limit_error", "server_error"]
+# The error `type` of each status, as vLLM's OpenAI server names it (clients and tests that
+# compare the two servers see the same type for the same refusal).
+ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
+               413: "RequestEntityTooLargeError", 429: "RateLimitError",
+               500: "InternalServerError", 503: "ServiceUnavailableError",
+               504: "GatewayTimeoutError"}
 
 
 class APIError(Exception):
-    """An error the client caused or must see, with its HTTP status and OpenAI error body."""
+    """An error the client caused or must see, with its HTTP status and error body
+    ({"error": {"message", "type", "param", "code"}}, as OpenAI's and vLLM's servers)."""
 
-    def __init__(self, status: int, message: str, type_: ErrorType = "invalid_request_error",
-                 param: str | None = None, code: str | None = None,
-                 retry_after_s: float | None = None) -> None:
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 code: str | None = None, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
         self.status = status
         self.message = message
-        self.type = type_
+        self.type = ERROR_TYPES.get(status, "BadRequestError" if status < 500
+                                    else "InternalServerError")
         self.param = param
         self.code = code
 

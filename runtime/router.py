@@ -112,7 +112,7 @@ class Router:
     def check_model(self, model: str) -> None:
         if model != self.config.model_name:
             raise APIError(404, f"model {model!r} not found; this server serves "
-                           f"{self.config.model_name!r}", "not_found_error", "model",
+                           f"{self.config.model_name!r}", "model",
                            "model_not_found")
 
     def prepare(self, prompt_ids: list[int], sampling: SamplingSpec, kind: str) -> PreparedRequest:
@@ -147,7 +147,7 @@ class Router:
         if self.live is None or not self.live.ready:
             if self.config.serving == "colocated":
                 raise APIError(503, "the engines are still starting; retry shortly (GET "
-                               "/health says when they are up)", "server_error",
+                               "/health says when they are up)",
                                code="starting", retry_after_s=5.0)
             return None
         request = prepared.request
@@ -155,12 +155,13 @@ class Router:
                                     request.sampling.max_tokens)
         if isinstance(decision, Rejection) and decision.unavailable:
             raise APIError(503, f"no replica can serve requests now ({decision.reason}); "
-                           "retry shortly", "server_error", code="unavailable",
+                           "retry shortly", code="unavailable",
                            retry_after_s=decision.retry_after_s)
         if isinstance(decision, Rejection):
             self.metrics.rejections.inc()
-            raise APIError(429, f"rejected: {decision.reason}", "rate_limit_error",
-                           code="predicted_ttft_exceeds_slo",
+            raise APIError(429, f"rejected: {decision.reason}",
+                           code="overloaded" if decision.reason.startswith("overloaded")
+                           else "predicted_ttft_exceeds_slo",
                            retry_after_s=decision.retry_after_s)
         self.metrics.decisions.labels(lane=decision.lane, mode=decision.mode).inc()
         return decision

@@ -160,7 +160,7 @@ def test_bad_chat_input(serve_app):
 def test_missing_or_wrong_api_key_is_refused(serve_app, key):
     response = _post(serve_app, "/v1/completions", {"model": MODEL, "prompt": "hi"}, key=key)
     assert response.status_code == 401
-    assert response.json()["error"]["type"] == "authentication_error"
+    assert response.json()["error"]["type"] == "AuthenticationError"
     assert httpx.get(f"{serve_app}/v1/models").status_code == 401
 
 
