@@ -167,8 +167,7 @@ def write_results(out_dir: Path, args: dict[str, object], notes: list[str],
 
 
 def resolve_model(path: str | None) -> Path:
-    from runtime.cli import DEFAULT_MODEL_DIR
-    from runtime.tiny_model import is_tiny_model, make_tiny_model
+    from runtime.tiny_model import DEFAULT_MODEL_DIR, is_tiny_model, make_tiny_model
 
     if path:
         model = Path(path).expanduser()

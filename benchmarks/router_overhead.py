@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from runtime.cli import DEFAULT_MODEL_DIR
+from runtime.tiny_model import DEFAULT_MODEL_DIR
 
 
 def _median_ms(samples: list[float]) -> str:

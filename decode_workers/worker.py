@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from kv_transfer.connector_worker import WorkerStats
@@ -30,50 +30,11 @@ from kv_transfer.params import (
     parse_stats,
 )
 from runtime.engine_config import TransferFailurePolicy
+from runtime.messages import DecodeChunk, DecodeTimings, KVTransferFailed
 from runtime.requests import GenerateRequest
 
 if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
-
-
-class KVTransferFailed(RuntimeError):
-    """The prompt's KV blocks could not be loaded and the policy is to fail."""
-
-
-@dataclass(frozen=True)
-class DecodeTimings:
-    queue_ms: float  # engine queue, excluding the exposed transfer
-    transfer_ms: float  # the pull's own duration
-    transfer_bytes: int
-    first_token_ms: float  # submit -> first new token (queue + transfer + first step)
-    decode_ms: float  # first new token -> last token
-    num_loaded_tokens: int
-    num_computed_prompt_tokens: int  # prompt tokens this engine computed itself
-    transfer_error: str
-    worker_id: str = ""
-    transfer_exposed_ms: float = 0.0  # what the request waited for its KV (see TransferStats)
-    transfer_overlapped: bool = False  # the KV came from a prefetch during the prefill
-
-
-@dataclass(frozen=True)
-class DecodeChunk:
-    token_ids: tuple[int, ...]
-    finish_reason: str | None = None
-    timings: DecodeTimings | None = None
-    stop_reason: str | int | None = None  # the stop string or token that ended it
-
-    @property
-    def is_final(self) -> bool:
-        return self.timings is not None
-
-    @staticmethod
-    def merged(chunks: list[DecodeChunk]) -> DecodeChunk:
-        """Consecutive chunks of one stream as one (the last one's end, if it ends it)."""
-        if len(chunks) == 1:
-            return chunks[0]
-        last = chunks[-1]
-        return DecodeChunk(tuple(t for c in chunks for t in c.token_ids), last.finish_reason,
-                           last.timings, last.stop_reason)
 
 
 class DecodeWorker:

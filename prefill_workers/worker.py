@@ -13,36 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kv_transfer.connector_worker import WorkerStats
 from kv_transfer.grpc_transport import release_handle
 from kv_transfer.params import TransferParams, parse_transfer, producer_request_params
+from runtime.messages import PrefillResult, PrefillTimings
 from runtime.requests import GenerateRequest
 
 if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
-
-
-@dataclass(frozen=True)
-class PrefillTimings:
-    queue_ms: float
-    compute_ms: float
-    total_ms: float
-
-
-@dataclass(frozen=True)
-class PrefillResult:
-    request_id: str
-    first_token_id: int
-    finish_reason: str | None  # set when the first token already ends the request
-    transfer: TransferParams | None
-    num_prompt_tokens: int
-    num_cached_tokens: int
-    timings: PrefillTimings
-    worker_id: str = ""
-    stop_reason: str | int | None = None  # the stop string or token that ended it
 
 
 class PrefillWorker:

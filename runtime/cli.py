@@ -8,9 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-DEFAULT_MODEL_DIR = Path(
-    os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")
-) / "disagg" / "tiny-llama"
+from runtime.tiny_model import DEFAULT_MODEL_DIR
 
 
 def _make_tiny_model(args: argparse.Namespace) -> int:

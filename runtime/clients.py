@@ -12,9 +12,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from decode_workers.worker import DecodeChunk
 from kv_transfer.params import TransferParams
-from prefill_workers.worker import PrefillResult
+from runtime.messages import DecodeChunk, PrefillResult
 from runtime.requests import GenerateRequest
 from runtime.token_stream import TokenInbox, TokenSink, merged
 

@@ -11,18 +11,20 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 from ray import serve
 
-from decode_workers.worker import DecodeChunk, DecodeWorker
+from decode_workers.worker import DecodeWorker
 from kv_transfer.connector_worker import WorkerStats
 from kv_transfer.params import TransferParams
-from prefill_workers.worker import PrefillResult, PrefillWorker
+from prefill_workers.worker import PrefillWorker
 from runtime.app_config import AppConfig
 from runtime.engine_config import EngineRole
 from runtime.engine_stats import EngineLoad, LoadProbe
 from runtime.engines import build_engine
+from runtime.messages import DecodeChunk, PrefillResult
 from runtime.replica_common import (
     StreamedGeneration,
     calibration,
@@ -89,9 +91,10 @@ class PrefillServer:
     async def release(self, transfer: TransferParams) -> None:
         await self._worker.release(transfer)
 
-    async def status(self) -> ReplicaStatus:
-        return ReplicaStatus("prefill", self._worker.worker_id, self._probe.latest,
-                             await self._worker.kv_stats())
+    async def status(self) -> dict[str, Any]:
+        """As plain data: the ingress imports no engine module to read it."""
+        return asdict(ReplicaStatus("prefill", self._worker.worker_id, self._probe.latest,
+                                    await self._worker.kv_stats()))
 
     async def check_health(self) -> None:
         await check_health(self._worker.engine, self._probe)
@@ -148,10 +151,10 @@ class DecodeServer:
     async def cancel_prefetch(self, stream_handle: str, target_replica: str = "") -> None:
         await self._worker.cancel_prefetch(stream_handle)
 
-    async def status(self) -> ReplicaStatus:
+    async def status(self) -> dict[str, Any]:
         kv = await self._worker.kv_stats() if self._has_connector else WorkerStats(0, 0, 0, 0,
                                                                                   0, 0)
-        return ReplicaStatus("decode", self._worker.worker_id, self._probe.latest, kv)
+        return asdict(ReplicaStatus("decode", self._worker.worker_id, self._probe.latest, kv))
 
     async def check_health(self) -> None:
         await check_health(self._worker.engine, self._probe)

@@ -23,10 +23,9 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from decode_workers.worker import KVTransferFailed
 from runtime.clients import ReplicaFailed
 from runtime.detokenizer import IncrementalDetokenizer
-from runtime.messages import PreparedRequest, TextEvent
+from runtime.messages import KVTransferFailed, PreparedRequest, TextEvent
 from runtime.metrics import Metrics
 from runtime.openai_api import APIError
 from runtime.pipeline import Lane, PhaseTimings, StreamEvent

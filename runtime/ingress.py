@@ -15,7 +15,6 @@ import logging
 import math
 import secrets
 from collections.abc import AsyncIterator
-from dataclasses import asdict
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -140,8 +139,8 @@ class Ingress:
         and the scheduler's view of every replica, lane and decision count."""
         pools: dict[str, Any] = {}
         if self._prefill_handle is not None:  # colocated serving has no prefill pool
-            pools["prefill"] = asdict(await self._prefill_handle.status.remote())
-        pools["decode"] = asdict(await self._decode_handle.status.remote())
+            pools["prefill"] = await self._prefill_handle.status.remote()
+        pools["decode"] = await self._decode_handle.status.remote()
         return {**pools, "scheduler": self.live.snapshot()}
 
     async def report_load(self, report: ReplicaReport) -> None:

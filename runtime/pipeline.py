@@ -16,73 +16,19 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
-from decode_workers.worker import DecodeChunk, DecodeTimings
 from kv_transfer.params import TransferParams
-from prefill_workers.worker import PrefillResult
+from runtime.messages import (
+    DecodeChunk,
+    DecodeTimings,
+    Lane,
+    Mode,
+    PhaseTimings,
+    PrefillResult,
+    StreamEvent,
+)
 from runtime.requests import GenerateRequest
-
-Lane = Literal["short", "long"]
-Mode = Literal["disaggregated", "local", "prefill_local"]
-
-
-@dataclass(frozen=True)
-class PhaseTimings:
-    """One request's latency split. Phases in order: scheduler queue (ingress), prefill queue
-    and compute (prefill engine), KV transfer, decode queue (decode engine, transfer excluded),
-    decode compute (first to last decode token, plus the decode engine's first step)."""
-
-    scheduler_queue_ms: float
-    prefill_queue_ms: float
-    prefill_compute_ms: float
-    kv_transfer_ms: float
-    kv_transfer_bytes: int
-    decode_queue_ms: float
-    decode_compute_ms: float
-    ttft_ms: float
-    tpot_ms: float
-    e2e_ms: float
-    num_prompt_tokens: int
-    num_output_tokens: int
-    num_loaded_tokens: int
-    num_decode_computed_prompt_tokens: int
-    lane: Lane = "short"
-    mode: Mode = "disaggregated"
-    prefill_replica: str = ""
-    decode_replica: str = ""
-    transfer_error: str = ""
-    decision_reason: str = ""  # why the scheduler chose this lane, mode and replicas
-    # The part of kv_transfer_ms the request waited for (the rest was hidden behind compute).
-    kv_transfer_exposed_ms: float = 0.0
-    kv_transfer_overlapped: bool = False  # the KV moved during the prefill (prefetch)
-    # prompt tokens the prefilling engine found in its prefix cache (not computed)
-    num_cached_prompt_tokens: int = 0
-    # what the scheduler predicted: this prompt's prefill time on its engine, and the TTFT
-    predicted_prefill_ms: float = 0.0
-    predicted_ttft_ms: float = 0.0
-    num_retries: int = 0  # tries on other replicas after one failed before the first token
-    degraded: bool = False  # served by the other pool because one pool had no live replica
-
-    @property
-    def phases_ms(self) -> dict[str, float]:
-        """The sequential phases, which add up to e2e_ms less the hops between them."""
-        return {
-            "scheduler_queue": self.scheduler_queue_ms,
-            "prefill_queue": self.prefill_queue_ms,
-            "prefill_compute": self.prefill_compute_ms,
-            "kv_transfer": self.kv_transfer_ms,
-            "decode_queue": self.decode_queue_ms,
-            "decode_compute": self.decode_compute_ms,
-        }
-
-
-@dataclass(frozen=True)
-class StreamEvent:
-    token_ids: tuple[int, ...]
-    finish_reason: str | None = None
-    timings: PhaseTimings | None = None
-    stop_reason: str | int | None = None  # the stop string or token that ended it
 
 
 @dataclass(frozen=True)

@@ -15,12 +15,13 @@ from typing import Any
 
 from ray import serve
 
-from decode_workers.worker import DecodeChunk, DecodeWorker
+from decode_workers.worker import DecodeWorker
 from kv_transfer.params import TransferParams
 from runtime.app_config import AppConfig, PoolConfig
 from runtime.calibration import calibrate
 from runtime.engine_config import EngineConfig
 from runtime.engine_stats import LoadProbe
+from runtime.messages import DecodeChunk
 from runtime.requests import GenerateRequest
 from runtime.scheduler.types import ReplicaReport
 from runtime.streaming import coalesce

@@ -19,10 +19,9 @@ from dataclasses import replace
 from typing import Any
 
 from kv_transfer.params import TransferParams
-from prefill_workers.worker import PrefillResult
 from runtime.app_config import AppConfig
 from runtime.execution import Execution
-from runtime.messages import PreparedRequest, TextEvent
+from runtime.messages import PrefillResult, PreparedRequest, TextEvent
 from runtime.metrics import Metrics
 from runtime.openai_api import APIError
 from runtime.pipeline import (

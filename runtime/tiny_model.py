@@ -9,7 +9,13 @@ the tokens). Nothing is ever downloaded.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+
+# where `disagg` keeps the generated model (XDG cache)
+DEFAULT_MODEL_DIR = Path(
+    os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")
+) / "disagg" / "tiny-llama"
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
 CHAT_TEMPLATE = (

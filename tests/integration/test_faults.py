@@ -11,10 +11,10 @@ import time
 
 import pytest
 
-from decode_workers.worker import KVTransferFailed
 from kv_transfer.grpc_transport import release_handle
 from kv_transfer.params import TransferParams
 from runtime.engines import free_port
+from runtime.messages import KVTransferFailed
 from runtime.requests import GenerateRequest
 from tests.integration.conftest import BLOCK_SIZE, LEASE_S, SEED_OFFSETS
 from tests.integration.faults import CuttingProxy

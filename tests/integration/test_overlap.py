@@ -10,7 +10,8 @@ import itertools
 import pytest
 
 from kv_transfer.params import TransferParams
-from prefill_workers.worker import PrefillResult, PrefillWorker
+from prefill_workers.worker import PrefillWorker
+from runtime.messages import PrefillResult
 from runtime.pipeline import DisaggPipeline
 from runtime.requests import GenerateRequest
 from tests.integration.conftest import BLOCK_SIZE, SEED_OFFSETS

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from decode_workers.worker import DecodeChunk
 from runtime.detokenizer import IncrementalDetokenizer
+from runtime.messages import DecodeChunk
 from runtime.openai_api import StreamEncoder
 from runtime.streaming import coalesce
 

@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from decode_workers.worker import DecodeChunk
+from runtime.messages import DecodeChunk
 from runtime.token_stream import (
     MAX_FRAME_BYTES,
     TokenBatch,
