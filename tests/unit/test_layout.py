@@ -7,8 +7,9 @@ import ast
 import importlib.metadata
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("runtime", "kv_transfer", "prefill_workers", "decode_workers", "benchmarks",
