@@ -25,6 +25,25 @@ def _actor_options(pool: PoolConfig) -> dict[str, Any]:
     return options
 
 
+def _scaling(pool: PoolConfig, drain_s: float) -> dict[str, Any]:
+    """A pool's replica count: fixed, or Serve's autoscaler on the scheduler's demand
+    (runtime/autoscaling.py). A replica Serve removes finishes its requests first."""
+    options: dict[str, Any] = {"graceful_shutdown_timeout_s": drain_s}
+    spec = pool.autoscaling
+    if spec is None:
+        return {**options, "num_replicas": pool.replicas}
+    return {**options, "autoscaling_config": {
+        "min_replicas": spec.min_replicas, "max_replicas": spec.max_replicas,
+        "initial_replicas": min(spec.max_replicas, max(spec.min_replicas, pool.replicas)),
+        "metrics_interval_s": 1.0, "look_back_period_s": 2.0,
+        "policy": {"policy_function": "runtime.autoscaling:PoolAutoscaler",
+                   "policy_kwargs": {"upscale_delay_s": spec.upscale_delay_s,
+                                     "downscale_delay_s": spec.downscale_delay_s,
+                                     "min_replicas": spec.min_replicas,
+                                     "max_replicas": spec.max_replicas}},
+    }}
+
+
 def build_app(config: AppConfig) -> serve.Application:
     pinned = RequestRouterConfig(request_router_class=PinnedReplicaRouter)  # type: ignore[arg-type]
     prefill = None  # colocated serving has no prefill pool
@@ -32,7 +51,7 @@ def build_app(config: AppConfig) -> serve.Application:
         prefill = PrefillServer.options(  # type: ignore[attr-defined]
             name="PrefillServer",
             request_router_config=pinned,
-            num_replicas=config.prefill.replicas,
+            **_scaling(config.prefill, config.server.request_timeout_s),
             ray_actor_options=_actor_options(config.prefill),
             max_ongoing_requests=config.prefill.max_ongoing_requests,
             health_check_period_s=HEALTH_CHECK_PERIOD_S,
@@ -40,7 +59,7 @@ def build_app(config: AppConfig) -> serve.Application:
     decode = DecodeServer.options(  # type: ignore[attr-defined]
         name="DecodeServer",
         request_router_config=pinned,
-        num_replicas=config.decode.replicas,
+        **_scaling(config.decode, config.server.request_timeout_s),
         ray_actor_options=_actor_options(config.decode),
         max_ongoing_requests=config.decode.max_ongoing_requests,
         health_check_period_s=HEALTH_CHECK_PERIOD_S,

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
+from runtime.autoscaling import AutoscalingSpec
 from runtime.engine_config import EngineConfig, TransferConfig
 
 
@@ -37,6 +38,9 @@ class PoolConfig(BaseModel):
         default_factory=dict, description="Overrides of the shared engine settings."
     )
     max_ongoing_requests: int = Field(256, ge=1, description="Requests in flight per replica.")
+    autoscaling: AutoscalingSpec | None = Field(
+        None, description="Let the pool size itself between min and max replicas on the "
+        "scheduler's signals (runtime/autoscaling.py); None: `replicas`, fixed.")
     cpu_cores: list[str] = Field(
         default_factory=list,
         description="CPU engines: cores per replica (replica of local rank i takes entry "

@@ -8,7 +8,6 @@ runtime/clients.py.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
@@ -26,13 +25,13 @@ from runtime.engine_stats import EngineLoad, LoadProbe
 from runtime.engines import build_engine
 from runtime.messages import DecodeChunk, PrefillResult
 from runtime.replica_common import (
+    Reporter,
     StreamedGeneration,
     calibration,
     check_health,
     engine_healthy,
     pinned,
     replica_id,
-    report_loop,
 )
 from runtime.requests import GenerateRequest
 from runtime.scheduler.types import ReplicaReport
@@ -61,8 +60,11 @@ class PrefillServer:
             config)
         self._pending_tokens = 0
         self._calibration = await calibration(engine, config)
-        self._reporter = asyncio.get_running_loop().create_task(
-            report_loop(config.server.app_name, self._report))
+        self._reporter = Reporter(config.server.app_name, self._report)
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's autoscaler reads the pool's demand here (runtime/autoscaling.py)."""
+        return self._reporter.autoscaling_stats()
 
     def _report(self) -> ReplicaReport:
         return ReplicaReport("prefill", self._worker.worker_id, self._pending_tokens, 0, 0, 0,
@@ -121,8 +123,10 @@ class DecodeServer:
         self._block_size = config.decode_engine.block_size
         self._max_num_seqs = config.decode_engine.max_num_seqs
         self._calibration = await calibration(engine, config)
-        self._reporter = asyncio.get_running_loop().create_task(
-            report_loop(config.server.app_name, self._report))
+        self._reporter = Reporter(config.server.app_name, self._report)
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        return self._reporter.autoscaling_stats()
 
     def _report(self) -> ReplicaReport:
         load = self._probe.latest

@@ -143,12 +143,18 @@ class Ingress:
         pools["decode"] = await self._decode_handle.status.remote()
         return {**pools, "scheduler": self.live.snapshot()}
 
-    async def report_load(self, report: ReplicaReport) -> None:
-        """Called by every pool replica a few times a second."""
+    async def report_load(self, report: ReplicaReport) -> float:
+        """Called by every pool replica a few times a second; answers with the pool's demand
+        in replicas, which the replica hands to Serve's autoscaler."""
         self.live.report(report)
         if report.role == "prefill":
             self.metrics.pending_tokens.labels(replica=report.replica_id).set(
                 report.num_pending_tokens)
+        demand = self.live.demand(report.role)
+        self.metrics.demand.labels(pool=report.role).set(demand.replicas)
+        self.metrics.live_replicas.labels(pool=report.role).set(
+            self.live.health()["pools"].get(report.role, {}).get("live", 0))
+        return demand.replicas
 
     @api.post("/v1/completions", response_model=None)
     async def completions(self, request: Request) -> Response:

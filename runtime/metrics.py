@@ -66,6 +66,14 @@ class Metrics:
             "disagg_degraded_requests", "Requests served by the other pool because one pool "
             "had no live replica.", ["mode"], registry=self.registry,
         )
+        self.demand = Gauge(
+            "disagg_pool_demand_replicas", "Replicas each pool needs now, by the scheduler's "
+            "signals (what the pool's autoscaler scales to).", ["pool"], registry=self.registry,
+        )
+        self.live_replicas = Gauge(
+            "disagg_pool_live_replicas", "Replicas of each pool the scheduler can choose.",
+            ["pool"], registry=self.registry,
+        )
         self.pending_tokens = Gauge(
             "disagg_prefill_pending_tokens", "Prompt tokens in flight per prefill replica.",
             ["replica"], registry=self.registry,

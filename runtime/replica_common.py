@@ -18,6 +18,7 @@ from ray import serve
 from decode_workers.worker import DecodeWorker
 from kv_transfer.params import TransferParams
 from runtime.app_config import AppConfig, PoolConfig
+from runtime.autoscaling import DEMAND_METRIC
 from runtime.calibration import calibrate
 from runtime.engine_config import EngineConfig
 from runtime.engine_stats import LoadProbe
@@ -78,7 +79,22 @@ async def check_health(engine: Any, probe: LoadProbe) -> None:
                            "had requests")
 
 
-async def report_loop(app_name: str, make_report: Callable[[], ReplicaReport]) -> None:
+class Reporter:
+    """Tells the ingress this replica's load every REPORT_PERIOD_S (it may not exist yet);
+    the ingress answers with the pool's demand in replicas, which this replica passes on to
+    Serve's autoscaler (runtime/autoscaling.py)."""
+
+    def __init__(self, app_name: str, make_report: Callable[[], ReplicaReport]) -> None:
+        self.demand: float | None = None
+        self._task = asyncio.get_running_loop().create_task(
+            report_loop(app_name, make_report, self))
+
+    def autoscaling_stats(self) -> dict[str, float]:
+        return {} if self.demand is None else {DEMAND_METRIC: self.demand}
+
+
+async def report_loop(app_name: str, make_report: Callable[[], ReplicaReport],
+                      reporter: Reporter | None = None) -> None:
     """Tell the ingress this replica's load every REPORT_PERIOD_S (it may not exist yet)."""
     handle = None
     while True:
@@ -89,7 +105,9 @@ async def report_loop(app_name: str, make_report: Callable[[], ReplicaReport]) -
                 # event loop, which serves requests meanwhile
                 handle = await asyncio.to_thread(serve.get_deployment_handle, "Ingress",
                                                  app_name)
-            await handle.report_load.remote(make_report())
+            demand = await handle.report_load.remote(make_report())
+            if reporter is not None and demand is not None:
+                reporter.demand = float(demand)
         except Exception:  # noqa: BLE001 - the ingress is starting or restarting; retry
             handle = None
             await asyncio.sleep(1.0)

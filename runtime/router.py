@@ -37,6 +37,7 @@ from runtime.scheduler.policy import PolicyConfig
 from runtime.scheduler.types import Decision, Rejection
 
 DEFAULT_TPOT_BUDGET_MS = 100.0  # without slo.tpot_ms
+DEFAULT_TTFT_BUDGET_MS = 1000.0  # without slo.ttft_ms
 DEFAULT_STEP_TOKENS = 2048  # vLLM's max_num_batched_tokens when the config leaves it unset
 
 
@@ -68,9 +69,14 @@ def live_config(config: AppConfig) -> LiveConfig:
         disaggregation=config.serving == "disaggregated",
         tpot_budget_ms=slo.tpot_ms or DEFAULT_TPOT_BUDGET_MS,
     )
+    utilization = {name: pool.autoscaling.target_utilization if pool.autoscaling else 0.8
+                   for name, pool in (("prefill", config.prefill), ("decode", config.decode))}
     return LiveConfig(policy, scheduler.long_lane_replicas, engine.block_size,
                       engine.max_num_seqs, chunk_tokens=engine.long_prefill_chunk_tokens,
-                      step_tokens=engine.max_num_batched_tokens or DEFAULT_STEP_TOKENS)
+                      step_tokens=engine.max_num_batched_tokens or DEFAULT_STEP_TOKENS,
+                      ttft_budget_ms=slo.ttft_ms or DEFAULT_TTFT_BUDGET_MS,
+                      prefill_utilization=utilization["prefill"],
+                      decode_utilization=utilization["decode"])
 
 
 class NoPrefillPool:

@@ -157,6 +157,8 @@ def show_status(address: str, app_name: str) -> int:
         print(f"  decode {d['replica']}: {d['free_blocks']}/{d['total_blocks']} blocks free, "
               f"{d['active_seqs']} sequences, TPOT {d['tpot_ms']:.1f} ms, local prefill left "
               f"{left['short'] + left['long']:.0f} ms; {_model_line(d['model'])}")
+    for role, demand in view.get("demand", {}).items():
+        print(f"  {role} pool demand: {demand['replicas']:.2f} replicas ({demand['reason']})")
     decisions = ", ".join(f"{k}: {v}" for k, v in sorted(view["decisions"].items()))
     print(f"  decisions: {decisions or 'none yet'}")
     print("one replica per pool (engine view):")

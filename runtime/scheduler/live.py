@@ -16,9 +16,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
+
+from runtime.autoscaling import Demand, decode_demand, prefill_demand
 from runtime.scheduler.loads import DecodeTable, PrefillTable
 from runtime.scheduler.policy import GlobalScheduler, PolicyConfig
 from runtime.scheduler.prefill_model import PrefillModel
@@ -40,6 +43,9 @@ class LiveConfig:
     block_size: int
     max_num_seqs: int
     chunk_tokens: int = 512  # the engines' long_prefill_token_threshold
+    ttft_budget_ms: float = 1000.0  # what the prefill pool's queue may hold (autoscaling)
+    prefill_utilization: float = 0.8
+    decode_utilization: float = 0.8
     step_tokens: int = 2048  # the engines' max_num_batched_tokens
     default_tokens_per_s: float = 5000.0  # the prefill model before any calibration
 
@@ -92,9 +98,28 @@ class LiveScheduler:
             self.in_flight[decision.lane] += 1
         return decision
 
+    def demand(self, role: str) -> Demand:
+        """What the pool needs now, in replicas (runtime/autoscaling.py)."""
+        now, stale = time.monotonic(), self.config.policy.stale_after_s
+        if role == "prefill":
+            live = self.prefill.live(now, stale)
+            short, long_ = self.prefill.work.remaining_ms(now)
+            return prefill_demand(float((short + long_)[live].sum()), int(live.sum()),
+                                  self.config.ttft_budget_ms, self.config.prefill_utilization)
+        table = self.decode
+        live = table.live(now, stale)
+        usage = 1.0 - table.free_blocks[live] / np.maximum(table.total_blocks[live], 1)
+        return decode_demand(list(usage), list(table.active_seqs[live].astype(float)),
+                             self.config.max_num_seqs, list(table.tpot_ms[live]),
+                             self.config.policy.tpot_budget_ms,
+                             self.config.decode_utilization)
+
     def replica_failed(self, role: str, replica_id: str) -> None:
         """A call to the replica failed as a replica: choose it no more until it reports."""
         self.policy.replica_failed(role, replica_id, time.monotonic())
+
+    def _roles(self) -> tuple[str, ...]:
+        return ("prefill", "decode") if self.config.policy.disaggregation else ("decode",)
 
     def health(self) -> dict[str, Any]:
         """Live replicas per pool, and the app's state: ok, degraded (a pool has no live
@@ -171,6 +196,7 @@ class LiveScheduler:
                 for i, rid in enumerate(self.decode.ids)
             ],
             "decisions": {f"{lane}/{mode}": n for (lane, mode), n in self.decisions.items()},
+            "demand": {role: asdict(self.demand(role)) for role in self._roles()},
         }
 
 

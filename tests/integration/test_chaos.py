@@ -26,6 +26,8 @@ import pytest
 
 from tests.integration.serve_app import API_KEY, MODEL
 
+pytestmark = pytest.mark.slow  # kills engines: minutes, run with -m slow
+
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
 RECOVERY_S = 240.0
 

@@ -1,0 +1,71 @@
+"""The pools' autoscaling policy on synthetic signal traces (no Ray: the policy is the plain
+callable Serve's controller calls)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from runtime.app_config import PoolConfig
+from runtime.autoscaling import PoolAutoscaler, decode_demand, prefill_demand
+
+
+def _run(policy: PoolAutoscaler, demands: list[float], start: int = 1,
+         period_s: float = 1.0) -> list[int]:
+    current, state, out = start, {}, []
+    for i, demand in enumerate(demands):
+        current, state = policy.decide(current, demand, i * period_s, state)
+        out.append(current)
+    return out
+
+
+def test_scales_up_only_on_sustained_demand_and_down_one_at_a_time():
+    policy = PoolAutoscaler(upscale_delay_s=3, downscale_delay_s=5, min_replicas=1,
+                            max_replicas=3)
+    # a 2 s spike: no change; then 6 s of demand for 3 replicas; then it goes away
+    trace = [0.5] * 3 + [2.5] * 2 + [0.5] * 3 + [2.6] * 6 + [0.2] * 14
+    replicas = _run(policy, trace)
+    assert replicas[:8] == [1] * 8  # the spike was shorter than the delay
+    assert max(replicas) == 3 and replicas.index(3) == 8 + 3  # after 3 s of sustained demand
+    downs = [b for a, b in zip(replicas, replicas[1:], strict=False) if b < a]
+    assert downs == [2, 1]  # one replica at a time
+    assert replicas[-1] == 1
+
+
+def test_noise_around_a_boundary_never_flaps():
+    policy = PoolAutoscaler(upscale_delay_s=5, downscale_delay_s=10, min_replicas=1,
+                            max_replicas=4)
+    rng = random.Random(0)
+    trace = [2.0 + rng.uniform(-0.6, 0.6) for _ in range(200)]  # hovers around 2 replicas
+    replicas = _run(policy, trace, start=2)
+    changes = sum(1 for a, b in zip(replicas, replicas[1:], strict=False) if a != b)
+    assert changes <= 2, replicas
+
+
+def test_never_below_min_or_above_max():
+    policy = PoolAutoscaler(upscale_delay_s=0, downscale_delay_s=0, min_replicas=2,
+                            max_replicas=3)
+    replicas = _run(policy, [0.0] * 5 + [50.0] * 5 + [0.0] * 5, start=2)
+    assert min(replicas) == 2 and max(replicas) == 3
+
+
+def test_no_report_keeps_the_current_count():
+    policy = PoolAutoscaler(0, 0, 1, 4)
+    assert policy.decide(3, None, 0.0, {})[0] == 3
+
+
+def test_demand_counts_quadratic_prefill_work_and_the_tightest_decode_resource():
+    # 3.2 s of predicted prefill work with a 1 s TTFT budget at 80%: four replicas
+    assert prefill_demand(3200, 2, 1000, 0.8).replicas == pytest.approx(4.0)
+    # decode: KV 90% full on one of two replicas -> (0.45 avg) / 0.8; TPOT 120 ms of a 100
+    # ms budget at 80% is the tightest
+    demand = decode_demand([0.9, 0.0], [4, 2], 32, [120.0, 40.0], 100.0, 0.8)
+    assert "TPOT" in demand.reason and demand.replicas == pytest.approx(2 * 120 / 80)
+
+
+def test_autoscaling_config_is_validated():
+    with pytest.raises(ValueError, match="min_replicas"):
+        PoolConfig.model_validate({"autoscaling": {"min_replicas": 3, "max_replicas": 2}})
+    pool = PoolConfig.model_validate({"autoscaling": {"max_replicas": 4}})
+    assert pool.autoscaling is not None and pool.autoscaling.min_replicas == 1
