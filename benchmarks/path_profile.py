@@ -33,18 +33,21 @@ from benchmarks.workloads import WORKLOADS, synthetic
 PROFILED_ROLES = ("ingress", "replica", "proxy", "api_server")
 
 
+_PACKAGES = (("ray/", "ray"), ("vllm/", "vllm"), ("starlette/", "starlette/fastapi"),
+             ("fastapi/", "starlette/fastapi"), ("uvicorn/", "uvicorn"), ("grpc/", "grpc"),
+             ("torch/", "torch"), ("asyncio/", "asyncio"), ("json/", "json"),
+             ("pydantic", "pydantic"), ("msgpack/", "msgpack"), ("tokenizers/", "tokenizers"),
+             ("runtime/", "disagg"), ("decode_workers/", "disagg"),
+             ("prefill_workers/", "disagg"), ("kv_transfer/", "disagg"),
+             ("concurrent/", "threads (C calls)"), ("threading.py", "threads (C calls)"))
+
+
 def _package(frame: str) -> str:
-    """A frame 'function (path:line)' -> the package its file belongs to."""
-    path = frame.rsplit("(", 1)[-1]
-    for marker, name in (("site-packages/ray/", "ray"), ("site-packages/vllm/", "vllm"),
-                         ("site-packages/starlette", "starlette/fastapi"),
-                         ("site-packages/fastapi", "starlette/fastapi"),
-                         ("site-packages/uvicorn", "uvicorn"), ("site-packages/grpc", "grpc"),
-                         ("site-packages/torch", "torch"), ("asyncio/", "asyncio"),
-                         ("json/", "json"), ("site-packages/pydantic", "pydantic"),
-                         ("/runtime/", "disagg"), ("/decode_workers/", "disagg"),
-                         ("/prefill_workers/", "disagg"), ("/kv_transfer/", "disagg")):
-        if marker in path:
+    """A frame 'function (path:line)' -> the package its file belongs to (py-spy prints paths
+    relative to site-packages or the project)."""
+    path = frame.rsplit("(", 1)[-1].split("site-packages/")[-1]
+    for marker, name in _PACKAGES:
+        if path.startswith(marker) or f"/{marker}" in path:
             return name
     return "other"
 
