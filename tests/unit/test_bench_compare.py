@@ -161,3 +161,21 @@ def test_trace_replay_keeps_the_trace_mix_at_the_asked_rate():
         assert 2.8 < len(requests) / requests[-1].arrival_s < 5.2  # about 4 per second
         assert max(r.prompt_len for r in requests) <= 8192 - 64
         assert any(r.prompt_len >= 1024 for r in requests)  # the trace's long prompts
+
+
+def test_family_table_states_the_targets_ratios():
+    from benchmarks.families import family_table
+
+    def run(target, short_p99, short_p50, goodput, long_p99=float("nan"), cpu=5.0):
+        def cls(p50, p99):
+            return {"ttft_ms": {"p50": p50, "p90": p99, "p99": p99}}
+        return {"target": target, "rate_per_s": 2.0, "goodput_per_s": goodput,
+                "cpu_ms_per_token": cpu,
+                "classes": {"short": cls(short_p50, short_p99), "long": cls(1.0, long_p99)}}
+
+    table = family_table({"summaries": [run("disagg", 100, 50, 1.9, 2200),
+                                        run("colocated", 150, 60, 1.9, 2000),
+                                        run("vllm", 1000, 50, 2.0, 2100)]})
+    row = table[2].split(" | ")
+    assert row[2] == "20.0"  # vLLM's p99 is 20x its p50: head-of-line blocking
+    assert row[3] == "0.10x" and row[4] == "0.95x" and row[5] == "1.10x"
