@@ -46,6 +46,14 @@ class ReplicaStatus:
     kv: WorkerStats
 
 
+def _kv_room(probe: LoadProbe, num_blocks: int) -> tuple[int, int]:
+    """(free KV blocks, sequences running or waiting) of an engine, from its last step."""
+    load = probe.latest
+    if load is None:
+        return num_blocks, 0
+    return int((1.0 - load.kv_cache_usage) * num_blocks), load.num_running + load.num_waiting
+
+
 @serve.deployment
 class PrefillServer:
     async def __init__(self, config: AppConfig) -> None:  # type: ignore[misc]
@@ -59,6 +67,9 @@ class PrefillServer:
             DecodeWorker(engine, config.prefill_engine.block_size, worker_id=replica_id()),
             config)
         self._pending_tokens = 0
+        self._num_blocks = int(engine.vllm_config.cache_config.num_gpu_blocks or 0)
+        self._max_num_seqs = config.prefill_engine.max_num_seqs
+        self._block_size = config.prefill_engine.block_size
         self._calibration = await calibration(engine, config)
         self._reporter = Reporter(config.server.app_name, self._report)
 
@@ -67,8 +78,10 @@ class PrefillServer:
         return self._reporter.autoscaling_stats()
 
     def _report(self) -> ReplicaReport:
-        return ReplicaReport("prefill", self._worker.worker_id, self._pending_tokens, 0, 0, 0,
-                             0, 0, time.time(), self._calibration,
+        free, active = _kv_room(self._probe, self._num_blocks)
+        return ReplicaReport("prefill", self._worker.worker_id, self._pending_tokens, free,
+                             self._num_blocks, self._block_size, active,
+                             self._max_num_seqs, time.time(), self._calibration,
                              engine_healthy(self._worker.engine, self._probe))
 
     async def prefill(self, request: GenerateRequest, target_replica: str = "",
@@ -129,11 +142,8 @@ class DecodeServer:
         return self._reporter.autoscaling_stats()
 
     def _report(self) -> ReplicaReport:
-        load = self._probe.latest
-        usage = load.kv_cache_usage if load else 0.0
-        active = (load.num_running + load.num_waiting) if load else 0
-        return ReplicaReport("decode", self._worker.worker_id, 0,
-                             int((1.0 - usage) * self._num_blocks), self._num_blocks,
+        free, active = _kv_room(self._probe, self._num_blocks)
+        return ReplicaReport("decode", self._worker.worker_id, 0, free, self._num_blocks,
                              self._block_size, active, self._max_num_seqs, time.time(),
                              self._calibration,
                              engine_healthy(self._worker.engine, self._probe))

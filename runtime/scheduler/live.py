@@ -54,7 +54,8 @@ class LiveScheduler:
     def __init__(self, config: LiveConfig) -> None:
         self.config = config
         prior = PrefillModel.from_throughput(config.default_tokens_per_s)
-        self.prefill = PrefillTable([], [], prior, config.chunk_tokens, config.step_tokens)
+        self.prefill = PrefillTable([], [], prior, config.chunk_tokens, config.step_tokens,
+                                    config.block_size, config.max_num_seqs)
         self.decode = DecodeTable([], [], config.block_size, config.max_num_seqs, prior,
                                   config.chunk_tokens, config.step_tokens)
         self.policy = GlobalScheduler(config.policy, self.prefill, self.decode)
@@ -79,7 +80,9 @@ class LiveScheduler:
                 self.prefill.work.learn(i, [(n, ms) for n, ms in report.calibration])
             self.prefill.report(PrefillLoad(report.replica_id,
                                             "long" if self.prefill.is_long[i] else "short",
-                                            report.num_pending_tokens, now, report.healthy))
+                                            report.num_pending_tokens, now, report.healthy,
+                                            report.num_free_blocks, report.num_total_blocks,
+                                            report.num_active_seqs, report.max_num_seqs))
         else:
             i = self.decode.index.get(report.replica_id)
             if i is None:
@@ -166,10 +169,13 @@ class LiveScheduler:
         """The request ended (done, failed or aborted)."""
         self.in_flight[decision.lane] -= 1
         self.first_token(decision, request_id)  # no-op unless it ended before
-        if decision.decode_replica in self.decode.index:
-            self.decode.released(decision.decode_replica,
-                                 self.decode.blocks_for(prompt_len + max_tokens), max_tokens,
-                                 tpot_ms)
+        if decision.mode == "prefill_local":
+            table, replica = self.prefill, decision.prefill_replica or ""
+        else:
+            table, replica = self.decode, decision.decode_replica  # type: ignore[assignment]
+        if replica in table.index:
+            table.released(replica, table.blocks_for(prompt_len + max_tokens), max_tokens,
+                           tpot_ms)
 
     def snapshot(self) -> dict[str, Any]:
         now = time.monotonic()

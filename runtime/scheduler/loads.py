@@ -2,8 +2,10 @@
 
 Replicas report their load a few times a second (what the engine holds, for KV room and
 liveness). What the scheduler sent them and what it costs, it books itself as it dispatches
-(`work`: predicted prefill time per request from each replica's own quadratic model), so a
-burst of requests does not all pick the same "idle" replica between two reports.
+(`work`: predicted prefill time per request from each replica's own quadratic model; `placed`:
+the sequences it decodes), so a burst of requests does not all pick the same "idle" replica
+between two reports. Both pools decode: decode replicas always, prefill replicas for whole
+requests when the decode pool is full or down (`prefill_local`).
 """
 
 from __future__ import annotations
@@ -17,22 +19,51 @@ from runtime.scheduler.work import PrefillWork
 TPOT_EWMA_WEIGHT = 0.1  # weight of the newest request's TPOT
 
 
-class Liveness:
-    """Which replicas can take requests: healthy by their last report, that report recent, and
-    no call to them failed since it. A replica that never reported (tables built by hand, as
-    in the simulator) is taken to be live."""
+class ReplicaColumns:
+    """Liveness, KV room and the sequences a replica decodes.
 
-    def __init__(self) -> None:
+    Live: healthy by its last report, that report recent, and no call to it failed since. A
+    replica that never reported (tables built by hand, as in the simulator) is taken to be
+    live."""
+
+    def __init__(self, block_size: int, max_num_seqs: int, prior: PrefillModel,
+                 chunk_tokens: int, step_tokens: int) -> None:
+        self.block_size = block_size
+        self.default_max_num_seqs = max_num_seqs
+        self.ids: list[str] = []
+        self.index: dict[str, int] = {}
         self.reported_at = np.zeros(0)
         self.healthy = np.zeros(0, dtype=bool)
         self.failed_at = np.zeros(0)
+        self.total_blocks = np.zeros(0, dtype=np.int64)
+        self.free_blocks = np.zeros(0, dtype=np.int64)
+        self.active_seqs = np.zeros(0, dtype=np.int64)
+        self.max_num_seqs = np.zeros(0, dtype=np.int64)
+        self.booked_seqs = np.zeros(0, dtype=np.int64)  # sequences we placed, not yet done
+        self.booked_max_tokens = np.zeros(0)  # their max_tokens, summed
+        self.tpot_ms = np.zeros(0)  # recent TPOT of its requests (EWMA; 0: none yet)
+        self.work = PrefillWork(prior, chunk_tokens, step_tokens)
 
-    def _add_liveness(self) -> None:
-        self.reported_at = np.append(self.reported_at, -np.inf)
-        self.healthy = np.append(self.healthy, True)
-        self.failed_at = np.append(self.failed_at, -np.inf)
+    def _add(self, replica_id: str, num_total_blocks: int) -> int:
+        self.ids.append(replica_id)
+        self.index[replica_id] = len(self.ids) - 1
+        for name, value in (("reported_at", -np.inf), ("healthy", True), ("failed_at", -np.inf),
+                            ("total_blocks", num_total_blocks),
+                            ("free_blocks", num_total_blocks), ("active_seqs", 0),
+                            ("max_num_seqs", self.default_max_num_seqs), ("booked_seqs", 0),
+                            ("booked_max_tokens", 0.0), ("tpot_ms", 0.0)):
+            setattr(self, name, np.append(getattr(self, name), value))
+        self.work.add_replica()
+        return self.index[replica_id]
 
-    def _reported(self, i: int, reported_at_s: float, healthy: bool) -> None:
+    def _report_slots(self, i: int, num_total_blocks: int, num_free_blocks: int,
+                      num_active_seqs: int, max_num_seqs: int, reported_at_s: float,
+                      healthy: bool) -> None:
+        if num_total_blocks > 0:
+            self.total_blocks[i] = num_total_blocks
+            self.free_blocks[i] = num_free_blocks
+            self.active_seqs[i] = num_active_seqs
+            self.max_num_seqs[i] = max_num_seqs
         self.reported_at[i] = reported_at_s
         self.healthy[i] = healthy
 
@@ -47,77 +78,13 @@ class Liveness:
         failed_since = np.isfinite(self.failed_at) & (self.failed_at >= self.reported_at)
         return self.healthy & fresh & ~failed_since
 
-
-class PrefillTable(Liveness):
-    def __init__(self, replica_ids: list[str], lanes: list[Lane], prior: PrefillModel,
-                 chunk_tokens: int = 512, step_tokens: int = 2048):
-        assert len(replica_ids) == len(lanes), "one lane per replica"
-        super().__init__()
-        self.ids: list[str] = []
-        self.index: dict[str, int] = {}
-        self.is_long = np.zeros(0, dtype=bool)
-        self.reported_pending = np.zeros(0)
-        self.work = PrefillWork(prior, chunk_tokens, step_tokens)
-        for replica_id, lane in zip(replica_ids, lanes, strict=True):
-            self.add(replica_id, lane)
-
-    def add(self, replica_id: str, lane: Lane) -> int:
-        """A replica seen for the first time (replicas come and go with autoscaling)."""
-        self.ids.append(replica_id)
-        self.index[replica_id] = len(self.ids) - 1
-        self.is_long = np.append(self.is_long, lane == "long")
-        self.reported_pending = np.append(self.reported_pending, 0.0)
-        self._add_liveness()
-        self.work.add_replica()
-        return self.index[replica_id]
-
-    def report(self, load: PrefillLoad) -> None:
-        i = self.index[load.replica_id]
-        self.reported_pending[i] = load.num_pending_tokens
-        self._reported(i, load.reported_at_s, load.healthy)
-
-
-class DecodeTable(Liveness):
-    def __init__(self, replica_ids: list[str], num_total_blocks: list[int], block_size: int,
-                 max_num_seqs: int, prior: PrefillModel, chunk_tokens: int = 512,
-                 step_tokens: int = 2048):
-        super().__init__()
-        self.default_max_num_seqs = max_num_seqs
-        self.block_size = block_size
-        self.ids: list[str] = []
-        self.index: dict[str, int] = {}
-        self.total_blocks = np.zeros(0, dtype=np.int64)
-        self.free_blocks = np.zeros(0, dtype=np.int64)
-        self.active_seqs = np.zeros(0, dtype=np.int64)
-        self.max_num_seqs = np.zeros(0, dtype=np.int64)
-        self.booked_seqs = np.zeros(0, dtype=np.int64)  # sequences we placed, not yet done
-        self.booked_max_tokens = np.zeros(0)  # their max_tokens, summed
-        self.tpot_ms = np.zeros(0)  # recent TPOT of its requests (EWMA; 0: none yet)
-        self.work = PrefillWork(prior, chunk_tokens, step_tokens)  # local prefills
-        for replica_id, blocks in zip(replica_ids, num_total_blocks, strict=True):
-            self.add(replica_id, blocks)
-
-    def add(self, replica_id: str, num_total_blocks: int) -> int:
-        self.ids.append(replica_id)
-        self.index[replica_id] = len(self.ids) - 1
-        for name, value in (("total_blocks", num_total_blocks), ("free_blocks", num_total_blocks),
-                            ("active_seqs", 0), ("max_num_seqs", self.default_max_num_seqs),
-                            ("booked_seqs", 0),
-                            ("booked_max_tokens", 0.0), ("tpot_ms", 0.0)):
-            setattr(self, name, np.append(getattr(self, name), value))
-        self._add_liveness()
-        self.work.add_replica()
-        return self.index[replica_id]
-
-    def report(self, load: DecodeLoad) -> None:
-        i = self.index[load.replica_id]
-        self.free_blocks[i] = load.num_free_blocks
-        self.active_seqs[i] = load.num_active_seqs
-        self.max_num_seqs[i] = load.max_num_seqs
-        self._reported(i, load.reported_at_s, load.healthy)
-
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
+
+    def room(self, num_tokens: int) -> np.ndarray:
+        """Replicas with the KV blocks free now and a sequence slot."""
+        return (self.free_blocks >= self.blocks_for(num_tokens)) \
+            & (self.active_seqs < self.max_num_seqs)
 
     def placed(self, i: int, num_blocks: int, max_tokens: int) -> None:
         self.free_blocks[i] -= num_blocks
@@ -135,3 +102,47 @@ class DecodeTable(Liveness):
         if tpot_ms > 0:
             old = self.tpot_ms[i]
             self.tpot_ms[i] = tpot_ms if old == 0 else old + TPOT_EWMA_WEIGHT * (tpot_ms - old)
+
+
+class PrefillTable(ReplicaColumns):
+    def __init__(self, replica_ids: list[str], lanes: list[Lane], prior: PrefillModel,
+                 chunk_tokens: int = 512, step_tokens: int = 2048, block_size: int = 16,
+                 max_num_seqs: int = 64):
+        assert len(replica_ids) == len(lanes), "one lane per replica"
+        super().__init__(block_size, max_num_seqs, prior, chunk_tokens, step_tokens)
+        self.is_long = np.zeros(0, dtype=bool)
+        self.reported_pending = np.zeros(0)
+        for replica_id, lane in zip(replica_ids, lanes, strict=True):
+            self.add(replica_id, lane)
+
+    def add(self, replica_id: str, lane: Lane, num_total_blocks: int = 0) -> int:
+        """A replica seen for the first time (replicas come and go with autoscaling). Until
+        it reports its KV cache (num_total_blocks 0), it serves no whole request."""
+        self.is_long = np.append(self.is_long, lane == "long")
+        self.reported_pending = np.append(self.reported_pending, 0.0)
+        return self._add(replica_id, num_total_blocks)
+
+    def report(self, load: PrefillLoad) -> None:
+        i = self.index[load.replica_id]
+        self.reported_pending[i] = load.num_pending_tokens
+        self._report_slots(i, load.num_total_blocks, load.num_free_blocks,
+                           load.num_active_seqs, load.max_num_seqs, load.reported_at_s,
+                           load.healthy)
+
+
+class DecodeTable(ReplicaColumns):
+    def __init__(self, replica_ids: list[str], num_total_blocks: list[int], block_size: int,
+                 max_num_seqs: int, prior: PrefillModel, chunk_tokens: int = 512,
+                 step_tokens: int = 2048):
+        super().__init__(block_size, max_num_seqs, prior, chunk_tokens, step_tokens)
+        for replica_id, blocks in zip(replica_ids, num_total_blocks, strict=True):
+            self.add(replica_id, blocks)
+
+    def add(self, replica_id: str, num_total_blocks: int) -> int:
+        return self._add(replica_id, num_total_blocks)
+
+    def report(self, load: DecodeLoad) -> None:
+        i = self.index[load.replica_id]
+        self._report_slots(i, max(1, int(self.total_blocks[i])), load.num_free_blocks,
+                           load.num_active_seqs, load.max_num_seqs, load.reported_at_s,
+                           load.healthy)

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runtime.scheduler.loads import DecodeTable, PrefillTable
+from runtime.scheduler.loads import DecodeTable, PrefillTable, ReplicaColumns
 from runtime.scheduler.types import Decision, Lane, Rejection, RequestInfo
 
 
@@ -106,7 +106,8 @@ class GlobalScheduler:
             else np.zeros(len(self.prefill.ids), dtype=bool)
         if not d_live.any():
             if p_live.any():
-                return self._prefill_local(request, lane, p_live, now_s)
+                return self._prefill_local(request, lane, p_live, now_s,
+                                           "degraded: no live decode replica")
             return _unavailable("no live replica in either pool")
         d_open = d_live & (self.decode.booked_seqs
                            < self.decode.max_num_seqs + self.config.max_queued_per_replica)
@@ -118,6 +119,11 @@ class GlobalScheduler:
         d = self._place_decode(request, d_open)
         if d is None:
             return _no_room(request)
+        if not self._decode_pool_has_room(request, d_open) and p_live.any():
+            overflow = p_live & self.prefill.room(request.prompt_len + request.max_tokens)
+            if overflow.any():
+                return self._prefill_local(request, lane, overflow, now_s,
+                                           "decode pool full: a prefill replica serves it whole")
         n = request.prompt_len
         local_ms = self._local_ms(n, lane, now_s)
         can_local = self._can_local(request, d_live, now_s)
@@ -141,7 +147,7 @@ class GlobalScheduler:
                                  if lane == "short" else 0.0)
         local = None
         if can_local.any():
-            local = int(np.flatnonzero(can_local)[np.argmin(local_cost[can_local])])
+            local = self._earliest(can_local, local_cost, self.decode)
             # a long prefill on a decode replica slows its decodes all along: only for a
             # clear win (not just the transfer it saves)
             gain = 1.0 if lane == "short" else self.config.long_local_gain
@@ -161,19 +167,38 @@ class GlobalScheduler:
         return Decision(lane, "disaggregated", self.prefill.ids[p], self.decode.ids[d],
                         split_ttft, reason, own_ms)
 
-    def _prefill_local(self, request: RequestInfo, lane: Lane, p_live: np.ndarray,
-                       now_s: float) -> Decision | Rejection:
-        """Degraded: no decode replica is live; a prefill replica serves the whole request."""
-        work = self.prefill.work
-        wait_ms = work.wait_ms(now_s, request.prompt_len, lane)
-        candidates = np.flatnonzero(p_live)
-        p = int(candidates[np.argmin(wait_ms[candidates])])
+    def _prefill_local(self, request: RequestInfo, lane: Lane, candidates: np.ndarray,
+                       now_s: float, reason: str) -> Decision | Rejection:
+        """A prefill replica serves the whole request: the decode pool is full, or down."""
+        table = self.prefill
+        wait_ms = table.work.wait_ms(now_s, request.prompt_len, lane)
+        p = self._earliest(candidates, wait_ms, table)
         rejection = self._admit(float(wait_ms[p]))
         if rejection is not None:
             return rejection
-        own_ms = work.book(p, request.request_id, lane, request.prompt_len, now_s)
-        return Decision(lane, "prefill_local", self.prefill.ids[p], "", float(wait_ms[p]),
-                        "degraded: no live decode replica", own_ms)
+        table.placed(p, table.blocks_for(request.prompt_len + request.max_tokens),
+                     request.max_tokens)
+        own_ms = table.work.book(p, request.request_id, lane, request.prompt_len, now_s)
+        return Decision(lane, "prefill_local", table.ids[p], "", float(wait_ms[p]), reason,
+                        own_ms)
+
+    def _decode_pool_has_room(self, request: RequestInfo, d_open: np.ndarray) -> bool:
+        """A live decode replica can take the sequence now: KV blocks and a slot free, and
+        its TPOT within budget (or nothing decoding there yet)."""
+        table = self.decode
+        tpot_ok = (table.tpot_ms <= self.config.tpot_budget_ms) | (table.booked_seqs == 0)
+        return bool((d_open & table.room(request.prompt_len + request.max_tokens)
+                     & tpot_ok).any())
+
+    @staticmethod
+    def _earliest(candidates: np.ndarray, ms: np.ndarray, table: ReplicaColumns) -> int:
+        """The candidate with the earliest predicted first token; among those about as early
+        (within 10%, or 5 ms), the one decoding the fewest sequences (so ties do not all go
+        to the first replica and its batch grows)."""
+        pool = np.flatnonzero(candidates)
+        best = float(ms[pool].min())
+        near = pool[ms[pool] <= best + max(5.0, 0.1 * best)]
+        return int(near[np.lexsort((ms[near], table.booked_seqs[near]))[0]])
 
     def _split_reason(self, request: RequestInfo, can_local: np.ndarray,
                       local_ms: np.ndarray, split_ready: float) -> str:
@@ -234,9 +259,8 @@ class GlobalScheduler:
         if not fits.any():
             return _no_room(request)
         room = fits & (table.free_blocks >= blocks) & (table.active_seqs < table.max_num_seqs)
-        pool = np.flatnonzero(room if room.any() else fits)
         wait_ms = self._local_ms(request.prompt_len, lane, now_s)
-        d = int(pool[np.argmin(wait_ms[pool])])
+        d = self._earliest(room if room.any() else fits, wait_ms, table)
         return self._book_local(request, lane, d, float(wait_ms[d]), now_s,
                                 f"colocated: earliest first token ({wait_ms[d]:.0f} ms "
                                 f"predicted, {table.active_seqs[d]} sequences)")

@@ -20,6 +20,11 @@ class PrefillLoad:
     num_pending_tokens: int  # prompt tokens queued or running on it
     reported_at_s: float
     healthy: bool = True
+    # its KV cache and sequences (it serves whole requests when the decode pool is full)
+    num_free_blocks: int = 0
+    num_total_blocks: int = 0
+    num_active_seqs: int = 0
+    max_num_seqs: int = 0
 
 
 @dataclass(frozen=True)

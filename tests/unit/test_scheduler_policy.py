@@ -276,3 +276,24 @@ def test_without_decode_replicas_a_prefill_replica_serves_whole_requests():
     sched.prefill.report(PrefillLoad("p0", "short", 0, NOW, healthy=False))
     refused = sched.decide(_req(1, 300), NOW)
     assert isinstance(refused, Rejection) and refused.unavailable
+
+
+def test_colocated_ties_go_to_the_engine_with_fewer_sequences():
+    sched = _scheduler(num_short=0, num_long=0, num_decode=2, disaggregation=False)
+    chosen = []
+    for i in range(6):  # short prompts: equal predicted first tokens on both idle engines
+        decision = sched.decide(_req(i, 64), NOW)
+        sched.first_token(decision, f"r{i}")  # prefill done, the sequence keeps decoding
+        chosen.append(decision.decode_replica)
+    assert chosen.count("d0") == chosen.count("d1") == 3
+
+
+def test_a_full_decode_pool_overflows_whole_requests_to_a_prefill_replica():
+    sched = _scheduler(num_short=1, num_long=0, num_decode=1, local_max_prompt_tokens=None)
+    sched.prefill.total_blocks[0] = sched.prefill.free_blocks[0] = 1000
+    sched.decode.report(DecodeLoad("d0", 1000, 16, 8, 8, NOW))  # every sequence slot taken
+    decision = sched.decide(_req(0, 300), NOW)
+    assert decision.mode == "prefill_local" and decision.prefill_replica == "p0"
+    assert "decode pool full" in decision.reason and sched.prefill.booked_seqs[0] == 1
+    sched.decode.report(DecodeLoad("d0", 1000, 16, 2, 8, NOW))  # room again
+    assert sched.decide(_req(1, 300), NOW).mode != "prefill_local"
