@@ -15,7 +15,12 @@ Rules, in order (each decision's `reason` says which applied):
      max_tokens at all; among them, those with the blocks free now and a free sequence slot
      first, then fewest active sequences, then most free blocks.
   3. Prefill replica: the earliest predicted first token.
-  4. Mode: local (a decode replica prefills the prompt itself, no transfer), on the decode
+  4. Decode balance: a prompt prefilled on a prefill replica is decoded there too
+     (`prefill_local`) when that replica decodes clearly fewer sequences than the decode
+     replica would (a long prompt outstanding there counts as max_num_seqs / 4); and when no
+     decode replica has room (KV, a slot, TPOT within budget), a prefill replica with room
+     serves the whole request.
+  5. Mode: local (a decode replica prefills the prompt itself, no transfer), on the decode
      replica that would finish it first, when that is no later than the split path would have
      the KV on a decode replica (prefill + transfer + the extra hop), the replica has room now,
      the prompt is at most `local_max_prompt_tokens` (if set), and the replica's decodes stay
@@ -24,13 +29,13 @@ Rules, in order (each decision's `reason` says which applied):
      A long prompt goes local only for a clear win (at most `long_local_gain` x the split
      path's time: the prefill pool is busy), since its prefill slows that replica's decodes
      all along. Otherwise disaggregated.
-  5. Colocated serving (`disaggregation` off): every request is local, on the engine with
+  6. Colocated serving (`disaggregation` off): every request is local, on the engine with
      the earliest predicted first token.
-  6. Overload: a decode replica holds at most max_num_seqs + `max_queued_per_replica`
+  7. Overload: a decode replica holds at most max_num_seqs + `max_queued_per_replica`
      requests; when every live one is full the request is refused (429, Retry-After 1 s).
      Admission (off unless `admission_ttft_ms` is set): a request whose predicted TTFT exceeds
      it is rejected now, with a Retry-After of the excess, instead of queueing to miss its SLO.
-  7. Liveness: only replicas that are healthy by their last report, reported within
+  8. Liveness: only replicas that are healthy by their last report, reported within
      `stale_after_s`, and had no failed call since, are chosen. With no live prefill replica
      the decode replicas prefill every prompt (degraded); with no live decode replica a
      prefill replica serves whole requests (`prefill_local`, degraded); with neither, the
@@ -64,6 +69,9 @@ class PolicyConfig:
     # requests a decode replica may hold beyond max_num_seqs (waiting in its engine); more
     # are refused (429) rather than queued without bound
     max_queued_per_replica: int = 256
+    # a prompt prefilled on a prefill replica is decoded there too when that replica decodes
+    # clearly fewer sequences than the decode replica would (decode-heavy loads)
+    decode_balance: bool = True
 
     def transfer_ms(self, num_tokens: int) -> float:
         return self.transfer_latency_ms + 1e3 * num_tokens * self.kv_bytes_per_token \
@@ -157,6 +165,13 @@ class GlobalScheduler:
             return self._book_local(request, lane, local, float(local_ms[local]), now_s,
                                     f"local prefill {local_ms[local]:.1f} ms <= split "
                                     f"{split_ready:.1f} ms")
+        if self._decodes_better_on_prefill(request, p, d):
+            only_p = np.zeros(len(self.prefill.ids), dtype=bool)
+            only_p[p] = True
+            return self._prefill_local(
+                request, lane, only_p, now_s,
+                f"decode balance: prefill replica decodes {self.prefill.booked_seqs[p]} "
+                f"sequences, decode replica {self.decode.booked_seqs[d]}")
         rejection = self._admit(split_ttft)
         if rejection is not None:
             return rejection
@@ -181,6 +196,18 @@ class GlobalScheduler:
         own_ms = table.work.book(p, request.request_id, lane, request.prompt_len, now_s)
         return Decision(lane, "prefill_local", table.ids[p], "", float(wait_ms[p]), reason,
                         own_ms)
+
+    def _decodes_better_on_prefill(self, request: RequestInfo, p: int, d: int) -> bool:
+        """Prefilled on prefill replica p anyway: decode there too (no transfer) when it has
+        clearly fewer sequences to decode than decode replica d (a decode-heavy load would
+        otherwise leave the prefill pool idle while the decode pool queues). A long prompt
+        outstanding on p counts as many sequences: its chunks slow every step there."""
+        table = self.prefill
+        if not self.config.decode_balance or not table.room(
+                request.prompt_len + request.max_tokens)[p]:
+            return False
+        long_penalty = table.work.num_long[p] * max(1, int(table.max_num_seqs[p]) // 4)
+        return bool(table.booked_seqs[p] + 1 + long_penalty < self.decode.booked_seqs[d])
 
     def _decode_pool_has_room(self, request: RequestInfo, d_open: np.ndarray) -> bool:
         """A live decode replica can take the sequence now: KV blocks and a slot free, and

@@ -297,3 +297,19 @@ def test_a_full_decode_pool_overflows_whole_requests_to_a_prefill_replica():
     assert "decode pool full" in decision.reason and sched.prefill.booked_seqs[0] == 1
     sched.decode.report(DecodeLoad("d0", 1000, 16, 2, 8, NOW))  # room again
     assert sched.decide(_req(1, 300), NOW).mode != "prefill_local"
+
+
+def test_decode_heavy_load_is_balanced_onto_the_prefill_replica():
+    sched = _scheduler(num_short=1, num_long=0, num_decode=1, local_max_prompt_tokens=0)
+    sched.prefill.total_blocks[0] = sched.prefill.free_blocks[0] = 1000
+    modes = []
+    for i in range(8):
+        decision = sched.decide(_req(i, 200, max_tokens=300), NOW + i)
+        sched.first_token(decision, f"r{i}")
+        modes.append(decision.mode)
+    # both engines end up decoding about as many sequences
+    assert abs(int(sched.prefill.booked_seqs[0]) - int(sched.decode.booked_seqs[0])) <= 2
+    assert "prefill_local" in modes and "disaggregated" in modes
+    # with a long prompt outstanding there, the prefill replica takes no more decodes
+    sched.prefill.work.book(0, "long", "long", 8000, NOW + 10)
+    assert sched.decide(_req(99, 200, max_tokens=300), NOW + 10).mode == "disaggregated"
