@@ -6,6 +6,7 @@ from typing import Any
 
 from ray import serve
 from ray.serve.config import RequestRouterConfig
+from ray.serve.schema import LoggingConfig
 
 from runtime.app_config import AppConfig, PoolConfig
 from runtime.deployments import DecodeServer, PrefillServer
@@ -16,6 +17,9 @@ from runtime.routing import PinnedReplicaRouter
 # take seconds, not the half minute of Serve's default 10 s period. (The ingress stops
 # choosing the replica sooner still: its reports say the engine is unhealthy.)
 HEALTH_CHECK_PERIOD_S = 2.0
+# No access log line per call: replicas report their load several times a second, and a
+# log line per streamed request is CPU the engines need (errors are still logged).
+QUIET = LoggingConfig(enable_access_log=False)
 
 
 def _actor_options(pool: PoolConfig) -> dict[str, Any]:
@@ -55,6 +59,7 @@ def build_app(config: AppConfig) -> serve.Application:
             ray_actor_options=_actor_options(config.prefill),
             max_ongoing_requests=config.prefill.max_ongoing_requests,
             health_check_period_s=HEALTH_CHECK_PERIOD_S,
+            logging_config=QUIET,
         ).bind(config)
     decode = DecodeServer.options(  # type: ignore[attr-defined]
         name="DecodeServer",
@@ -63,9 +68,10 @@ def build_app(config: AppConfig) -> serve.Application:
         ray_actor_options=_actor_options(config.decode),
         max_ongoing_requests=config.decode.max_ongoing_requests,
         health_check_period_s=HEALTH_CHECK_PERIOD_S,
+        logging_config=QUIET,
     ).bind(config)
     return Ingress.options(  # type: ignore[attr-defined]
-        name="Ingress", ray_actor_options={"num_cpus": 0},
+        name="Ingress", ray_actor_options={"num_cpus": 0}, logging_config=QUIET,
         max_ongoing_requests=config.server.max_concurrent_requests
     ).bind(config, prefill, decode)
 

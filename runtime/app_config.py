@@ -75,7 +75,9 @@ class SchedulerConfig(BaseModel):
     admission: bool = Field(
         False, description="Reject (429) requests whose predicted TTFT exceeds slo.ttft_ms."
     )
-    stale_after_s: float = Field(2.0, gt=0, description="Older load reports are not trusted.")
+    stale_after_s: float = Field(
+        1.0, gt=0, description="A replica whose last load report (every 0.4 s) is older is "
+        "taken for dead: no new request goes to it.")
     link_bytes_per_s: float = Field(2e9, gt=0, description="KV transfer speed, for estimates.")
 
 

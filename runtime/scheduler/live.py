@@ -161,8 +161,8 @@ class LiveScheduler:
 
     def prefill_measured(self, decision: Decision, num_tokens: int, compute_ms: float,
                          clean: bool | None) -> None:
-        if clean and compute_ms > 0:
-            self.policy.learn(decision, num_tokens, compute_ms)
+        if compute_ms > 0:
+            self.policy.learn(decision, num_tokens, compute_ms, alone=bool(clean))
 
     def request_done(self, decision: Decision, request_id: str, prompt_len: int,
                      max_tokens: int, tpot_ms: float = 0.0) -> None:

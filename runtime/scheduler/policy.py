@@ -56,14 +56,14 @@ from runtime.scheduler.types import Decision, Lane, Rejection, RequestInfo
 class PolicyConfig:
     long_prompt_tokens: int = 4096
     long_prefill_ms: float | None = None
-    stale_after_s: float = 1.0  # replicas report every 0.2 s
+    stale_after_s: float = 1.0  # replicas report every 0.4 s
     local_max_prompt_tokens: int | None = None  # None: any prompt may be prefilled locally
     kv_bytes_per_token: int = 131072  # Llama-3-8B bf16: 2 * 32 layers * 8 heads * 128 * 2 B
     link_bytes_per_s: float = 5e9
     transfer_latency_ms: float = 0.5
     split_overhead_ms: float = 5.0  # the extra hop to a prefill replica and back
     tpot_budget_ms: float = 100.0  # local prefills may slow a decode replica's TPOT up to this
-    long_local_gain: float = 0.8  # a long prompt goes local if it finishes in this x split time
+    long_local_gain: float = 0.9  # a long prompt goes local if it finishes in this x split time
     admission_ttft_ms: float | None = None
     disaggregation: bool = True
     # requests a decode replica may hold beyond max_num_seqs (waiting in its engine); more
@@ -206,6 +206,8 @@ class GlobalScheduler:
         if not self.config.decode_balance or not table.room(
                 request.prompt_len + request.max_tokens)[p]:
             return False
+        if self.decode.booked_seqs[d] < max(2, int(self.decode.max_num_seqs[d]) // 4):
+            return False  # the decode replica is far from busy: keep prefill replicas free
         long_penalty = table.work.num_long[p] * max(1, int(table.max_num_seqs[p]) // 4)
         return bool(table.booked_seqs[p] + 1 + long_penalty < self.decode.booked_seqs[d])
 
@@ -321,15 +323,21 @@ class GlobalScheduler:
         if i is not None:
             table.mark_failed(i, now_s)
 
-    def learn(self, decision: Decision, num_tokens: int, compute_ms: float) -> None:
-        """A prefill time measured on the engine that ran the prompt alone."""
+    def learn(self, decision: Decision, num_tokens: int, compute_ms: float,
+              alone: bool) -> None:
+        """A prefill time measured on the engine that ran the prompt: every one tracks the
+        engine's slowdown under load; one that ran alone refits its model too."""
         if decision.mode == "local":
+            table: ReplicaColumns = self.decode
             i = self.decode.index.get(decision.decode_replica)
-            if i is not None:
-                self.decode.work.learn(i, [(num_tokens, compute_ms)])
-        elif decision.prefill_replica in self.prefill.index:
-            self.prefill.work.learn(self.prefill.index[decision.prefill_replica],
-                                    [(num_tokens, compute_ms)])
+        else:
+            table = self.prefill
+            i = self.prefill.index.get(decision.prefill_replica or "")
+        if i is None:
+            return
+        if alone:
+            table.work.learn(i, [(num_tokens, compute_ms)])
+        table.work.observe(i, num_tokens, compute_ms)
 
 
 def _unavailable(reason: str) -> Rejection:

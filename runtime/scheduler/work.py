@@ -28,6 +28,8 @@ from runtime.scheduler.types import Lane
 
 # Never believe that outstanding work is more than this much done (the model may be slow).
 MAX_PROGRESS = 0.95
+SLOWDOWN_WEIGHT = 0.2  # weight of the newest prefill in the slowdown's running average
+MIN_SLOWDOWN, MAX_SLOWDOWN = 0.5, 4.0
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,9 @@ class PrefillWork:
         self.num_outstanding = np.zeros(0, dtype=np.int64)
         self.num_dispatched = np.zeros(0, dtype=np.int64)
         self.num_long = np.zeros(0, dtype=np.int64)  # long prompts outstanding
+        # measured / predicted prefill time of recent prefills, whatever else ran: how much
+        # slower than alone the engine prefills under its current load
+        self.slowdown = np.zeros(0)
         self._long_queues: list[deque[str]] = []  # per replica, in booking order
         self._bookings: dict[str, Booking] = {}
 
@@ -70,6 +75,7 @@ class PrefillWork:
         self.num_outstanding = np.append(self.num_outstanding, 0)
         self.num_dispatched = np.append(self.num_dispatched, 0)
         self.num_long = np.append(self.num_long, 0)
+        self.slowdown = np.append(self.slowdown, 1.0)
         self._long_queues.append(deque())
         self._set_model(len(self.fits) - 1, self.prior)
         return len(self.fits) - 1
@@ -88,10 +94,21 @@ class PrefillWork:
         fit.refit()
         self._set_model(i, fit.model)
 
+    def observe(self, i: int, num_tokens: int, measured_ms: float) -> None:
+        """A prefill on replica i took measured_ms (alone or not): track the slowdown."""
+        alone_ms = float(self.model(i).predict_ms(num_tokens))
+        if alone_ms > 0 and measured_ms > 0:
+            ratio = min(MAX_SLOWDOWN, max(MIN_SLOWDOWN, measured_ms / alone_ms))
+            self.slowdown[i] += SLOWDOWN_WEIGHT * (ratio - self.slowdown[i])
+
     def predict_ms(self, num_tokens: int) -> np.ndarray:
         """Every replica's time to prefill num_tokens alone."""
         n = float(num_tokens)
         return self.a + self.b * n + self.c * n * n
+
+    def expected_ms(self, num_tokens: int) -> np.ndarray:
+        """Every replica's time to prefill num_tokens under its recent load."""
+        return self.predict_ms(num_tokens) * self.slowdown
 
     def remaining_ms(self, now_s: float) -> tuple[np.ndarray, np.ndarray]:
         """(short, long) predicted work still to do on every replica."""
@@ -106,19 +123,19 @@ class PrefillWork:
     def wait_ms(self, now_s: float, num_tokens: int, lane: Lane) -> np.ndarray:
         """Every replica's predicted time until a new prompt of this lane is prefilled."""
         short, long_ = self.remaining_ms(now_s)
-        own = self.predict_ms(num_tokens)
+        own = self.expected_ms(num_tokens)
         if lane == "long":
             return short + long_ + own
         # the long prefill in progress takes one chunk of every step the short prompt is in
         steps = 1 + np.ceil(num_tokens / max(1, self.step_tokens - self.chunk_tokens))
         position = self.head_tokens / 2
         k = float(self.chunk_tokens)
-        chunk_ms = self.b * k + self.c * k * (k + 2.0 * position)
+        chunk_ms = (self.b * k + self.c * k * (k + 2.0 * position)) * self.slowdown
         return short + own + np.where(long_ > 0, steps * chunk_ms, 0.0)
 
     def book(self, i: int, request_id: str, lane: Lane, num_tokens: int, now_s: float) -> float:
         """A prefill dispatched to replica i; returns its predicted time alone."""
-        work = float(self.predict_ms(num_tokens)[i])
+        work = float(self.expected_ms(num_tokens)[i])
         alone = bool(self.num_outstanding[i] == 0)
         if alone:
             self.busy_since[i], self.done_ms[i] = now_s, 0.0
