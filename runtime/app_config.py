@@ -4,7 +4,7 @@
       model: /models/llama
       block_size: 128
     prefill: {replicas: 1, num_cpus: 1, engine: {max_num_batched_tokens: 8192}}
-    decode:  {replicas: 2, num_cpus: 1, resources: {decode_node: 1}}
+    decode:  {replicas: 2, num_cpus: 1, resources: {decode_node: 1}, cost_per_replica_hour: 2.5}
     transfer: {data_channel: tcp, on_transfer_failure: recompute}
     scheduler: {long_prompt_tokens: 4096}
     server: {http_port: 8000, grpc_port: 9000, api_key: null}
@@ -41,6 +41,10 @@ class PoolConfig(BaseModel):
     autoscaling: AutoscalingSpec | None = Field(
         None, description="Let the pool size itself between min and max replicas on the "
         "scheduler's signals (runtime/autoscaling.py); None: `replicas`, fixed.")
+    cost_per_replica_hour: float = Field(
+        0.0, ge=0, description="What one replica of this pool costs per hour (any currency): "
+        "each request's engine-seconds on the pool are priced at it (timings.cost.dollars, "
+        "usage.cost). 0: costs are reported in seconds only.")
     cpu_cores: list[str] = Field(
         default_factory=list,
         description="CPU engines: cores per replica (replica of local rank i takes entry "

@@ -2,16 +2,20 @@
 
 vLLM hands every custom stat logger its scheduler's stats after each step (KV cache usage,
 running and waiting requests). `LoadProbe` keeps the latest as an `EngineLoad`: the leak checks
-read it now, and the global scheduler will place requests by it.
+read it now, and the global scheduler will place requests by it. `CostProbe` hands each step's
+duration and batch to a CostTracker (what each request cost).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from vllm.v1.metrics.loggers import StatLoggerBase
+
+from runtime.cost_tracker import CostTracker, StepCounts
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -57,3 +61,55 @@ class _ProbeLogger(StatLoggerBase):
 
     def log_engine_initialized(self) -> None:
         return
+
+
+class CostProbe:
+    """Feeds a CostTracker (runtime/cost_tracker.py) every engine step's duration and what it
+    scheduled; pass `factory` to AsyncLLM. vLLM measures and reports each step only when the
+    engine runs with enable_logging_iteration_details (build_engine sets it for a probe)."""
+
+    def __init__(self, tracker: CostTracker) -> None:
+        self.tracker = tracker
+
+    def factory(self, vllm_config: VllmConfig, engine_index: int = 0) -> StatLoggerBase:
+        return _CostLogger(self.tracker, vllm_config, engine_index)
+
+
+class _CostLogger(StatLoggerBase):
+    def __init__(self, tracker: CostTracker, vllm_config: VllmConfig,
+                 engine_index: int = 0) -> None:
+        self._tracker = tracker
+
+    def record(
+        self,
+        scheduler_stats: Any,
+        iteration_stats: Any,
+        mm_cache_stats: Any = None,
+        engine_idx: int = 0,
+    ) -> None:
+        details = getattr(scheduler_stats, "iteration_details", None)
+        if details is None or details.is_dummy:
+            return
+        self._tracker.on_step(StepCounts(
+            duration_s=details.elapsed_ms / 1e3,
+            num_prefill_requests=details.num_ctx_requests,
+            num_prefill_tokens=details.num_ctx_tokens,
+            num_decode_requests=details.num_generation_requests,
+        ))
+
+    def log_engine_initialized(self) -> None:
+        self._tracker.restart_clock()
+
+
+class DropIterationLines(logging.Filter):
+    """vLLM's own logging stat logger writes a line per step once iteration details are on;
+    the cost probe needs the details, nobody needs the lines."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("%sIteration(")
+
+    @classmethod
+    def install(cls) -> None:
+        target = logging.getLogger("vllm.v1.metrics.loggers")
+        if not any(isinstance(f, cls) for f in target.filters):
+            target.addFilter(cls())

@@ -1,0 +1,164 @@
+"""Cost per request: engine steps divided among their requests, blocks held, prices."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from pydantic import ValidationError
+
+from runtime.app_config import AppConfig, PoolConfig
+from runtime.cost import EngineUsage, RequestCost, StepLedger, dollars
+from runtime.cost_tracker import CostTracker, StepCounts
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now_s = 100.0
+
+    def __call__(self) -> float:
+        return self.now_s
+
+
+@pytest.mark.parametrize("num_decoding", [1, 2, 7, 64])
+def test_a_step_with_k_sequences_is_shared_out_exactly(num_decoding):
+    ledger = StepLedger()
+    decoding = [f"d{i}" for i in range(num_decoding)]
+    shares = ledger.record_step(0.0137, {"p0": 300, "p1": 45}, decoding)
+    assert math.isclose(sum(shares.values()), 0.0137, rel_tol=1e-12)
+    assert ledger.attributed_s == ledger.busy_s == 0.0137
+    assert len({shares[d] for d in decoding}) == 1, "decoding sequences share equally"
+
+
+def test_prefill_shares_go_by_scheduled_prompt_tokens():
+    ledger = StepLedger()
+    shares = ledger.record_step(1.0, {"long": 300, "short": 100}, [])
+    assert shares == pytest.approx({"long": 0.75, "short": 0.25})
+    # a decoding sequence weighs as its one token
+    shares = ledger.record_step(1.0, {"p": 9}, ["d"])
+    assert shares == pytest.approx({"p": 0.9, "d": 0.1})
+
+
+def test_tokens_of_unknown_requests_are_busy_but_unattributed():
+    ledger = StepLedger()
+    shares = ledger.record_step(2.0, {"p": 50}, ["d"], num_other_tokens=49)
+    assert math.isclose(sum(shares.values()) + 2.0 * 49 / 100, 2.0)
+    assert ledger.busy_s == 2.0 and ledger.attributed_s == pytest.approx(1.02)
+    ledger.record_step(0.5, {}, [])  # a step with nothing scheduled: busy, nobody's
+    assert ledger.busy_s == 2.5
+
+
+def test_shares_accumulate_over_steps_by_phase():
+    ledger = StepLedger()
+    ledger.record_step(0.4, {"a": 100}, [])
+    ledger.record_step(0.2, {"b": 100}, ["a"])
+    ledger.record_step(0.1, {}, ["a", "b"])
+    ledger.hold_blocks(2.0, {"a": 3}, "prefill")
+    ledger.hold_blocks(1.0, {"a": 4, "b": 1}, "decode")
+    a = ledger.close("a")
+    assert a.prefill_engine_s == pytest.approx(0.4)
+    assert a.decode_engine_s == pytest.approx(0.2 / 101 + 0.05)
+    assert (a.prefill_kv_block_s, a.decode_kv_block_s) == (6.0, 4.0)
+    b = ledger.close("b")
+    assert b.prefill_engine_s == pytest.approx(0.2 * 100 / 101)
+    assert a.engine_s + b.engine_s == pytest.approx(0.7)
+    assert ledger.num_open == 0 and ledger.close("a") == RequestCost(), "closed means forgotten"
+
+
+def test_price_per_replica_hour_turns_engine_seconds_into_dollars():
+    assert dollars(3600.0, 2.5) == 2.5
+    assert dollars(1.8, 2.0) == pytest.approx(0.001)
+    cost = RequestCost(prefill_engine_s=1.0, decode_engine_s=0.8, prefill_kv_block_s=9.0)
+    assert cost.priced(2.0).dollars == pytest.approx(0.001)
+    assert cost.priced(0.0).dollars == 0.0, "no price: seconds only"
+    # each pool prices its own seconds; the request's costs add up
+    total = RequestCost(prefill_engine_s=1.8).priced(2.0) + RequestCost(
+        decode_engine_s=3.6, bytes_moved=10).priced(1.0)
+    assert total.dollars == pytest.approx(0.002) and total.engine_s == pytest.approx(5.4)
+    assert total.bytes_moved == 10
+
+
+def test_cost_per_replica_hour_is_validated_per_pool():
+    assert PoolConfig().cost_per_replica_hour == 0.0
+    config = AppConfig.model_validate({"engine": {"model": "m"},
+                                       "prefill": {"cost_per_replica_hour": 4.0},
+                                       "decode": {"cost_per_replica_hour": 1.5}})
+    assert (config.prefill.cost_per_replica_hour, config.decode.cost_per_replica_hour) == (4, 1.5)
+    with pytest.raises(ValidationError, match="cost_per_replica_hour"):
+        PoolConfig(cost_per_replica_hour=-1.0)
+    with pytest.raises(ValidationError, match="cost_per_replica_hours"):
+        PoolConfig.model_validate({"cost_per_replica_hours": 1.0})
+
+
+def test_engine_usage_reports_idle_capacity_apart():
+    usage = EngineUsage(busy_s=3.0, wall_s=10.0, attributed_s=2.5)
+    assert (usage.idle_s, usage.unattributed_s, usage.busy_fraction) == (7.0, 0.5, 0.3)
+
+
+def test_tracker_follows_requests_through_prefill_and_decode():
+    """1. a prompt of 40 tokens is chunked over two steps with another request's prompt;
+    2. both decode; 3. each request's cost is its shares, and nothing is left open."""
+    clock = FakeClock()
+    tracker = CostTracker(block_size=16, cost_per_replica_hour=36.0, clock=clock)
+    tracker.begin("a", 40)
+    tracker.begin("b", 10)
+    clock.now_s += 0.1
+    tracker.on_step(StepCounts(0.1, num_prefill_requests=1, num_prefill_tokens=32,
+                               num_decode_requests=0))
+    clock.now_s += 0.1
+    tracker.on_step(StepCounts(0.1, num_prefill_requests=2, num_prefill_tokens=18,
+                               num_decode_requests=0))
+    for _ in range(3):
+        clock.now_s += 0.05
+        tracker.on_step(StepCounts(0.05, 0, 0, num_decode_requests=2))
+    a, b = tracker.end("a"), tracker.end("b")
+    assert a.prefill_engine_s == pytest.approx(0.1 + 0.1 * 8 / 18)
+    assert b.prefill_engine_s == pytest.approx(0.1 * 10 / 18)
+    assert a.decode_engine_s == b.decode_engine_s == pytest.approx(0.075)
+    assert a.engine_s + b.engine_s == pytest.approx(tracker.usage().busy_s)
+    assert a.dollars == pytest.approx(a.engine_s / 100)
+    # a holds 2 blocks for its first step, 3 (40 tokens) for the second, then 3 decoding
+    assert a.prefill_kv_block_s == pytest.approx(0.2 + 0.3)
+    assert a.decode_kv_block_s == pytest.approx(0.15 * 3)  # 41 to 43 tokens: 3 blocks
+    assert tracker.ledger.num_open == 0
+
+
+def test_tracker_leaves_steps_of_unknown_requests_unattributed():
+    clock = FakeClock()
+    tracker = CostTracker(block_size=16, clock=clock)
+    tracker.on_step(StepCounts(0.5, 1, 100, 0))  # e.g. the replica's calibration prompt
+    tracker.begin("a", 20)
+    tracker.on_step(StepCounts(0.2, 2, 120, 0))  # a's 20 tokens and 100 of someone else's
+    usage = tracker.usage()
+    assert usage.busy_s == pytest.approx(0.7)
+    assert usage.attributed_s == pytest.approx(0.2 * 20 / 120)
+    assert tracker.end("a").prefill_engine_s == pytest.approx(usage.attributed_s)
+
+
+def test_a_first_token_seen_corrects_the_estimate():
+    """A prefix-cache hit computes less than the prompt: once the replica sees the first
+    token, the request decodes, whatever the estimate said."""
+    tracker = CostTracker(block_size=16, clock=FakeClock())
+    tracker.begin("a", 100)
+    tracker.on_step(StepCounts(0.1, 1, 36, 0))  # 64 tokens were cached
+    tracker.first_token("a")
+    tracker.on_step(StepCounts(0.02, 0, 0, 1))
+    cost = tracker.end("a")
+    assert (cost.prefill_engine_s, cost.decode_engine_s) == pytest.approx((0.1, 0.02))
+
+
+def test_a_request_loading_its_kv_holds_blocks_but_takes_no_prompt_tokens():
+    clock = FakeClock()
+    tracker = CostTracker(block_size=16, clock=clock)
+    tracker.begin("remote", 64, loads_kv=True)
+    tracker.begin("local", 32)
+    clock.now_s += 1.0
+    tracker.on_step(StepCounts(0.3, 1, 32, 0))  # the local prompt, while remote's KV loads
+    tracker.first_token("remote")
+    clock.now_s += 0.1
+    tracker.on_step(StepCounts(0.1, 0, 0, 2))
+    remote, local = tracker.end("remote"), tracker.end("local")
+    assert remote.prefill_engine_s == 0.0 and local.prefill_engine_s == pytest.approx(0.3)
+    assert remote.decode_engine_s == local.decode_engine_s == pytest.approx(0.05)
+    assert remote.decode_kv_block_s == pytest.approx(4 * 1.0 + 5 * 0.1)
+    assert remote.prefill_kv_block_s == 0.0
