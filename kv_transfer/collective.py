@@ -14,6 +14,7 @@ alone.
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Callable
 from datetime import timedelta
@@ -34,9 +35,25 @@ class GroupError(Exception):
 
 
 def host_store(bind_host: str, timeout_s: float) -> TCPStore:
-    """The producer's rendezvous store (one per producer worker, any free port)."""
-    return TCPStore(bind_host, 0, is_master=True, wait_for_workers=False,
-                    timeout=timedelta(seconds=timeout_s))
+    """The producer's rendezvous store (one per producer worker, any free port), listening on
+    bind_host only.
+
+    Given a host and port, TCPStore's server binds the wildcard address (every interface),
+    whatever the host says; given `master_listen_fd`, it listens on that socket instead. So the
+    socket is bound here and handed over: the libuv server (torch's default, pinned here)
+    takes ownership of the descriptor and closes it with the store.
+    """
+    family = socket.getaddrinfo(bind_host, 0, type=socket.SOCK_STREAM)[0][0]
+    listener = socket.create_server((bind_host, 0), family=family)
+    try:
+        store = TCPStore(bind_host, listener.getsockname()[1], is_master=True,
+                         wait_for_workers=False, timeout=timedelta(seconds=timeout_s),
+                         master_listen_fd=listener.fileno(), use_libuv=True)
+    except BaseException:
+        listener.close()
+        raise
+    listener.detach()  # the store owns the descriptor now
+    return store
 
 
 def staging_device(backend: CollectiveBackend, cache_device: torch.device) -> torch.device:

@@ -368,6 +368,11 @@ class CollectiveKVClient(KVBlockClient):
                 raise _StaleGroup() from err
             raise _Refused(describe_rpc_error(err, endpoint)) from err
         try:
+            if not 0 < opening.chunk_bytes <= request.max_chunk_bytes:
+                # the staging tensor is sized from this: never from an unchecked peer's word
+                raise TransferError(f"producer {endpoint} announced {opening.chunk_bytes} byte "
+                                    f"chunks; this consumer asked for at most "
+                                    f"{request.max_chunk_bytes}")
             closed: list[pb.CollectiveProgress] = []
             if request.stream_handle:
                 plans: Iterable[ChunkPlan] = _announced(call, closed)

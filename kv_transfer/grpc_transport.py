@@ -8,6 +8,9 @@
    tensor as it arrives, so memory stays bounded by one chunk per stream for any prompt
    length, then checks every block arrived.
 4. The consumer calls Release; the producer frees the blocks.
+Every call is checked for the shared token (call metadata) by an interceptor before its request
+is parsed, and the server accepts only control-sized requests (`_request_limit`): the payload
+only ever flows from producer to consumer.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ import contextlib
 import hmac
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -45,6 +49,43 @@ def _identity(message: bytes) -> bytes:
 
 def _message_limit(cache: PagedKVCache, max_chunk_bytes: int) -> int:
     return max(max_chunk_bytes, max(cache.block_bytes_per_layer)) + 4096
+
+
+def _request_limit(cache: PagedKVCache) -> int:
+    """Largest control request the producer accepts: a block id list as long as its cache (a
+    varint of at most 5 bytes each, plus tag) and room for handles and names."""
+    return 6 * cache.num_blocks + (64 << 10)
+
+
+def _has_token(metadata: Iterable[tuple[str, str | bytes]], token: bytes) -> bool:
+    for key, value in metadata:
+        raw = value if isinstance(value, bytes) else value.encode()
+        if key == TOKEN_METADATA_KEY and hmac.compare_digest(raw, token):
+            return True
+    return False
+
+
+def _reject_unauthenticated(request: bytes, context: grpc.ServicerContext) -> None:
+    context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong cluster token")
+
+
+class _TokenInterceptor(grpc.ServerInterceptor):
+    """Refuses calls without the cluster token before their request is deserialized: the
+    rejecting handler takes the raw bytes and never parses them."""
+
+    def __init__(self, token: bytes) -> None:
+        self._token = token
+        self._reject = grpc.unary_unary_rpc_method_handler(_reject_unauthenticated)
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        metadata = handler_call_details.invocation_metadata
+        if _has_token(metadata or (), self._token):
+            return continuation(handler_call_details)
+        return self._reject
 
 
 class GrpcKVServer(KVBlockServer):
@@ -87,7 +128,12 @@ class GrpcKVServer(KVBlockServer):
         limit = _message_limit(self._cache, self._max_chunk_bytes)
         server = grpc.server(
             ThreadPoolExecutor(self._max_workers, thread_name_prefix="kv-server"),
-            options=[("grpc.max_send_message_length", limit), ("grpc.so_reuseport", 0)],
+            interceptors=(_TokenInterceptor(self._token),),
+            options=[
+                ("grpc.max_send_message_length", limit),
+                ("grpc.max_receive_message_length", _request_limit(self._cache)),
+                ("grpc.so_reuseport", 0),
+            ],
         )
         handlers = {
             "PullBlocks": grpc.unary_stream_rpc_method_handler(
@@ -126,16 +172,22 @@ class GrpcKVServer(KVBlockServer):
             self._bulk = None
 
     def authorize(self, context: grpc.ServicerContext) -> None:
-        for key, value in context.invocation_metadata():
-            if key == TOKEN_METADATA_KEY and hmac.compare_digest(str(value).encode(), self._token):
-                return
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong cluster token")
+        """Abort the call unless it carries the token. The interceptor has already refused
+        such calls before parsing them; the handlers check again as defense in depth."""
+        if not _has_token(context.invocation_metadata(), self._token):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong cluster token")
 
     def acquire(self, request: pb.PullRequest, context: grpc.ServicerContext) -> PullSource:
         """Check token, block ids and lease (or stream); on success the caller owns one
         reader of the returned source and must `finish` it."""
         self.authorize(context)
         block_ids = list(request.block_ids)
+        if len(set(block_ids)) != len(block_ids):
+            # Checked before any lease, reader or ticket: a repeated id would make the
+            # producer send (and the consumer receive) the same block many times over.
+            repeated = sorted(b for b, n in Counter(block_ids).items() if n > 1)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"duplicate block ids in the request: {repeated[:8]}")
         try:
             if request.stream_handle:
                 if self._streams is None:
@@ -194,6 +246,8 @@ def describe_rpc_error(err: grpc.RpcError, endpoint: str) -> str:
         grpc.StatusCode.FAILED_PRECONDITION: f"transfer handle at {endpoint} no longer valid",
         grpc.StatusCode.UNAUTHENTICATED: f"producer {endpoint} rejected the cluster token",
         grpc.StatusCode.PERMISSION_DENIED: f"producer {endpoint} refused the block list",
+        grpc.StatusCode.INVALID_ARGUMENT: f"producer {endpoint} refused a malformed request",
+        grpc.StatusCode.RESOURCE_EXHAUSTED: f"producer {endpoint} refused an oversize message",
         grpc.StatusCode.CANCELLED: f"transfer from {endpoint} cancelled",
     }
     reason = reasons.get(code, f"transfer from {endpoint} failed ({code})")
@@ -309,7 +363,7 @@ class GrpcKVClient(KVBlockClient):
         try:
             if self._bulk_tcp:
                 num_bytes, wait_s = self._pull_bulk(channel, endpoint, request, timeout_s, store,
-                                                    should_stop)
+                                                    should_stop, part.sink)
             else:
                 num_bytes, wait_s = self._pull_stream(channel, endpoint, request, timeout_s,
                                                       store, should_stop)
@@ -360,6 +414,7 @@ class GrpcKVClient(KVBlockClient):
         timeout_s: float,
         store: Callable[[int, int, int, memoryview], int],
         should_stop: Callable[[], bool],
+        sink: PagedKVCache,
     ) -> tuple[int, float]:
         deadline = time.monotonic() + timeout_s
         stub = channel.unary_unary(
@@ -371,7 +426,8 @@ class GrpcKVClient(KVBlockClient):
         address = (endpoint.rsplit(":", 1)[0], ticket.port)
         wait_s: list[float] = []
         num_bytes = receive_blocks(address, ticket.ticket, len(request.block_ids), deadline,
-                                   store, should_stop, self._max_chunk_bytes, wait_s)
+                                   store, should_stop, self._max_chunk_bytes, wait_s,
+                                   sink.block_bytes_per_layer)
         return num_bytes, sum(wait_s)
 
     @staticmethod
