@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -33,6 +34,8 @@ from runtime.stops import OutputText
 
 if TYPE_CHECKING:
     from runtime.router import Router
+
+log = logging.getLogger(__name__)
 
 MAX_RETRIES = 2  # tries on other replicas after a replica failed before the first token
 STOP_GRACE_S = 1.0  # after a stop string: how long the engine may take to stop on its own
@@ -90,6 +93,15 @@ class Execution:
                                    + (" after it started streaming" if sent else "")
                                    + "; the request can be retried",
                                    code="replica_failed", retry_after_s=1.0) from err
+                self.metrics.retries.inc()
+                attempt = self.router.redecide(prepared, retry + 1)
+            except KVTransferFailed as err:  # the replicas are alive: the prompt runs again
+                log.warning("request %s: KV transfer failed (try %d): %s",
+                            prepared.request.request_id, retry + 1, _first_line(err))
+                if sent or retry == MAX_RETRIES:
+                    raise APIError(503, "the KV cache transfer for this request failed; the "
+                                   "request can be retried", code="kv_transfer_failed",
+                                   retry_after_s=1.0) from err
                 self.metrics.retries.inc()
                 attempt = self.router.redecide(prepared, retry + 1)
 
@@ -163,10 +175,9 @@ class Execution:
                                 "stop" if stopped else event.finish_reason, t,
                                 output.stop_reason if stopped else event.stop_reason)
                 return
-        except KVTransferFailed as err:
+        except KVTransferFailed:
             self.metrics.record_failure(lane, "disaggregated", "transfer_failed")
-            raise APIError(503, f"KV transfer failed: {err}",
-                           code="kv_transfer_failed") from err
+            raise
         finally:
             aclose = getattr(events, "aclose", None)
             if aclose is not None:
@@ -215,3 +226,10 @@ class Execution:
             decision_reason=(decision.reason if decision else "")
             + "; ended by a stop string at the ingress",
         )
+
+
+def _first_line(err: BaseException) -> str:
+    """An error's own message: a Ray task error's text is the remote traceback; its last
+    line names the cause."""
+    lines = str(err).strip().splitlines()
+    return lines[-1] if lines else type(err).__name__

@@ -90,6 +90,10 @@ class _SamplingFields(BaseModel):
             raise APIError(400, f"min_tokens ({self.min_tokens}) must be less than or equal "
                            f"to max_tokens ({max_tokens})", param="min_tokens")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if any(not s for s in stop):
+            raise APIError(400, "stop cannot contain an empty string", param="stop")
+        if any(t < 0 for t in self.stop_token_ids or ()):
+            raise APIError(400, "stop_token_ids must be non-negative", param="stop_token_ids")
         return SamplingSpec(max_tokens=max_tokens, temperature=self.temperature,
                             top_p=self.top_p, top_k=max(self.top_k, 0), seed=self.seed,
                             ignore_eos=self.ignore_eos,

@@ -26,9 +26,9 @@ Rules, in order (each decision's `reason` says which applied):
      the prompt is at most `local_max_prompt_tokens` (if set), and the replica's decodes stay
      within the TPOT budget: the local prefill work outstanding on it, spread over the tokens
      its sequences still decode, may add at most tpot_budget_ms - its recent TPOT to each.
-     A long prompt goes local only for a clear win (at most `long_local_gain` x the split
-     path's time: the prefill pool is busy), since its prefill slows that replica's decodes
-     all along. Otherwise disaggregated.
+     A long prompt goes local only for a clear win (at most `long_local_gain` x the time the
+     prefill pool would finish it, transfer not counted: the prefill pool is busy), since its
+     prefill slows that replica's decodes all along. Otherwise disaggregated.
   6. Colocated serving (`disaggregation` off): every request is local, on the engine with
      the earliest predicted first token.
   7. Overload: a decode replica holds at most max_num_seqs + `max_queued_per_replica`
@@ -157,9 +157,13 @@ class GlobalScheduler:
         if can_local.any():
             local = self._earliest(can_local, local_cost, self.decode)
             # a long prefill on a decode replica slows its decodes all along: only for a
-            # clear win (not just the transfer it saves)
-            gain = 1.0 if lane == "short" else self.config.long_local_gain
-            if local_cost[local] > gain * (float(split_cost[p]) + transfer_ms):
+            # clear win over the prefill pool's own finish time (a queue there), not for the
+            # transfer it saves
+            if lane == "short":
+                limit = float(split_cost[p]) + transfer_ms
+            else:
+                limit = self.config.long_local_gain * float(split_cost[p])
+            if local_cost[local] > limit:
                 local = None
         if local is not None:
             return self._book_local(request, lane, local, float(local_ms[local]), now_s,

@@ -27,8 +27,7 @@ from runtime.engines import build_engine
 from runtime.pipeline import DisaggPipeline
 from runtime.tiny_model import make_tiny_model
 from tests.integration.helpers import greedy
-
-pytest_plugins = ["tests.integration.serve_app"]  # the `serve_app` fixture
+from tests.integration.serve_app import serve_app  # noqa: F401  (a session fixture)
 
 T = TypeVar("T")
 _flush_ids = itertools.count()

@@ -36,3 +36,17 @@ def test_chat_content_may_be_text_parts():
     with pytest.raises(ValueError):
         ChatCompletionRequest.model_validate({"model": "m", "messages": [
             {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]})
+
+
+@pytest.mark.parametrize(("fields", "param"), [
+    ({"stop": ""}, "stop"),
+    ({"stop": ["x", ""]}, "stop"),
+    ({"stop_token_ids": [-1]}, "stop_token_ids"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_tokens": 4, "min_tokens": 5}, "min_tokens"),
+])
+def test_sampling_fields_the_engine_would_refuse_are_a_400(fields, param):
+    request = CompletionRequest(model="tiny", prompt="hello", **fields)
+    with pytest.raises(APIError) as err:
+        request.sampling(16)
+    assert err.value.status == 400 and err.value.param == param

@@ -148,3 +148,81 @@ def test_stream_encoder_text_chunks_are_the_openai_chunk_json(chat):
     else:
         assert body["object"] == "text_completion"
         assert choice["text"] == 'a "quoted"\n\u2028 text'
+
+
+class _FlakyTransfer:
+    """Execution's engine side for one request: the first `failures` tries fail their KV
+    transfer before any token; later tries stream two tokens and finish."""
+
+    def __init__(self, tokenizer, failures: int) -> None:
+        from types import SimpleNamespace
+
+        self.failures = failures
+        self.tries: list[str] = []
+        server = SimpleNamespace(request_timeout_s=5.0)
+        self.router = SimpleNamespace(config=SimpleNamespace(server=server), live=None,
+                                      tokenizer=tokenizer, redecide=self._redecide)
+
+    @staticmethod
+    def _redecide(prepared, num_retry):
+        from dataclasses import replace
+
+        request = replace(prepared.request, request_id=f"{prepared.request.request_id}-r")
+        return replace(prepared, request=request)
+
+    def events(self, prepared):
+        from runtime.messages import KVTransferFailed, StreamEvent
+
+        self.tries.append(prepared.request.request_id)
+
+        async def run():
+            if len(self.tries) <= self.failures:
+                raise KVTransferFailed("transfer handle at 127.0.0.1:1 no longer valid\n"
+                                       "  File ... (a remote traceback)")
+            yield StreamEvent((70,))
+            yield StreamEvent((71,), "length")
+
+        return run()
+
+
+def _execute(tokenizer, failures: int) -> tuple[_FlakyTransfer, list, BaseException | None]:
+    from runtime.execution import Execution
+    from runtime.messages import PreparedRequest
+    from runtime.metrics import Metrics
+    from runtime.requests import GenerateRequest, SamplingSpec
+
+    flaky = _FlakyTransfer(tokenizer, failures)
+    execution = Execution(flaky.router, Metrics())  # type: ignore[arg-type]
+    execution._events = flaky.events  # type: ignore[method-assign]
+    prepared = PreparedRequest(GenerateRequest("cmpl-1", (1, 2, 3), SamplingSpec(max_tokens=2)),
+                               "short", time.perf_counter())
+
+    async def run():
+        events, error = [], None
+        try:
+            async for event in execution.stream(prepared):
+                events.append(event)
+        except Exception as err:  # noqa: BLE001 - returned for the test to inspect
+            error = err
+        return events, error
+
+    events, error = asyncio.run(run())
+    return flaky, events, error
+
+
+def test_a_failed_kv_transfer_before_the_first_token_is_retried(tokenizer):
+    flaky, events, error = _execute(tokenizer, failures=1)
+    assert error is None
+    assert [t for e in events for t in e.token_ids] == [70, 71]
+    assert len(flaky.tries) == 2 and flaky.tries[1] != flaky.tries[0]  # a new request id
+
+
+def test_a_kv_transfer_failing_every_try_is_a_clean_retryable_503(tokenizer):
+    from runtime.execution import MAX_RETRIES
+    from runtime.openai_api import APIError
+
+    flaky, events, error = _execute(tokenizer, failures=MAX_RETRIES + 1)
+    assert events == [] and len(flaky.tries) == MAX_RETRIES + 1
+    assert isinstance(error, APIError) and error.status == 503
+    assert error.code == "kv_transfer_failed" and error.retry_after_s is not None
+    assert "127.0.0.1" not in error.message and "File" not in error.message
