@@ -8,7 +8,7 @@ from typing import Any
 
 from benchmarks.cpu_usage import ROLES
 from benchmarks.loadgen import RequestRecord
-from benchmarks.summary import PHASES, SLO, RunSummary
+from benchmarks.summary import COST_FIELDS, PHASES, SLO, RunSummary
 
 BASELINE = "colocated"
 
@@ -66,6 +66,15 @@ def markdown(title: str, runs: list[RunSummary], slo: SLO, notes: list[str]) -> 
             lines.append(f"| {run.target} | {run.cpu_ms_per_token:.2f} ({vs}) | "
                          + " | ".join(f"{run.cpu_s_by_role.get(r, 0.0):.1f}" for r in ROLES)
                          + " |")
+        costed = [run for run in at_rate if run.cost_per_1k_tokens]
+        if costed:
+            lines += ["", "What the requests cost per 1,000 output tokens (each engine step "
+                      "divided among its requests; engines' idle time not included):", "",
+                      "| target | prefill engine-s | decode engine-s | prefill KV block-s | "
+                      "decode KV block-s | dollars |", "|---|---|---|---|---|---|"]
+            for run in costed:
+                lines.append(f"| {run.target} | " + " | ".join(
+                    f"{run.cost_per_1k_tokens[f]:.4g}" for f in COST_FIELDS) + " |")
         lines += ["", "Mean server-side phases, ms (what each request waited for, by phase):", "",
                   "| target | class | modes | " + " | ".join(PHASES) + " |",
                   "|---|---|---|" + "---|" * len(PHASES)]

@@ -52,6 +52,10 @@ class RunSummary:
     classes: dict[str, ClassSummary]  # "short", "long", "all"
     # CPU seconds the target's processes used during the run, by role (benchmarks/cpu_usage)
     cpu_s_by_role: dict[str, float] = field(default_factory=dict)
+    # what the server charged the run's requests (timings.cost, runtime/cost.py) per 1,000
+    # output tokens: engine-seconds by phase, KV block-seconds, dollars; empty when the
+    # target reports no cost
+    cost_per_1k_tokens: dict[str, float] = field(default_factory=dict)
 
     @property
     def num_output_tokens(self) -> float:
@@ -118,4 +122,20 @@ def summarize(target: str, rate_per_s: float, records: list[RequestRecord], slo:
     num_ok = sum(1 for r in records if not r.error)
     return RunSummary(target, rate_per_s, duration_s, classes["all"].num_slo_met / duration_s,
                       num_tokens / duration_s, num_ok / duration_s, classes,
-                      dict(cpu_s_by_role or {}))
+                      dict(cpu_s_by_role or {}), cost_per_1k_tokens(records))
+
+
+COST_FIELDS = ("prefill_engine_s", "decode_engine_s", "prefill_kv_block_s", "decode_kv_block_s",
+               "dollars")
+
+
+def cost_per_1k_tokens(records: list[RequestRecord]) -> dict[str, float]:
+    """The server's per-request costs summed over the run, per 1,000 output tokens; empty
+    unless every finished request reported one."""
+    ok = [r for r in records if not r.error]
+    costs = [(r.server_timings or {}).get("cost") for r in ok]
+    num_tokens = sum(r.num_output_tokens for r in ok)
+    if not ok or not num_tokens or any(c is None for c in costs):
+        return {}
+    return {name: 1e3 * sum(float(c[name]) for c in costs if c) / num_tokens
+            for name in COST_FIELDS}

@@ -29,6 +29,7 @@ from kv_transfer.params import (
     consumer_request_params,
     parse_stats,
 )
+from runtime.cost_tracker import CostTracker
 from runtime.engine_config import TransferFailurePolicy
 from runtime.messages import DecodeChunk, DecodeTimings, KVTransferFailed
 from runtime.requests import GenerateRequest
@@ -44,9 +45,11 @@ class DecodeWorker:
         block_size: int,
         on_transfer_failure: TransferFailurePolicy = "fail",
         worker_id: str = "",
+        costs: CostTracker | None = None,
     ) -> None:
         self.engine = engine
         self.worker_id = worker_id
+        self.costs = costs or CostTracker(block_size)  # the engine's, if it has a probe
         self.block_size = block_size
         self.on_transfer_failure = on_transfer_failure
 
@@ -95,52 +98,58 @@ class DecodeWorker:
         start = time.perf_counter()
         first_token_at = None
         num_sent = 0
-        async for output in self.engine.generate(
-            {"prompt_token_ids": prompt}, params, request_id=request.request_id,
-            priority=request.priority,
-        ):
-            completion = output.outputs[0]
-            new_tokens = tuple(completion.token_ids[num_sent:])
-            num_sent = len(completion.token_ids)
-            if new_tokens and first_token_at is None:
-                first_token_at = time.perf_counter()
-            if not output.finished:
-                if new_tokens:
-                    yield DecodeChunk(new_tokens)
-                continue
-            stats = parse_stats(output.kv_transfer_params)
-            if completion.finish_reason == "error":
-                reason = stats.error if stats and stats.error else ""
-                if not reason and transfer is not None:
-                    (reason,) = await self.engine.collective_rpc(
-                        "disagg_load_error", args=(request.request_id,)
+        self.costs.begin(request.request_id, len(prompt), loads_kv=transfer is not None)
+        try:
+            async for output in self.engine.generate(
+                {"prompt_token_ids": prompt}, params, request_id=request.request_id,
+                priority=request.priority,
+            ):
+                completion = output.outputs[0]
+                new_tokens = tuple(completion.token_ids[num_sent:])
+                num_sent = len(completion.token_ids)
+                if new_tokens and first_token_at is None:
+                    first_token_at = time.perf_counter()
+                    self.costs.first_token(request.request_id)
+                if not output.finished:
+                    if new_tokens:
+                        yield DecodeChunk(new_tokens)
+                    continue
+                stats = parse_stats(output.kv_transfer_params)
+                if completion.finish_reason == "error":
+                    reason = stats.error if stats and stats.error else ""
+                    if not reason and transfer is not None:
+                        (reason,) = await self.engine.collective_rpc(
+                            "disagg_load_error", args=(request.request_id,)
+                        )
+                    raise KVTransferFailed(
+                        f"request {request.request_id}: {reason or 'engine reported an error'}"
                     )
-                raise KVTransferFailed(
-                    f"request {request.request_id}: {reason or 'engine reported an error'}"
+                end = time.perf_counter()
+                first_at = first_token_at or end
+                transfer_ms = stats.transfer_ms if stats else 0.0
+                exposed_ms = stats.exposed_transfer_ms if stats else 0.0
+                engine_queue_ms = _queue_ms(output.metrics)
+                yield DecodeChunk(
+                    new_tokens,
+                    finish_reason=completion.finish_reason,
+                    stop_reason=completion.stop_reason,
+                    timings=DecodeTimings(
+                        queue_ms=max(0.0, engine_queue_ms - exposed_ms),
+                        transfer_ms=transfer_ms,
+                        transfer_bytes=stats.transfer_bytes if stats else 0,
+                        first_token_ms=(first_at - start) * 1e3,
+                        decode_ms=(end - first_at) * 1e3,
+                        num_loaded_tokens=stats.num_loaded_tokens if stats else 0,
+                        num_computed_prompt_tokens=len(prompt) - (output.num_cached_tokens or 0),
+                        transfer_error=earlier_error or (stats.error if stats else ""),
+                        worker_id=self.worker_id,
+                        transfer_exposed_ms=exposed_ms,
+                        transfer_overlapped=bool(stats and stats.overlapped),
+                        cost=self.costs.end(request.request_id),
+                    ),
                 )
-            end = time.perf_counter()
-            first_at = first_token_at or end
-            transfer_ms = stats.transfer_ms if stats else 0.0
-            exposed_ms = stats.exposed_transfer_ms if stats else 0.0
-            engine_queue_ms = _queue_ms(output.metrics)
-            yield DecodeChunk(
-                new_tokens,
-                finish_reason=completion.finish_reason,
-                stop_reason=completion.stop_reason,
-                timings=DecodeTimings(
-                    queue_ms=max(0.0, engine_queue_ms - exposed_ms),
-                    transfer_ms=transfer_ms,
-                    transfer_bytes=stats.transfer_bytes if stats else 0,
-                    first_token_ms=(first_at - start) * 1e3,
-                    decode_ms=(end - first_at) * 1e3,
-                    num_loaded_tokens=stats.num_loaded_tokens if stats else 0,
-                    num_computed_prompt_tokens=len(prompt) - (output.num_cached_tokens or 0),
-                    transfer_error=earlier_error or (stats.error if stats else ""),
-                    worker_id=self.worker_id,
-                    transfer_exposed_ms=exposed_ms,
-                    transfer_overlapped=bool(stats and stats.overlapped),
-                ),
-            )
+        finally:
+            self.costs.end(request.request_id)  # a failed or abandoned one: dropped
 
     async def prefetch(self, endpoint: str, stream_handle: str, num_tokens: int,
                        target: str = "") -> bool:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from kv_transfer.connector_worker import WorkerStats
 from kv_transfer.grpc_transport import release_handle
 from kv_transfer.params import TransferParams, parse_transfer, producer_request_params
+from runtime.cost_tracker import CostTracker
 from runtime.messages import PrefillResult, PrefillTimings
 from runtime.requests import GenerateRequest
 
@@ -26,9 +27,11 @@ if TYPE_CHECKING:
 
 
 class PrefillWorker:
-    def __init__(self, engine: AsyncLLM, auth_token: str, worker_id: str = "") -> None:
+    def __init__(self, engine: AsyncLLM, auth_token: str, worker_id: str = "",
+                 costs: CostTracker | None = None) -> None:
         self.engine = engine
         self.worker_id = worker_id
+        self.costs = costs or CostTracker(block_size=1)  # the engine's, if it has a probe
         self._auth_token = auth_token
         self._orphan_releases: set[asyncio.Future[None]] = set()
         self._endpoint = ""
@@ -68,11 +71,15 @@ class PrefillWorker:
             kv_transfer_params=producer_request_params(stream_handle) if hand_off else None,
         )
         output = None
-        async for output in self.engine.generate(
-            {"prompt_token_ids": list(request.prompt_token_ids)}, params,
-            request_id=request.request_id, priority=request.priority,
-        ):
-            pass
+        self.costs.begin(request.request_id, len(request.prompt_token_ids))
+        try:
+            async for output in self.engine.generate(
+                {"prompt_token_ids": list(request.prompt_token_ids)}, params,
+                request_id=request.request_id, priority=request.priority,
+            ):
+                pass
+        finally:
+            cost = self.costs.end(request.request_id)
         assert output is not None and output.finished, "prefill ended without output"
         total_ms = (time.perf_counter() - start) * 1e3
         completion = output.outputs[0]
@@ -97,6 +104,7 @@ class PrefillWorker:
             timings=PrefillTimings(queue_ms, compute_ms, total_ms),
             worker_id=self.worker_id,
             stop_reason=completion.stop_reason if stopped else None,
+            cost=cost,
         )
 
     async def release(self, transfer: TransferParams) -> None:

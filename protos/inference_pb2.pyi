@@ -53,15 +53,33 @@ class GenerateResponse(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., stop_reason: _Optional[str] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "completion_tokens")
+    __slots__ = ("prompt_tokens", "completion_tokens", "cost")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COST_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     completion_tokens: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
+    cost: Cost
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cost: _Optional[_Union[Cost, _Mapping]] = ...) -> None: ...
+
+class Cost(_message.Message):
+    __slots__ = ("prefill_engine_s", "decode_engine_s", "prefill_kv_block_s", "decode_kv_block_s", "bytes_moved", "dollars")
+    PREFILL_ENGINE_S_FIELD_NUMBER: _ClassVar[int]
+    DECODE_ENGINE_S_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_KV_BLOCK_S_FIELD_NUMBER: _ClassVar[int]
+    DECODE_KV_BLOCK_S_FIELD_NUMBER: _ClassVar[int]
+    BYTES_MOVED_FIELD_NUMBER: _ClassVar[int]
+    DOLLARS_FIELD_NUMBER: _ClassVar[int]
+    prefill_engine_s: float
+    decode_engine_s: float
+    prefill_kv_block_s: float
+    decode_kv_block_s: float
+    bytes_moved: int
+    dollars: float
+    def __init__(self, prefill_engine_s: _Optional[float] = ..., decode_engine_s: _Optional[float] = ..., prefill_kv_block_s: _Optional[float] = ..., decode_kv_block_s: _Optional[float] = ..., bytes_moved: _Optional[int] = ..., dollars: _Optional[float] = ...) -> None: ...
 
 class Timings(_message.Message):
-    __slots__ = ("scheduler_queue_ms", "prefill_queue_ms", "prefill_compute_ms", "kv_transfer_ms", "kv_transfer_bytes", "decode_queue_ms", "decode_compute_ms", "ttft_ms", "tpot_ms", "e2e_ms", "lane", "mode", "prefill_replica", "decode_replica", "num_loaded_tokens", "transfer_error", "decision_reason", "predicted_prefill_ms", "predicted_ttft_ms", "num_cached_prompt_tokens")
+    __slots__ = ("scheduler_queue_ms", "prefill_queue_ms", "prefill_compute_ms", "kv_transfer_ms", "kv_transfer_bytes", "decode_queue_ms", "decode_compute_ms", "ttft_ms", "tpot_ms", "e2e_ms", "lane", "mode", "prefill_replica", "decode_replica", "num_loaded_tokens", "transfer_error", "decision_reason", "predicted_prefill_ms", "predicted_ttft_ms", "num_cached_prompt_tokens", "cost")
     SCHEDULER_QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
@@ -82,6 +100,7 @@ class Timings(_message.Message):
     PREDICTED_PREFILL_MS_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_TTFT_MS_FIELD_NUMBER: _ClassVar[int]
     NUM_CACHED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COST_FIELD_NUMBER: _ClassVar[int]
     scheduler_queue_ms: float
     prefill_queue_ms: float
     prefill_compute_ms: float
@@ -102,7 +121,8 @@ class Timings(_message.Message):
     predicted_prefill_ms: float
     predicted_ttft_ms: float
     num_cached_prompt_tokens: int
-    def __init__(self, scheduler_queue_ms: _Optional[float] = ..., prefill_queue_ms: _Optional[float] = ..., prefill_compute_ms: _Optional[float] = ..., kv_transfer_ms: _Optional[float] = ..., kv_transfer_bytes: _Optional[int] = ..., decode_queue_ms: _Optional[float] = ..., decode_compute_ms: _Optional[float] = ..., ttft_ms: _Optional[float] = ..., tpot_ms: _Optional[float] = ..., e2e_ms: _Optional[float] = ..., lane: _Optional[str] = ..., mode: _Optional[str] = ..., prefill_replica: _Optional[str] = ..., decode_replica: _Optional[str] = ..., num_loaded_tokens: _Optional[int] = ..., transfer_error: _Optional[str] = ..., decision_reason: _Optional[str] = ..., predicted_prefill_ms: _Optional[float] = ..., predicted_ttft_ms: _Optional[float] = ..., num_cached_prompt_tokens: _Optional[int] = ...) -> None: ...
+    cost: Cost
+    def __init__(self, scheduler_queue_ms: _Optional[float] = ..., prefill_queue_ms: _Optional[float] = ..., prefill_compute_ms: _Optional[float] = ..., kv_transfer_ms: _Optional[float] = ..., kv_transfer_bytes: _Optional[int] = ..., decode_queue_ms: _Optional[float] = ..., decode_compute_ms: _Optional[float] = ..., ttft_ms: _Optional[float] = ..., tpot_ms: _Optional[float] = ..., e2e_ms: _Optional[float] = ..., lane: _Optional[str] = ..., mode: _Optional[str] = ..., prefill_replica: _Optional[str] = ..., decode_replica: _Optional[str] = ..., num_loaded_tokens: _Optional[int] = ..., transfer_error: _Optional[str] = ..., decision_reason: _Optional[str] = ..., predicted_prefill_ms: _Optional[float] = ..., predicted_ttft_ms: _Optional[float] = ..., num_cached_prompt_tokens: _Optional[int] = ..., cost: _Optional[_Union[Cost, _Mapping]] = ...) -> None: ...
 
 class HealthRequest(_message.Message):
     __slots__ = ()

@@ -20,10 +20,12 @@ from kv_transfer.connector_worker import WorkerStats
 from kv_transfer.params import TransferParams
 from prefill_workers.worker import PrefillWorker
 from runtime.app_config import AppConfig
+from runtime.cost import EngineUsage
+from runtime.cost_tracker import CostTracker
 from runtime.engine_config import EngineRole
 from runtime.engine_stats import EngineLoad, LoadProbe
 from runtime.engines import build_engine
-from runtime.messages import DecodeChunk, PrefillResult
+from runtime.messages import DecodeChunk, PrefillResult, UsageReport
 from runtime.replica_common import (
     Reporter,
     StreamedGeneration,
@@ -44,6 +46,7 @@ class ReplicaStatus:
     replica_id: str
     load: EngineLoad | None
     kv: WorkerStats
+    usage: EngineUsage  # the engine's busy time against its wall time (idle capacity)
 
 
 def _kv_room(probe: LoadProbe, num_blocks: int) -> tuple[int, int]:
@@ -58,20 +61,23 @@ def _kv_room(probe: LoadProbe, num_blocks: int) -> tuple[int, int]:
 class PrefillServer:
     async def __init__(self, config: AppConfig) -> None:  # type: ignore[misc]
         self._probe = LoadProbe()
+        self._costs = CostTracker(config.prefill_engine.block_size,
+                                  config.prefill.cost_per_replica_hour)
         engine = build_engine(pinned(config.prefill_engine, config.prefill), "prefill",
-                              config.transfer, probe=self._probe)
+                              config.transfer, probe=self._probe, costs=self._costs)
         self._worker = PrefillWorker(engine, config.transfer.auth_token.get_secret_value(),
-                                     worker_id=replica_id())
+                                     worker_id=replica_id(), costs=self._costs)
         # degraded mode (no live decode replica): this replica serves whole requests
         self._generation = StreamedGeneration(
-            DecodeWorker(engine, config.prefill_engine.block_size, worker_id=replica_id()),
+            DecodeWorker(engine, config.prefill_engine.block_size, worker_id=replica_id(),
+                         costs=self._costs),
             config)
         self._pending_tokens = 0
         self._num_blocks = int(engine.vllm_config.cache_config.num_gpu_blocks or 0)
         self._max_num_seqs = config.prefill_engine.max_num_seqs
         self._block_size = config.prefill_engine.block_size
         self._calibration = await calibration(engine, config)
-        self._reporter = Reporter(config.server.app_name, self._report)
+        self._reporter = Reporter(config.server.app_name, self._report, self._usage)
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's autoscaler reads the pool's demand here (runtime/autoscaling.py)."""
@@ -83,6 +89,9 @@ class PrefillServer:
                              self._num_blocks, self._block_size, active,
                              self._max_num_seqs, time.time(), self._calibration,
                              engine_healthy(self._worker.engine, self._probe))
+
+    def _usage(self) -> UsageReport:
+        return UsageReport("prefill", self._worker.worker_id, self._costs.usage())
 
     async def prefill(self, request: GenerateRequest, target_replica: str = "",
                       stream_handle: str = "") -> PrefillResult:
@@ -109,7 +118,7 @@ class PrefillServer:
     async def status(self) -> dict[str, Any]:
         """As plain data: the ingress imports no engine module to read it."""
         return asdict(ReplicaStatus("prefill", self._worker.worker_id, self._probe.latest,
-                                    await self._worker.kv_stats()))
+                                    await self._worker.kv_stats(), self._costs.usage()))
 
     async def check_health(self) -> None:
         await check_health(self._worker.engine, self._probe)
@@ -124,22 +133,27 @@ class PrefillServer:
 class DecodeServer:
     async def __init__(self, config: AppConfig) -> None:  # type: ignore[misc]
         self._probe = LoadProbe()
+        self._costs = CostTracker(config.decode_engine.block_size,
+                                  config.decode.cost_per_replica_hour)
         role: EngineRole = "decode" if config.serving == "disaggregated" else "colocated"
         engine = build_engine(pinned(config.decode_engine, config.decode), role,
-                              config.transfer, probe=self._probe)
+                              config.transfer, probe=self._probe, costs=self._costs)
         self._has_connector = role == "decode"
         self._worker = DecodeWorker(engine, config.decode_engine.block_size,
                                     config.transfer.on_transfer_failure,
-                                    worker_id=replica_id())
+                                    worker_id=replica_id(), costs=self._costs)
         self._generation = StreamedGeneration(self._worker, config)
         self._num_blocks = int(engine.vllm_config.cache_config.num_gpu_blocks or 0)
         self._block_size = config.decode_engine.block_size
         self._max_num_seqs = config.decode_engine.max_num_seqs
         self._calibration = await calibration(engine, config)
-        self._reporter = Reporter(config.server.app_name, self._report)
+        self._reporter = Reporter(config.server.app_name, self._report, self._usage)
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         return self._reporter.autoscaling_stats()
+
+    def _usage(self) -> UsageReport:
+        return UsageReport("decode", self._worker.worker_id, self._costs.usage())
 
     def _report(self) -> ReplicaReport:
         free, active = _kv_room(self._probe, self._num_blocks)
@@ -168,7 +182,8 @@ class DecodeServer:
     async def status(self) -> dict[str, Any]:
         kv = await self._worker.kv_stats() if self._has_connector else WorkerStats(0, 0, 0, 0,
                                                                                   0, 0)
-        return asdict(ReplicaStatus("decode", self._worker.worker_id, self._probe.latest, kv))
+        return asdict(ReplicaStatus("decode", self._worker.worker_id, self._probe.latest, kv,
+                                    self._costs.usage()))
 
     async def check_health(self) -> None:
         await check_health(self._worker.engine, self._probe)

@@ -12,6 +12,7 @@ from runtime.engine_config import EngineConfig, EngineRole, TransferConfig
 if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
 
+    from runtime.cost_tracker import CostTracker
     from runtime.engine_stats import LoadProbe
 
 CONNECTOR_NAME = "DisaggConnector"
@@ -77,12 +78,17 @@ def build_engine(
     transfer: TransferConfig | None = None,
     kv_port: int | None = None,
     probe: LoadProbe | None = None,
+    costs: CostTracker | None = None,
 ) -> AsyncLLM:
     """Start one engine (30-60 s on a 2-core CPU). Call from code under `__main__`: vLLM
-    spawns its engine processes. `probe`, if given, receives the engine's load every step."""
+    spawns its engine processes. `probe`, if given, receives the engine's load every step;
+    `costs` each step's duration and batch (vLLM then measures every step)."""
     from vllm.config import KVTransferConfig
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
+    from vllm.v1.metrics.loggers import StatLoggerFactory
+
+    from runtime.engine_stats import CostProbe, DropIterationLines
 
     kv_transfer_config = None
     if role != "colocated":
@@ -113,7 +119,12 @@ def build_engine(
         long_prefill_token_threshold=config.long_prefill_chunk_tokens,
         enforce_eager=config.enforce_eager,
         disable_log_stats=False,
+        enable_logging_iteration_details=costs is not None,
         kv_transfer_config=kv_transfer_config,
         worker_extension_cls=WORKER_EXTENSION if kv_transfer_config else "",
     )
-    return AsyncLLM.from_engine_args(args, stat_loggers=[probe.factory] if probe else None)
+    stat_loggers: list[StatLoggerFactory] = [probe.factory] if probe else []
+    if costs is not None:
+        DropIterationLines.install()
+        stat_loggers.append(CostProbe(costs).factory)
+    return AsyncLLM.from_engine_args(args, stat_loggers=stat_loggers or None)

@@ -15,6 +15,7 @@ import grpc
 
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
+from runtime.cost import RequestCost
 from runtime.openai_api import APIError
 from runtime.pipeline import PhaseTimings
 from runtime.requests import SamplingSpec
@@ -31,6 +32,14 @@ _STATUS_CODES = {
 }
 
 
+def cost_message(c: RequestCost) -> pb.Cost:
+    return pb.Cost(
+        prefill_engine_s=c.prefill_engine_s, decode_engine_s=c.decode_engine_s,
+        prefill_kv_block_s=c.prefill_kv_block_s, decode_kv_block_s=c.decode_kv_block_s,
+        bytes_moved=c.bytes_moved, dollars=c.dollars,
+    )
+
+
 def timings_message(t: PhaseTimings) -> pb.Timings:
     return pb.Timings(
         scheduler_queue_ms=t.scheduler_queue_ms, prefill_queue_ms=t.prefill_queue_ms,
@@ -41,7 +50,7 @@ def timings_message(t: PhaseTimings) -> pb.Timings:
         decode_replica=t.decode_replica, num_loaded_tokens=t.num_loaded_tokens,
         transfer_error=t.transfer_error, decision_reason=t.decision_reason,
         predicted_prefill_ms=t.predicted_prefill_ms, predicted_ttft_ms=t.predicted_ttft_ms,
-        num_cached_prompt_tokens=t.num_cached_prompt_tokens,
+        num_cached_prompt_tokens=t.num_cached_prompt_tokens, cost=cost_message(t.cost),
     )
 
 
@@ -65,6 +74,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                         response.stop_reason = event.stop_reason
                     response.usage.prompt_tokens = event.timings.num_prompt_tokens
                     response.usage.completion_tokens = event.timings.num_output_tokens
+                    response.usage.cost.CopyFrom(cost_message(event.timings.cost))
                     response.timings.CopyFrom(timings_message(event.timings))
                 yield response
         except APIError as err:

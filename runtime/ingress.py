@@ -28,6 +28,7 @@ from runtime.app_config import AppConfig
 from runtime.clients import RemoteDecode, RemotePrefill
 from runtime.engines import stream_hosts
 from runtime.grpc_api import start_grpc_server
+from runtime.messages import UsageReport
 from runtime.metrics import Metrics
 from runtime.openai_api import (
     APIError,
@@ -155,6 +156,10 @@ class Ingress:
         self.metrics.live_replicas.labels(pool=report.role).set(
             self.live.health()["pools"].get(report.role, {}).get("live", 0))
         return demand.replicas
+
+    async def report_usage(self, report: UsageReport) -> None:
+        """Called by every pool replica every few seconds: its engine's busy and wall time."""
+        self.metrics.record_usage(report.role, report.replica_id, report.usage)
 
     @api.post("/v1/completions", response_model=None)
     async def completions(self, request: Request) -> Response:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kv_transfer.params import TransferParams
+from runtime.cost import EngineUsage, RequestCost
 from runtime.requests import GenerateRequest
 from runtime.scheduler.types import Decision, Lane, Mode
 
@@ -31,6 +32,7 @@ class PrefillResult:
     timings: PrefillTimings
     worker_id: str = ""
     stop_reason: str | int | None = None  # the stop string or token that ended it
+    cost: RequestCost = RequestCost()  # its share of the prefill engine (runtime/cost.py)
 
 
 class KVTransferFailed(RuntimeError):
@@ -50,6 +52,7 @@ class DecodeTimings:
     worker_id: str = ""
     transfer_exposed_ms: float = 0.0  # what the request waited for its KV (see TransferStats)
     transfer_overlapped: bool = False  # the KV came from a prefetch during the prefill
+    cost: RequestCost = RequestCost()  # its share of this engine (runtime/cost.py)
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,7 @@ class PhaseTimings:
     predicted_ttft_ms: float = 0.0
     num_retries: int = 0  # tries on other replicas after one failed before the first token
     degraded: bool = False  # served by the other pool because one pool had no live replica
+    cost: RequestCost = RequestCost()  # engine- and block-seconds by phase, bytes, dollars
 
     @property
     def phases_ms(self) -> dict[str, float]:
@@ -131,6 +135,16 @@ class StreamEvent:
     stop_reason: str | int | None = None  # the stop string or token that ended it
 
 
+
+
+@dataclass(frozen=True)
+class UsageReport:
+    """A replica's engine time, sent to the ingress every few seconds: idle capacity is
+    reported here, apart from what requests cost."""
+
+    role: str
+    replica_id: str
+    usage: EngineUsage
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,11 @@
-"""Prometheus metrics of the ingress: each phase's latency by lane and mode, and counters."""
+"""Prometheus metrics of the ingress: each phase's latency by lane and mode, and counters;
+what requests cost by phase, lane and mode, and each engine's busy time apart from it."""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from runtime.cost import EngineUsage
 from runtime.pipeline import PhaseTimings
 
 _BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -79,6 +81,44 @@ class Metrics:
             ["replica"], registry=self.registry,
         )
 
+        self.cost_engine_seconds = Counter(
+            "disagg_cost_engine_seconds", "Engine-seconds requests took, by phase (each "
+            "engine step divided among its requests).", ["phase", "lane", "mode"],
+            registry=self.registry,
+        )
+        self.cost_kv_block_seconds = Counter(
+            "disagg_cost_kv_block_seconds", "KV blocks held x seconds by requests, by phase "
+            "(prefill: while computed and under the lease).", ["phase", "lane", "mode"],
+            registry=self.registry,
+        )
+        self.cost_dollars = Counter(
+            "disagg_cost_dollars", "What requests cost at the pools' cost_per_replica_hour.",
+            ["lane", "mode"], registry=self.registry,
+        )
+        self.engine_busy = Gauge(
+            "disagg_engine_busy_seconds", "Seconds each engine spent in steps since it started.",
+            ["pool", "replica"], registry=self.registry,
+        )
+        self.engine_wall = Gauge(
+            "disagg_engine_wall_seconds", "Seconds since each engine started (busy + idle).",
+            ["pool", "replica"], registry=self.registry,
+        )
+        self.engine_unattributed = Gauge(
+            "disagg_engine_unattributed_seconds", "Busy seconds of each engine no request was "
+            "charged for (warm-up, calibration).", ["pool", "replica"], registry=self.registry,
+        )
+        self.engine_busy_fraction = Gauge(
+            "disagg_engine_busy_fraction", "Busy / wall time of each engine (1 - idle capacity).",
+            ["pool", "replica"], registry=self.registry,
+        )
+
+    def record_usage(self, pool: str, replica: str, usage: EngineUsage) -> None:
+        labels = {"pool": pool, "replica": replica}
+        self.engine_busy.labels(**labels).set(usage.busy_s)
+        self.engine_wall.labels(**labels).set(usage.wall_s)
+        self.engine_unattributed.labels(**labels).set(usage.unattributed_s)
+        self.engine_busy_fraction.labels(**labels).set(usage.busy_fraction)
+
     def record(self, timings: PhaseTimings) -> None:
         labels = {"lane": timings.lane, "mode": timings.mode}
         for phase, value_ms in timings.phases_ms.items():
@@ -97,6 +137,17 @@ class Metrics:
                 timings.prefill_compute_ms / timings.predicted_prefill_ms)
         if timings.transfer_error:
             self.transfer_failures.inc()
+        self._record_cost(timings)
+
+    def _record_cost(self, timings: PhaseTimings) -> None:
+        labels = {"lane": timings.lane, "mode": timings.mode}
+        cost = timings.cost
+        for phase, engine_s, block_s in (
+                ("prefill", cost.prefill_engine_s, cost.prefill_kv_block_s),
+                ("decode", cost.decode_engine_s, cost.decode_kv_block_s)):
+            self.cost_engine_seconds.labels(phase=phase, **labels).inc(engine_s)
+            self.cost_kv_block_seconds.labels(phase=phase, **labels).inc(block_s)
+        self.cost_dollars.labels(**labels).inc(cost.dollars)
 
     def record_failure(self, lane: str, mode: str, outcome: str) -> None:
         self.requests.labels(lane=lane, mode=mode, outcome=outcome).inc()

@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from runtime.cost import RequestCost
 from runtime.pipeline import PhaseTimings
 from runtime.requests import SamplingSpec
 
@@ -185,12 +186,14 @@ class ChoiceResult:
     timings: PhaseTimings
 
 
-def usage_body(choices: list[ChoiceResult]) -> dict[str, int]:
-    """Each prompt's tokens once (however many samples it had), every choice's output."""
+def usage_body(choices: list[ChoiceResult]) -> dict[str, Any]:
+    """Each prompt's tokens once (however many samples it had), every choice's output; and
+    (an extension) what all of it cost: engine- and block-seconds by phase, bytes, dollars."""
     prompt_tokens = {c.prompt_index: c.timings.num_prompt_tokens for c in choices}
     completion = sum(c.timings.num_output_tokens for c in choices)
+    cost = sum((c.timings.cost for c in choices), RequestCost())
     return {"prompt_tokens": sum(prompt_tokens.values()), "completion_tokens": completion,
-            "total_tokens": sum(prompt_tokens.values()) + completion}
+            "total_tokens": sum(prompt_tokens.values()) + completion, "cost": asdict(cost)}
 
 
 def response_body(request_id: str, model: str, chat: bool,

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from kv_transfer.params import TransferParams
+from runtime.cost import RequestCost
 from runtime.messages import (
     DecodeChunk,
     DecodeTimings,
@@ -194,6 +195,7 @@ class DisaggPipeline:
                     num_cached_prompt_tokens=max(0, len(request.prompt_token_ids)
                                                  - d.num_computed_prompt_tokens),
                     lane=lane, mode=mode, prefill_replica="", decode_replica=d.worker_id,
+                    cost=d.cost,
                 )
             yield StreamEvent(chunk.token_ids, chunk.finish_reason, timings, chunk.stop_reason)
 
@@ -246,4 +248,17 @@ class DisaggPipeline:
             transfer_error=decode.transfer_error if decode else "",
             kv_transfer_exposed_ms=decode.transfer_exposed_ms if decode else 0.0,
             kv_transfer_overlapped=decode.transfer_overlapped if decode else False,
+            cost=handoff_cost(first, decode),
         )
+
+
+def handoff_cost(first: PrefillResult, decode: DecodeTimings | None) -> RequestCost:
+    """Both engines' shares, the bytes moved, and the prompt's blocks under the producer's
+    lease: from the prefill's end until the decode engine had them (its queue and the part
+    of the transfer it waited for; the hop between the two is not counted)."""
+    if decode is None:
+        return first.cost
+    lease_s = (decode.queue_ms + decode.transfer_exposed_ms) / 1e3
+    num_blocks = len(first.transfer.block_ids) if first.transfer is not None else 0
+    return first.cost + decode.cost + RequestCost(prefill_kv_block_s=num_blocks * lease_s,
+                                                  bytes_moved=decode.transfer_bytes)

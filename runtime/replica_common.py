@@ -22,13 +22,14 @@ from runtime.autoscaling import DEMAND_METRIC
 from runtime.calibration import calibrate
 from runtime.engine_config import EngineConfig
 from runtime.engine_stats import LoadProbe
-from runtime.messages import DecodeChunk
+from runtime.messages import DecodeChunk, UsageReport
 from runtime.requests import GenerateRequest
 from runtime.scheduler.types import ReplicaReport
 from runtime.streaming import coalesce
 from runtime.token_stream import TokenBatch, TokenPublisher
 
 REPORT_PERIOD_S = 0.4  # the scheduler books its own dispatches; reports are for liveness & KV
+USAGE_EVERY = 5  # reports between two of the engine's busy / wall time (idle capacity)
 
 
 def replica_id() -> str:
@@ -82,23 +83,28 @@ async def check_health(engine: Any, probe: LoadProbe) -> None:
 class Reporter:
     """Tells the ingress this replica's load every REPORT_PERIOD_S (it may not exist yet);
     the ingress answers with the pool's demand in replicas, which this replica passes on to
-    Serve's autoscaler (runtime/autoscaling.py)."""
+    Serve's autoscaler (runtime/autoscaling.py). Every USAGE_EVERY reports it also sends the
+    engine's busy and wall time, if make_usage is given."""
 
-    def __init__(self, app_name: str, make_report: Callable[[], ReplicaReport]) -> None:
+    def __init__(self, app_name: str, make_report: Callable[[], ReplicaReport],
+                 make_usage: Callable[[], UsageReport] | None = None) -> None:
         self.demand: float | None = None
         self._task = asyncio.get_running_loop().create_task(
-            report_loop(app_name, make_report, self))
+            report_loop(app_name, make_report, self, make_usage))
 
     def autoscaling_stats(self) -> dict[str, float]:
         return {} if self.demand is None else {DEMAND_METRIC: self.demand}
 
 
 async def report_loop(app_name: str, make_report: Callable[[], ReplicaReport],
-                      reporter: Reporter | None = None) -> None:
+                      reporter: Reporter | None = None,
+                      make_usage: Callable[[], UsageReport] | None = None) -> None:
     """Tell the ingress this replica's load every REPORT_PERIOD_S (it may not exist yet)."""
     handle = None
+    num_reports = 0
     while True:
         await asyncio.sleep(REPORT_PERIOD_S)
+        num_reports += 1
         try:
             if handle is None:
                 # a blocking call (it waits for the controller): keep it off the replica's
@@ -108,6 +114,8 @@ async def report_loop(app_name: str, make_report: Callable[[], ReplicaReport],
             demand = await handle.report_load.remote(make_report())
             if reporter is not None and demand is not None:
                 reporter.demand = float(demand)
+            if make_usage is not None and num_reports % USAGE_EVERY == 0:
+                await handle.report_usage.remote(make_usage())
         except Exception:  # noqa: BLE001 - the ingress is starting or restarting; retry
             handle = None
             await asyncio.sleep(1.0)

@@ -169,4 +169,10 @@ def show_status(address: str, app_name: str) -> int:
               f"{load.get('num_running', 0)} running, {load.get('num_waiting', 0)} waiting, "
               f"{kv['num_leases']} leases ({kv['num_leased_blocks']} blocks), "
               f"{kv['num_loads_done']} loads done, {kv['num_loads_failed']} failed")
+        usage = replica.get("usage") or {}
+        if usage.get("wall_s"):
+            busy, wall = usage["busy_s"], usage["wall_s"]
+            print(f"    engine busy {busy:.1f} s of {wall:.1f} s ({100 * busy / wall:.0f}%; idle "
+                  f"capacity {wall - busy:.1f} s), {busy - usage['attributed_s']:.1f} s busy "
+                  "charged to no request")
     return 0

@@ -24,8 +24,8 @@ def serve_app(tiny_model):
     port, grpc_port = free_port(), free_port()
     config = AppConfig.model_validate({
         "engine": {"model": str(tiny_model), "kv_cache_bytes": 256 << 20, "max_num_seqs": 16},
-        "prefill": {"num_cpus": 0},
-        "decode": {"num_cpus": 0},
+        "prefill": {"num_cpus": 0, "cost_per_replica_hour": 3.6},
+        "decode": {"num_cpus": 0, "cost_per_replica_hour": 1.8},
         "transfer": {"lease_s": 6.0},
         # prompts over 256 tokens always split here (the tests below check the handoff);
         # shorter ones go wherever the scheduler predicts the first token sooner

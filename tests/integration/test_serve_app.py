@@ -92,6 +92,14 @@ def test_timings_are_consistent(client):
     assert phases <= t["e2e_ms"] + 1.0
     assert t["e2e_ms"] - phases <= 100 + 0.25 * t["e2e_ms"], t
     assert t["kv_transfer_bytes"] > 0 and t["num_loaded_tokens"] == 800
+    cost = t["cost"]  # each engine's share of its steps, priced at 3.6 and 1.8 per hour
+    assert 0 < cost["prefill_engine_s"] <= t["prefill_compute_ms"] / 1e3 + 0.05, t
+    assert 0 < cost["decode_engine_s"] <= t["decode_compute_ms"] / 1e3 + 0.05, t
+    assert cost["prefill_kv_block_s"] > 0 and cost["decode_kv_block_s"] > 0
+    assert cost["bytes_moved"] == t["kv_transfer_bytes"]
+    assert cost["dollars"] == pytest.approx(
+        (cost["prefill_engine_s"] * 3.6 + cost["decode_engine_s"] * 1.8) / 3600)
+    assert response.usage.model_extra["cost"] == cost
 
 
 def test_metrics_expose_phases_by_lane_and_mode(client, serve_app):
@@ -101,6 +109,16 @@ def test_metrics_expose_phases_by_lane_and_mode(client, serve_app):
         assert (f'disagg_phase_seconds_count{{lane="long",mode="disaggregated",'
                 f'phase="{phase}"}}') in text
     assert "disagg_kv_transfer_bytes_total" in text and "disagg_tokens_total" in text
+    for phase in ("prefill", "decode"):
+        assert (f'disagg_cost_engine_seconds_total{{lane="long",mode="disaggregated",'
+                f'phase="{phase}"}}') in text
+    assert 'disagg_cost_dollars_total{lane="long",mode="disaggregated"}' in text
+    deadline = time.monotonic() + 10  # replicas send their busy / wall time every 2 s
+    while 'disagg_engine_busy_fraction{pool="decode"' not in text and time.monotonic() < deadline:
+        time.sleep(0.5)
+        text = httpx.get(f"{serve_app}/metrics").text
+    assert 'disagg_engine_busy_fraction{pool="prefill"' in text
+    assert 'disagg_engine_busy_fraction{pool="decode"' in text
 
 
 def test_models_and_health(client, serve_app):
@@ -222,6 +240,8 @@ def test_grpc_generate_streams_tokens_equal_to_colocated(grpc_stub, cluster, tok
     assert last.finish_reason == "length" and last.usage.completion_tokens == 10
     assert last.timings.lane == "long" and last.timings.kv_transfer_bytes > 0
     assert last.timings.e2e_ms >= last.timings.ttft_ms >= last.timings.prefill_compute_ms > 0
+    assert last.timings.cost.prefill_engine_s > 0 and last.timings.cost.dollars > 0
+    assert last.usage.cost == last.timings.cost
     assert grpc_stub.Health(pb.HealthRequest(), timeout=10).status == "ok"
 
 

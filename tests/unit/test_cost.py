@@ -162,3 +162,81 @@ def test_a_request_loading_its_kv_holds_blocks_but_takes_no_prompt_tokens():
     assert remote.decode_engine_s == local.decode_engine_s == pytest.approx(0.05)
     assert remote.decode_kv_block_s == pytest.approx(4 * 1.0 + 5 * 0.1)
     assert remote.prefill_kv_block_s == 0.0
+
+
+def _prefill_result(cost: RequestCost, num_blocks: int):
+    from kv_transfer.params import TransferParams
+    from runtime.messages import PrefillResult, PrefillTimings
+
+    transfer = TransferParams("h:1", "x" * 32, tuple(range(num_blocks)), num_blocks * 16, 16,
+                              30.0)
+    return PrefillResult("r", 7, None, transfer, num_blocks * 16, 0,
+                         PrefillTimings(1.0, 2.0, 3.0), cost=cost)
+
+
+def test_a_handed_off_request_costs_both_engines_the_lease_and_the_bytes():
+    from runtime.messages import DecodeTimings
+    from runtime.pipeline import handoff_cost
+
+    first = _prefill_result(RequestCost(prefill_engine_s=0.5, prefill_kv_block_s=1.0,
+                                        dollars=0.25), num_blocks=4)
+    decode = DecodeTimings(queue_ms=100.0, transfer_ms=40.0, transfer_bytes=4096,
+                           first_token_ms=200.0, decode_ms=300.0, num_loaded_tokens=64,
+                           num_computed_prompt_tokens=1, transfer_error="",
+                           transfer_exposed_ms=50.0,
+                           cost=RequestCost(decode_engine_s=0.2, decode_kv_block_s=2.0,
+                                            dollars=0.5))
+    cost = handoff_cost(first, decode)
+    assert (cost.prefill_engine_s, cost.decode_engine_s) == (0.5, 0.2)
+    assert cost.prefill_kv_block_s == pytest.approx(1.0 + 4 * 0.15), "4 blocks leased 150 ms"
+    assert (cost.decode_kv_block_s, cost.bytes_moved, cost.dollars) == (2.0, 4096, 0.75)
+    assert handoff_cost(first, None) == first.cost, "ended at its first token: prefill only"
+
+
+def test_cost_reaches_usage_metrics_and_grpc():
+    from protos import inference_pb2 as pb
+    from runtime.grpc_api import cost_message
+    from runtime.messages import PhaseTimings
+    from runtime.metrics import Metrics
+    from runtime.openai_api import ChoiceResult, usage_body
+
+    cost = RequestCost(prefill_engine_s=0.5, decode_engine_s=0.25, bytes_moved=10,
+                       dollars=0.125)
+    timings = PhaseTimings(0, 0, 0, 0, 10, 0, 0, 1, 1, 2, 8, 4, 0, 0, lane="long",
+                           mode="disaggregated", cost=cost)
+    choices = [ChoiceResult(i, 0, "t", "length", None, timings) for i in range(2)]
+    usage = usage_body(choices)
+    assert usage["cost"]["prefill_engine_s"] == 1.0 and usage["cost"]["dollars"] == 0.25
+    metrics = Metrics()
+    metrics.record(timings)
+    metrics.record_usage("decode", "r1", EngineUsage(busy_s=2.0, wall_s=8.0, attributed_s=1.5))
+    text = metrics.render().decode()
+    assert 'disagg_cost_engine_seconds_total{lane="long",mode="disaggregated",phase="prefill"}' \
+        ' 0.5' in text
+    assert 'disagg_cost_dollars_total{lane="long",mode="disaggregated"} 0.125' in text
+    assert 'disagg_engine_busy_fraction{pool="decode",replica="r1"} 0.25' in text
+    assert 'disagg_engine_unattributed_seconds{pool="decode",replica="r1"} 0.5' in text
+    wire = pb.Timings(cost=cost_message(cost))
+    assert pb.Timings.FromString(wire.SerializeToString()).cost.dollars == 0.125
+
+
+def test_bench_reports_cost_per_1000_output_tokens():
+    from benchmarks.compare_report import markdown
+    from benchmarks.loadgen import RequestRecord
+    from benchmarks.summary import PHASES, SLO, summarize
+
+    records = []
+    for i in range(4):
+        record = RequestRecord(i, 100, 250, scheduled_s=0.0, sent_s=1.0 + i)
+        record.ttft_ms, record.e2e_ms, record.num_output_tokens = 10.0, 100.0, 250
+        cost = {"prefill_engine_s": 0.1, "decode_engine_s": 0.4, "prefill_kv_block_s": 1.0,
+                "decode_kv_block_s": 2.0, "bytes_moved": 0, "dollars": 0.002}
+        phases = dict.fromkeys(PHASES, 1.0)
+        record.server_timings = {"phases_ms": phases, "mode": "local", "cost": cost}
+        records.append(record)
+    summary = summarize("disagg", 1.0, records, SLO(1000, 100), 1024)
+    assert summary.cost_per_1k_tokens["decode_engine_s"] == pytest.approx(1.6)  # 4 x 0.4 / 1k
+    assert summary.cost_per_1k_tokens["dollars"] == pytest.approx(0.008)
+    assert "| disagg | 0.4 | 1.6 | 4 | 8 | 0.008 |" in markdown("t", [summary], SLO(1, 1), [])
+    records[0].server_timings = None  # a target that reports no cost (plain vLLM)
+    assert summarize("vllm", 1.0, records, SLO(1000, 100), 1024).cost_per_1k_tokens == {}
