@@ -98,7 +98,8 @@ class DecodeWorker:
         start = time.perf_counter()
         first_token_at = None
         num_sent = 0
-        self.costs.begin(request.request_id, len(prompt), loads_kv=transfer is not None)
+        self.costs.begin(request.request_id, len(prompt), loads_kv=transfer is not None,
+                         priority=request.priority)
         try:
             async for output in self.engine.generate(
                 {"prompt_token_ids": prompt}, params, request_id=request.request_id,

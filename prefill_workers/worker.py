@@ -71,7 +71,8 @@ class PrefillWorker:
             kv_transfer_params=producer_request_params(stream_handle) if hand_off else None,
         )
         output = None
-        self.costs.begin(request.request_id, len(request.prompt_token_ids))
+        self.costs.begin(request.request_id, len(request.prompt_token_ids),
+                         priority=request.priority)
         try:
             async for output in self.engine.generate(
                 {"prompt_token_ids": list(request.prompt_token_ids)}, params,

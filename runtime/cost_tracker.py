@@ -5,10 +5,14 @@ tokens and decoding sequences it scheduled (`SchedulerIterationDetails`), not fo
 requests. The replica tells this tracker which requests it submitted, in order, and when it
 saw each one's first token; the tracker assigns each step's counts to them the way vLLM's
 scheduler fills a step:
-  1. prompt tokens go to the oldest prefilling requests first (running chunked prefills are
-     scheduled before waiting ones), each up to the prompt tokens it still has to compute;
-     a request whose prompt is done decodes from the next step on; a request whose KV comes
-     from another engine takes no prompt tokens (its one computed token is not worth a guess);
+  1. the step's prompt tokens go to as many prefilling requests as vLLM says it scheduled:
+     those already started first (vLLM schedules running requests before waiting ones), then
+     the waiting ones in arrival order (by priority first, under the priority policy); they
+     share the tokens evenly, each up to what it still has to compute, the surplus of a short
+     one going to the others (vLLM caps every prefill at the same long_prefill_token_threshold
+     per step, so an even split reproduces its chunks); a request whose prompt is done decodes
+     from the next step on; a request whose KV comes from another engine takes no prompt
+     tokens (its one computed token is not worth a guess);
   2. decode slots go to the oldest decoding requests;
   3. what no known request can take (a calibration prompt, an estimate that fell short) is
      busy time left unattributed (EngineUsage), not charged to anyone.
@@ -41,6 +45,8 @@ class StepCounts:
 class _InFlight:
     num_prompt_tokens: int
     num_prefill_left: int  # prompt tokens the engine has still to compute (an estimate)
+    arrival: tuple[int, int]  # (priority, submission) order in vLLM's waiting queue
+    started: int | None = None  # order in vLLM's running queue, once it got prompt tokens
     decoding: bool = False  # (neither: its KV is loading from another engine)
     num_decoded: int = 0
     held_until_s: float | None = None  # blocks booked up to here; None: none held yet
@@ -56,20 +62,27 @@ class CostTracker:
     replica's event loop) calls all of them."""
 
     def __init__(self, block_size: int, cost_per_replica_hour: float = 0.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, by_priority: bool = False) -> None:
+        """by_priority: the engine runs vLLM's priority policy (else first come first served)."""
         assert block_size >= 1 and cost_per_replica_hour >= 0
         self.block_size = block_size
         self.cost_per_replica_hour = cost_per_replica_hour
+        self.by_priority = by_priority
+        self._num_begun = 0
+        self._num_started = 0
         self.ledger = StepLedger()
         self._clock = clock
         self._started_s = clock()
         self._requests: dict[str, _InFlight] = {}  # in submission order
 
-    def begin(self, request_id: str, num_prompt_tokens: int, loads_kv: bool = False) -> None:
+    def begin(self, request_id: str, num_prompt_tokens: int, loads_kv: bool = False,
+              priority: int = 0) -> None:
         """A request goes to the engine. loads_kv: its prompt's KV comes from another engine;
         it holds blocks from now, and takes no step's prompt tokens (vLLM schedules it only
         once its KV is in, for its last token) until its first token is seen."""
-        request = _InFlight(num_prompt_tokens, 0 if loads_kv else num_prompt_tokens)
+        self._num_begun += 1
+        arrival = (priority if self.by_priority else 0, self._num_begun)
+        request = _InFlight(num_prompt_tokens, 0 if loads_kv else num_prompt_tokens, arrival)
         if loads_kv:
             request.held_until_s = self._clock()
         self._requests[request_id] = request
@@ -97,6 +110,8 @@ class CostTracker:
     def on_step(self, step: StepCounts) -> None:
         now = self._clock()
         prefilling = [(rid, r) for rid, r in self._requests.items() if r.num_prefill_left > 0]
+        prefilling.sort(key=lambda item: (item[1].started is None, item[1].started or 0,
+                                          item[1].arrival))
         decoding = [rid for rid, r in self._requests.items() if r.decoding]
         tokens = self._assign_prompt_tokens(prefilling[:step.num_prefill_requests],
                                             step.num_prefill_tokens)
@@ -109,6 +124,9 @@ class CostTracker:
         for request_id, n in tokens.items():
             request = self._requests[request_id]
             request.num_prefill_left = max(0, request.num_prefill_left - n)
+            if request.started is None:
+                self._num_started += 1
+                request.started = self._num_started
         self._hold_blocks(now, step.duration_s, set(tokens), set(decoded))
         for request_id in tokens:
             request = self._requests[request_id]
@@ -117,16 +135,19 @@ class CostTracker:
     @staticmethod
     def _assign_prompt_tokens(candidates: list[tuple[str, _InFlight]],
                               num_tokens: int) -> dict[str, int]:
-        """Oldest first, each up to what it has left (what is left over was some other
-        request's: unattributed)."""
-        tokens: dict[str, int] = {}
+        """An even split, each up to what it has left, the smallest filled first (what none
+        can take was some other request's: unattributed)."""
+        shares = dict.fromkeys((rid for rid, _ in candidates), 0)
         left = num_tokens
-        for request_id, request in candidates:
-            n = min(request.num_prefill_left, left)
-            if n > 0:
-                tokens[request_id] = n
-                left -= n
-        return tokens
+        by_need = sorted(candidates, key=lambda item: item[1].num_prefill_left)
+        for k, (request_id, request) in enumerate(by_need):
+            shares[request_id] = min(request.num_prefill_left, left // (len(by_need) - k))
+            left -= shares[request_id]
+        for request_id, request in candidates:  # what the even split rounded away
+            extra = min(request.num_prefill_left - shares[request_id], left)
+            shares[request_id] += extra
+            left -= extra
+        return {rid: n for rid, n in shares.items() if n > 0}
 
     def _hold_blocks(self, now: float, duration_s: float, prefilled: set[str],
                      decoded: set[str]) -> None:

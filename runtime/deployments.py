@@ -61,8 +61,9 @@ def _kv_room(probe: LoadProbe, num_blocks: int) -> tuple[int, int]:
 class PrefillServer:
     async def __init__(self, config: AppConfig) -> None:  # type: ignore[misc]
         self._probe = LoadProbe()
-        self._costs = CostTracker(config.prefill_engine.block_size,
-                                  config.prefill.cost_per_replica_hour)
+        self._costs = CostTracker(
+            config.prefill_engine.block_size, config.prefill.cost_per_replica_hour,
+            by_priority=config.prefill_engine.scheduling_policy == "priority")
         engine = build_engine(pinned(config.prefill_engine, config.prefill), "prefill",
                               config.transfer, probe=self._probe, costs=self._costs)
         self._worker = PrefillWorker(engine, config.transfer.auth_token.get_secret_value(),
@@ -133,8 +134,9 @@ class PrefillServer:
 class DecodeServer:
     async def __init__(self, config: AppConfig) -> None:  # type: ignore[misc]
         self._probe = LoadProbe()
-        self._costs = CostTracker(config.decode_engine.block_size,
-                                  config.decode.cost_per_replica_hour)
+        self._costs = CostTracker(
+            config.decode_engine.block_size, config.decode.cost_per_replica_hour,
+            by_priority=config.decode_engine.scheduling_policy == "priority")
         role: EngineRole = "decode" if config.serving == "disaggregated" else "colocated"
         engine = build_engine(pinned(config.decode_engine, config.decode), role,
                               config.transfer, probe=self._probe, costs=self._costs)

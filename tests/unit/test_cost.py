@@ -240,3 +240,22 @@ def test_bench_reports_cost_per_1000_output_tokens():
     assert "| disagg | 0.4 | 1.6 | 4 | 8 | 0.008 |" in markdown("t", [summary], SLO(1, 1), [])
     records[0].server_timings = None  # a target that reports no cost (plain vLLM)
     assert summarize("vllm", 1.0, records, SLO(1000, 100), 1024).cost_per_1k_tokens == {}
+
+
+def test_prompt_tokens_split_evenly_as_vllm_caps_each_prefill_per_step():
+    """Three prompts scheduled together under a 512-token cap per prefill: the short ones
+    take what they need, the long one its cap; started prefills go before waiting ones."""
+    tracker = CostTracker(block_size=16, clock=FakeClock(), by_priority=True)
+    tracker.begin("short", 60)
+    tracker.begin("long", 3000, priority=1)
+    tracker.begin("mid", 200)
+    tracker.on_step(StepCounts(0.772, 3, 60 + 512 + 200, 0))
+    tracker.begin("new", 100)  # waits behind the running long prefill
+    tracker.on_step(StepCounts(0.5, 1, 500, 2))
+    tracker.first_token("short")
+    tracker.first_token("mid")
+    costs = {rid: tracker.end(rid) for rid in ("short", "long", "mid", "new")}
+    assert costs["short"].prefill_engine_s == pytest.approx(0.06)
+    assert costs["mid"].prefill_engine_s == pytest.approx(0.2)
+    assert costs["long"].prefill_engine_s == pytest.approx(0.512 + 0.5 * 500 / 502)
+    assert costs["new"].prefill_engine_s == 0.0
