@@ -119,6 +119,8 @@ def test_metrics_expose_phases_by_lane_and_mode(client, serve_app):
         text = httpx.get(f"{serve_app}/metrics").text
     assert 'disagg_engine_busy_fraction{pool="prefill"' in text
     assert 'disagg_engine_busy_fraction{pool="decode"' in text
+    usage = _status(serve_app)["decode"]["usage"]  # idle capacity, apart from the requests
+    assert 0 < usage["attributed_s"] <= usage["busy_s"] + 1e-6 < usage["wall_s"], usage
 
 
 def test_models_and_health(client, serve_app):
