@@ -92,7 +92,8 @@ def markdown(title: str, runs: list[RunSummary], slo: SLO, notes: list[str]) -> 
 def plots(out_dir: Path, runs: list[RunSummary], records: dict[tuple[str, float], Any],
           long_prompt_tokens: int) -> list[Path]:
     """ttft_cdf_short.png (at the highest rate), phases.png (at the highest rate),
-    p99_ttft_vs_rate.png. records: (target, rate) -> list of RequestRecord."""
+    p99_ttft_vs_rate.png, and cost_vs_prompt.png where a target reports what each request
+    cost. records: (target, rate) -> list of RequestRecord."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -146,7 +147,34 @@ def plots(out_dir: Path, runs: list[RunSummary], records: dict[tuple[str, float]
     ax.grid(True, alpha=0.3)
     ax.legend()
     paths.append(_save(fig, out_dir / "p99_ttft_vs_rate.png"))
+    costed = {t: [r for r in records.get((t, top), []) if not r.error and r.server_timings
+                  and "cost" in r.server_timings] for t in targets}
+    if any(costed.values()):
+        paths.append(_cost_plot(out_dir / "cost_vs_prompt.png", costed, top))
     return paths
+
+
+def _cost_plot(path: Path, costed: dict[str, list[RequestRecord]], rate: float) -> Path:
+    """Each request's prefill and decode engine-seconds against its prompt length."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for target, recs in costed.items():
+        if not recs:
+            continue
+        lengths = [r.prompt_len for r in recs]
+        for phase, marker in (("prefill", "o"), ("decode", "x")):
+            ax.scatter(lengths, [1e3 * r.server_timings["cost"][f"{phase}_engine_s"]
+                                 for r in recs if r.server_timings],
+                       marker=marker, s=12, label=f"{target} {phase}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("prompt tokens (log)")
+    ax.set_ylabel("engine ms charged to the request (log)")
+    ax.set_title(f"Cost per request by phase at {rate:g} req/s", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
 
 
 def _phase_height(c: Any, phase: str) -> float:

@@ -220,8 +220,8 @@ def test_cost_reaches_usage_metrics_and_grpc():
     assert pb.Timings.FromString(wire.SerializeToString()).cost.dollars == 0.125
 
 
-def test_bench_reports_cost_per_1000_output_tokens():
-    from benchmarks.compare_report import markdown
+def test_bench_reports_cost_per_1000_output_tokens(tmp_path):
+    from benchmarks.compare_report import markdown, plots
     from benchmarks.loadgen import RequestRecord
     from benchmarks.summary import PHASES, SLO, summarize
 
@@ -238,6 +238,8 @@ def test_bench_reports_cost_per_1000_output_tokens():
     assert summary.cost_per_1k_tokens["decode_engine_s"] == pytest.approx(1.6)  # 4 x 0.4 / 1k
     assert summary.cost_per_1k_tokens["dollars"] == pytest.approx(0.008)
     assert "| disagg | 0.4 | 1.6 | 4 | 8 | 0.008 |" in markdown("t", [summary], SLO(1, 1), [])
+    paths = plots(tmp_path, [summary], {("disagg", 1.0): records}, 1024)
+    assert paths[-1].name == "cost_vs_prompt.png" and paths[-1].stat().st_size > 1000
     records[0].server_timings = None  # a target that reports no cost (plain vLLM)
     assert summarize("vllm", 1.0, records, SLO(1000, 100), 1024).cost_per_1k_tokens == {}
 
