@@ -79,6 +79,12 @@ def _completion_cases() -> list[dict[str, Any]]:
         {"logprobs": 2}, {"stream": True}, {"stream": True, "stop": "e"},
         {"stream": True, "n": 2}, {"skip_special_tokens": False},
         {"stream": True, "stream_options": {"include_usage": True}},
+        {"stop": ""}, {"stop": "zzz"}, {"stop": ["x", "y", "z"]}, {"n": 3}, {"prompt": "a"},
+        {"prompt": [PROMPT]}, {"prompt": [[65]]}, {"max_tokens": 2, "min_tokens": 2},
+        {"top_p": 0.5}, {"top_k": 0}, {"presence_penalty": 2.5}, {"frequency_penalty": -2},
+        {"echo": True, "max_tokens": 1}, {"include_stop_str_in_output": True, "stop": "zz"},
+        {"unknown_field": 1}, {"stream": True, "max_tokens": 1},
+        {"spaces_between_special_tokens": False},
     ]
     combos = [dict(itertools.chain.from_iterable(d.items() for d in pair))
               for pair in itertools.combinations(
@@ -103,6 +109,9 @@ def _chat_cases() -> list[dict[str, Any]]:
         {"min_tokens": 4}, {"seed": 3}, {"logprobs": True, "top_logprobs": 2},
         {"response_format": {"type": "json_object"}}, {"model": "gpt-x"},
         {"temperature": -0.5}, {"stop": ["o", "e"], "stream": True},
+        {"messages": [{"role": "developer", "content": "Be brief."},
+                      {"role": "user", "content": PROMPT}]},
+        {"max_tokens": 1}, {"stop": ""}, {"unknown_field": "x"},
     ]
     return [{**base, **case} for case in cases]
 
