@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from runtime.messages import PreparedRequest, TextEvent
 from runtime.router import Router
@@ -34,13 +34,23 @@ def plan(router: Router, prompts: list[list[int]], n: int, sampling: object,
     try:
         for p, prompt_ids in enumerate(prompts):
             for sample in range(n):
-                prepared = router.prepare(prompt_ids, sampling, kind)  # type: ignore[arg-type]
+                prepared = router.prepare(prompt_ids, _sample_spec(sampling, sample),
+                                          kind)  # type: ignore[arg-type]
                 jobs.append(Job(p * n + sample, p, prepared))
     except BaseException:
         for job in jobs:
             router.discard(job.prepared)
         raise
     return jobs
+
+
+def _sample_spec(sampling: object, sample: int) -> object:
+    """A seeded request's samples get seed + index, as vLLM's parallel sampling does (one
+    seed would give n equal samples)."""
+    seed = getattr(sampling, "seed", None)
+    if seed is None or sample == 0:
+        return sampling
+    return replace(sampling, seed=seed + sample)  # type: ignore[type-var]
 
 
 async def run(router: Router, jobs: list[Job], n: int) -> AsyncIterator[tuple[Job, TextEvent]]:

@@ -31,6 +31,7 @@ from runtime.grpc_api import start_grpc_server
 from runtime.messages import UsageReport
 from runtime.metrics import Metrics
 from runtime.openai_api import (
+    SCHEMA_ERROR,
     APIError,
     ChatCompletionRequest,
     ChoiceResult,
@@ -69,13 +70,24 @@ async def _server_error(request: Request, err: Exception) -> JSONResponse:
     return JSONResponse(internal_error(request_id).body(), status_code=500)
 
 
+# Fields vLLM's request schema takes as any number and its sampling checks bound later: a
+# value out of range is a "BadRequestError" there, any other schema failure a "Bad Request".
+_SAMPLING_BOUNDS = {"temperature", "top_p", "top_k", "n", "max_tokens", "min_tokens",
+                    "presence_penalty", "frequency_penalty", "repetition_penalty"}
+_BOUND_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
+
+
 def _validation_error(err: ValidationError) -> APIError:
-    first = err.errors()[0]
+    errors = err.errors()
+    first = errors[0]
     where = ".".join(str(part) for part in first["loc"]) or "body"
     problems = "; ".join(
-        f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in err.errors()
+        f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in errors
     )
-    return APIError(400, f"invalid request: {problems}", param=where)
+    sampling = all(e["type"] in _BOUND_ERRORS and e["loc"] and e["loc"][0] in _SAMPLING_BOUNDS
+                   for e in errors)
+    return APIError(400, f"invalid request: {problems}", param=where,
+                    type=None if sampling else SCHEMA_ERROR)
 
 
 @serve.deployment

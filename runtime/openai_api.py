@@ -19,6 +19,11 @@ ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoun
                413: "RequestEntityTooLargeError", 429: "RateLimitError",
                500: "InternalServerError", 503: "ServiceUnavailableError",
                504: "GatewayTimeoutError"}
+# vLLM's server reports what its request schema (pydantic model and model validators) refuses
+# with FastAPI's handler, whose type is the HTTP phrase; what its sampling checks refuse later
+# is a "BadRequestError". Clients may branch on the type: we keep the same split.
+SCHEMA_ERROR = "Bad Request"
+_GREEDY_EPSILON = 1e-5  # vLLM: a temperature below it means greedy sampling
 
 
 class APIError(Exception):
@@ -26,13 +31,14 @@ class APIError(Exception):
     ({"error": {"message", "type", "param", "code"}}, as OpenAI's and vLLM's servers)."""
 
     def __init__(self, status: int, message: str, param: str | None = None,
-                 code: str | None = None, retry_after_s: float | None = None) -> None:
+                 code: str | None = None, retry_after_s: float | None = None,
+                 type: str | None = None) -> None:  # noqa: A002 - the body's field
         super().__init__(message)
         self.retry_after_s = retry_after_s
         self.status = status
         self.message = message
-        self.type = ERROR_TYPES.get(status, "BadRequestError" if status < 500
-                                    else "InternalServerError")
+        self.type = type or ERROR_TYPES.get(status, "BadRequestError" if status < 500
+                                            else "InternalServerError")
         self.param = param
         self.code = code
 
@@ -90,6 +96,9 @@ class _SamplingFields(BaseModel):
         if self.min_tokens > max_tokens:
             raise APIError(400, f"min_tokens ({self.min_tokens}) must be less than or equal "
                            f"to max_tokens ({max_tokens})", param="min_tokens")
+        if self.n > 1 and self.temperature < _GREEDY_EPSILON:
+            raise APIError(400, f"n must be 1 when using greedy sampling, got {self.n}.",
+                           param="n")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if any(not s for s in stop):
             raise APIError(400, "stop cannot contain an empty string", param="stop")
@@ -125,6 +134,9 @@ class CompletionRequest(_SamplingFields):
     def prompts(self) -> list[str] | list[list[int]]:
         """One entry per prompt of a batch."""
         prompt = self.prompt
+        if prompt == "":  # refused by vLLM's request schema
+            raise APIError(400, "Either prompt or prompt_embeds must be provided and non-empty.",
+                           param="prompt", type=SCHEMA_ERROR)
         if isinstance(prompt, str):
             return [prompt]
         if not prompt:

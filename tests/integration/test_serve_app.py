@@ -342,10 +342,18 @@ def test_stop_strings_batches_n_and_echo_as_vllm_gives_them(client, cluster, tok
         assert text == expected, (stop, full)
         assert chunks[-1].choices[0].finish_reason == "stop"
     # two prompts, two samples each, the prompt echoed: four choices, indexed prompt * n + j
-    batch = client.completions.create(model=MODEL, prompt=[prompt, prompt[:20]], n=2,
-                                      max_tokens=6, echo=True, **GREEDY)
-    assert sorted(c.index for c in batch.choices) == [0, 1, 2, 3]
-    by_index = {c.index: c.text for c in batch.choices}
-    assert by_index[0] == by_index[1] and by_index[0].startswith(prompt)
-    assert by_index[2] == by_index[3] and by_index[2].startswith(prompt[:20])
-    assert batch.usage.completion_tokens == 24
+    # (greedy n > 1 is refused, as vLLM does; seeded samples are reproducible)
+    with pytest.raises(openai.BadRequestError, match="greedy"):
+        client.completions.create(model=MODEL, prompt=prompt, n=2, max_tokens=4, **GREEDY)
+    sampled = {"temperature": 1.0, "seed": 11, "extra_body": {"ignore_eos": True}}
+    batches = [client.completions.create(model=MODEL, prompt=[prompt, prompt[:20]], n=2,
+                                         max_tokens=6, echo=True, **sampled)
+               for _ in range(2)]
+    for batch in batches:
+        assert sorted(c.index for c in batch.choices) == [0, 1, 2, 3]
+        by_index = {c.index: c.text for c in batch.choices}
+        assert by_index[0].startswith(prompt) and by_index[1].startswith(prompt)
+        assert by_index[2].startswith(prompt[:20]) and by_index[3].startswith(prompt[:20])
+        assert batch.usage.completion_tokens == 24
+    texts = [sorted((c.index, c.text) for c in batch.choices) for batch in batches]
+    assert texts[0] == texts[1]  # the same seed, the same samples

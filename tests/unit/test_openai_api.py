@@ -44,6 +44,7 @@ def test_chat_content_may_be_text_parts():
     ({"stop_token_ids": [-1]}, "stop_token_ids"),
     ({"max_tokens": 0}, "max_tokens"),
     ({"max_tokens": 4, "min_tokens": 5}, "min_tokens"),
+    ({"n": 2, "temperature": 0}, "n"),  # vLLM: n must be 1 when using greedy sampling
 ])
 def test_sampling_fields_the_engine_would_refuse_are_a_400(fields, param):
     request = CompletionRequest(model="tiny", prompt="hello", **fields)

@@ -153,3 +153,13 @@ def test_fanout_refused_midway_releases_what_it_booked():
     with pytest.raises(APIError):
         fanout.plan(router, [[1], [2]], 2, SamplingSpec(), "cmpl")
     assert router.discarded == ["r0", "r1"]
+
+
+def test_seeded_samples_get_seed_plus_index_as_vllm_gives_them():
+    from runtime.fanout import _sample_spec
+    from runtime.requests import SamplingSpec
+
+    seeded = SamplingSpec(max_tokens=4, temperature=1.0, seed=7)
+    assert [_sample_spec(seeded, i).seed for i in range(3)] == [7, 8, 9]  # type: ignore[attr-defined]
+    unseeded = SamplingSpec(max_tokens=4, temperature=1.0)
+    assert _sample_spec(unseeded, 2) is unseeded
