@@ -2,21 +2,19 @@
 
   1. every (prompt, sample) becomes a prepared request, booked with the scheduler at once (a
      429 for one is a 429 for all, before anything runs);
-  2. a prompt's first sample runs at once; its other samples start once the first has its
-     first token, so the prompt is prefilled once and the others find it in the prefix cache
-     (all but its last partial block; under disaggregation, on the same prefill replica);
-  3. events come out merged, each tagged with its choice index (prompt * n + sample), and
-     each choice ends with its finish reason and timings; an error in one ends them all.
+  2. the jobs run one after another, prompt by prompt, sample by sample: a prompt's later
+     samples find it in the prefix cache (all but its last partial block);
+  3. events come out tagged with their choice index (prompt * n + sample), and each choice
+     ends with its finish reason and timings; an error in one ends them all.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
 from runtime.messages import PreparedRequest, TextEvent
+from runtime.requests import SamplingSpec
 from runtime.router import Router
 
 
@@ -27,15 +25,14 @@ class Job:
     prepared: PreparedRequest
 
 
-def plan(router: Router, prompts: list[list[int]], n: int, sampling: object,
+def plan(router: Router, prompts: list[list[int]], n: int, sampling: SamplingSpec,
          kind: str) -> list[Job]:
     """Prepare (and book) every choice; undoes the bookings if one is refused."""
     jobs: list[Job] = []
     try:
         for p, prompt_ids in enumerate(prompts):
             for sample in range(n):
-                prepared = router.prepare(prompt_ids, _sample_spec(sampling, sample),
-                                          kind)  # type: ignore[arg-type]
+                prepared = router.prepare(prompt_ids, _sample_spec(sampling, sample), kind)
                 jobs.append(Job(p * n + sample, p, prepared))
     except BaseException:
         for job in jobs:
@@ -44,53 +41,24 @@ def plan(router: Router, prompts: list[list[int]], n: int, sampling: object,
     return jobs
 
 
-def _sample_spec(sampling: object, sample: int) -> object:
+def _sample_spec(sampling: SamplingSpec, sample: int) -> SamplingSpec:
     """A seeded request's samples get seed + index, as vLLM's parallel sampling does (one
     seed would give n equal samples)."""
-    seed = getattr(sampling, "seed", None)
-    if seed is None or sample == 0:
+    if sampling.seed is None or sample == 0:
         return sampling
-    return replace(sampling, seed=seed + sample)  # type: ignore[type-var]
+    return replace(sampling, seed=sampling.seed + sample)
 
 
 async def run(router: Router, jobs: list[Job], n: int) -> AsyncIterator[tuple[Job, TextEvent]]:
-    """Every job's events, merged as they come."""
-    if len(jobs) == 1:
-        async for event in router.stream(jobs[0].prepared):
-            yield jobs[0], event
-        return
-    queue: asyncio.Queue[tuple[Job, TextEvent] | BaseException | None] = asyncio.Queue()
-    first_token = {job.prompt_index: asyncio.Event() for job in jobs}
-
-    async def one(job: Job) -> None:
-        try:
-            if job.index % n:  # a later sample: after the first one's prefill
-                await first_token[job.prompt_index].wait()
-            async for event in router.stream(job.prepared):
-                first_token[job.prompt_index].set()
-                queue.put_nowait((job, event))
-        except Exception as err:  # noqa: BLE001 - handed to the reader, raised there
-            queue.put_nowait(err)
-        finally:
-            first_token[job.prompt_index].set()
-            queue.put_nowait(None)
-
-    tasks = [asyncio.ensure_future(one(job)) for job in jobs]
+    """Every job's events, one job after another (a prompt's later samples find its prefix
+    cached). Jobs of one request once ran concurrently; an intermittent hang of such requests
+    (a choice that never finished, seen after earlier n > 1 requests, cause not found yet) made
+    them sequential until it is understood."""
+    del n  # the order of the jobs is already prompt by prompt, sample by sample
     try:
-        remaining = len(tasks)
-        while remaining:
-            item = await queue.get()
-            if item is None:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield item
+        for job in jobs:
+            async for event in router.stream(job.prepared):
+                yield job, event
     finally:
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
         for job in jobs:  # never streamed (an error came first): bookings released
             router.discard(job.prepared)

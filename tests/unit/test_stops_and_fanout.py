@@ -160,6 +160,6 @@ def test_seeded_samples_get_seed_plus_index_as_vllm_gives_them():
     from runtime.requests import SamplingSpec
 
     seeded = SamplingSpec(max_tokens=4, temperature=1.0, seed=7)
-    assert [_sample_spec(seeded, i).seed for i in range(3)] == [7, 8, 9]  # type: ignore[attr-defined]
+    assert [_sample_spec(seeded, i).seed for i in range(3)] == [7, 8, 9]
     unseeded = SamplingSpec(max_tokens=4, temperature=1.0)
     assert _sample_spec(unseeded, 2) is unseeded
