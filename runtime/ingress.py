@@ -73,8 +73,9 @@ async def _server_error(request: Request, err: Exception) -> JSONResponse:
 # Fields vLLM's request schema takes as any number and its sampling checks bound later: a
 # value out of range is a "BadRequestError" there, any other schema failure a "Bad Request".
 _SAMPLING_BOUNDS = {"temperature", "top_p", "top_k", "n", "max_tokens", "min_tokens",
-                    "presence_penalty", "frequency_penalty", "repetition_penalty"}
-_BOUND_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
+                    "presence_penalty", "frequency_penalty", "repetition_penalty", "messages"}
+_BOUND_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal",
+                 "too_short"}
 
 
 def _validation_error(err: ValidationError) -> APIError:

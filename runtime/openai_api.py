@@ -134,9 +134,9 @@ class CompletionRequest(_SamplingFields):
     def prompts(self) -> list[str] | list[list[int]]:
         """One entry per prompt of a batch."""
         prompt = self.prompt
-        if prompt == "":  # refused by vLLM's request schema
+        if prompt == "":  # as vLLM's request validator words it
             raise APIError(400, "Either prompt or prompt_embeds must be provided and non-empty.",
-                           param="prompt", type=SCHEMA_ERROR)
+                           param="prompt")
         if isinstance(prompt, str):
             return [prompt]
         if not prompt:
@@ -156,7 +156,7 @@ class TextPart(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")  # what the chat template ignores, we do too
 
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: str  # any role the chat template takes, as vLLM (which adds custom roles)
     content: str | list[TextPart] | None = None  # text only: no images or audio here
     name: str | None = None
 

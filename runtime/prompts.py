@@ -42,6 +42,11 @@ class PromptTokenizer:
                            param="messages")
         for message in messages:
             self._check_text(message["content"], "messages")
+        template = str(getattr(self.tokenizer, "chat_template", None) or "")
+        if '"developer"' not in template and "'developer'" not in template:
+            # vLLM's renderer: a template that does not know the developer role gets "system"
+            messages = [{**m, "role": "system"} if m["role"] == "developer" else m
+                        for m in messages]
         text = await self._run(lambda: self.tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=False))
         self._check_text(text, "messages")
