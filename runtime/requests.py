@@ -47,12 +47,17 @@ class SamplingSpec:
         from vllm import SamplingParams
 
         extra_args = {"kv_transfer_params": kv_transfer_params} if kv_transfer_params else None
-        detokenize = detokenize or bool(self.stop)
+        # A continuation's engine does not apply stop strings: its prompt ends with the first
+        # token, which can end mid-character, and vLLM's detokenizer then emitted prompt text
+        # again (stop strings matched there: seen, "e" ending the output after 2 tokens). The
+        # ingress applies them to the whole output and aborts the request at a match.
+        stop = list(self.stop) if self.stop and not continuation else None
+        detokenize = detokenize or bool(stop)
         limit = self.max_tokens if max_tokens is None else max_tokens
         return SamplingParams(
             max_tokens=limit,
             min_tokens=min(limit, max(0, self.min_tokens - (1 if continuation else 0))),
-            stop=list(self.stop) if self.stop else None,
+            stop=stop,
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
             logprobs=self.logprobs,
