@@ -102,6 +102,12 @@ class _SamplingFields(BaseModel):
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if any(not s for s in stop):
             raise APIError(400, "stop cannot contain an empty string", param="stop")
+        for s in stop:
+            try:
+                s.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise APIError(400, f"stop string {s!r} is not valid Unicode text (a lone "
+                               "surrogate or not encodable as UTF-8)", param="stop") from err
         if any(t < 0 for t in self.stop_token_ids or ()):
             raise APIError(400, "stop_token_ids must be non-negative", param="stop_token_ids")
         return SamplingSpec(max_tokens=max_tokens, temperature=self.temperature,

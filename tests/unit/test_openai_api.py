@@ -41,6 +41,7 @@ def test_chat_content_may_be_text_parts():
 @pytest.mark.parametrize(("fields", "param"), [
     ({"stop": ""}, "stop"),
     ({"stop": ["x", ""]}, "stop"),
+    ({"stop": "\ud800"}, "stop"),  # a lone surrogate: not text any engine can match
     ({"stop_token_ids": [-1]}, "stop_token_ids"),
     ({"max_tokens": 0}, "max_tokens"),
     ({"max_tokens": 4, "min_tokens": 5}, "min_tokens"),
