@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import re
 import threading
-from collections.abc import Coroutine
+import warnings
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -76,8 +78,42 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 
 
+def _root_cause(pytestconfig: pytest.Config) -> str:
+    """The exception lines the engine processes printed (captured by pytest): vLLM's own
+    error only says "see root cause above", which a CI log's tail can cut off."""
+    capman = pytestconfig.pluginmanager.getplugin("capturemanager")
+    if capman is None:
+        return "(output not captured)"
+    out, err = capman.read_global_capture()
+    lines = [line.strip() for line in (out + err).splitlines()
+             if re.search(r"\w(Error|Exception)\b.*:", line)
+             and "Engine core initialization failed" not in line]
+    cause = " | ".join(lines[-4:]) or "(no exception line printed)"
+    reporter = pytestconfig.pluginmanager.getplugin("terminalreporter")
+    if reporter is not None:  # on the terminal too: a summary line can be cut to its width
+        with capman.global_and_fixture_disabled():
+            reporter.write_line(f"\nengine start failed: {cause}")
+    return cause
+
+
+def _build_with_cause(pytestconfig: pytest.Config, runner: EventLoopThread,
+                      build: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Start engines once more if the first start fails (a failed start is reported as a
+    warning with its cause); a second failure is raised with the cause in its message."""
+    try:
+        return runner.run(build())
+    except Exception as err:  # noqa: BLE001 - retried once, then raised with its cause
+        cause = _root_cause(pytestconfig)
+        warnings.warn(f"engine start failed once ({err}); cause: {cause}", stacklevel=1)
+    try:
+        return runner.run(build())
+    except Exception as err:
+        raise RuntimeError(f"engines failed to start twice: {err}; cause: "
+                           f"{_root_cause(pytestconfig)}") from err
+
+
 @pytest.fixture(scope="session")
-def cluster(tiny_model: Path):
+def cluster(tiny_model: Path, pytestconfig: pytest.Config):
     runner = EventLoopThread()
     engine_config = EngineConfig(model=str(tiny_model), block_size=BLOCK_SIZE,
                                  kv_cache_bytes=256 << 20, max_num_seqs=16)
@@ -94,23 +130,32 @@ def cluster(tiny_model: Path):
 
     probes = {name: LoadProbe() for name in ("prefill", *CHANNELS)}
 
+    started: list[Any] = []  # engines, shut down if a later one fails to start
+
+    def engine(*args: Any, **kwargs: Any) -> Any:
+        started.append(build_engine(engine_config, *args, **kwargs))
+        return started[-1]
+
     async def start() -> Cluster:
-        prefill = PrefillWorker(
-            build_engine(engine_config, "prefill", nccl_transfer, probe=probes["prefill"]),
-            transfer.auth_token.get_secret_value(),
-        )
-        decoders = {
-            channel: DecodeWorker(
-                build_engine(engine_config, "decode", config, probe=probes[channel]), BLOCK_SIZE
-            )
-            for channel, config in (("tcp", transfer), ("grpc", grpc_transfer),
-                                    ("nccl", nccl_transfer))
-        }
-        oracle = build_engine(engine_config, "colocated")
+        try:
+            prefill = PrefillWorker(engine("prefill", nccl_transfer, probe=probes["prefill"]),
+                                    transfer.auth_token.get_secret_value())
+            decoders = {
+                channel: DecodeWorker(engine("decode", config, probe=probes[channel]),
+                                      BLOCK_SIZE)
+                for channel, config in (("tcp", transfer), ("grpc", grpc_transfer),
+                                        ("nccl", nccl_transfer))
+            }
+            oracle = engine("colocated")
+        except BaseException:
+            for built in started:
+                built.shutdown()
+            started.clear()
+            raise
         return Cluster(runner, transfer, prefill, decoders, oracle, probes)
 
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    cluster = runner.run(start())
+    cluster = _build_with_cause(pytestconfig, runner, start)
     yield cluster
     engines = [cluster.prefill.engine, cluster.oracle]
     engines += [decoder.engine for decoder in cluster.decoders.values()]
