@@ -33,6 +33,7 @@ from runtime.cost_tracker import CostTracker
 from runtime.engine_config import TransferFailurePolicy
 from runtime.messages import DecodeChunk, DecodeTimings, KVTransferFailed
 from runtime.requests import GenerateRequest
+from runtime.seeded import UnseededRun, needs_unseeded_prefill, prefill_unseeded
 
 if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -98,6 +99,11 @@ class DecodeWorker:
         start = time.perf_counter()
         first_token_at = None
         num_sent = 0
+        warm = UnseededRun()
+        if transfer is None and needs_unseeded_prefill(self.engine, request.sampling,
+                                                        len(prompt)):
+            warm = await prefill_unseeded(self.engine, self.costs, request.request_id, prompt,
+                                          request.priority)
         self.costs.begin(request.request_id, len(prompt), loads_kv=transfer is not None,
                          priority=request.priority)
         try:
@@ -141,12 +147,14 @@ class DecodeWorker:
                         first_token_ms=(first_at - start) * 1e3,
                         decode_ms=(end - first_at) * 1e3,
                         num_loaded_tokens=stats.num_loaded_tokens if stats else 0,
-                        num_computed_prompt_tokens=len(prompt) - (output.num_cached_tokens or 0),
+                        num_computed_prompt_tokens=len(prompt) - (
+                            output.num_cached_tokens or 0 if warm.num_cached_tokens is None
+                            else warm.num_cached_tokens),
                         transfer_error=earlier_error or (stats.error if stats else ""),
                         worker_id=self.worker_id,
                         transfer_exposed_ms=exposed_ms,
                         transfer_overlapped=bool(stats and stats.overlapped),
-                        cost=self.costs.end(request.request_id),
+                        cost=warm.cost + self.costs.end(request.request_id),
                     ),
                 )
         finally:

@@ -21,6 +21,7 @@ from kv_transfer.params import TransferParams, parse_transfer, producer_request_
 from runtime.cost_tracker import CostTracker
 from runtime.messages import PrefillResult, PrefillTimings
 from runtime.requests import GenerateRequest
+from runtime.seeded import UnseededRun, needs_unseeded_prefill, prefill_unseeded
 
 if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -71,6 +72,10 @@ class PrefillWorker:
             kv_transfer_params=producer_request_params(stream_handle) if hand_off else None,
         )
         output = None
+        warm = UnseededRun()
+        if needs_unseeded_prefill(self.engine, request.sampling, len(request.prompt_token_ids)):
+            warm = await prefill_unseeded(self.engine, self.costs, request.request_id,
+                                          list(request.prompt_token_ids), request.priority)
         self.costs.begin(request.request_id, len(request.prompt_token_ids),
                          priority=request.priority)
         try:
@@ -80,7 +85,7 @@ class PrefillWorker:
             ):
                 pass
         finally:
-            cost = self.costs.end(request.request_id)
+            cost = warm.cost + self.costs.end(request.request_id)
         assert output is not None and output.finished, "prefill ended without output"
         total_ms = (time.perf_counter() - start) * 1e3
         completion = output.outputs[0]
@@ -101,7 +106,8 @@ class PrefillWorker:
             finish_reason=completion.finish_reason if stopped else None,
             transfer=transfer,
             num_prompt_tokens=len(request.prompt_token_ids),
-            num_cached_tokens=output.num_cached_tokens or 0,
+            num_cached_tokens=(output.num_cached_tokens or 0) if warm.num_cached_tokens is None
+            else warm.num_cached_tokens,
             timings=PrefillTimings(queue_ms, compute_ms, total_ms),
             worker_id=self.worker_id,
             stop_reason=completion.stop_reason if stopped else None,
