@@ -29,14 +29,12 @@ import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorTransferResults
 from vllm.logger import init_logger
 
-from kv_transfer.collective_transport import (
-    CollectiveKVClient,
-    CollectiveSender,
-    WorkerIdentity,
-    collective_handlers,
-)
+from kv_transfer.collective_client import CollectiveKVClient
+from kv_transfer.collective_sender import CollectiveSender, collective_handlers
+from kv_transfer.collective_transport import WorkerIdentity
 from kv_transfer.config import ConnectorConfig
-from kv_transfer.grpc_transport import GrpcKVClient, GrpcKVServer
+from kv_transfer.grpc_client import GrpcKVClient
+from kv_transfer.grpc_server import GrpcKVServer
 from kv_transfer.leases import LeaseTable
 from kv_transfer.metadata import DisaggConnectorMetadata, DisaggWorkerMetadata, LoadSpec
 from kv_transfer.paged_kv import PagedKVCache

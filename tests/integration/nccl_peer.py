@@ -30,12 +30,9 @@ def block_bytes_per_layer(model_dir: Path, block_size: int) -> tuple[int, int]:
 def _serve(port: int, token: str, num_layers: int, layer_block_bytes: int, num_blocks: int,
            die_after_chunks: int, ctl: Connection) -> None:
     from kv_transfer import collective
-    from kv_transfer.collective_transport import (
-        CollectiveSender,
-        WorkerIdentity,
-        collective_handlers,
-    )
-    from kv_transfer.grpc_transport import GrpcKVServer
+    from kv_transfer.collective_sender import CollectiveSender, collective_handlers
+    from kv_transfer.collective_transport import WorkerIdentity
+    from kv_transfer.grpc_server import GrpcKVServer
     from kv_transfer.leases import LeaseTable
     from kv_transfer.paged_kv import PagedKVCache
 
