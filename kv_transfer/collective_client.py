@@ -100,6 +100,7 @@ class CollectiveKVClient(KVBlockClient):
             entry = self._groups.get(endpoint)
         if entry is not None and not entry.pair.is_closed:
             return entry
+        self._control.handshake(endpoint, max(0.1, deadline - time.monotonic()))
         join = self._control.channel(endpoint).unary_unary(
             JOIN_METHOD, request_serializer=pb.JoinRequest.SerializeToString,
             response_deserializer=pb.JoinResponse.FromString,
@@ -130,6 +131,7 @@ class CollectiveKVClient(KVBlockClient):
 
     def _forget(self, endpoint: str, entry: _ConsumerGroup) -> None:
         entry.pair.close()
+        self._control.forget(endpoint)
         with self._lock:
             if self._groups.get(endpoint) is entry:
                 del self._groups[endpoint]

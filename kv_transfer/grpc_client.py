@@ -1,6 +1,7 @@
 """Consumer side of the gRPC transport: pulls blocks into one worker's paged KV cache.
 
 Lifecycle of one pull (the wire is in grpc_transport.py):
+  0. First contact with a producer: Handshake (protocol version, KV layout), once per endpoint.
   1. The pull is split into `num_streams` contiguous parts, each on its own channel.
   2. Each part calls PullBlocks and scatters every BlockChunk into the sink as it arrives, or,
      with the bulk TCP data channel, calls OpenBulk and reads the same chunks as raw frames
@@ -23,6 +24,7 @@ import grpc
 from kv_transfer.bulk_tcp import receive_blocks
 from kv_transfer.chunks import DecodedChunk, decode_chunk
 from kv_transfer.grpc_transport import (
+    HANDSHAKE_METHOD,
     OPEN_BULK_METHOD,
     PULL_METHOD,
     TOKEN_METADATA_KEY,
@@ -31,6 +33,7 @@ from kv_transfer.grpc_transport import (
     message_limit,
     send_release,
 )
+from kv_transfer.layout import Hello, KVLayout, mismatch
 from kv_transfer.paged_kv import PagedKVCache
 from kv_transfer.transport import KVBlockClient, PullResult, TransferError
 from protos import kv_transfer_pb2 as pb
@@ -64,9 +67,12 @@ class GrpcKVClient(KVBlockClient):
         max_chunk_bytes: int,
         num_streams: int = 2,
         bulk_tcp: bool = False,
+        layout: KVLayout | None = None,
     ) -> None:
         assert num_streams >= 1, "num_streams must be at least 1"
         self._cache = cache
+        self._hello = Hello.mine(layout or KVLayout.of_cache(cache))
+        self._agreed: set[str] = set()  # producers whose Handshake succeeded
         self._bulk_tcp = bulk_tcp
         self._metadata = ((TOKEN_METADATA_KEY, auth_token),)
         self._max_chunk_bytes = max_chunk_bytes
@@ -92,6 +98,7 @@ class GrpcKVClient(KVBlockClient):
         target = sink or self._cache
         target.check_block_ids(local_block_ids)
         start = time.perf_counter()
+        self.handshake(endpoint, timeout_s)
         stop = threading.Event()  # set when one stream fails, to end the others
         num_parts = max(1, min(self._num_streams, len(local_block_ids)))
         bounds = [len(local_block_ids) * i // num_parts for i in range(num_parts + 1)]
@@ -111,6 +118,7 @@ class GrpcKVClient(KVBlockClient):
                 num_bytes += part_bytes
                 wait_s = min(wait_s, part_wait_s)  # parts run at once: the least-waiting one
         except BaseException:
+            self.forget(endpoint)  # a restarted producer may have another layout
             stop.set()
             for future in futures:
                 with contextlib.suppress(BaseException):
@@ -118,6 +126,41 @@ class GrpcKVClient(KVBlockClient):
             raise
         elapsed_ms = (time.perf_counter() - start) * 1e3
         return PullResult(len(local_block_ids), num_bytes, elapsed_ms, wait_s * 1e3)
+
+    def handshake(self, endpoint: str, timeout_s: float) -> None:
+        """First contact with a producer: exchange protocol versions and KV layouts (once per
+        endpoint, again after a pull from it failed). Raises TransferError naming both sides'
+        values when they differ."""
+        with self._lock:
+            if endpoint in self._agreed:
+                return
+        stub = self._channel(endpoint, 0).unary_unary(
+            HANDSHAKE_METHOD,
+            request_serializer=pb.HandshakeRequest.SerializeToString,
+            response_deserializer=pb.HandshakeResponse.FromString,
+        )
+        request = pb.HandshakeRequest(consumer=self._hello.to_wire())
+        try:
+            answer = stub(request, timeout=timeout_s, metadata=self._metadata)
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                raise TransferError(f"producer {endpoint} refused this consumer: "
+                                    f"{err.details()}") from err
+            if err.code() == grpc.StatusCode.UNIMPLEMENTED:
+                raise TransferError(f"producer {endpoint} has no Handshake: its KV transfer "
+                                    f"protocol is older than this consumer's "
+                                    f"({self._hello.protocol_version})") from err
+            raise TransferError(describe_rpc_error(err, endpoint)) from err
+        refusal = mismatch(Hello.from_wire(answer.producer), self._hello)
+        if refusal:
+            raise TransferError(f"producer {endpoint}: {refusal}")
+        with self._lock:
+            self._agreed.add(endpoint)
+
+    def forget(self, endpoint: str) -> None:
+        """Handshake with this producer again before the next pull (it may have restarted)."""
+        with self._lock:
+            self._agreed.discard(endpoint)
 
     def _pull_part(
         self,

@@ -1,6 +1,8 @@
 """Producer side of the gRPC transport: serves one worker's leased blocks.
 
 Lifecycle of one pull, as the producer sees it (the wire is in grpc_transport.py):
+  0. First contact: Handshake compares the consumer's protocol version and KV layout hash with
+     this producer's (layout.py) and refuses a mismatch, naming both sides' values.
   1. The token interceptor refuses calls without the cluster token before parsing them.
   2. `acquire` checks the block ids and the lease (or the stream of a prompt being prefilled)
      and hands the handler one reader of the blocks.
@@ -29,6 +31,7 @@ from kv_transfer.grpc_transport import (
     message_limit,
     request_limit,
 )
+from kv_transfer.layout import Hello, KVLayout, mismatch
 from kv_transfer.leases import ExpiredHandle, LeaseError, LeaseTable, UnknownHandle
 from kv_transfer.paged_kv import PagedKVCache
 from kv_transfer.streams import LeasePull, PullSource, StreamFailed, StreamTable
@@ -56,8 +59,10 @@ class GrpcKVServer(KVBlockServer):
         max_workers: int = 32,
         streams: StreamTable | None = None,
         stream_wait_s: float = 30.0,
+        layout: KVLayout | None = None,
     ) -> None:
         self._cache = cache
+        self._hello = Hello.mine(layout or KVLayout.of_cache(cache))
         self._leases = leases
         self._address = f"{bind_host}:{port}"
         self._token = auth_token.encode()
@@ -88,6 +93,11 @@ class GrpcKVServer(KVBlockServer):
             ],
         )
         handlers = {
+            "Handshake": grpc.unary_unary_rpc_method_handler(
+                self._handshake,
+                request_deserializer=pb.HandshakeRequest.FromString,
+                response_serializer=pb.HandshakeResponse.SerializeToString,
+            ),
             "PullBlocks": grpc.unary_stream_rpc_method_handler(
                 self._pull,
                 request_deserializer=pb.PullRequest.FromString,
@@ -180,6 +190,14 @@ class GrpcKVServer(KVBlockServer):
         assert self._bulk is not None, "server not started"
         ticket = self._bulk.issue(source, self.chunk_bytes(request))
         return pb.BulkTicket(port=self._bulk.port, ticket=ticket)
+
+    def _handshake(self, request: pb.HandshakeRequest,
+                   context: grpc.ServicerContext) -> pb.HandshakeResponse:
+        self.authorize(context)
+        refusal = mismatch(self._hello, Hello.from_wire(request.consumer))
+        if refusal:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, refusal)
+        return pb.HandshakeResponse(producer=self._hello.to_wire())
 
     def _release(
         self, request: pb.ReleaseRequest, context: grpc.ServicerContext

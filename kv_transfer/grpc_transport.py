@@ -1,5 +1,7 @@
 """gRPC transport: the producer's worker serves leased blocks, the consumer streams them in.
 
+0. First contact (once per producer): the consumer's Handshake states its protocol version and
+   KV layout (layout.py); the producer refuses a mismatch, naming both sides' values.
 1. The consumer sends PullRequest(handle, block ids, max chunk bytes).
 2. The producer checks the shared token and the lease, then streams BlockChunks layer by layer;
    each chunk's payload is gathered from the paged KV tensor behind a hand-written protobuf
@@ -31,6 +33,7 @@ from kv_transfer.params import TransferParams
 from protos import kv_transfer_pb2 as pb
 
 SERVICE = "disagg.kv.KVTransfer"
+HANDSHAKE_METHOD = f"/{SERVICE}/Handshake"
 PULL_METHOD = f"/{SERVICE}/PullBlocks"
 RELEASE_METHOD = f"/{SERVICE}/Release"
 OPEN_BULK_METHOD = f"/{SERVICE}/OpenBulk"

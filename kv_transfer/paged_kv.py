@@ -39,6 +39,7 @@ class PagedKVCache:
         assert kv_caches, "no KV cache tensors registered"
         self.layer_names = sorted(kv_caches)
         self.num_blocks = num_blocks
+        self.dtype = str(kv_caches[self.layer_names[0]].dtype).removeprefix("torch.")
         self._layers = [self._word_view(kv_caches[name]) for name in self.layer_names]
         self._block_dims = block_dims or [
             self._find_block_dim(kv_caches[name]) for name in self.layer_names
