@@ -27,7 +27,8 @@ from multiprocessing.connection import Connection
 import grpc
 import torch
 
-from kv_transfer.grpc_transport import GrpcKVClient, GrpcKVServer
+from kv_transfer.grpc_client import GrpcKVClient
+from kv_transfer.grpc_server import GrpcKVServer
 from kv_transfer.leases import LeaseTable
 from kv_transfer.paged_kv import PagedKVCache
 

@@ -7,7 +7,6 @@ every KV byte.
 
 from __future__ import annotations
 
-import ctypes
 from dataclasses import dataclass
 
 from kv_transfer.paged_kv import ChunkPlan, PagedKVCache
@@ -26,23 +25,10 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
-# A bytes object with uninitialized contents (CPython C API). Filling a fresh bytes object
-# before anything else holds a reference to it is how C code builds bytes; doing it here lets
-# the block gather write straight into the message gRPC sends (gRPC accepts only bytes), which
-# saves a full copy of every payload.
-_new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
-_new_bytes.restype = ctypes.py_object
-_new_bytes.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
-_BYTES_DATA_OFFSET = bytes.__basicsize__ - 1  # ob_sval, after the header (size - NUL byte)
-
-
-def _bytes_address(message: bytes) -> int:
-    return id(message) + _BYTES_DATA_OFFSET
-
-
 class ChunkEncoder:
     """Serializes BlockChunks of one stream: a hand-written protobuf header followed by the
-    payload, gathered from the paged cache straight into the outgoing message."""
+    payload, which `bytes.join` copies from the paged cache's block views straight into the
+    outgoing message (gRPC sends only bytes): one copy of every KV byte, as a gather makes."""
 
     def __init__(self, cache: PagedKVCache, block_ids: list[int] | None = None) -> None:
         self._cache = cache
@@ -58,9 +44,8 @@ class ChunkEncoder:
             num_blocks=plan.num_blocks,
         ).SerializeToString()
         prefix = header + _PAYLOAD_TAG + _varint(plan.num_bytes)
-        message: bytes = _new_bytes(None, len(prefix) + plan.num_bytes)
-        ctypes.memmove(_bytes_address(message), prefix, len(prefix))
-        self._cache.gather_into(plan.layer_index, blocks, message, len(prefix))
+        message = b"".join((prefix, *self._cache.block_views(plan.layer_index, blocks)))
+        assert len(message) == len(prefix) + plan.num_bytes, "chunk size differs from its plan"
         return message
 
 

@@ -1,4 +1,15 @@
-"""Connector configuration, parsed from `KVTransferConfig.kv_connector_extra_config`."""
+"""The transfer settings, defined once.
+
+`TransferSettings` holds every setting of the KV transfer an operator chooses; it is the single
+definition. Two models extend it:
+  - `runtime.engine_config.TransferConfig`: the app YAML's `transfer:` section (adds what only
+    the runtime uses: `gloo_test_mode`, `on_transfer_failure`, a generated token);
+  - `ConnectorConfig` (here): what one engine's connector receives through vLLM's
+    `KVTransferConfig.kv_connector_extra_config`; it adds what the engine builder resolves per
+    engine (the collective backend) and requires the token.
+`runtime.engines.connector_config` copies the shared fields across by name, so a field added to
+`TransferSettings` reaches the connector and the YAML at once.
+"""
 
 from __future__ import annotations
 
@@ -8,55 +19,65 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from kv_transfer.kinds import CollectiveBackend, DataChannel, TransportKind
 
+MIN_TOKEN_CHARS = 16
 
-class ConnectorConfig(BaseModel):
-    """Settings of the disagg KV connector, one per engine."""
+
+class TransferSettings(BaseModel):
+    """The KV transfer between prefill (producer) and decode (consumer) engines."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    bind_host: str = Field("127.0.0.1", description="Address the producer's KV server binds to.")
-    advertise_host: str = Field(
-        "", description="Address consumers dial; empty means bind_host."
+    transport: TransportKind = Field(
+        "grpc", description="Block payload path: 'grpc' (gRPC streams or bulk TCP, see "
+        "data_channel) or 'nccl' (torch.distributed send/recv between the two workers' "
+        "devices on a pair group; control stays on gRPC)."
     )
-    port: int = Field(0, ge=0, le=65535, description="Producer KV server port (producer only).")
-    auth_token: SecretStr = Field(
-        ..., min_length=16, description="Cluster shared token; every KV call must carry it."
+    bind_host: str = Field("127.0.0.1", description="Address prefill KV servers bind to.")
+    advertise_host: str = Field("", description="Address decode workers dial; empty: bind_host.")
+    port: int = Field(
+        0, ge=0, le=65535, description="Prefill KV server port; 0: a free port, chosen per "
+        "engine (a fixed port allows one prefill engine per host)."
     )
-    lease_s: float = Field(10.0, gt=0, description="Producer frees unreleased blocks after this.")
+    lease_s: float = Field(10.0, gt=0, description="Unreleased blocks are freed after this.")
+    pull_timeout_s: float = Field(30.0, gt=0, description="Deadline for one request's pull.")
     max_chunk_bytes: int = Field(
         1 << 20, ge=4096, description="Upper bound on one streamed chunk's payload."
-    )
-    pull_timeout_s: float = Field(
-        30.0, gt=0, description="Deadline for pulling one request's blocks."
     )
     handle_wait_s: float = Field(
         2.0, ge=0, description="How long the producer waits for a just-published handle."
     )
-    num_pull_threads: int = Field(4, ge=1, description="Concurrent pulls per consumer worker.")
+    num_pull_threads: int = Field(4, ge=1, description="Concurrent pulls per decode worker.")
     data_channel: DataChannel = Field(
         "tcp",
-        description="Consumer: payload over gRPC streams, or over the producer's bulk TCP "
-        "data port (authorized over gRPC; several times faster).",
+        description="KV payload path: 'grpc' streams, or 'tcp': a bulk TCP data port on each "
+        "prefill worker, opened per pull over gRPC (control and auth stay on gRPC).",
     )
     num_streams: int = Field(1, ge=1, le=16, description="Parallel streams per pull.")
-    transport: TransportKind = Field(
-        "grpc", description="grpc: payload over gRPC or bulk TCP (data_channel); nccl: payload "
-        "over a torch.distributed pair group, control over gRPC."
-    )
-    collective_backend: CollectiveBackend = Field(
-        "nccl", description="Pair-group backend of the nccl transport: nccl (GPUs) or gloo "
-        "(CPU test mode, the same code)."
-    )
     group_timeout_s: float = Field(
         10.0, gt=0, description="nccl transport: longest wait for one send/recv or rendezvous."
     )
     overlap: bool = Field(
-        False, description="Producer: serve a prompt's blocks layer by layer while prefilling it "
-        "(stream pulls); consumer: accept prefetches that pull them into staging meanwhile."
+        False, description="Move a prompt's KV while it is prefilled: the producer serves each "
+        "layer of each block as soon as it is computed, the decode worker prefetches it into "
+        "staging during the prefill (every transport: grpc/tcp and nccl/gloo). Off: the decode "
+        "worker pulls after the prefill. Off by default until verified on engines."
     )
     max_prefetch_bytes: int = Field(
-        1 << 30, ge=0, description="Consumer: staging memory all prefetches may hold at once; "
-        "a prefetch that does not fit is skipped (the request then pulls after its prefill)."
+        1 << 30, ge=0, description="Decode worker: staging memory all prefetches may hold at "
+        "once (one prefetch holds its prompt's KV); a prefetch over it is skipped."
+    )
+
+
+class ConnectorConfig(TransferSettings):
+    """Settings of the disagg KV connector, one per engine."""
+
+    auth_token: SecretStr = Field(
+        ..., min_length=MIN_TOKEN_CHARS,
+        description="Cluster shared token; every KV call must carry it.",
+    )
+    collective_backend: CollectiveBackend = Field(
+        "nccl", description="Pair-group backend of the nccl transport: nccl (GPUs) or gloo "
+        "(CPU test mode, the same code)."
     )
 
     @property

@@ -64,6 +64,7 @@ class DisaggConnector(KVConnectorBase_V1):
         else:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
+            model_config = vllm_config.model_config
             self._worker = ConnectorWorker(
                 config,
                 is_producer=transfer_config.is_kv_producer,
@@ -72,6 +73,8 @@ class DisaggConnector(KVConnectorBase_V1):
                 tp_size=vllm_config.parallel_config.tensor_parallel_size,
                 tp_rank=get_tensor_model_parallel_rank(),
                 block_size=vllm_config.cache_config.block_size,
+                num_kv_heads=model_config.get_num_kv_heads(vllm_config.parallel_config),
+                head_dim=model_config.get_head_size(),
             )
         self._endpoint = config.endpoint
 

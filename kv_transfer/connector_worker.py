@@ -29,14 +29,13 @@ import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorTransferResults
 from vllm.logger import init_logger
 
-from kv_transfer.collective_transport import (
-    CollectiveKVClient,
-    CollectiveSender,
-    WorkerIdentity,
-    collective_handlers,
-)
+from kv_transfer.collective_client import CollectiveKVClient
+from kv_transfer.collective_sender import CollectiveSender, collective_handlers
+from kv_transfer.collective_transport import WorkerIdentity
 from kv_transfer.config import ConnectorConfig
-from kv_transfer.grpc_transport import GrpcKVClient, GrpcKVServer
+from kv_transfer.grpc_client import GrpcKVClient
+from kv_transfer.grpc_server import GrpcKVServer
+from kv_transfer.layout import KVLayout
 from kv_transfer.leases import LeaseTable
 from kv_transfer.metadata import DisaggConnectorMetadata, DisaggWorkerMetadata, LoadSpec
 from kv_transfer.paged_kv import PagedKVCache
@@ -88,8 +87,9 @@ class WorkerStats:
 class ConnectorWorker:
     def __init__(self, config: ConnectorConfig, is_producer: bool, is_consumer: bool,
                  num_blocks: int, tp_size: int = 1, tp_rank: int = 0,
-                 block_size: int = 16) -> None:
+                 block_size: int = 16, num_kv_heads: int = 0, head_dim: int = 0) -> None:
         self._config = config
+        self._model_layout = (num_kv_heads, head_dim)
         self._identity = WorkerIdentity(config.collective_backend, tp_size, tp_rank)
         self._is_producer = is_producer
         self._is_consumer = is_consumer
@@ -119,6 +119,9 @@ class ConnectorWorker:
         self._cache = PagedKVCache(kv_caches, self._num_blocks)
         token = self._config.auth_token.get_secret_value()
         self._layer_index = {name: i for i, name in enumerate(self._cache.layer_names)}
+        num_kv_heads, head_dim = self._model_layout
+        layout = KVLayout.of_cache(self._cache, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                                   block_size=self._block_size)
         if self._is_producer and self._config.overlap:
             self._streams = StreamTable(self._cache.block_bytes_per_layer, self._block_size)
         if self._is_producer:
@@ -132,6 +135,7 @@ class ConnectorWorker:
                 handle_wait_s=self._config.handle_wait_s,
                 streams=self._streams,
                 stream_wait_s=self._config.pull_timeout_s,
+                layout=layout,
             )
             if self._config.transport == "nccl":
                 self._sender = CollectiveSender(self._cache, self._identity,
@@ -151,6 +155,7 @@ class ConnectorWorker:
                 max_chunk_bytes=self._config.max_chunk_bytes,
                 num_streams=self._config.num_streams,
                 bulk_tcp=self._config.data_channel == "tcp",
+                layout=layout,
             )
             self._client = grpc_client
             if self._config.transport == "nccl":

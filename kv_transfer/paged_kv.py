@@ -39,6 +39,7 @@ class PagedKVCache:
         assert kv_caches, "no KV cache tensors registered"
         self.layer_names = sorted(kv_caches)
         self.num_blocks = num_blocks
+        self.dtype = str(kv_caches[self.layer_names[0]].dtype).removeprefix("torch.")
         self._layers = [self._word_view(kv_caches[name]) for name in self.layer_names]
         self._block_dims = block_dims or [
             self._find_block_dim(kv_caches[name]) for name in self.layer_names
@@ -76,20 +77,31 @@ class PagedKVCache:
                 yield ChunkPlan(layer_index, first, count, count * block_bytes)
 
     def gather_into(
-        self, layer_index: int, block_ids: list[int], buffer: bytes | bytearray, offset: int
+        self, layer_index: int, block_ids: list[int], buffer: bytearray | memoryview, offset: int
     ) -> None:
-        """Copy the given blocks of one layer into buffer, starting at byte offset."""
+        """Copy the given blocks of one layer into a writable buffer, from byte offset on."""
         layer, dim = self._layers[layer_index], self._block_dims[layer_index]
         shape = list(layer.shape)
         shape[dim] = len(block_ids)
         count = len(block_ids) * self.block_bytes_per_layer[layer_index] // layer.element_size()
-        with warnings.catch_warnings():
-            # a fresh bytes message is filled before anyone else sees it (see grpc_transport)
-            warnings.simplefilter("ignore", UserWarning)
-            flat = torch.frombuffer(buffer, dtype=layer.dtype, offset=offset, count=count)
-        target = flat.view(shape)
+        target = torch.frombuffer(buffer, dtype=layer.dtype, offset=offset, count=count)
         index = torch.tensor(block_ids, dtype=torch.long, device=layer.device)
-        torch.index_select(layer, dim, index, out=target)
+        torch.index_select(layer, dim, index, out=target.view(shape))
+
+    def block_views(self, layer_index: int, block_ids: list[int]) -> list[memoryview]:
+        """The given blocks of one layer as read-only views of the paged tensor, in the byte
+        order gather_into writes (for each index of the dims before the block dim, the blocks
+        in order); a run of consecutive block ids is one view. `b"".join(views)` then gathers
+        them with one copy. A tensor off the CPU is gathered to host memory first."""
+        layer, dim = self._layers[layer_index], self._block_dims[layer_index]
+        if layer.device.type != "cpu":
+            index = torch.tensor(block_ids, dtype=torch.long, device=layer.device)
+            return [torch.index_select(layer, dim, index).cpu().numpy().data.toreadonly()]
+        # Dims before the block dim folded into one: (outer, num_blocks, *block shape).
+        array = layer.numpy().reshape((-1, *layer.shape[dim:]))
+        runs = _runs(block_ids)
+        return [outer[first : first + count].data.toreadonly()
+                for outer in array for first, count in runs]
 
     def scatter_from(
         self, layer_index: int, block_ids: list[int], data: bytes | memoryview
@@ -180,3 +192,14 @@ class PagedKVCache:
             if row_bytes % word.itemsize == 0:
                 return as_bytes.view(word)
         return as_bytes
+
+
+def _runs(block_ids: list[int]) -> list[tuple[int, int]]:
+    """(first id, count) of each run of consecutive ids, in order."""
+    runs: list[tuple[int, int]] = []
+    for block_id in block_ids:
+        if runs and runs[-1][0] + runs[-1][1] == block_id:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((block_id, 1))
+    return runs

@@ -24,31 +24,39 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18protos/kv_transfer.proto\x12\tdisagg.kv\"`\n\x0bPullRequest\x12\x0e\n\x06handle\x18\x01 \x01(\t\x12\x11\n\tblock_ids\x18\x02 \x03(\r\x12\x17\n\x0fmax_chunk_bytes\x18\x03 \x01(\x04\x12\x15\n\rstream_handle\x18\x04 \x01(\t\"[\n\nBlockChunk\x12\x13\n\x0blayer_index\x18\x01 \x01(\r\x12\x13\n\x0b\x66irst_block\x18\x02 \x01(\r\x12\x12\n\nnum_blocks\x18\x03 \x01(\r\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\" \n\x0eReleaseRequest\x12\x0e\n\x06handle\x18\x01 \x01(\t\"+\n\x0fReleaseResponse\x12\x18\n\x10num_blocks_freed\x18\x01 \x01(\r\"*\n\nBulkTicket\x12\x0c\n\x04port\x18\x01 \x01(\r\x12\x0e\n\x06ticket\x18\x02 \x01(\x0c\"p\n\x0bJoinRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x0f\n\x07tp_size\x18\x03 \x01(\r\x12\x0f\n\x07tp_rank\x18\x04 \x01(\r\x12\x1d\n\x15\x62lock_bytes_per_layer\x18\x05 \x03(\x04\"I\n\x0cJoinResponse\x12\x12\n\nstore_port\x18\x01 \x01(\r\x12\x12\n\ngroup_name\x18\x02 \x01(\t\x12\x11\n\ttimeout_s\x18\x03 \x01(\x01\"Q\n\x15\x43ollectivePullRequest\x12$\n\x04pull\x18\x01 \x01(\x0b\x32\x16.disagg.kv.PullRequest\x12\x12\n\ngroup_name\x18\x02 \x01(\t\"\xa2\x01\n\x12\x43ollectiveProgress\x12\x11\n\tnum_bytes\x18\x01 \x01(\x04\x12\x13\n\x0b\x63hunk_bytes\x18\x02 \x01(\x04\x12\x0c\n\x04\x64one\x18\x03 \x01(\x08\x12\x13\n\x0blayer_index\x18\x04 \x01(\r\x12\x13\n\x0b\x66irst_block\x18\x05 \x01(\r\x12\x12\n\nnum_blocks\x18\x06 \x01(\r\x12\x18\n\x10producer_wait_us\x18\x07 \x01(\x04\x32\xdb\x02\n\nKVTransfer\x12=\n\nPullBlocks\x12\x16.disagg.kv.PullRequest\x1a\x15.disagg.kv.BlockChunk0\x01\x12@\n\x07Release\x12\x19.disagg.kv.ReleaseRequest\x1a\x1a.disagg.kv.ReleaseResponse\x12\x39\n\x08OpenBulk\x12\x16.disagg.kv.PullRequest\x1a\x15.disagg.kv.BulkTicket\x12<\n\tJoinGroup\x12\x16.disagg.kv.JoinRequest\x1a\x17.disagg.kv.JoinResponse\x12S\n\x0ePullCollective\x12 .disagg.kv.CollectivePullRequest\x1a\x1d.disagg.kv.CollectiveProgress0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18protos/kv_transfer.proto\x12\tdisagg.kv\"\x88\x01\n\x08KVLayout\x12\x12\n\nnum_layers\x18\x01 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x02 \x01(\r\x12\x10\n\x08head_dim\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x1d\n\x15\x62lock_bytes_per_layer\x18\x06 \x03(\x04\"[\n\x05Hello\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x13\n\x0blayout_hash\x18\x02 \x01(\t\x12#\n\x06layout\x18\x03 \x01(\x0b\x32\x13.disagg.kv.KVLayout\"6\n\x10HandshakeRequest\x12\"\n\x08\x63onsumer\x18\x01 \x01(\x0b\x32\x10.disagg.kv.Hello\"7\n\x11HandshakeResponse\x12\"\n\x08producer\x18\x01 \x01(\x0b\x32\x10.disagg.kv.Hello\"`\n\x0bPullRequest\x12\x0e\n\x06handle\x18\x01 \x01(\t\x12\x11\n\tblock_ids\x18\x02 \x03(\r\x12\x17\n\x0fmax_chunk_bytes\x18\x03 \x01(\x04\x12\x15\n\rstream_handle\x18\x04 \x01(\t\"[\n\nBlockChunk\x12\x13\n\x0blayer_index\x18\x01 \x01(\r\x12\x13\n\x0b\x66irst_block\x18\x02 \x01(\r\x12\x12\n\nnum_blocks\x18\x03 \x01(\r\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\" \n\x0eReleaseRequest\x12\x0e\n\x06handle\x18\x01 \x01(\t\"+\n\x0fReleaseResponse\x12\x18\n\x10num_blocks_freed\x18\x01 \x01(\r\"*\n\nBulkTicket\x12\x0c\n\x04port\x18\x01 \x01(\r\x12\x0e\n\x06ticket\x18\x02 \x01(\x0c\"p\n\x0bJoinRequest\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x0f\n\x07tp_size\x18\x03 \x01(\r\x12\x0f\n\x07tp_rank\x18\x04 \x01(\r\x12\x1d\n\x15\x62lock_bytes_per_layer\x18\x05 \x03(\x04\"I\n\x0cJoinResponse\x12\x12\n\nstore_port\x18\x01 \x01(\r\x12\x12\n\ngroup_name\x18\x02 \x01(\t\x12\x11\n\ttimeout_s\x18\x03 \x01(\x01\"Q\n\x15\x43ollectivePullRequest\x12$\n\x04pull\x18\x01 \x01(\x0b\x32\x16.disagg.kv.PullRequest\x12\x12\n\ngroup_name\x18\x02 \x01(\t\"\xa2\x01\n\x12\x43ollectiveProgress\x12\x11\n\tnum_bytes\x18\x01 \x01(\x04\x12\x13\n\x0b\x63hunk_bytes\x18\x02 \x01(\x04\x12\x0c\n\x04\x64one\x18\x03 \x01(\x08\x12\x13\n\x0blayer_index\x18\x04 \x01(\r\x12\x13\n\x0b\x66irst_block\x18\x05 \x01(\r\x12\x12\n\nnum_blocks\x18\x06 \x01(\r\x12\x18\n\x10producer_wait_us\x18\x07 \x01(\x04\x32\xa3\x03\n\nKVTransfer\x12\x46\n\tHandshake\x12\x1b.disagg.kv.HandshakeRequest\x1a\x1c.disagg.kv.HandshakeResponse\x12=\n\nPullBlocks\x12\x16.disagg.kv.PullRequest\x1a\x15.disagg.kv.BlockChunk0\x01\x12@\n\x07Release\x12\x19.disagg.kv.ReleaseRequest\x1a\x1a.disagg.kv.ReleaseResponse\x12\x39\n\x08OpenBulk\x12\x16.disagg.kv.PullRequest\x1a\x15.disagg.kv.BulkTicket\x12<\n\tJoinGroup\x12\x16.disagg.kv.JoinRequest\x1a\x17.disagg.kv.JoinResponse\x12S\n\x0ePullCollective\x12 .disagg.kv.CollectivePullRequest\x1a\x1d.disagg.kv.CollectiveProgress0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.kv_transfer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PULLREQUEST']._serialized_start=39
-  _globals['_PULLREQUEST']._serialized_end=135
-  _globals['_BLOCKCHUNK']._serialized_start=137
-  _globals['_BLOCKCHUNK']._serialized_end=228
-  _globals['_RELEASEREQUEST']._serialized_start=230
-  _globals['_RELEASEREQUEST']._serialized_end=262
-  _globals['_RELEASERESPONSE']._serialized_start=264
-  _globals['_RELEASERESPONSE']._serialized_end=307
-  _globals['_BULKTICKET']._serialized_start=309
-  _globals['_BULKTICKET']._serialized_end=351
-  _globals['_JOINREQUEST']._serialized_start=353
-  _globals['_JOINREQUEST']._serialized_end=465
-  _globals['_JOINRESPONSE']._serialized_start=467
-  _globals['_JOINRESPONSE']._serialized_end=540
-  _globals['_COLLECTIVEPULLREQUEST']._serialized_start=542
-  _globals['_COLLECTIVEPULLREQUEST']._serialized_end=623
-  _globals['_COLLECTIVEPROGRESS']._serialized_start=626
-  _globals['_COLLECTIVEPROGRESS']._serialized_end=788
-  _globals['_KVTRANSFER']._serialized_start=791
-  _globals['_KVTRANSFER']._serialized_end=1138
+  _globals['_KVLAYOUT']._serialized_start=40
+  _globals['_KVLAYOUT']._serialized_end=176
+  _globals['_HELLO']._serialized_start=178
+  _globals['_HELLO']._serialized_end=269
+  _globals['_HANDSHAKEREQUEST']._serialized_start=271
+  _globals['_HANDSHAKEREQUEST']._serialized_end=325
+  _globals['_HANDSHAKERESPONSE']._serialized_start=327
+  _globals['_HANDSHAKERESPONSE']._serialized_end=382
+  _globals['_PULLREQUEST']._serialized_start=384
+  _globals['_PULLREQUEST']._serialized_end=480
+  _globals['_BLOCKCHUNK']._serialized_start=482
+  _globals['_BLOCKCHUNK']._serialized_end=573
+  _globals['_RELEASEREQUEST']._serialized_start=575
+  _globals['_RELEASEREQUEST']._serialized_end=607
+  _globals['_RELEASERESPONSE']._serialized_start=609
+  _globals['_RELEASERESPONSE']._serialized_end=652
+  _globals['_BULKTICKET']._serialized_start=654
+  _globals['_BULKTICKET']._serialized_end=696
+  _globals['_JOINREQUEST']._serialized_start=698
+  _globals['_JOINREQUEST']._serialized_end=810
+  _globals['_JOINRESPONSE']._serialized_start=812
+  _globals['_JOINRESPONSE']._serialized_end=885
+  _globals['_COLLECTIVEPULLREQUEST']._serialized_start=887
+  _globals['_COLLECTIVEPULLREQUEST']._serialized_end=968
+  _globals['_COLLECTIVEPROGRESS']._serialized_start=971
+  _globals['_COLLECTIVEPROGRESS']._serialized_end=1133
+  _globals['_KVTRANSFER']._serialized_start=1136
+  _globals['_KVTRANSFER']._serialized_end=1555
 # @@protoc_insertion_point(module_scope)

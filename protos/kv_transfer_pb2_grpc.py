@@ -34,6 +34,11 @@ class KVTransferStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.Handshake = channel.unary_unary(
+                '/disagg.kv.KVTransfer/Handshake',
+                request_serializer=protos_dot_kv__transfer__pb2.HandshakeRequest.SerializeToString,
+                response_deserializer=protos_dot_kv__transfer__pb2.HandshakeResponse.FromString,
+                _registered_method=True)
         self.PullBlocks = channel.unary_stream(
                 '/disagg.kv.KVTransfer/PullBlocks',
                 request_serializer=protos_dot_kv__transfer__pb2.PullRequest.SerializeToString,
@@ -63,6 +68,12 @@ class KVTransferStub:
 
 class KVTransferServicer:
     """Missing associated documentation comment in .proto file."""
+
+    def Handshake(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
     def PullBlocks(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -97,6 +108,11 @@ class KVTransferServicer:
 
 def add_KVTransferServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'Handshake': grpc.unary_unary_rpc_method_handler(
+                    servicer.Handshake,
+                    request_deserializer=protos_dot_kv__transfer__pb2.HandshakeRequest.FromString,
+                    response_serializer=protos_dot_kv__transfer__pb2.HandshakeResponse.SerializeToString,
+            ),
             'PullBlocks': grpc.unary_stream_rpc_method_handler(
                     servicer.PullBlocks,
                     request_deserializer=protos_dot_kv__transfer__pb2.PullRequest.FromString,
@@ -132,6 +148,33 @@ def add_KVTransferServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class KVTransfer:
     """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Handshake(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/disagg.kv.KVTransfer/Handshake',
+            protos_dot_kv__transfer__pb2.HandshakeRequest.SerializeToString,
+            protos_dot_kv__transfer__pb2.HandshakeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def PullBlocks(request,

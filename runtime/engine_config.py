@@ -7,7 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
-from kv_transfer.kinds import CollectiveBackend, DataChannel, TransportKind
+from kv_transfer.config import MIN_TOKEN_CHARS, TransferSettings
+from kv_transfer.kinds import CollectiveBackend
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 TransferFailurePolicy = Literal["fail", "recompute"]
@@ -45,47 +46,22 @@ class EngineConfig(BaseModel):
     )
 
 
-class TransferConfig(BaseModel):
-    """How KV blocks move from prefill engines to decode engines."""
+class TransferConfig(TransferSettings):
+    """How KV blocks move from prefill engines to decode engines: the app YAML's `transfer:`
+    section. Its transfer fields are `kv_transfer.config.TransferSettings` (defined once, passed
+    to each engine's connector by `runtime.engines.connector_config`); the fields below are the
+    runtime's own."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    transport: TransportKind = Field(
-        "grpc", description="Block payload path: 'grpc' (gRPC streams or bulk TCP, see "
-        "data_channel) or 'nccl' (torch.distributed send/recv between the two workers' "
-        "devices; control stays on gRPC). 'nccl' needs CUDA unless gloo_test_mode is set."
-    )
     gloo_test_mode: bool = Field(
         False, description="transport 'nccl' only: run the very same code on the gloo backend "
-        "(CPU), for tests and machines without CUDA."
+        "(CPU), for tests and machines without CUDA. 'nccl' needs CUDA unless this is set."
     )
-    bind_host: str = Field("127.0.0.1", description="Address prefill KV servers bind to.")
-    advertise_host: str = Field("", description="Address decode workers dial; empty: bind_host.")
     auth_token: SecretStr = Field(
-        default_factory=lambda: SecretStr(secrets.token_urlsafe(32)),
+        default_factory=lambda: SecretStr(secrets.token_urlsafe(32)), min_length=MIN_TOKEN_CHARS,
         description="Shared token of the cluster; generated when not given.",
     )
-    lease_s: float = Field(10.0, gt=0, description="Unreleased blocks are freed after this.")
-    pull_timeout_s: float = Field(30.0, gt=0, description="Deadline for one request's pull.")
-    max_chunk_bytes: int = Field(1 << 20, ge=4096, description="Largest streamed chunk.")
-    data_channel: DataChannel = Field(
-        "tcp",
-        description="KV payload path: 'grpc' streams, or 'tcp': a bulk TCP data port on each "
-        "prefill worker, opened per pull over gRPC (control and auth stay on gRPC).",
-    )
-    num_streams: int = Field(1, ge=1, le=16, description="Parallel streams per pull.")
     on_transfer_failure: TransferFailurePolicy = Field(
         "fail", description="fail the request, or recompute its prompt on the decode engine."
-    )
-    overlap: bool = Field(
-        False, description="Move a prompt's KV while it is prefilled: the producer serves each "
-        "layer of each block as soon as it is computed, the decode worker prefetches it into "
-        "staging during the prefill (every transport: grpc/tcp and nccl/gloo). Off: the decode "
-        "worker pulls after the prefill. Off by default until verified on engines."
-    )
-    max_prefetch_bytes: int = Field(
-        1 << 30, ge=0, description="Decode worker: staging memory all prefetches may hold at "
-        "once (one prefetch holds its prompt's KV); a prefetch over it is skipped."
     )
 
     @model_validator(mode="after")

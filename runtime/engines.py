@@ -6,7 +6,7 @@ import os
 import socket
 from typing import TYPE_CHECKING, Literal
 
-from kv_transfer.config import ConnectorConfig
+from kv_transfer.config import ConnectorConfig, TransferSettings
 from runtime.engine_config import EngineConfig, EngineRole, TransferConfig
 
 if TYPE_CHECKING:
@@ -53,23 +53,24 @@ def stream_hosts(bind_host: str, advertise_host: str) -> tuple[str, str]:
     return bind_host, node_ip() if bind_host in _WILDCARD_HOSTS else bind_host
 
 
-def connector_config(transfer: TransferConfig, role: EngineRole, port: int) -> ConnectorConfig:
+def connector_config(transfer: TransferConfig, role: EngineRole,
+                     port: int | None = None) -> ConnectorConfig:
+    """The connector settings of one engine: every TransferSettings field as configured, with
+    the advertised host, the producer's port (given, else transfer.port, else a free one) and
+    the collective backend resolved."""
     _, advertise = stream_hosts(transfer.bind_host, transfer.advertise_host)
-    return ConnectorConfig(
-        bind_host=transfer.bind_host,
-        advertise_host=advertise,
-        port=port if role == "prefill" else 0,
-        auth_token=transfer.auth_token,
-        lease_s=transfer.lease_s,
-        max_chunk_bytes=transfer.max_chunk_bytes,
-        pull_timeout_s=transfer.pull_timeout_s,
-        data_channel=transfer.data_channel,
-        num_streams=transfer.num_streams,
-        transport=transfer.transport,
-        collective_backend=transfer.collective_backend,
-        overlap=transfer.overlap,
-        max_prefetch_bytes=transfer.max_prefetch_bytes,
-    )
+    if role != "prefill":
+        port = 0  # only producers serve blocks
+    elif port is None:
+        port = transfer.port or free_port(transfer.bind_host)
+    shared = {name: getattr(transfer, name) for name in TransferSettings.model_fields}
+    return ConnectorConfig.model_validate({
+        **shared,
+        "advertise_host": advertise,
+        "port": port,
+        "auth_token": transfer.auth_token,
+        "collective_backend": transfer.collective_backend,
+    })
 
 
 def build_engine(
@@ -93,7 +94,6 @@ def build_engine(
     kv_transfer_config = None
     if role != "colocated":
         transfer = transfer or TransferConfig()
-        port = kv_port if kv_port is not None else free_port(transfer.bind_host)
         kv_transfer_config = KVTransferConfig(
             kv_connector=CONNECTOR_NAME,
             kv_connector_module_path=CONNECTOR_MODULE,
@@ -101,7 +101,7 @@ def build_engine(
             # The DecodeWorker applies on_transfer_failure itself (per request); the engine
             # only has to fail the request cleanly.
             kv_load_failure_policy="fail",
-            kv_connector_extra_config=connector_config(transfer, role, port).to_extra_config(),
+            kv_connector_extra_config=connector_config(transfer, role, kv_port).to_extra_config(),
         )
     if config.cpu_threads_bind is not None:
         # vLLM's CPU workers read their core binding from the environment at start.

@@ -16,26 +16,28 @@ from pathlib import Path
 
 import torch
 
+from kv_transfer.layout import KVLayout
+
 TOKEN_FIELD = "auth_token"
 
 
-def block_bytes_per_layer(model_dir: Path, block_size: int) -> tuple[int, int]:
-    """(layers, bytes of one block of one layer) of a float32 checkpoint's KV cache."""
+def model_layout(model_dir: Path, block_size: int) -> KVLayout:
+    """The KV layout a float32 engine of this checkpoint has (its connector states the same at
+    the handshake)."""
     config = json.loads((model_dir / "config.json").read_text())
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    per_layer = 2 * config["num_key_value_heads"] * head_dim * block_size * 4
-    return config["num_hidden_layers"], per_layer
+    num_kv_heads, num_layers = config["num_key_value_heads"], config["num_hidden_layers"]
+    per_layer = 2 * num_kv_heads * head_dim * block_size * 4
+    return KVLayout(num_layers, num_kv_heads, head_dim, "float32", block_size,
+                    (per_layer,) * num_layers)
 
 
-def _serve(port: int, token: str, num_layers: int, layer_block_bytes: int, num_blocks: int,
-           die_after_chunks: int, ctl: Connection) -> None:
+def _serve(port: int, token: str, layout: KVLayout, num_blocks: int, die_after_chunks: int,
+           ctl: Connection) -> None:
     from kv_transfer import collective
-    from kv_transfer.collective_transport import (
-        CollectiveSender,
-        WorkerIdentity,
-        collective_handlers,
-    )
-    from kv_transfer.grpc_transport import GrpcKVServer
+    from kv_transfer.collective_sender import CollectiveSender, collective_handlers
+    from kv_transfer.collective_transport import WorkerIdentity
+    from kv_transfer.grpc_server import GrpcKVServer
     from kv_transfer.leases import LeaseTable
     from kv_transfer.paged_kv import PagedKVCache
 
@@ -51,12 +53,12 @@ def _serve(port: int, token: str, num_layers: int, layer_block_bytes: int, num_b
 
         collective.PairGroup.send = send_then_die  # type: ignore[method-assign]
 
-    shape = (num_blocks, layer_block_bytes // 4)
-    layers = {f"layer.{i}": torch.randn(shape) for i in range(num_layers)}
+    shape = (num_blocks, layout.block_bytes_per_layer[0] // 4)
+    layers = {f"layer.{i}": torch.randn(shape) for i in range(layout.num_layers)}
     cache = PagedKVCache(layers, num_blocks)
     leases = LeaseTable()
     server = GrpcKVServer(cache, leases, bind_host="127.0.0.1", port=port, auth_token=token,
-                          max_chunk_bytes=1 << 20, handle_wait_s=1.0)
+                          max_chunk_bytes=1 << 20, handle_wait_s=1.0, layout=layout)
     sender = CollectiveSender(cache, WorkerIdentity("gloo", 1, 0), "127.0.0.1", 5.0)
     server.add_handlers(collective_handlers(server, sender))
     endpoint = server.start()
@@ -82,12 +84,12 @@ class FakeNcclProducer:
 
     def __init__(self, port: int, token: str, model_dir: Path, block_size: int,
                  die_after_chunks: int = 0, num_blocks: int = 64) -> None:
-        num_layers, layer_bytes = block_bytes_per_layer(model_dir, block_size)
         ctx = mp.get_context("spawn")
         self._ctl, child = ctx.Pipe()
         self.process = ctx.Process(
             target=_serve,
-            args=(port, token, num_layers, layer_bytes, num_blocks, die_after_chunks, child),
+            args=(port, token, model_layout(model_dir, block_size), num_blocks, die_after_chunks,
+                  child),
             daemon=True,
         )
         self.process.start()

@@ -5,9 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 
+from kv_transfer.config import ConnectorConfig, TransferSettings
 from runtime.app_config import AppConfig, PoolConfig
+from runtime.engine_config import TransferConfig
+from runtime.engines import connector_config
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 
@@ -65,3 +68,54 @@ def test_pool_cores_are_dealt_out_by_replica_rank():
 def test_serving_mode_is_validated_with_the_valid_choices(tmp_path):
     with pytest.raises(ValueError, match="disaggregated.*colocated"):
         AppConfig.model_validate({"engine": {"model": "m"}, "serving": "hybrid"})
+
+
+# Every setting of the engine's KV connector, as the app YAML sets it. A ConnectorConfig field
+# missing here has no way in from the YAML: the test below fails until it gets one.
+YAML_TRANSFER = """
+transfer:
+  transport: nccl
+  gloo_test_mode: true
+  bind_host: 0.0.0.0
+  advertise_host: 10.1.2.3
+  port: 7100
+  auth_token: yaml-token-0123456789
+  lease_s: 7.5
+  pull_timeout_s: 12.0
+  max_chunk_bytes: 8192
+  handle_wait_s: 0.5
+  num_pull_threads: 3
+  data_channel: grpc
+  num_streams: 3
+  group_timeout_s: 4.0
+  overlap: true
+  max_prefetch_bytes: 1234
+"""
+CONNECTOR_FROM_YAML = {
+    "transport": "nccl", "collective_backend": "gloo", "bind_host": "0.0.0.0",
+    "advertise_host": "10.1.2.3", "port": 7100, "auth_token": "yaml-token-0123456789",
+    "lease_s": 7.5, "pull_timeout_s": 12.0, "max_chunk_bytes": 8192, "handle_wait_s": 0.5,
+    "num_pull_threads": 3, "data_channel": "grpc", "num_streams": 3, "group_timeout_s": 4.0,
+    "overlap": True, "max_prefetch_bytes": 1234,
+}
+
+
+def test_every_connector_setting_is_reachable_from_the_app_yaml(tmp_path):
+    path = tmp_path / "app.yaml"
+    path.write_text("engine: {model: m}\n" + YAML_TRANSFER)
+    connector = connector_config(AppConfig.from_yaml(path).transfer, "prefill")
+    for name, field in ConnectorConfig.model_fields.items():
+        assert name in CONNECTOR_FROM_YAML, f"ConnectorConfig.{name} cannot be set from YAML"
+        value = getattr(connector, name)
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        assert value == CONNECTOR_FROM_YAML[name] != field.default, name
+
+
+def test_transfer_settings_are_defined_once():
+    shared = set(TransferSettings.model_fields)
+    assert shared <= set(TransferConfig.model_fields) and shared <= set(
+        ConnectorConfig.model_fields)
+    for name in shared:  # same definition (type, default, bounds) on both sides
+        assert repr(TransferConfig.model_fields[name]) == repr(
+            ConnectorConfig.model_fields[name]), name

@@ -13,8 +13,9 @@ import grpc
 import pytest
 import torch
 
-from kv_transfer import bulk_tcp, grpc_transport
-from kv_transfer.grpc_transport import GrpcKVClient, GrpcKVServer
+from kv_transfer import bulk_tcp, grpc_client, grpc_transport
+from kv_transfer.grpc_client import GrpcKVClient
+from kv_transfer.grpc_server import GrpcKVServer
 from kv_transfer.leases import LeaseTable
 from kv_transfer.paged_kv import PagedKVCache
 from kv_transfer.transport import TransferError
@@ -153,7 +154,7 @@ def test_stream_cut_midway_fails_and_keeps_the_lease_releasable(pair, monkeypatc
         host, port = proxies[-1].endpoint.rsplit(":", 1)
         return real_receive((host, int(port)), *args)
 
-    monkeypatch.setattr(grpc_transport, "receive_blocks", receive_via_proxy)
+    monkeypatch.setattr(grpc_client, "receive_blocks", receive_via_proxy)
     grpc_proxy = CuttingProxy(endpoint, cut_after)
     try:
         with pytest.raises(TransferError, match="ended early|closed|failed|unreachable"):

@@ -20,13 +20,12 @@ from torch.distributed import TCPStore
 from kv_transfer import bulk_tcp, grpc_transport
 from kv_transfer.bulk_tcp import FRAME, TICKET_BYTES, BulkSender, receive_blocks
 from kv_transfer.collective import host_store
-from kv_transfer.collective_transport import (
-    CollectiveKVClient,
-    CollectiveSender,
-    WorkerIdentity,
-    collective_handlers,
-)
-from kv_transfer.grpc_transport import TOKEN_METADATA_KEY, GrpcKVClient, GrpcKVServer
+from kv_transfer.collective_client import CollectiveKVClient
+from kv_transfer.collective_sender import CollectiveSender, collective_handlers
+from kv_transfer.collective_transport import WorkerIdentity
+from kv_transfer.grpc_client import GrpcKVClient
+from kv_transfer.grpc_server import GrpcKVServer
+from kv_transfer.grpc_transport import TOKEN_METADATA_KEY
 from kv_transfer.leases import LeaseTable
 from kv_transfer.paged_kv import PagedKVCache
 from kv_transfer.streams import LeasePull

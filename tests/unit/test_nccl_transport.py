@@ -13,14 +13,12 @@ import grpc
 import pytest
 import torch
 
-from kv_transfer.collective_transport import (
-    JOIN_METHOD,
-    CollectiveKVClient,
-    CollectiveSender,
-    WorkerIdentity,
-    collective_handlers,
-)
-from kv_transfer.grpc_transport import TOKEN_METADATA_KEY, GrpcKVClient, GrpcKVServer
+from kv_transfer.collective_client import CollectiveKVClient
+from kv_transfer.collective_sender import CollectiveSender, collective_handlers
+from kv_transfer.collective_transport import WorkerIdentity
+from kv_transfer.grpc_client import GrpcKVClient
+from kv_transfer.grpc_server import GrpcKVServer
+from kv_transfer.grpc_transport import JOIN_METHOD, TOKEN_METADATA_KEY
 from kv_transfer.leases import LeaseTable
 from kv_transfer.paged_kv import PagedKVCache
 from kv_transfer.transport import TransferError

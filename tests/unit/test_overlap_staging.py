@@ -11,13 +11,11 @@ from concurrent.futures import Future
 import pytest
 import torch
 
-from kv_transfer.collective_transport import (
-    CollectiveKVClient,
-    CollectiveSender,
-    WorkerIdentity,
-    collective_handlers,
-)
-from kv_transfer.grpc_transport import GrpcKVClient, GrpcKVServer
+from kv_transfer.collective_client import CollectiveKVClient
+from kv_transfer.collective_sender import CollectiveSender, collective_handlers
+from kv_transfer.collective_transport import WorkerIdentity
+from kv_transfer.grpc_client import GrpcKVClient
+from kv_transfer.grpc_server import GrpcKVServer
 from kv_transfer.leases import ExpiredHandle, LeaseTable, UnknownHandle
 from kv_transfer.paged_kv import PagedKVCache
 from kv_transfer.params import PrefetchSpec

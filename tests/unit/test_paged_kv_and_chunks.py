@@ -88,3 +88,13 @@ def test_decoder_reads_protobuf_written_by_protobuf():
 def test_malformed_chunks_raise_transfer_errors(message):
     with pytest.raises(TransferError, match="malformed"):
         decode_chunk(message)
+
+
+@pytest.mark.parametrize("shape", [(7, 2, 4, 6), (2, 7, 4, 3, 5)])
+def test_block_views_hold_the_bytes_gather_writes(shape):
+    cache = _cache(shape, 7, torch.bfloat16, seed=3)
+    for ids in ([4, 1], [2, 3, 4, 0], [6], [1, 2, 3, 5, 6]):
+        for layer in range(cache.num_layers):
+            gathered = bytearray(len(ids) * cache.block_bytes_per_layer[layer])
+            cache.gather_into(layer, ids, gathered, 0)
+            assert b"".join(cache.block_views(layer, ids)) == gathered
