@@ -4,13 +4,17 @@ here): vLLM's CPU engine dies on such a request unless the worker prefills it un
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from runtime.requests import GenerateRequest, SamplingSpec
 from tests.integration.conftest import Cluster
 from tests.integration.helpers import colocated_tokens, greedy, make_prompt
 
 _ids = itertools.count()
+T = TypeVar("T")
 LONG = 1500  # three chunks of 512 tokens
 
 
@@ -37,18 +41,42 @@ def _engines_still_serve(cluster: Cluster) -> None:
     assert completion.token_ids == expected
 
 
+async def _with_company(work: Callable[[], Awaitable[T]], company: Awaitable[object]) -> T:
+    """work, started while another prompt is in the same engine: vLLM then caps each prefill
+    at long_prefill_chunk_tokens per step (alone, a prompt within the budget is not split)."""
+    other = asyncio.ensure_future(company)
+    await asyncio.sleep(0.3)  # the other prompt is being prefilled, then decodes 30 tokens
+    result = await work()
+    await other
+    return result
+
+
+def _company(cluster: Cluster, seed: int, on_prefill_engine: bool = False) -> Awaitable[object]:
+    """A greedy request of 30 tokens on the decode engine, or on the prefill engine (whose
+    own requests end at their first token: this one stays to decode)."""
+    request = GenerateRequest(f"company-{next(_ids)}", make_prompt(LONG, seed), greedy(30))
+    if on_prefill_engine:
+        return colocated_tokens(cluster.prefill.engine, request.request_id,
+                                request.prompt_token_ids, request.sampling)
+    return _local(cluster, request)
+
+
 def test_seeded_long_prompt_on_one_engine_is_reproducible(cluster):
     prompt = make_prompt(LONG, seed=61)
-    first = cluster.runner.run(_local(cluster, _seeded(prompt, seed=3)))
-    again = cluster.runner.run(_local(cluster, _seeded(prompt, seed=3)))
+    first = cluster.runner.run(_with_company(lambda: _local(cluster, _seeded(prompt, seed=3)),
+                                             _company(cluster, 71)))
+    again = cluster.runner.run(_with_company(lambda: _local(cluster, _seeded(prompt, seed=3)),
+                                             _company(cluster, 72)))
     assert len(first) == 6 and first == again
     _engines_still_serve(cluster)
 
 
 def test_seeded_long_prompt_disaggregated_is_reproducible(cluster):
     prompt = make_prompt(LONG, seed=62)
-    first = cluster.runner.run(cluster.pipeline().generate(_seeded(prompt, seed=5)))
-    again = cluster.runner.run(cluster.pipeline().generate(_seeded(prompt, seed=5)))
+    first = cluster.runner.run(_with_company(
+        lambda: cluster.pipeline().generate(_seeded(prompt, seed=5)), _company(cluster, 73, True)))
+    again = cluster.runner.run(_with_company(
+        lambda: cluster.pipeline().generate(_seeded(prompt, seed=5)), _company(cluster, 74, True)))
     assert len(first.token_ids) == 6 and first.token_ids == again.token_ids
     # the unseeded run computed the prompt: the phases still say so
     assert first.timings.num_cached_prompt_tokens == 0
