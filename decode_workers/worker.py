@@ -33,7 +33,12 @@ from runtime.cost_tracker import CostTracker
 from runtime.engine_config import TransferFailurePolicy
 from runtime.messages import DecodeChunk, DecodeTimings, KVTransferFailed
 from runtime.requests import GenerateRequest
-from runtime.seeded import UnseededRun, needs_unseeded_prefill, prefill_unseeded
+from runtime.seeded import (
+    UnseededRun,
+    is_seeded_random,
+    needs_unseeded_prefill,
+    prefill_unseeded,
+)
 
 if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -89,16 +94,23 @@ class DecodeWorker:
             )
         prompt = list(request.prompt_token_ids)
         max_tokens = request.sampling.max_tokens
-        if first_token_id is not None:
+        # A seeded request resamples the first token here from the loaded KV (the connector
+        # loads all but the prompt's last token): its generator then draws in the same order
+        # as on one engine, so the seed gives the same output whichever mode ran the request
+        # (a continuation would start the seed's draws again at the second token).
+        resample = first_token_id is not None and transfer is not None \
+            and is_seeded_random(request.sampling)
+        if first_token_id is not None and not resample:
             prompt.append(first_token_id)
             max_tokens -= 1
         assert max_tokens >= 1, "nothing left to decode"
         kv_params = consumer_request_params(transfer) if transfer is not None else None
         params = request.sampling.to_vllm(max_tokens=max_tokens, kv_transfer_params=kv_params,
-                                          continuation=first_token_id is not None)
+                                          continuation=first_token_id is not None
+                                          and not resample)
         start = time.perf_counter()
         first_token_at = None
-        num_sent = 0
+        num_sent = 1 if resample else 0  # the resampled first token was sent already
         warm = UnseededRun()
         if transfer is None and needs_unseeded_prefill(self.engine, request.sampling,
                                                         len(prompt)):
@@ -114,7 +126,7 @@ class DecodeWorker:
                 completion = output.outputs[0]
                 new_tokens = tuple(completion.token_ids[num_sent:])
                 num_sent = len(completion.token_ids)
-                if new_tokens and first_token_at is None:
+                if completion.token_ids and first_token_at is None:
                     first_token_at = time.perf_counter()
                     self.costs.first_token(request.request_id)
                 if not output.finished:

@@ -255,4 +255,7 @@ class ConnectorScheduler:
 
     @staticmethod
     def _num_loadable_tokens(request: Request, transfer: TransferParams) -> int:
-        return min(transfer.num_tokens, request.num_prompt_tokens)
+        """All the producer has, but never the prompt's last token: vLLM computes at least one
+        (a continuation's last token is the first one sampled, which the producer never had;
+        a seeded request resamples its first token from the prompt's last one)."""
+        return min(transfer.num_tokens, request.num_prompt_tokens - 1)

@@ -90,3 +90,17 @@ def test_seeds_still_differ(cluster):
     a = cluster.runner.run(_local(cluster, _seeded(prompt, seed=1, max_tokens=20)))
     b = cluster.runner.run(_local(cluster, _seeded(prompt, seed=2, max_tokens=20)))
     assert a != b
+
+
+def test_a_seed_gives_the_same_output_in_every_mode(cluster):
+    """One engine, or prefill + handoff + decode: the same seed, the same tokens (the decode
+    engine resamples the first token from the loaded KV, so its generator draws as one
+    engine's does). The scheduler picks the mode by load: without this, a seeded request's
+    output changed with the load."""
+    for length in (40, 700):
+        prompt = make_prompt(length, seed=64)
+        split = cluster.runner.run(cluster.pipeline().generate(_seeded(prompt, seed=9,
+                                                                       max_tokens=12)))
+        assert split.timings.num_loaded_tokens == length - 1  # all but the last token
+        local = cluster.runner.run(_local(cluster, _seeded(prompt, seed=9, max_tokens=12)))
+        assert split.token_ids == local, length
