@@ -135,10 +135,18 @@ def main(argv: list[str] | None = None) -> int:
             window += 1
             print(f"[soak] window {window}: {len(records)} requests, {errors} errors, "
                   f"{n // 5} cancelled; kv {samples[-1].kv_usage:.3f}, leases "
-                  f"{samples[-1].leases}, in flight {samples[-1].in_flight}", flush=True)
+                  f"{samples[-1].leases}, in flight {samples[-1].in_flight}; engine RSS MiB "
+                  f"{_engine_rss_mib(samples[-1])}", flush=True)
     finally:
         target.stop()
     return report(samples)
+
+
+def _engine_rss_mib(sample: Sample) -> str:
+    """The engine processes' RSS: a trend across windows tells growth that levels off (the
+    KV cache's pages are resident only once a block is first written) from a leak."""
+    return " ".join(f"{rss / 2**20:.0f}" for key, rss in sorted(sample.rss.items())
+                    if key.startswith("engine:"))
 
 
 def report(samples: list[Sample]) -> int:
