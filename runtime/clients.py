@@ -1,4 +1,5 @@
-"""Clients of the two pools over Serve handles, as the ingress uses them.
+"""Clients of the two pools, as the ingress uses them: over the direct connection to the
+replica the scheduler chose when one is up (runtime/direct_calls.py), else over Serve handles.
 
 `target` pins the replica the scheduler chose (runtime/routing.py: PinnedReplicaRouter);
 without one Serve picks. A generation's tokens come over the ingress's token stream when it
@@ -13,6 +14,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from kv_transfer.params import TransferParams
+from runtime.direct_calls import CallClient, DirectCalls, RemoteCallError
 from runtime.messages import DecodeChunk, PrefillResult
 from runtime.requests import GenerateRequest
 from runtime.token_stream import TokenInbox, TokenSink, merged
@@ -24,6 +26,7 @@ _REPLICA_FAILURES = frozenset({
     "WorkerCrashedError", "NodeDiedError", "ObjectLostError", "OwnerDiedError",
     "DeploymentUnavailableError", "BackPressureError",
     "EngineDeadError", "EngineGenerateError",
+    "ReplicaConnectionLost", "ReplicaDraining",  # direct calls (runtime/direct_calls.py)
 })
 
 
@@ -37,23 +40,34 @@ class ReplicaFailed(RuntimeError):
 
 
 def is_replica_failure(err: BaseException) -> bool:
-    return any(cls.__name__ in _REPLICA_FAILURES for cls in type(err).__mro__)
+    names = err.class_names if isinstance(err, RemoteCallError) \
+        else (cls.__name__ for cls in type(err).__mro__)
+    return any(name in _REPLICA_FAILURES for name in names)
+
+
+def _direct(direct: DirectCalls | None, target: str) -> CallClient | None:
+    return direct.client(target) if direct is not None and target else None
 
 
 class RemotePrefill:
     """PrefillClient over a Serve handle; also a DecodeClient for degraded mode, where a
     prefill replica serves whole requests (`prefill_local`)."""
 
-    def __init__(self, handle: Any, sink: TokenSink | None = None) -> None:
+    def __init__(self, handle: Any, sink: TokenSink | None = None,
+                 direct: DirectCalls | None = None) -> None:
         self._handle = handle
         self._stream = handle.options(stream=True)
         self._sink = sink
+        self._direct = direct
 
     async def prefill(self, request: GenerateRequest, target: str = "",
                       stream_handle: str = "") -> PrefillResult:
         try:
-            result: PrefillResult = await self._handle.prefill.remote(
-                request, target_replica=target, stream_handle=stream_handle)
+            client = _direct(self._direct, target)
+            result: PrefillResult = await (
+                client.call("prefill", request, stream_handle=stream_handle) if client
+                else self._handle.prefill.remote(request, target_replica=target,
+                                                 stream_handle=stream_handle))
         except Exception as err:
             if is_replica_failure(err):
                 raise ReplicaFailed("prefill", target, err) from err
@@ -61,7 +75,9 @@ class RemotePrefill:
         return result
 
     async def kv_endpoint(self, target: str = "") -> str:
-        endpoint: str = await self._handle.kv_endpoint.remote(target_replica=target)
+        client = _direct(self._direct, target)
+        endpoint: str = await (client.call("kv_endpoint") if client
+                               else self._handle.kv_endpoint.remote(target_replica=target))
         return endpoint
 
     async def release(self, transfer: TransferParams) -> None:
@@ -69,39 +85,50 @@ class RemotePrefill:
 
     def decode(self, request: GenerateRequest, first_token_id: int | None,
                transfer: TransferParams | None, target: str = "") -> AsyncIterator[DecodeChunk]:
-        return _generate(self._stream, self._sink, "prefill", request, first_token_id,
-                         transfer, target)
+        return _generate(self._stream, _direct(self._direct, target), self._sink, "prefill",
+                         request, first_token_id, transfer, target)
 
 
 class RemoteDecode:
     """DecodeClient over a Serve handle; closing the stream cancels it on the replica."""
 
-    def __init__(self, handle: Any, sink: TokenSink | None = None) -> None:
+    def __init__(self, handle: Any, sink: TokenSink | None = None,
+                 direct: DirectCalls | None = None) -> None:
         self._unary = handle
         self._stream = handle.options(stream=True)
         self._sink = sink
+        self._direct = direct
 
     async def prefetch(self, endpoint: str, stream_handle: str, num_tokens: int,
                        target: str = "") -> bool:
-        started: bool = await self._unary.prefetch.remote(endpoint, stream_handle, num_tokens,
-                                                          target_replica=target)
+        client = _direct(self._direct, target)
+        started: bool = await (
+            client.call("prefetch", endpoint, stream_handle, num_tokens) if client
+            else self._unary.prefetch.remote(endpoint, stream_handle, num_tokens,
+                                             target_replica=target))
         return started
 
     async def cancel_prefetch(self, stream_handle: str, target: str = "") -> None:
-        await self._unary.cancel_prefetch.remote(stream_handle, target_replica=target)
+        client = _direct(self._direct, target)
+        await (client.call("cancel_prefetch", stream_handle) if client
+               else self._unary.cancel_prefetch.remote(stream_handle, target_replica=target))
 
     def decode(self, request: GenerateRequest, first_token_id: int | None,
                transfer: TransferParams | None, target: str = "") -> AsyncIterator[DecodeChunk]:
-        return _generate(self._stream, self._sink, "decode", request, first_token_id,
-                         transfer, target)
+        return _generate(self._stream, _direct(self._direct, target), self._sink, "decode",
+                         request, first_token_id, transfer, target)
 
 
-async def _generate(handle: Any, sink: TokenSink | None, role: str, request: GenerateRequest,
-                    first_token_id: int | None, transfer: TransferParams | None,
+async def _generate(handle: Any, client: CallClient | None, sink: TokenSink | None, role: str,
+                    request: GenerateRequest, first_token_id: int | None,
+                    transfer: TransferParams | None,
                     target: str) -> AsyncIterator[DecodeChunk]:
     inbox = sink.open(request.request_id) if sink is not None else TokenInbox()
-    stream = handle.decode.remote(request, first_token_id, transfer, target_replica=target,
-                                  sink=sink.address if sink is not None else "")
+    address = sink.address if sink is not None else ""
+    # a direct stream is cancelled on the replica when merged() stops reading it
+    stream: Any = client.stream("decode", request, first_token_id, transfer, sink=address) \
+        if client else handle.decode.remote(request, first_token_id, transfer,
+                                            target_replica=target, sink=address)
     try:
         async for tokens, final in merged(inbox, stream):
             if final is None:
@@ -116,4 +143,5 @@ async def _generate(handle: Any, sink: TokenSink | None, role: str, request: Gen
     finally:
         if sink is not None:
             sink.close(request.request_id)
-        stream.cancel()
+        if client is None:
+            stream.cancel()

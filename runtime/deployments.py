@@ -34,6 +34,8 @@ from runtime.replica_common import (
     engine_healthy,
     pinned,
     replica_id,
+    shut_down,
+    start_call_server,
 )
 from runtime.requests import GenerateRequest
 from runtime.scheduler.types import ReplicaReport
@@ -78,6 +80,8 @@ class PrefillServer:
         self._max_num_seqs = config.prefill_engine.max_num_seqs
         self._block_size = config.prefill_engine.block_size
         self._calibration = await calibration(engine, config)
+        self._drain_s = config.server.request_timeout_s
+        self._calls = await start_call_server(self, config)
         self._reporter = Reporter(config.server.app_name, self._report, self._usage)
 
     def record_autoscaling_stats(self) -> dict[str, float]:
@@ -89,7 +93,8 @@ class PrefillServer:
         return ReplicaReport("prefill", self._worker.worker_id, self._pending_tokens, free,
                              self._num_blocks, self._block_size, active,
                              self._max_num_seqs, time.time(), self._calibration,
-                             engine_healthy(self._worker.engine, self._probe))
+                             engine_healthy(self._worker.engine, self._probe),
+                             self._calls.address if self._calls else "")
 
     def _usage(self) -> UsageReport:
         return UsageReport("prefill", self._worker.worker_id, self._costs.usage())
@@ -124,10 +129,11 @@ class PrefillServer:
     async def check_health(self) -> None:
         await check_health(self._worker.engine, self._probe)
 
-    def __del__(self) -> None:
-        # Serve calls this on graceful replica shutdown: stop the engine's processes too.
-        if "_worker" in self.__dict__:
-            self._worker.shutdown()
+    async def __del__(self) -> None:
+        # Serve awaits this on graceful replica shutdown: the direct calls in flight finish,
+        # then the engine's processes stop.
+        await shut_down(self.__dict__.get("_calls"), self.__dict__.get("_worker"),
+                        self.__dict__.get("_drain_s", 0.0))
 
 
 @serve.deployment
@@ -149,6 +155,8 @@ class DecodeServer:
         self._block_size = config.decode_engine.block_size
         self._max_num_seqs = config.decode_engine.max_num_seqs
         self._calibration = await calibration(engine, config)
+        self._drain_s = config.server.request_timeout_s
+        self._calls = await start_call_server(self, config)
         self._reporter = Reporter(config.server.app_name, self._report, self._usage)
 
     def record_autoscaling_stats(self) -> dict[str, float]:
@@ -162,7 +170,8 @@ class DecodeServer:
         return ReplicaReport("decode", self._worker.worker_id, 0, free, self._num_blocks,
                              self._block_size, active, self._max_num_seqs, time.time(),
                              self._calibration,
-                             engine_healthy(self._worker.engine, self._probe))
+                             engine_healthy(self._worker.engine, self._probe),
+                             self._calls.address if self._calls else "")
 
     async def decode(
         self, request: GenerateRequest, first_token_id: int | None,
@@ -190,6 +199,8 @@ class DecodeServer:
     async def check_health(self) -> None:
         await check_health(self._worker.engine, self._probe)
 
-    def __del__(self) -> None:
-        if "_worker" in self.__dict__:
-            self._worker.shutdown()
+    async def __del__(self) -> None:
+        # Serve awaits this on graceful replica shutdown: the direct calls in flight finish,
+        # then the engine's processes stop.
+        await shut_down(self.__dict__.get("_calls"), self.__dict__.get("_worker"),
+                        self.__dict__.get("_drain_s", 0.0))

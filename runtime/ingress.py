@@ -26,6 +26,7 @@ from starlette.background import BackgroundTask
 from runtime import fanout
 from runtime.app_config import AppConfig
 from runtime.clients import RemoteDecode, RemotePrefill
+from runtime.direct_calls import DirectCalls
 from runtime.engines import stream_hosts
 from runtime.grpc_api import start_grpc_server
 from runtime.messages import UsageReport
@@ -109,8 +110,11 @@ class Ingress:
             self.sink = TokenSink(config.transfer.auth_token.get_secret_value())
             await self.sink.start(*stream_hosts(config.transfer.bind_host,
                                                 config.transfer.advertise_host))
-        prefill_client = RemotePrefill(prefill, self.sink) if prefill else None
-        self.router = Router(config, tokenizer, prefill_client, RemoteDecode(decode, self.sink),
+        self.direct = DirectCalls(config.transfer.auth_token.get_secret_value()) \
+            if config.server.direct_calls else None
+        prefill_client = RemotePrefill(prefill, self.sink, self.direct) if prefill else None
+        self.router = Router(config, tokenizer, prefill_client,
+                             RemoteDecode(decode, self.sink, self.direct),
                              self.metrics, self.live, prefill_generation=prefill_client)
         key = config.server.api_key
         self._api_key = key.get_secret_value().encode() if key else None
@@ -161,6 +165,8 @@ class Ingress:
         """Called by every pool replica a few times a second; answers with the pool's demand
         in replicas, which the replica hands to Serve's autoscaler."""
         self.live.report(report)
+        if self.direct is not None:
+            self.direct.update(report.replica_id, report.call_address)
         if report.role == "prefill":
             self.metrics.pending_tokens.labels(replica=report.replica_id).set(
                 report.num_pending_tokens)

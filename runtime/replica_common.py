@@ -20,8 +20,10 @@ from kv_transfer.params import TransferParams
 from runtime.app_config import AppConfig, PoolConfig
 from runtime.autoscaling import DEMAND_METRIC
 from runtime.calibration import calibrate
+from runtime.direct_calls import CallServer
 from runtime.engine_config import EngineConfig
 from runtime.engine_stats import LoadProbe
+from runtime.engines import stream_hosts
 from runtime.messages import DecodeChunk, UsageReport
 from runtime.requests import GenerateRequest
 from runtime.scheduler.types import ReplicaReport
@@ -56,6 +58,29 @@ async def calibration(engine: Any, config: AppConfig) -> tuple[tuple[int, float]
         return ()
     model_config = engine.vllm_config.model_config
     return await calibrate(engine, model_config.max_model_len, model_config.get_vocab_size())
+
+
+# what the ingress may call over a replica's direct connection (runtime/direct_calls.py)
+DIRECT_METHODS = frozenset({"prefill", "decode", "prefetch", "cancel_prefetch", "release",
+                            "kv_endpoint"})
+
+
+async def start_call_server(replica: object, config: AppConfig) -> CallServer | None:
+    """The replica's direct-call server, when server.direct_calls is on."""
+    if not config.server.direct_calls:
+        return None
+    server = CallServer(replica, DIRECT_METHODS, config.transfer.auth_token.get_secret_value())
+    await server.start(*stream_hosts(config.transfer.bind_host, config.transfer.advertise_host))
+    return server
+
+
+async def shut_down(calls: CallServer | None, worker: Any, grace_s: float) -> None:
+    """Graceful replica shutdown: the direct calls in flight finish (Serve waits only for
+    its own), then the engine's processes stop."""
+    if calls is not None:
+        await calls.close(grace_s)
+    if worker is not None:
+        worker.shutdown()
 
 
 STALL_AFTER_S = 60.0  # an engine with work that has not finished a step in this long is stuck

@@ -86,3 +86,4 @@ class ReplicaReport:
     # prefill times measured on this engine at start: ((uncached tokens, ms), ...)
     calibration: tuple[tuple[int, float], ...] = ()
     healthy: bool = True  # False: its engine died or stopped making progress
+    call_address: str = ""  # host:port of its direct-call server (runtime/direct_calls.py)
