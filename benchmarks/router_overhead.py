@@ -2,8 +2,11 @@
 
 Same tiny model, same prompt, sequential requests (no queueing), medians:
   engine   - vLLM AsyncLLM called in this process (what a bare engine costs);
-  http     - POST /v1/completions through Ray Serve's proxy, the ingress and the prefill replica;
-  grpc     - the gRPC API's Generate, same path minus the HTTP proxy.
+  vllm     - POST /v1/completions to vLLM's own OpenAI server (one process, same engine
+             settings): what a user of plain vLLM pays for HTTP;
+  http     - POST /v1/completions to the ingress (direct ingress), which calls the replica the
+             scheduler chose (a direct call, runtime/direct_calls.py);
+  grpc     - the gRPC API's Generate, same path.
 The added latency is (path median - engine median).
 
     python -m benchmarks.router_overhead [--requests 50]
@@ -13,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -52,6 +57,65 @@ async def _engine_samples(model: Path, prompt_ids: list[int], n: int) -> list[fl
     return samples
 
 
+def _http_samples(url: str, body: dict[str, object], n: int,
+                  timings: list[float] | None = None) -> list[float]:
+    import httpx
+
+    samples = []
+    with httpx.Client(base_url=url, timeout=60) as client:
+        for i in range(n + 3):
+            start = time.perf_counter()
+            response = client.post("/v1/completions", json=body)
+            elapsed = time.perf_counter() - start
+            response.raise_for_status()
+            if i >= 3:
+                samples.append(elapsed)
+                if timings is not None:
+                    timings.append(response.json()["timings"]["e2e_ms"] / 1e3)
+    return samples
+
+
+def _vllm_samples(model: Path, body: dict[str, object], n: int) -> list[float]:
+    """vLLM's own OpenAI server, started here with the engine settings of the other paths."""
+    import httpx
+
+    from runtime.engine_config import EngineConfig
+    from runtime.engines import free_port
+
+    engine = EngineConfig(model=str(model), kv_cache_bytes=256 << 20)
+    port = free_port()
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+            "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port),
+            "--dtype", engine.dtype, "--block-size", str(engine.block_size),
+            "--max-model-len", str(engine.max_model_len),
+            "--max-num-seqs", str(engine.max_num_seqs),
+            "--kv-cache-memory-bytes", str(engine.kv_cache_bytes), "--enforce-eager",
+            "--disable-uvicorn-access-log", "--disable-log-stats"]
+    server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                              env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"vLLM's server exited with {server.returncode}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("vLLM's server did not start within 300 s")
+            time.sleep(1)
+        return _http_samples(url, body, n)
+    finally:
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -62,7 +126,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--requests must be at least 1")
 
     import grpc
-    import httpx
     from transformers import AutoTokenizer
 
     from protos import inference_pb2 as pb
@@ -79,8 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     prompt = "Measure the router: " * 4
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
-    print(f"[1/3] engine alone ({args.requests} one-token requests)", flush=True)
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 1, "temperature": 0}
+    print(f"[1/4] engine alone ({args.requests} one-token requests)", flush=True)
     engine = asyncio.run(_engine_samples(model, prompt_ids, args.requests))
+    print(f"[2/4] vLLM's own OpenAI server ({args.requests} requests)", flush=True)
+    vllm = _vllm_samples(model, body, args.requests)
 
     config = AppConfig.model_validate({
         "engine": {"model": str(model), "kv_cache_bytes": 256 << 20},
@@ -90,19 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     })
     url = start_app(config, address=None)
     try:
-        print(f"[2/3] HTTP path ({args.requests} requests)", flush=True)
-        http, grpc_samples, server_e2e = [], [], []
-        body = {"model": "tiny", "prompt": prompt, "max_tokens": 1, "temperature": 0}
-        with httpx.Client(base_url=url, timeout=60) as client:
-            for i in range(args.requests + 3):
-                start = time.perf_counter()
-                response = client.post("/v1/completions", json=body)
-                elapsed = time.perf_counter() - start
-                response.raise_for_status()
-                if i >= 3:
-                    http.append(elapsed)
-                    server_e2e.append(response.json()["timings"]["e2e_ms"] / 1e3)
-        print(f"[3/3] gRPC path ({args.requests} requests)", flush=True)
+        print(f"[3/4] HTTP path ({args.requests} requests)", flush=True)
+        grpc_samples: list[float] = []
+        server_e2e: list[float] = []
+        http = _http_samples(url, body, args.requests, server_e2e)
+        print(f"[4/4] gRPC path ({args.requests} requests)", flush=True)
         endpoint = f"{config.server.host}:{config.server.grpc_port}"
         with grpc.insecure_channel(endpoint) as channel:
             stub = pb_grpc.InferenceStub(channel)
@@ -118,12 +176,14 @@ def main(argv: list[str] | None = None) -> int:
     base = statistics.median(engine)
     print(f"\none-token request, {len(prompt_ids)}-token prompt, medians of {args.requests}:")
     print(f"  engine alone          : {_median_ms(engine)}")
+    print(f"  vLLM's OpenAI server  : {_median_ms(vllm)}  -> adds "
+          f"{(statistics.median(vllm) - base) * 1e3:.2f} ms")
     print(f"  HTTP through ingress  : {_median_ms(http)}  -> adds "
           f"{(statistics.median(http) - base) * 1e3:.2f} ms")
     print(f"  gRPC through ingress  : {_median_ms(grpc_samples)}  -> adds "
           f"{(statistics.median(grpc_samples) - base) * 1e3:.2f} ms")
     print(f"  (ingress-measured e2e : {_median_ms(server_e2e)}; the rest of the HTTP figure is "
-          "the client and Serve's HTTP proxy)")
+          "the client and the HTTP server)")
     return 0
 
 
