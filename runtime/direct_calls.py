@@ -328,6 +328,7 @@ class DirectCalls:
         self._clients: dict[str, CallClient] = {}
         self._connecting: dict[str, asyncio.Task[None]] = {}
         self._retry_at: dict[str, float] = {}
+        self.num_calls = {"direct": 0, "serve": 0}  # by the path they took
 
     def update(self, replica_id: str, address: str) -> None:
         if self._addresses.get(replica_id) == address:
@@ -345,7 +346,9 @@ class DirectCalls:
     def client(self, replica_id: str) -> CallClient | None:
         client = self._clients.get(replica_id)
         if client is not None and client.is_open:
+            self.num_calls["direct"] += 1
             return client
+        self.num_calls["serve"] += 1
         address = self._addresses.get(replica_id)
         loop = asyncio.get_running_loop()
         if address and replica_id not in self._connecting \
@@ -370,3 +373,7 @@ class DirectCalls:
     @property
     def num_connected(self) -> int:
         return sum(client.is_open for client in self._clients.values())
+
+    def snapshot(self) -> dict[str, object]:
+        return {"connected": self.num_connected, "replicas": dict(self._addresses),
+                "calls": dict(self.num_calls)}

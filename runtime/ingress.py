@@ -159,7 +159,8 @@ class Ingress:
         if self._prefill_handle is not None:  # colocated serving has no prefill pool
             pools["prefill"] = await self._prefill_handle.status.remote()
         pools["decode"] = await self._decode_handle.status.remote()
-        return {**pools, "scheduler": self.live.snapshot()}
+        direct = self.direct.snapshot() if self.direct is not None else None
+        return {**pools, "scheduler": self.live.snapshot(), "direct_calls": direct}
 
     async def report_load(self, report: ReplicaReport) -> float:
         """Called by every pool replica a few times a second; answers with the pool's demand

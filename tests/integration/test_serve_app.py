@@ -311,6 +311,16 @@ def test_scheduler_prefills_short_prompts_locally_and_splits_long_ones(client, s
     assert "disagg_prefill_pending_tokens" in metrics
 
 
+def test_pool_calls_go_over_the_direct_connections(client, serve_app):
+    before = _status(serve_app)["direct_calls"]
+    assert before["connected"] == 2, before  # the prefill and the decode replica
+    for prompt in ("d" * 100, "e" * 3000):  # prefilled locally / on the prefill replica
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, **GREEDY)
+    after = _status(serve_app)["direct_calls"]
+    assert after["calls"]["direct"] >= before["calls"]["direct"] + 2, (before, after)
+    assert after["calls"]["serve"] == before["calls"]["serve"], (before, after)
+
+
 def test_vllm_own_benchmark_client_runs_unchanged_against_the_api(serve_app, tiny_model,
                                                                   tmp_path):
     import os
