@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     engine = EngineSettings(str(model), cores, args.max_context + 256, args.max_num_seqs,
                             args.max_num_batched_tokens, args.kv_cache_mib << 20)
     scheduler = SchedulerSettings(args.long_prompt_tokens, args.local_max_prompt_tokens,
-                                  args.slo_ttft_ms, args.slo_tpot_ms)
+                                  args.slo_ttft_ms, args.slo_tpot_ms,
+                                  args.long_prefill_chunk_tokens, args.scheduling_policy)
     slo = SLO(args.slo_ttft_ms, args.slo_tpot_ms)
     label = Path(args.trace).stem if args.trace else args.workload
     out_dir = Path(args.out or DEFAULT_OUT / f"compare-{label}{'-quick' if args.quick else ''}")
@@ -232,6 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local-max-prompt-tokens", type=int, default=None,
                    help="disagg: the longest prompt the decode replica may prefill itself "
                    "(default: no cap; the scheduler decides by predicted time and TPOT budget)")
+    p.add_argument("--long-prefill-chunk-tokens", type=int, default=None,
+                   help="disagg and colocated: a prefill's most tokens per engine step while "
+                   "other requests run (engine.long_prefill_chunk_tokens; default: the app's, "
+                   "512; 0: no cap). vLLM and Ray Serve LLM keep vLLM's default")
+    p.add_argument("--scheduling-policy", choices=["priority", "fcfs"], default=None,
+                   help="disagg and colocated: vLLM's scheduling policy in our engines "
+                   "(default: the app's, priority by lane)")
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048,
                    help="per-step token budget (chunked prefill), every engine")

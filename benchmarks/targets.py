@@ -69,6 +69,10 @@ class SchedulerSettings:
     local_max_prompt_tokens: int | None
     slo_ttft_ms: float = 1000.0
     slo_tpot_ms: float = 100.0  # also the decode replicas' TPOT budget for local prefills
+    # our engines' per-step cap on a prefill while others run (engine.long_prefill_chunk_tokens)
+    # and vLLM scheduling policy; None: the app's defaults (512, priority)
+    long_prefill_chunk_tokens: int | None = None
+    scheduling_policy: str | None = None
 
 
 class Target:
@@ -195,6 +199,10 @@ def app_config(name: TargetName, engine: EngineSettings, scheduler: SchedulerSet
               "max_model_len": engine.max_model_len, "kv_cache_bytes": engine.kv_cache_bytes,
               "max_num_seqs": engine.max_num_seqs,
               "max_num_batched_tokens": engine.max_num_batched_tokens}
+    if scheduler.long_prefill_chunk_tokens is not None:
+        shared["long_prefill_chunk_tokens"] = scheduler.long_prefill_chunk_tokens
+    if scheduler.scheduling_policy is not None:
+        shared["scheduling_policy"] = scheduler.scheduling_policy
     cores = list(engine.cores)
     num_prefill = max(1, len(cores) // 2) if name == "disagg" else 0
     config: dict[str, Any] = {

@@ -84,6 +84,14 @@ def test_targets_get_the_same_engines_and_cores():
     assert colocated.decode.replicas == 2 and colocated.decode.cpu_cores == ["0", "1"]
     assert disagg.decode_engine == colocated.decode_engine  # identical engines
     assert colocated.decode_engine.max_num_batched_tokens == 2048
+    assert colocated.decode_engine.long_prefill_chunk_tokens == 512  # the app's defaults
+    assert colocated.decode_engine.scheduling_policy == "priority"
+    # --long-prefill-chunk-tokens / --scheduling-policy reach every engine of our targets
+    tuned = SchedulerSettings(1024, 1024, long_prefill_chunk_tokens=0, scheduling_policy="fcfs")
+    for name in ("disagg", "colocated"):
+        config = AppConfig.model_validate(app_config(name, engine, tuned, 8000))
+        assert config.decode_engine.long_prefill_chunk_tokens == 0
+        assert config.prefill_engine.scheduling_policy == "fcfs"
 
 
 def test_rayllm_serves_one_model_with_a_replica_per_engine_and_the_same_engine_args(tmp_path):
