@@ -52,10 +52,14 @@ def _sample_spec(sampling: SamplingSpec, sample: int) -> SamplingSpec:
 async def run(router: Router, jobs: list[Job], n: int) -> AsyncIterator[tuple[Job, TextEvent]]:
     """Every job's events, one job after another (a prompt's later samples find its prefix
     cached). Run concurrently (each choice's own router.stream, later samples after the
-    first's first token), requests with n > 1 from three clients stall the app within
-    seconds: the replicas' load reports stop reaching the ingress (report age 10 s), the
-    ingress's status calls to them time out, leases expire, while every event loop and both
-    engines are idle (py-spy). Cause not found; sequential runs of the same load pass."""
+    first's first token), requests with n > 1 from three clients stalled the app within
+    seconds: the replicas' load reports stopped reaching the ingress and every replica looked
+    dead. A py-spy dump caught the ingress's event loop in Serve's request router, which
+    retried full or slow-to-answer replicas without backing off (runtime/routing.py now tells
+    it to back off). With that fix the same load (75 requests, three clients) ran without a
+    stall, but its first request (a two-prompt batch, sent while the direct connections were
+    still opening) hung until its 25 s deadline, cause not found; so choices stay
+    sequential."""
     del n  # the order of the jobs is already prompt by prompt, sample by sample
     try:
         for job in jobs:

@@ -18,6 +18,13 @@ class PinnedReplicaRouter(RequestRouter):
         pending_request: PendingRequest | None = None,
     ) -> list[list[RunningReplica]]:
         target = pending_request.kwargs.get(TARGET_KWARG) if pending_request else None
+        if pending_request is not None:
+            # Serve retries a request whose candidates are all full (or do not answer its
+            # queue-length probe in time) at once, without backing off, unless the router
+            # says it has tried everything (its own routers do, via locality routing). These
+            # candidates are everything: without this the ingress's event loop spun on
+            # probes and stopped serving (load reports timed out, every replica looked dead).
+            pending_request.routing_context.should_backoff = True
         if target:
             pinned = [r for r in candidate_replicas if r.replica_id.unique_id == target]
             if pinned:
