@@ -2,14 +2,18 @@
 
   1. every (prompt, sample) becomes a prepared request, booked with the scheduler at once (a
      429 for one is a 429 for all, before anything runs);
-  2. the jobs run one after another, prompt by prompt, sample by sample: a prompt's later
-     samples find it in the prefix cache (all but its last partial block);
+  2. the jobs run concurrently, each in a task with a fresh context; a prompt's later samples
+     start after its first sample's first token, so they find it in the prefix cache (all but
+     its last partial block);
   3. events come out tagged with their choice index (prompt * n + sample), and each choice
      ends with its finish reason and timings; an error in one ends them all.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import contextvars
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
@@ -50,21 +54,54 @@ def _sample_spec(sampling: SamplingSpec, sample: int) -> SamplingSpec:
 
 
 async def run(router: Router, jobs: list[Job], n: int) -> AsyncIterator[tuple[Job, TextEvent]]:
-    """Every job's events, one job after another (a prompt's later samples find its prefix
-    cached). Run concurrently (each choice's own router.stream, later samples after the
-    first's first token), requests with n > 1 from three clients stalled the app within
-    seconds: the replicas' load reports stopped reaching the ingress and every replica looked
-    dead. A py-spy dump caught the ingress's event loop in Serve's request router, which
-    retried full or slow-to-answer replicas without backing off (runtime/routing.py now tells
-    it to back off). With that fix the same load (75 requests, three clients) ran without a
-    stall, but its first request (a two-prompt batch, sent while the direct connections were
-    still opening) hung until its 25 s deadline, cause not found; so choices stay
-    sequential."""
-    del n  # the order of the jobs is already prompt by prompt, sample by sample
-    try:
-        for job in jobs:
+    """Every job's events, merged as they come.
+
+    Concurrent choices had stalled the whole app under three clients; two causes, both in
+    how Ray Serve was used. The request router (runtime/routing.py) now tells Serve to back
+    off between routing tries (it had spun on queue-length probes and starved the ingress's
+    event loop). And each choice runs in a task with a fresh context, not a copy of the request's: Ray Serve
+    keeps the request it is serving in a context variable and tags the handle calls made
+    under it with that request's id, and concurrent handle calls to one deployment sharing
+    an id hung (4 concurrent two-prompt batches right after start, calls through Serve: 8 of
+    12 requests hung until their deadline with the copied context, 0 of 12 with a fresh one).
+    """
+    if len(jobs) == 1:
+        async for event in router.stream(jobs[0].prepared):
+            yield jobs[0], event
+        return
+    queue: asyncio.Queue[tuple[Job, TextEvent] | BaseException | None] = asyncio.Queue()
+    first_token = {job.prompt_index: asyncio.Event() for job in jobs}
+
+    async def one(job: Job) -> None:
+        try:
+            if job.index % n:  # a later sample: after the first one's prefill
+                await first_token[job.prompt_index].wait()
             async for event in router.stream(job.prepared):
-                yield job, event
+                first_token[job.prompt_index].set()
+                queue.put_nowait((job, event))
+        except Exception as err:  # noqa: BLE001 - handed to the reader, raised there
+            queue.put_nowait(err)
+        finally:
+            first_token[job.prompt_index].set()
+            queue.put_nowait(None)
+
+    loop = asyncio.get_running_loop()
+    tasks = [loop.create_task(one(job), context=contextvars.Context()) for job in jobs]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
     finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         for job in jobs:  # never streamed (an error came first): bookings released
             router.discard(job.prepared)

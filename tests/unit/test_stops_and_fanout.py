@@ -146,6 +146,40 @@ def test_fanout_runs_every_prompt_and_sample_and_tags_choices():
     assert not router.discarded
 
 
+def test_fanout_runs_choices_concurrently_each_in_a_fresh_context():
+    # Ray Serve tags handle calls with the request held in a context variable; concurrent
+    # calls carrying one request's id hung, so no choice may see the caller's context.
+    import contextvars
+
+    from runtime import fanout
+
+    request_var: contextvars.ContextVar[str] = contextvars.ContextVar("request", default="")
+    seen: list[str] = []
+    running = {"now": 0, "most": 0}
+
+    class Watching(FakeRouter):
+        async def stream(self, prepared):
+            seen.append(request_var.get())
+            running["now"] += 1
+            running["most"] = max(running["most"], running["now"])
+            try:
+                async for event in super().stream(prepared):
+                    yield event
+            finally:
+                running["now"] -= 1
+
+    router = Watching()
+    jobs = fanout.plan(router, [[1, 2, 3], [4, 5, 6]], 1, SamplingSpec(), "cmpl")
+
+    async def collect():
+        request_var.set("the API request")
+        return [job.index async for job, _ in fanout.run(router, jobs, 1)]
+
+    assert sorted(set(asyncio.run(collect()))) == [0, 1]
+    assert seen == ["", ""]  # a fresh context each
+    assert running["most"] == 2  # the two prompts ran at once
+
+
 def test_fanout_refused_midway_releases_what_it_booked():
     from runtime import fanout
 
