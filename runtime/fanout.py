@@ -59,11 +59,12 @@ async def run(router: Router, jobs: list[Job], n: int) -> AsyncIterator[tuple[Jo
     Concurrent choices had stalled the whole app under three clients; two causes, both in
     how Ray Serve was used. The request router (runtime/routing.py) now tells Serve to back
     off between routing tries (it had spun on queue-length probes and starved the ingress's
-    event loop). And each choice runs in a task with a fresh context, not a copy of the request's: Ray Serve
-    keeps the request it is serving in a context variable and tags the handle calls made
-    under it with that request's id, and concurrent handle calls to one deployment sharing
-    an id hung (4 concurrent two-prompt batches right after start, calls through Serve: 8 of
-    12 requests hung until their deadline with the copied context, 0 of 12 with a fresh one).
+    event loop). And each choice runs in a task with a fresh context, not a copy of the
+    request's: Ray Serve keeps the request it is serving in a context variable and tags the
+    handle calls made under it with that request's id, and concurrent handle calls to one
+    deployment sharing an id hung (4 concurrent two-prompt batches right after start, calls
+    through Serve: 8 of 12 requests hung until their deadline with the copied context, 0 of
+    12 with a fresh one).
     """
     if len(jobs) == 1:
         async for event in router.stream(jobs[0].prepared):
