@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import statistics
 import time
 
 from runtime.calibration import calibrate
@@ -37,7 +38,11 @@ def test_calibrated_model_predicts_prefill_within_2x_from_100_to_8000_tokens(clu
     model = fitter.model
     assert model.c_ms > 0, model  # the engine's prefill is found to be quadratic
     for n in (100, 1000, 4000, 8000):
-        actual, _ = cluster.runner.run(_prefill_ms(engine, make_prompt(n, seed=n + 31)))
+        # the median of three prompts (one sample of a 100-token prefill, a few engine steps'
+        # fixed cost, was seen at 2.1x on a busy machine)
+        actual = statistics.median(
+            cluster.runner.run(_prefill_ms(engine, make_prompt(n, seed=n + 31 + k)))[0]
+            for k in range(3))
         ratio = actual / model.predict_ms(n)
         assert 0.5 <= ratio <= 2.0, (n, actual, model.predict_ms(n), model)
 
