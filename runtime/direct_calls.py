@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hmac
 import inspect
 import itertools
 import logging
@@ -42,11 +41,10 @@ import struct
 from collections.abc import AsyncIterator
 from typing import Any
 
-from runtime.token_stream import encode_frame, read_frame
+from runtime.token_stream import VERSION, encode_frame, hello_ok, listen, read_frame
 
 logger = logging.getLogger(__name__)
 
-VERSION = 1
 MAX_FRAME_BYTES = 64 << 20
 MAX_WRITE_BUFFER_BYTES = 64 << 20  # a peer this far behind is cut off
 CONNECT_TIMEOUT_S = 5.0
@@ -128,9 +126,7 @@ class CallServer:
         self.address = ""
 
     async def start(self, bind_host: str, advertise_host: str) -> str:
-        self._server = await asyncio.start_server(self._serve, bind_host, 0)
-        port = self._server.sockets[0].getsockname()[1]
-        self.address = f"{advertise_host}:{port}"
+        self._server, self.address = await listen(self._serve, bind_host, advertise_host)
         return self.address
 
     @property
@@ -141,8 +137,7 @@ class CallServer:
         calls: dict[int, asyncio.Task[None]] = {}
         try:
             hello = await asyncio.wait_for(read_frame(reader), CONNECT_TIMEOUT_S)
-            if not (isinstance(hello, dict) and hello.get("v") == VERSION and hmac.compare_digest(
-                    str(hello.get("token", "")).encode(), self._auth_token)):
+            if not hello_ok(hello, self._auth_token):
                 logger.warning("direct calls: refused a connection (wrong token or version)")
                 return
             writer.write(encode_frame({"ok": True}))

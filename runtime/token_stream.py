@@ -65,6 +65,19 @@ async def read_frame(reader: asyncio.StreamReader) -> Any:
     return msgpack.unpackb(await reader.readexactly(size), raw=False)
 
 
+async def listen(handler: Any, bind_host: str,
+                 advertise_host: str) -> tuple[asyncio.Server, str]:
+    """A TCP server on a free port of bind_host, and the host:port peers dial."""
+    server = await asyncio.start_server(handler, bind_host, 0)
+    return server, f"{advertise_host}:{server.sockets[0].getsockname()[1]}"
+
+
+def hello_ok(hello: Any, auth_token: bytes) -> bool:
+    """A connection's first frame names this protocol version and the cluster token."""
+    return isinstance(hello, dict) and hello.get("v") == VERSION and hmac.compare_digest(
+        str(hello.get("token", "")).encode(), auth_token)
+
+
 class TokenInbox:
     """One request's tokens, reassembled in order from the stream and the Serve call."""
 
@@ -121,9 +134,7 @@ class TokenSink:
         self.address = ""
 
     async def start(self, bind_host: str, advertise_host: str) -> str:
-        self._server = await asyncio.start_server(self._serve, bind_host, 0)
-        port = self._server.sockets[0].getsockname()[1]
-        self.address = f"{advertise_host}:{port}"
+        self._server, self.address = await listen(self._serve, bind_host, advertise_host)
         return self.address
 
     def open(self, request_id: str) -> TokenInbox:
@@ -140,8 +151,7 @@ class TokenSink:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             hello = await asyncio.wait_for(read_frame(reader), 10.0)
-            if not (isinstance(hello, dict) and hello.get("v") == VERSION and hmac.compare_digest(
-                    str(hello.get("token", "")).encode(), self._auth_token)):
+            if not hello_ok(hello, self._auth_token):
                 logger.warning("token stream: refused a connection (wrong token or version)")
                 return
             while True:
