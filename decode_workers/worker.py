@@ -31,6 +31,7 @@ from kv_transfer.params import (
 )
 from runtime.cost_tracker import CostTracker
 from runtime.engine_config import TransferFailurePolicy
+from runtime.logprobs import from_vllm as logprobs_from_vllm
 from runtime.messages import DecodeChunk, DecodeTimings, KVTransferFailed
 from runtime.requests import GenerateRequest
 from runtime.seeded import (
@@ -125,13 +126,15 @@ class DecodeWorker:
             ):
                 completion = output.outputs[0]
                 new_tokens = tuple(completion.token_ids[num_sent:])
+                new_logprobs = logprobs_from_vllm(completion.logprobs, num_sent,
+                                                  len(completion.token_ids))
                 num_sent = len(completion.token_ids)
                 if completion.token_ids and first_token_at is None:
                     first_token_at = time.perf_counter()
                     self.costs.first_token(request.request_id)
                 if not output.finished:
                     if new_tokens:
-                        yield DecodeChunk(new_tokens)
+                        yield DecodeChunk(new_tokens, logprobs=new_logprobs)
                     continue
                 stats = parse_stats(output.kv_transfer_params)
                 if completion.finish_reason == "error":
@@ -152,6 +155,7 @@ class DecodeWorker:
                     new_tokens,
                     finish_reason=completion.finish_reason,
                     stop_reason=completion.stop_reason,
+                    logprobs=new_logprobs,
                     timings=DecodeTimings(
                         queue_ms=max(0.0, engine_queue_ms - exposed_ms),
                         transfer_ms=transfer_ms,

@@ -19,6 +19,7 @@ from kv_transfer.connector_worker import WorkerStats
 from kv_transfer.grpc_transport import release_handle
 from kv_transfer.params import TransferParams, parse_transfer, producer_request_params
 from runtime.cost_tracker import CostTracker
+from runtime.logprobs import from_vllm as logprobs_from_vllm
 from runtime.messages import PrefillResult, PrefillTimings
 from runtime.requests import GenerateRequest
 from runtime.seeded import UnseededRun, needs_unseeded_prefill, prefill_unseeded
@@ -100,6 +101,7 @@ class PrefillWorker:
             await self.release(transfer)
             transfer = None
         queue_ms, compute_ms = _engine_phases_ms(output.metrics, total_ms)
+        first_logprobs = logprobs_from_vllm(completion.logprobs, 0, 1)
         return PrefillResult(
             request_id=request.request_id,
             first_token_id=completion.token_ids[0],
@@ -112,6 +114,7 @@ class PrefillWorker:
             worker_id=self.worker_id,
             stop_reason=completion.stop_reason if stopped else None,
             cost=cost,
+            first_logprobs=first_logprobs[0] if first_logprobs else None,
         )
 
     async def release(self, transfer: TransferParams) -> None:

@@ -130,12 +130,12 @@ async def _generate(handle: Any, client: CallClient | None, sink: TokenSink | No
         if client else handle.decode.remote(request, first_token_id, transfer,
                                             target_replica=target, sink=address)
     try:
-        async for tokens, final in merged(inbox, stream):
+        async for tokens, logprobs, final in merged(inbox, stream):
             if final is None:
-                yield DecodeChunk(tokens)
+                yield DecodeChunk(tokens, logprobs=logprobs)
             else:
                 yield DecodeChunk(tokens, final.finish_reason, final.timings,
-                                  final.stop_reason)
+                                  final.stop_reason, logprobs)
     except Exception as err:
         if is_replica_failure(err):
             raise ReplicaFailed(role, target, err) from err

@@ -158,9 +158,10 @@ class Execution:
                         assert decision is not None
                         clean = live.first_token(decision, request.request_id)
                 kept, text = output.push(event.token_ids)
+                logprobs = event.logprobs[:len(kept)]  # none after a stop string
                 if event.timings is None:
                     if text or kept:
-                        yield TextEvent(text, kept)
+                        yield TextEvent(text, kept, logprobs=logprobs)
                     continue
                 t = self._final_timings(prepared, event.timings, num_retries, output)
                 self.metrics.record(t)
@@ -173,7 +174,7 @@ class Execution:
                 stopped = output.stop_reason is not None
                 yield TextEvent(text + output.finish(), kept,
                                 "stop" if stopped else event.finish_reason, t,
-                                output.stop_reason if stopped else event.stop_reason)
+                                output.stop_reason if stopped else event.stop_reason, logprobs)
                 return
         except KVTransferFailed:
             self.metrics.record_failure(lane, "disaggregated", "transfer_failed")

@@ -29,6 +29,7 @@ from runtime.clients import RemoteDecode, RemotePrefill
 from runtime.direct_calls import DirectCalls
 from runtime.engines import stream_hosts
 from runtime.grpc_api import start_grpc_server
+from runtime.logprobs import LogprobsWriter
 from runtime.messages import UsageReport
 from runtime.metrics import Metrics
 from runtime.openai_api import (
@@ -188,6 +189,9 @@ class Ingress:
         assert isinstance(body, CompletionRequest)
         model = self._model(body.model)
         body.refuse_unsupported()
+        if body.echo and body.logprobs is not None:
+            raise APIError(400, "echo with logprobs (the prompt's logprobs) is not supported",
+                           param="echo", code="unsupported_parameter")
         prompts = [await self.router.prompts.tokenize(p) for p in body.prompts]
         jobs = fanout.plan(self.router, prompts, body.n, body.sampling(16), "cmpl")
         echo = [self.router.prompts.text_of(p) for p in body.prompts] if body.echo else None
@@ -224,14 +228,25 @@ class Ingress:
             return self._sse(jobs, n, model, chat, usage, echo)
         texts: dict[int, list[str]] = {j.index: [echo[j.prompt_index]] if echo else []
                                        for j in jobs}
+        logprobs = self._logprobs(jobs, chat)
         done: list[ChoiceResult] = []
         async for job, event in fanout.run(self.router, jobs, n):
             texts[job.index].append(event.text)
+            if logprobs is not None:
+                logprobs.add(job.index, event)
             if event.timings is not None:
                 done.append(ChoiceResult(job.index, job.prompt_index,
                                          "".join(texts[job.index]), event.finish_reason,
-                                         event.stop_reason, event.timings))
+                                         event.stop_reason, event.timings,
+                                         logprobs.take(job.index) if logprobs else None))
         return JSONResponse(response_body(request_id, model, chat, done))
+
+    def _logprobs(self, jobs: list[fanout.Job], chat: bool) -> LogprobsWriter | None:
+        top = jobs[0].prepared.request.sampling.logprobs
+        if top is None:
+            return None
+        tokenizer = self.router.tokenizer
+        return LogprobsWriter(chat, top, lambda token_id: str(tokenizer.decode(token_id)))
 
     def _authorize(self, request: Request) -> None:
         if self._api_key is None:
@@ -277,6 +292,8 @@ class Ingress:
         request_id = jobs[0].prepared.request.request_id
         encoder = StreamEncoder(request_id, model, chat)
 
+        logprobs = self._logprobs(jobs, chat)
+
         async def events() -> AsyncIterator[str]:
             started: set[int] = set()
             done: list[ChoiceResult] = []
@@ -286,12 +303,15 @@ class Ingress:
                     started.add(job.index)
                     text = echo[job.prompt_index] + event.text if echo and first \
                         else event.text
+                    if logprobs is not None:  # this chunk's tokens'
+                        logprobs.add(job.index, event)
+                    chunk_logprobs = logprobs.take(job.index) if logprobs else None
                     if event.timings is None:
-                        yield encoder.text(job.index, text, first)
+                        yield encoder.text(job.index, text, first, chunk_logprobs)
                         continue
                     choice = ChoiceResult(job.index, job.prompt_index, text,
                                           event.finish_reason, event.stop_reason,
-                                          event.timings)
+                                          event.timings, chunk_logprobs)
                     done.append(choice)
                     yield encoder.last(choice, text, first, usage=len(jobs) == 1)
                 if usage and done:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from kv_transfer.params import TransferParams
 from runtime.cost import EngineUsage, RequestCost
+from runtime.logprobs import TokenLogprobs
 from runtime.requests import GenerateRequest
 from runtime.scheduler.types import Decision, Lane, Mode
 
@@ -33,6 +34,7 @@ class PrefillResult:
     worker_id: str = ""
     stop_reason: str | int | None = None  # the stop string or token that ended it
     cost: RequestCost = RequestCost()  # its share of the prefill engine (runtime/cost.py)
+    first_logprobs: TokenLogprobs | None = None  # the first token's, if the request asked
 
 
 class KVTransferFailed(RuntimeError):
@@ -61,6 +63,7 @@ class DecodeChunk:
     finish_reason: str | None = None
     timings: DecodeTimings | None = None
     stop_reason: str | int | None = None  # the stop string or token that ended it
+    logprobs: tuple[TokenLogprobs, ...] = ()  # one per token id, if the request asked
 
     @property
     def is_final(self) -> bool:
@@ -73,7 +76,8 @@ class DecodeChunk:
             return chunks[0]
         last = chunks[-1]
         return DecodeChunk(tuple(t for c in chunks for t in c.token_ids), last.finish_reason,
-                           last.timings, last.stop_reason)
+                           last.timings, last.stop_reason,
+                           tuple(e for c in chunks for e in c.logprobs))
 
 
 @dataclass(frozen=True)
@@ -133,6 +137,7 @@ class StreamEvent:
     finish_reason: str | None = None
     timings: PhaseTimings | None = None
     stop_reason: str | int | None = None  # the stop string or token that ended it
+    logprobs: tuple[TokenLogprobs, ...] = ()  # one per token id, if the request asked
 
 
 
@@ -165,3 +170,4 @@ class TextEvent:
     finish_reason: str | None = None
     timings: PhaseTimings | None = None
     stop_reason: str | int | None = None
+    logprobs: tuple[TokenLogprobs, ...] = ()  # one per token id, if the request asked

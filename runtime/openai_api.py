@@ -7,9 +7,10 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from runtime.cost import RequestCost
+from runtime.logprobs import MAX_LOGPROBS
 from runtime.pipeline import PhaseTimings
 from runtime.requests import SamplingSpec
 
@@ -52,7 +53,7 @@ MAX_N = 16  # sequences per prompt
 # Parameters vLLM's server takes that this one does not (yet): refused by name rather than
 # silently ignored, since the output would not be what the client asked for. Other unknown
 # fields are ignored, as vLLM's server ignores them.
-NOT_SUPPORTED = ("logprobs", "top_logprobs", "prompt_logprobs", "response_format",
+NOT_SUPPORTED = ("prompt_logprobs", "response_format",
                  "structured_outputs", "logit_bias", "suffix", "use_beam_search",
                  "allowed_token_ids", "bad_words", "tools", "tool_choice", "functions",
                  "prompt_embeds", "return_tokens_as_token_ids", "logprob_token_ids")
@@ -88,8 +89,19 @@ class _SamplingFields(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.get("include_usage"))
 
+    def num_logprobs(self) -> int | None:
+        """Top logprobs asked per generated token (0: only the sampled token's); None: no
+        logprobs."""
+        return None
+
     def sampling(self, default_max_tokens: int) -> SamplingSpec:
         max_tokens = default_max_tokens if self.max_tokens is None else self.max_tokens
+        num_logprobs = self.num_logprobs()
+        if num_logprobs is not None and num_logprobs > MAX_LOGPROBS:
+            # vLLM's engine refuses these too (its max_logprobs, 20 by default; -1 asks for
+            # the whole vocabulary, more than that)
+            raise APIError(400, f"Requested sample logprobs of {num_logprobs}, which is "
+                           f"greater than max allowed: {MAX_LOGPROBS}", param="logprobs")
         if max_tokens < 1:
             raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}",
                            param="max_tokens")
@@ -120,7 +132,8 @@ class _SamplingFields(BaseModel):
                             stop=tuple(stop),
                             include_stop_str_in_output=self.include_stop_str_in_output,
                             min_tokens=self.min_tokens,
-                            skip_special_tokens=self.skip_special_tokens)
+                            skip_special_tokens=self.skip_special_tokens,
+                            logprobs=num_logprobs)
 
     def refuse_unsupported(self) -> None:
         # null, false or 0 means "not asked for" (some clients send every field)
@@ -132,9 +145,28 @@ class _SamplingFields(BaseModel):
                            param=unsupported[0], code="unsupported_parameter")
 
 
+def _logprobs_count(value: int | None, name: str) -> int | None:
+    """vLLM's rule for a logprobs count: a number >= 0, or -1 (the whole vocabulary)."""
+    if value is not None and value < 0 and value != -1:
+        raise ValueError(f"`{name}` must be a positive value or -1.")
+    return None if value is None else (_VOCABULARY if value == -1 else value)
+
+
+_VOCABULARY = MAX_LOGPROBS + 1  # what -1 asks for: more than max_logprobs, refused as vLLM does
+
+
 class CompletionRequest(_SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]]
     echo: bool = False
+    logprobs: int | None = None
+
+    @field_validator("logprobs")
+    @classmethod
+    def _check_logprobs(cls, value: int | None) -> int | None:
+        return _logprobs_count(value, "logprobs")
+
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
 
     @property
     def prompts(self) -> list[str] | list[list[int]]:
@@ -184,6 +216,19 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, le=_INT32_MAX)
+    logprobs: bool | None = False
+    top_logprobs: int | None = 0
+
+    @model_validator(mode="after")
+    def _check_logprobs(self) -> ChatCompletionRequest:
+        top = _logprobs_count(self.top_logprobs, "top_logprobs")
+        if top and not self.logprobs:
+            raise ValueError("when using `top_logprobs`, `logprobs` must be set to true.")
+        self.top_logprobs = top
+        return self
+
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 def timings_body(timings: PhaseTimings) -> dict[str, Any]:
@@ -202,6 +247,7 @@ class ChoiceResult:
     finish_reason: str | None
     stop_reason: str | int | None
     timings: PhaseTimings
+    logprobs: dict[str, Any] | None = None  # the OpenAI `logprobs` object, if asked for
 
 
 def usage_body(choices: list[ChoiceResult]) -> dict[str, Any]:
@@ -220,7 +266,7 @@ def response_body(request_id: str, model: str, chat: bool,
     out = []
     for c in sorted(choices, key=lambda c: c.index):
         choice: dict[str, Any] = {"index": c.index, "finish_reason": c.finish_reason,
-                                  "stop_reason": c.stop_reason, "logprobs": None}
+                                  "stop_reason": c.stop_reason, "logprobs": c.logprobs}
         if chat:
             choice["message"] = {"role": "assistant", "content": c.text}
         else:
@@ -248,8 +294,20 @@ class StreamEncoder:
         self._head = f'data: {head[:-1]}, "choices": [{{"index": '
         self._tail = ', "finish_reason": null, "logprobs": null}]}\n\n'
 
-    def text(self, index: int, text: str, first: bool) -> str:
-        """A chunk of a choice's text (with the assistant role on a chat choice's first)."""
+    def text(self, index: int, text: str, first: bool,
+             logprobs: dict[str, Any] | None = None) -> str:
+        """A chunk of a choice's text (with the assistant role on a chat choice's first) and,
+        if asked for, the logprobs of its tokens."""
+        if logprobs is not None:
+            body: dict[str, Any] = {"index": index, "finish_reason": None,
+                                    "logprobs": logprobs}
+            if self.chat:
+                body["delta"] = {"role": "assistant", "content": text} if first \
+                    else {"content": text}
+            else:
+                body["text"] = text
+            return sse({"id": self.request_id, "object": self.object,
+                        "created": self.created, "model": self.model, "choices": [body]})
         escaped = json.dumps(text)
         if not self.chat:
             return f'{self._head}{index}, "text": {escaped}{self._tail}'
@@ -257,10 +315,11 @@ class StreamEncoder:
         return f'{self._head}{index}, "delta": {{{role}"content": {escaped}}}{self._tail}'
 
     def last(self, choice: ChoiceResult, text: str, first: bool, usage: bool) -> str:
-        """A choice's final chunk: its last text, finish reason and timings (and usage, for
-        a one-choice response whose client did not ask for the separate usage chunk)."""
+        """A choice's final chunk: its last text (and its tokens' logprobs, in
+        `choice.logprobs`), finish reason and timings (and usage, for a one-choice response
+        whose client did not ask for the separate usage chunk)."""
         body: dict[str, Any] = {"index": choice.index, "finish_reason": choice.finish_reason,
-                                "stop_reason": choice.stop_reason, "logprobs": None}
+                                "stop_reason": choice.stop_reason, "logprobs": choice.logprobs}
         if self.chat:
             body["delta"] = {"role": "assistant", "content": text} if first \
                 else {"content": text}

@@ -20,6 +20,7 @@ from typing import Protocol, runtime_checkable
 
 from kv_transfer.params import TransferParams
 from runtime.cost import RequestCost
+from runtime.logprobs import TokenLogprobs
 from runtime.messages import (
     DecodeChunk,
     DecodeTimings,
@@ -38,6 +39,7 @@ class Completion:
     token_ids: tuple[int, ...]
     finish_reason: str | None
     timings: PhaseTimings
+    logprobs: tuple[TokenLogprobs, ...] = ()  # one per token id, if the request asked
 
 
 class PrefillClient(Protocol):
@@ -110,16 +112,18 @@ class DisaggPipeline:
             await self._end_prefetch(stream_handle, decode_target)
             raise
         ttft_ms = (time.perf_counter() - arrival) * 1e3
+        first_event = StreamEvent((first.first_token_id,), logprobs=(
+            (first.first_logprobs,) if first.first_logprobs is not None else ()))
         if first.finish_reason is not None:
             await self._end_prefetch(stream_handle, decode_target)
-            yield StreamEvent((first.first_token_id,))
+            yield first_event
             timings = self._timings(first, None, ttft_ms, arrival, 1, queue_ms, lane)
             yield StreamEvent((), first.finish_reason, timings, first.stop_reason)
             return
         num_tokens = 1
         decoding = False
         try:
-            yield StreamEvent((first.first_token_id,))
+            yield first_event
             async for chunk in self.decode.decode(request, first.first_token_id, first.transfer,
                                                   target=decode_target):
                 decoding = True
@@ -129,7 +133,7 @@ class DisaggPipeline:
                     phases = self._timings(first, chunk.timings, ttft_ms, arrival, num_tokens,
                                            queue_ms, lane)
                 yield StreamEvent(chunk.token_ids, chunk.finish_reason, phases,
-                                  chunk.stop_reason)
+                                  chunk.stop_reason, chunk.logprobs)
         finally:
             # A prefetch the decode did not claim (failed, or a local prefix-cache hit) is
             # dropped now rather than at its expiry; a claimed one is gone already (no-op).
@@ -197,15 +201,18 @@ class DisaggPipeline:
                     lane=lane, mode=mode, prefill_replica="", decode_replica=d.worker_id,
                     cost=d.cost,
                 )
-            yield StreamEvent(chunk.token_ids, chunk.finish_reason, timings, chunk.stop_reason)
+            yield StreamEvent(chunk.token_ids, chunk.finish_reason, timings, chunk.stop_reason,
+                              chunk.logprobs)
 
     async def generate(self, request: GenerateRequest) -> Completion:
         tokens: list[int] = []
+        logprobs: list[TokenLogprobs] = []
         async for event in self.stream(request):
             tokens.extend(event.token_ids)
+            logprobs.extend(event.logprobs)
             if event.timings is not None:
                 return Completion(request.request_id, tuple(tokens), event.finish_reason,
-                                  event.timings)
+                                  event.timings, tuple(logprobs))
         raise AssertionError("stream ended without timings")
 
     @staticmethod

@@ -24,6 +24,7 @@ from runtime.direct_calls import CallServer
 from runtime.engine_config import EngineConfig
 from runtime.engine_stats import LoadProbe
 from runtime.engines import stream_hosts
+from runtime.logprobs import TokenLogprobs
 from runtime.messages import DecodeChunk, UsageReport
 from runtime.requests import GenerateRequest
 from runtime.scheduler.types import ReplicaReport
@@ -162,21 +163,25 @@ class StreamedGeneration:
         """Yields only what the token stream at `sink` could not take, as TokenBatches
         (batched every stream_interval_ms when there is no sink), then the final chunk with
         every token. Closing it aborts the request in the engine."""
-        publisher = self._publisher(sink) if sink else None
+        # the token stream carries token ids only: a request's logprobs go over the call
+        with_logprobs = request.sampling.logprobs is not None
+        publisher = self._publisher(sink) if sink and not with_logprobs else None
         chunks = self.worker.decode(request, first_token_id, transfer)
         if publisher is None:
             chunks = coalesce(chunks, self._interval_s, DecodeChunk.merged,
                               lambda chunk: chunk.is_final)
         tokens: list[int] = []
+        logprobs: list[TokenLogprobs] = []
         async for chunk in chunks:
             start = len(tokens)
             tokens.extend(chunk.token_ids)
+            logprobs.extend(chunk.logprobs)
             if chunk.is_final:
-                yield replace(chunk, token_ids=tuple(tokens))
+                yield replace(chunk, token_ids=tuple(tokens), logprobs=tuple(logprobs))
                 return
             if publisher is None or not publisher.publish(request.request_id, start,
                                                           chunk.token_ids):
-                yield TokenBatch(start, chunk.token_ids)
+                yield TokenBatch(start, chunk.token_ids, chunk.logprobs)
 
     def _publisher(self, address: str) -> TokenPublisher:
         publisher = self._publishers.get(address)

@@ -40,10 +40,12 @@ class SamplingSpec:
         self, max_tokens: int | None = None, kv_transfer_params: dict[str, Any] | None = None,
         detokenize: bool = False, continuation: bool = False,
     ) -> SamplingParams:
-        """vLLM's parameters. The engine detokenizes only when it must apply stop strings (or
-        when asked): the ingress turns token ids into text once, for the whole output, so an
-        engine front-end spends no CPU on text nobody reads. `continuation`: the request
-        continues after a first token another engine made (one less to generate)."""
+        """vLLM's parameters. The engine detokenizes only when it must apply stop strings or
+        name the tokens of logprobs (or when asked): the ingress turns token ids into text
+        once, for the whole output, so an engine front-end spends no CPU on text nobody reads.
+        `continuation`: the request continues after a first token another engine made (one
+        less to generate)."""
+
         from vllm import SamplingParams
 
         extra_args = {"kv_transfer_params": kv_transfer_params} if kv_transfer_params else None
@@ -52,7 +54,8 @@ class SamplingSpec:
         # again (stop strings matched there: seen, "e" ending the output after 2 tokens). The
         # ingress applies them to the whole output and aborts the request at a match.
         stop = list(self.stop) if self.stop and not continuation else None
-        detokenize = detokenize or bool(stop)
+        # logprobs: the engine names each token the way vLLM's server shows it
+        detokenize = detokenize or bool(stop) or self.logprobs is not None
         limit = self.max_tokens if max_tokens is None else max_tokens
         return SamplingParams(
             max_tokens=limit,

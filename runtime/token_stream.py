@@ -35,6 +35,8 @@ from typing import Any
 
 import msgpack
 
+from runtime.logprobs import TokenLogprobs
+
 logger = logging.getLogger(__name__)
 
 VERSION = 1
@@ -51,6 +53,7 @@ class TokenBatch:
 
     start: int
     token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprobs, ...] = ()  # one per token id, if the request asked
 
 
 def encode_frame(payload: Any) -> bytes:
@@ -82,15 +85,17 @@ class TokenInbox:
     """One request's tokens, reassembled in order from the stream and the Serve call."""
 
     def __init__(self) -> None:
-        self._parts: dict[int, tuple[int, ...]] = {}
+        # start -> (token ids, their logprobs: () when the request asked for none)
+        self._parts: dict[int, tuple[tuple[int, ...], tuple[TokenLogprobs, ...]]] = {}
         self._next = 0
         self._ready = asyncio.Event()
         self._final: Any = None  # the final chunk (its token_ids: every token)
         self._error: BaseException | None = None
 
-    def put(self, start: int, token_ids: tuple[int, ...]) -> None:
+    def put(self, start: int, token_ids: tuple[int, ...],
+            logprobs: tuple[TokenLogprobs, ...] = ()) -> None:
         if start + len(token_ids) > self._next:
-            self._parts[start] = token_ids
+            self._parts[start] = (token_ids, logprobs)
             self._ready.set()
 
     def finish(self, final: Any) -> None:
@@ -101,25 +106,29 @@ class TokenInbox:
         self._error = error
         self._ready.set()
 
-    async def take(self) -> tuple[tuple[int, ...], Any]:
-        """(the next tokens in order, the final chunk once every token is out, else None)."""
+    async def take(self) -> tuple[tuple[int, ...], tuple[TokenLogprobs, ...], Any]:
+        """(the next tokens in order, their logprobs if any, the final chunk once every
+        token is out, else None)."""
         while True:
             if self._final is not None:
                 rest = tuple(self._final.token_ids[self._next:])
+                rest_logprobs = tuple(self._final.logprobs[self._next:])
                 self._next += len(rest)
-                return rest, self._final
+                return rest, rest_logprobs, self._final
             if self._error is not None:
                 raise self._error
             out: list[int] = []
+            out_logprobs: list[TokenLogprobs] = []
             while self._parts:
                 start = min(self._parts)
                 if start > self._next:
                     break
-                ids = self._parts.pop(start)
+                ids, logprobs = self._parts.pop(start)
                 out.extend(ids[self._next - start:])
+                out_logprobs.extend(logprobs[self._next - start:])
                 self._next = max(self._next, start + len(ids))
             if out:
-                return tuple(out), None
+                return tuple(out), tuple(out_logprobs), None
             self._ready.clear()
             await self._ready.wait()
 
@@ -242,13 +251,13 @@ class TokenPublisher:
 
 async def merged(inbox: TokenInbox, calls: AsyncIterator[Any]) -> AsyncIterator[Any]:
     """Feed a Serve call's items (TokenBatch, then the final chunk) into the inbox and yield
-    (tokens, final) pairs in order until the final one; closing this closes the call."""
+    (tokens, logprobs, final) in order until the final one; closing this closes the call."""
 
     async def pump() -> None:
         try:
             async for item in calls:
                 if isinstance(item, TokenBatch):
-                    inbox.put(item.start, item.token_ids)
+                    inbox.put(item.start, item.token_ids, item.logprobs)
                 else:
                     inbox.finish(item)
         except Exception as err:  # noqa: BLE001 - raised to the consumer by the inbox
@@ -259,8 +268,8 @@ async def merged(inbox: TokenInbox, calls: AsyncIterator[Any]) -> AsyncIterator[
     task = asyncio.ensure_future(pump())
     try:
         while True:
-            tokens, final = await inbox.take()
-            yield tokens, final
+            tokens, logprobs, final = await inbox.take()
+            yield tokens, logprobs, final
             if final is not None:
                 return
     finally:

@@ -20,11 +20,37 @@ def test_clients_that_send_every_field_are_accepted():
 
 
 def test_unsupported_parameters_are_named():
-    body = CompletionRequest.model_validate({"model": "m", "prompt": "hi", "logprobs": 3,
+    body = CompletionRequest.model_validate({"model": "m", "prompt": "hi", "prompt_logprobs": 3,
                                              "response_format": {"type": "json_object"},
                                              "echo": True})
-    with pytest.raises(APIError, match="logprobs, response_format"):
+    with pytest.raises(APIError, match="prompt_logprobs, response_format"):
         body.refuse_unsupported()
+
+
+def test_logprobs_are_asked_for_as_vllms_server_takes_them():
+    def spec(cls, **fields):
+        return cls.model_validate({"prompt": "hi", "messages": [{"role": "user",
+                                                                 "content": "hi"}], **fields}
+                                  ).sampling(16).logprobs
+
+    assert spec(CompletionRequest) is None and spec(CompletionRequest, logprobs=0) == 0
+    assert spec(CompletionRequest, logprobs=5) == 5
+    assert spec(ChatCompletionRequest) is None
+    assert spec(ChatCompletionRequest, logprobs=True) == 0
+    assert spec(ChatCompletionRequest, logprobs=True, top_logprobs=3) == 3
+    assert spec(ChatCompletionRequest, logprobs=False, top_logprobs=0) is None
+    # more than the engine's max_logprobs (20), or -1 (the whole vocabulary): refused
+    for cls, fields in ((CompletionRequest, {"logprobs": 21}),
+                        (CompletionRequest, {"logprobs": -1}),
+                        (ChatCompletionRequest, {"logprobs": True, "top_logprobs": 21})):
+        with pytest.raises(APIError, match="greater than max allowed: 20"):
+            spec(cls, **fields)
+    # malformed: refused by the schema, as vLLM's validators refuse them
+    for cls, fields in ((CompletionRequest, {"logprobs": -2}),
+                        (ChatCompletionRequest, {"logprobs": True, "top_logprobs": -3}),
+                        (ChatCompletionRequest, {"top_logprobs": 2})):
+        with pytest.raises(ValueError, match="logprobs"):
+            spec(cls, **fields)
 
 
 def test_chat_content_may_be_text_parts():

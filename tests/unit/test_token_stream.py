@@ -34,7 +34,7 @@ async def _connected(sink: TokenSink, token: str = TOKEN) -> TokenPublisher:
 async def _take_all(inbox: TokenInbox, n: int) -> list[int]:
     got: list[int] = []
     while len(got) < n:
-        tokens, _ = await asyncio.wait_for(inbox.take(), 2.0)
+        tokens, _, _ = await asyncio.wait_for(inbox.take(), 2.0)
         got.extend(tokens)
     return got
 
@@ -72,12 +72,12 @@ def test_inbox_orders_out_of_order_parts_and_fills_gaps_from_the_final_chunk():
         inbox = TokenInbox()
         inbox.put(2, (30, 40))  # arrived before the part it follows
         inbox.put(0, (10, 20))
-        assert await inbox.take() == ((10, 20, 30, 40), None)
+        assert await inbox.take() == ((10, 20, 30, 40), (), None)
         inbox.put(2, (30, 40))  # a duplicate: nothing new
         inbox.put(6, (70,))  # a gap at 4..5 (lost with a broken connection)
         final = DecodeChunk((10, 20, 30, 40, 50, 60, 70, 80), "length")
         inbox.finish(final)
-        tokens, end = await inbox.take()
+        tokens, _, end = await inbox.take()
         assert tokens == (50, 60, 70, 80) and end is final
 
     asyncio.run(run())
@@ -90,9 +90,29 @@ def test_merged_takes_tokens_from_the_serve_call_when_the_stream_is_down():
         yield DecodeChunk((1, 2, 3, 4), "stop")
 
     async def run():
-        out = [pair async for pair in merged(TokenInbox(), call())]
-        assert [t for tokens, _ in out for t in tokens] == [1, 2, 3, 4]
-        assert out[-1][1].finish_reason == "stop"
+        out = [item async for item in merged(TokenInbox(), call())]
+        assert [t for tokens, _, _ in out for t in tokens] == [1, 2, 3, 4]
+        assert out[-1][2].finish_reason == "stop"
+
+    asyncio.run(run())
+
+
+def test_merged_keeps_each_tokens_logprobs_in_order():
+    def lp(token_id):
+        return ((token_id, -0.5, chr(token_id)), (token_id + 1, -1.5, None))
+
+    async def call():
+        yield TokenBatch(1, (66, 67), (lp(66), lp(67)))  # before the part it follows
+        yield TokenBatch(0, (65,), (lp(65),))
+        # the final chunk carries every token's: only the ones not yet taken come from it
+        yield DecodeChunk((65, 66, 67, 68), "length", logprobs=tuple(map(lp, (65, 66, 67, 68))))
+
+    async def run():
+        out = [item async for item in merged(TokenInbox(), call())]
+        tokens = [t for ids, _, _ in out for t in ids]
+        logprobs = [e for _, entries, _ in out for e in entries]
+        assert tokens == [65, 66, 67, 68]
+        assert logprobs == [lp(t) for t in tokens]
 
     asyncio.run(run())
 
@@ -106,7 +126,7 @@ def test_merged_raises_the_calls_error_and_a_call_without_an_end():
         yield TokenBatch(0, (1,))
 
     async def run(source):
-        return [pair async for pair in merged(TokenInbox(), source)]
+        return [item async for item in merged(TokenInbox(), source)]
 
     with pytest.raises(RuntimeError, match="replica died"):
         asyncio.run(run(failing()))

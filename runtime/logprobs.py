@@ -1,0 +1,118 @@
+"""Log-probabilities of generated tokens: taken from vLLM's outputs on the replicas, carried
+to the ingress with the token ids, written in the OpenAI shapes there (no vLLM import).
+
+One generated token's entry is a tuple of (token id, logprob, token text) rows in vLLM's
+order: the sampled token first, then the top tokens by rank (a token in both appears once,
+as in vLLM's dict). The text is the engine's own (`Logprob.decoded_token`: the replica asks
+its engine to detokenize when logprobs are requested), so it is the string vLLM's server
+would show; None where the engine gave none (the ingress then decodes the id alone, as
+vLLM's server does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+Row = tuple[int, float, str | None]
+TokenLogprobs = tuple[Row, ...]
+
+MAX_LOGPROBS = 20  # vLLM's default max_logprobs: more is refused, as vLLM refuses it
+_FLOOR = -9999.0  # OpenAI's stand-in for -inf (JSON has no infinity), as vLLM writes it
+
+
+def from_vllm(logprobs: Sequence[Any] | None, start: int, end: int) -> tuple[TokenLogprobs, ...]:
+    """Entries start..end of a vLLM CompletionOutput's `logprobs` (one dict of token id ->
+    Logprob per generated token); () when the request asked for none."""
+    if not logprobs:
+        return ()
+    out = []
+    for position in range(start, end):
+        step = logprobs[position]
+        out.append(tuple((int(token_id), float(lp.logprob), lp.decoded_token)
+                         for token_id, lp in step.items()))
+    return tuple(out)
+
+
+def _text(row: Row, decode: Callable[[int], str]) -> str:
+    return row[2] if row[2] is not None else decode(row[0])
+
+
+def _logprob(row: Row) -> float:
+    return max(row[1], _FLOOR)
+
+
+def completion_body(entries: Sequence[TokenLogprobs], token_ids: Sequence[int], top: int,
+                    decode: Callable[[int], str], text_offset: int = 0) -> dict[str, Any]:
+    """The `logprobs` of a /v1/completions choice (or of one streamed chunk, whose offsets
+    start where the choice's text so far ends): tokens, their logprobs, the top `top` + 1
+    alternatives of each (the sampled one and the top `top`, as vLLM and OpenAI give), and
+    each token's offset in the text."""
+    tokens: list[str] = []
+    token_logprobs: list[float | None] = []
+    top_logprobs: list[dict[str, float] | None] = []
+    offsets: list[int] = []
+    offset = text_offset
+    for token_id, rows in zip(token_ids, entries, strict=True):
+        sampled = next((r for r in rows if r[0] == token_id), None)
+        token = _text(sampled, decode) if sampled is not None else decode(token_id)
+        tokens.append(token)
+        token_logprobs.append(_logprob(sampled) if sampled is not None else None)
+        top_logprobs.append({_text(r, decode): _logprob(r) for r in rows[:top + 1]}
+                            if sampled is not None else None)
+        offsets.append(offset)
+        offset += len(token)
+    return {"text_offset": offsets, "token_logprobs": token_logprobs, "tokens": tokens,
+            "top_logprobs": top_logprobs}
+
+
+def chat_body(entries: Sequence[TokenLogprobs], token_ids: Sequence[int], top: int,
+              decode: Callable[[int], str]) -> dict[str, Any]:
+    """The `logprobs` of a /v1/chat/completions choice (or of one streamed chunk): per
+    token its text, logprob, UTF-8 bytes and the top `top` alternatives."""
+    content = []
+    for token_id, rows in zip(token_ids, entries, strict=True):
+        sampled = next((r for r in rows if r[0] == token_id), None)
+        if sampled is None:
+            token = decode(token_id)
+            content.append({"token": token, "logprob": _FLOOR,
+                            "bytes": list(token.encode("utf-8", errors="replace")),
+                            "top_logprobs": []})
+            continue
+        token = _text(sampled, decode)
+        content.append({
+            "token": token, "logprob": _logprob(sampled),
+            "bytes": None if sampled[2] is None
+            else list(sampled[2].encode("utf-8", errors="replace")),
+            "top_logprobs": [{"token": (text := _text(r, decode)), "logprob": _logprob(r),
+                              "bytes": list(text.encode("utf-8", errors="replace"))}
+                             for r in rows[:top]],
+        })
+    return {"content": content}
+
+
+class LogprobsWriter:
+    """The `logprobs` objects of one response's choices, from their text events: `add` each
+    event of a choice, `take` what was added since the last take (a streamed chunk's, or the
+    whole choice's)."""
+
+    def __init__(self, chat: bool, top: int, decode: Callable[[int], str]) -> None:
+        self.chat, self.top, self._decode = chat, top, decode
+        self._pending: dict[int, tuple[list[int], list[TokenLogprobs]]] = {}
+        self._offsets: dict[int, int] = {}  # completions: where the choice's text has got to
+
+    def add(self, index: int, event: Any) -> None:
+        ids, entries = self._pending.setdefault(index, ([], []))
+        ids.extend(event.token_ids)
+        entries.extend(event.logprobs)
+        entries.extend(() for _ in range(len(ids) - len(entries)))  # none came: decoded here
+
+    def take(self, index: int) -> dict[str, Any]:
+        ids, entries = self._pending.pop(index, ([], []))
+        if self.chat:
+            return chat_body(entries, ids, self.top, self._decode)
+        body = completion_body(entries, ids, self.top, self._decode,
+                               self._offsets.get(index, 0))
+        if body["tokens"]:
+            self._offsets[index] = body["text_offset"][-1] + len(body["tokens"][-1])
+        return body

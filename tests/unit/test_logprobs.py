@@ -1,0 +1,66 @@
+"""Logprobs: what the replicas take from vLLM's outputs and how the ingress writes them."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from runtime.logprobs import LogprobsWriter, chat_body, completion_body, from_vllm
+from runtime.messages import TextEvent
+
+
+@dataclass
+class _Logprob:  # the fields of vllm.logprobs.Logprob that are read
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+def _decode(token_id: int) -> str:
+    return f"<{token_id}>"
+
+
+def test_from_vllm_keeps_vllms_order_and_the_engines_token_text():
+    step0 = {7: _Logprob(-0.1, 1, "a"), 9: _Logprob(-2.5, 2, "b")}
+    step1 = {3: _Logprob(-3.0, 4, None), 5: _Logprob(-0.2, 1, "c"), 9: _Logprob(-4.0, 2, "b")}
+    assert from_vllm([step0, step1], 1, 2) == (((3, -3.0, None), (5, -0.2, "c"), (9, -4.0, "b")),)
+    assert from_vllm([step0, step1], 0, 2)[0] == ((7, -0.1, "a"), (9, -2.5, "b"))
+    assert from_vllm(None, 0, 2) == ()
+
+
+def test_completion_logprobs_give_top_plus_one_alternatives_and_text_offsets():
+    entries = [((7, -0.1, "ab"), (8, -2.0, "x"), (9, -3.0, "y")),
+               ((8, -float("inf"), "c"), (7, -0.5, "ab"), (9, -1.0, "y"))]
+    body = completion_body(entries, [7, 8], top=1, decode=_decode, text_offset=5)
+    assert body["tokens"] == ["ab", "c"]
+    assert body["token_logprobs"] == [-0.1, -9999.0]  # -inf as OpenAI writes it
+    assert body["text_offset"] == [5, 7]
+    # the sampled token and the top one: top + 1 entries, as vLLM's server gives
+    assert body["top_logprobs"] == [{"ab": -0.1, "x": -2.0}, {"c": -9999.0, "ab": -0.5}]
+
+
+def test_chat_logprobs_give_top_alternatives_with_bytes():
+    entries = [((7, -0.1, "é"), (8, -2.0, "x"), (9, -3.0, None))]
+    body = chat_body(entries, [7], top=2, decode=_decode)
+    (content,) = body["content"]
+    assert content["token"] == "é" and math.isclose(content["logprob"], -0.1)
+    assert content["bytes"] == list("é".encode())
+    assert [t["token"] for t in content["top_logprobs"]] == ["é", "x"]
+    assert chat_body(entries, [7], top=0, decode=_decode)["content"][0]["top_logprobs"] == []
+    # an entry without the engine's text is decoded here
+    assert chat_body([((9, -3.0, None),)], [9], 1, _decode)["content"][0]["token"] == "<9>"
+
+
+def test_writer_takes_per_chunk_and_continues_the_offsets():
+    writer = LogprobsWriter(chat=False, top=0, decode=_decode)
+    writer.add(0, TextEvent("ab", (7,), logprobs=(((7, -0.1, "ab"),),)))
+    first = writer.take(0)
+    writer.add(0, TextEvent("c", (8,), logprobs=(((8, -0.3, "c"),),)))
+    writer.add(1, TextEvent("zz", (5,), logprobs=(((5, -0.7, "zz"),),)))
+    second = writer.take(0)
+    assert first["text_offset"] == [0] and second["text_offset"] == [2]
+    assert second["tokens"] == ["c"] and writer.take(1)["tokens"] == ["zz"]
+    assert writer.take(0)["tokens"] == []  # nothing new
+    # a token whose entry never came is still listed, decoded here, with no logprob
+    writer.add(2, TextEvent("q", (4,)))
+    assert writer.take(2)["token_logprobs"] == [None]
