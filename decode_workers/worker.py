@@ -32,6 +32,7 @@ from kv_transfer.params import (
 from runtime.cost_tracker import CostTracker
 from runtime.engine_config import TransferFailurePolicy
 from runtime.logprobs import from_vllm as logprobs_from_vllm
+from runtime.logprobs import mend_continuation
 from runtime.messages import DecodeChunk, DecodeTimings, KVTransferFailed
 from runtime.requests import GenerateRequest
 from runtime.seeded import (
@@ -109,6 +110,8 @@ class DecodeWorker:
         params = request.sampling.to_vllm(max_tokens=max_tokens, kv_transfer_params=kv_params,
                                           continuation=first_token_id is not None
                                           and not resample)
+        # what another engine sampled before this one continued (named tokens need it)
+        continued = [first_token_id] if first_token_id is not None and not resample else []
         start = time.perf_counter()
         first_token_at = None
         num_sent = 1 if resample else 0  # the resampled first token was sent already
@@ -128,6 +131,9 @@ class DecodeWorker:
                 new_tokens = tuple(completion.token_ids[num_sent:])
                 new_logprobs = logprobs_from_vllm(completion.logprobs, num_sent,
                                                   len(completion.token_ids))
+                if continued and new_logprobs:
+                    new_logprobs = mend_continuation(new_logprobs, num_sent, continued,
+                                                     completion.token_ids, self._decode_ids)
                 num_sent = len(completion.token_ids)
                 if completion.token_ids and first_token_at is None:
                     first_token_at = time.perf_counter()
@@ -192,6 +198,9 @@ class DecodeWorker:
     async def kv_stats(self) -> WorkerStats:
         (stats,) = await self.engine.collective_rpc("disagg_kv_stats")
         return WorkerStats.from_wire(stats)
+
+    def _decode_ids(self, token_ids: list[int]) -> str:
+        return self.engine.get_tokenizer().decode(token_ids)
 
     def shutdown(self) -> None:
         self.engine.shutdown()

@@ -11,6 +11,7 @@ vLLM's server does).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -32,6 +33,54 @@ def from_vllm(logprobs: Sequence[Any] | None, start: int, end: int) -> tuple[Tok
         out.append(tuple((int(token_id), float(lp.logprob), lp.decoded_token)
                          for token_id, lp in step.items()))
     return tuple(out)
+
+
+_REPLACEMENT = "\ufffd"
+_CONTEXT = 4  # tokens of context: enough for any UTF-8 sequence, as vLLM takes
+
+
+def mend_continuation(entries: Sequence[TokenLogprobs], start: int, earlier: Sequence[int],
+                      sampled: Sequence[int], decode: Callable[[list[int]], str],
+                      ) -> tuple[TokenLogprobs, ...]:
+    """Token texts as one engine would have named them, for the first entries of a request
+    that an engine continued after `earlier` tokens another engine sampled (the first token,
+    made by the prefill).
+
+    vLLM names a byte-fallback token (one that decodes alone to U+FFFD, part of a split
+    UTF-8 character) from the request's last sampled tokens; the continuing engine never
+    saw `earlier`, so it named such a token "" where one engine names the whole character.
+    Here the rule is applied again with `earlier` in the context (vLLM's
+    LogprobsProcessor._correct_decoded_token). The entries are the continuing engine's
+    from its `start`th sampled token on; `sampled`: all it sampled so far.
+    """
+    out = list(entries)
+    for index in range(max(0, min(len(entries), _CONTEXT - start))):
+        context = [*earlier, *sampled[:start + index]][-_CONTEXT:]
+        if all(row[2] != "" for row in entries[index]):
+            continue
+        out[index] = tuple(
+            (token_id, logprob, _mend(token_id, context, decode)
+             if text == "" and decode([token_id]).endswith(_REPLACEMENT) else text)
+            for token_id, logprob, text in entries[index])
+    return tuple(out)
+
+
+def _mend(token_id: int, context: list[int], decode: Callable[[list[int]], str]) -> str:
+    for num in range(1, len(context) + 1):
+        tail = context[-num:]
+        full = decode([*tail, token_id])
+        if full.endswith(_REPLACEMENT):
+            continue
+        # the context's own byte-fallback tokens were named "": their text is this one's
+        clean_end = len(tail)
+        for j in range(len(tail) - 1, -1, -1):
+            if not decode([tail[j]]).endswith(_REPLACEMENT):
+                break
+            clean_end = j
+        prefix = decode(tail[:clean_end]) if clean_end else ""
+        # (a tokenizer's normalization can change the prefix: cut what the two share)
+        return full[len(os.path.commonprefix([prefix, full])):]
+    return ""
 
 
 def _text(row: Row, decode: Callable[[int], str]) -> str:

@@ -7,7 +7,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from runtime.cost import RequestCost
 from runtime.logprobs import MAX_LOGPROBS
@@ -146,9 +146,10 @@ class _SamplingFields(BaseModel):
 
 
 def _logprobs_count(value: int | None, name: str) -> int | None:
-    """vLLM's rule for a logprobs count: a number >= 0, or -1 (the whole vocabulary)."""
+    """vLLM's rule for a logprobs count: a number >= 0, or -1 (the whole vocabulary).
+    Refused as vLLM's server refuses it: a 400 BadRequestError, not a schema error."""
     if value is not None and value < 0 and value != -1:
-        raise ValueError(f"`{name}` must be a positive value or -1.")
+        raise APIError(400, f"`{name}` must be a positive value or -1.", param=name)
     return None if value is None else (_VOCABULARY if value == -1 else value)
 
 
@@ -160,13 +161,8 @@ class CompletionRequest(_SamplingFields):
     echo: bool = False
     logprobs: int | None = None
 
-    @field_validator("logprobs")
-    @classmethod
-    def _check_logprobs(cls, value: int | None) -> int | None:
-        return _logprobs_count(value, "logprobs")
-
     def num_logprobs(self) -> int | None:
-        return self.logprobs
+        return _logprobs_count(self.logprobs, "logprobs")
 
     @property
     def prompts(self) -> list[str] | list[list[int]]:
@@ -219,16 +215,12 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool | None = False
     top_logprobs: int | None = 0
 
-    @model_validator(mode="after")
-    def _check_logprobs(self) -> ChatCompletionRequest:
+    def num_logprobs(self) -> int | None:
         top = _logprobs_count(self.top_logprobs, "top_logprobs")
         if top and not self.logprobs:
-            raise ValueError("when using `top_logprobs`, `logprobs` must be set to true.")
-        self.top_logprobs = top
-        return self
-
-    def num_logprobs(self) -> int | None:
-        return (self.top_logprobs or 0) if self.logprobs else None
+            raise APIError(400, "when using `top_logprobs`, `logprobs` must be set to true.",
+                           param="top_logprobs")
+        return (top or 0) if self.logprobs else None
 
 
 def timings_body(timings: PhaseTimings) -> dict[str, Any]:

@@ -5,7 +5,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from runtime.logprobs import LogprobsWriter, chat_body, completion_body, from_vllm
+from runtime.logprobs import (
+    LogprobsWriter,
+    chat_body,
+    completion_body,
+    from_vllm,
+    mend_continuation,
+)
 from runtime.messages import TextEvent
 
 
@@ -64,3 +70,22 @@ def test_writer_takes_per_chunk_and_continues_the_offsets():
     # a token whose entry never came is still listed, decoded here, with no logprob
     writer.add(2, TextEvent("q", (4,)))
     assert writer.take(2)["token_logprobs"] == [None]
+
+
+_BYTES = {1: b"\xd0", 2: b"\xb8", 3: b"a", 4: b" b"}  # 1 then 2: "\u0438", a split character
+
+
+def _byte_decode(token_ids: list[int]) -> str:
+    return b"".join(_BYTES[t] for t in token_ids).decode("utf-8", errors="replace")
+
+
+def test_a_continuation_names_a_split_character_as_one_engine_would():
+    # the decode engine continued after the prefill's token 1 (its first byte): alone it
+    # named token 2 "" (no context); with the prefill's token in context it is the character
+    entries = (((2, -0.1, ""), (3, -2.0, "a")), ((4, -0.3, " b"),))
+    mended = mend_continuation(entries, 0, [1], [2, 4], _byte_decode)
+    assert mended == (((2, -0.1, "\u0438"), (3, -2.0, "a")), ((4, -0.3, " b"),))
+    # nothing before it to complete: a genuinely incomplete byte stays ""
+    assert mend_continuation(entries, 0, [3], [2, 4], _byte_decode) == entries
+    # past the first tokens the continuing engine had the context itself
+    assert mend_continuation(entries, 4, [1], [3, 3, 3, 3, 2, 4], _byte_decode) == entries
