@@ -33,7 +33,7 @@ from runtime.cost_tracker import CostTracker
 from runtime.engine_config import TransferFailurePolicy
 from runtime.logprobs import from_vllm as logprobs_from_vllm
 from runtime.logprobs import mend_continuation
-from runtime.messages import DecodeChunk, DecodeTimings, KVTransferFailed
+from runtime.messages import DecodeChunk, DecodeTimings, InvalidRequest, KVTransferFailed
 from runtime.requests import GenerateRequest
 from runtime.seeded import (
     UnseededRun,
@@ -107,9 +107,13 @@ class DecodeWorker:
             max_tokens -= 1
         assert max_tokens >= 1, "nothing left to decode"
         kv_params = consumer_request_params(transfer) if transfer is not None else None
-        params = request.sampling.to_vllm(max_tokens=max_tokens, kv_transfer_params=kv_params,
-                                          continuation=first_token_id is not None
-                                          and not resample)
+        try:
+            params = request.sampling.to_vllm(max_tokens=max_tokens,
+                                              kv_transfer_params=kv_params,
+                                              continuation=first_token_id is not None
+                                              and not resample)
+        except ValueError as err:  # e.g. vLLM's StructuredOutputsParams refusing its fields
+            raise InvalidRequest(str(err)) from err
         # what another engine sampled before this one continued (named tokens need it)
         continued = [first_token_id] if first_token_id is not None and not resample else []
         start = time.perf_counter()
@@ -179,6 +183,11 @@ class DecodeWorker:
                         cost=warm.cost + self.costs.end(request.request_id),
                     ),
                 )
+        except ValueError as err:
+            if first_token_at is not None or isinstance(err, InvalidRequest):
+                raise
+            # refused as it was added (vLLM's own checks of its parameters): the client's
+            raise InvalidRequest(str(err)) from err
         finally:
             self.costs.end(request.request_id)  # a failed or abandoned one: dropped
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 from runtime.clients import ReplicaFailed
 from runtime.detokenizer import IncrementalDetokenizer
-from runtime.messages import KVTransferFailed, PreparedRequest, TextEvent
+from runtime.messages import InvalidRequest, KVTransferFailed, PreparedRequest, TextEvent
 from runtime.metrics import Metrics
 from runtime.openai_api import APIError
 from runtime.pipeline import Lane, PhaseTimings, StreamEvent
@@ -95,6 +95,8 @@ class Execution:
                                    code="replica_failed", retry_after_s=1.0) from err
                 self.metrics.retries.inc()
                 attempt = self.router.redecide(prepared, retry + 1)
+            except InvalidRequest as err:  # the engine refused the request's parameters
+                raise APIError(400, str(err)) from err
             except KVTransferFailed as err:  # the replicas are alive: the prompt runs again
                 log.warning("request %s: KV transfer failed (try %d): %s",
                             prepared.request.request_id, retry + 1, _first_line(err))
@@ -108,6 +110,8 @@ class Execution:
     def _events(self, prepared: PreparedRequest) -> AsyncIterator[StreamEvent]:
         router, decision, request = self.router, prepared.decision, prepared.request
         lane: Lane = decision.lane if decision else prepared.lane
+        if decision is None and request.sampling.structured is not None:  # one engine
+            return router.pipeline.stream_local(request, prepared.arrival_s, lane, "")
         if decision is None:
             return router.pipeline.stream(request, prepared.arrival_s, lane)
         if decision.mode == "local":

@@ -37,6 +37,12 @@ class PrefillResult:
     first_logprobs: TokenLogprobs | None = None  # the first token's, if the request asked
 
 
+class InvalidRequest(ValueError):
+    """The engine refused the request's parameters (vLLM's own validation when the request
+    is added, e.g. a JSON schema its grammar backend cannot compile): the client's error, a
+    400, not the replica's."""
+
+
 class KVTransferFailed(RuntimeError):
     """The prompt's KV blocks could not be loaded and the policy is to fail."""
 

@@ -53,11 +53,46 @@ MAX_N = 16  # sequences per prompt
 # Parameters vLLM's server takes that this one does not (yet): refused by name rather than
 # silently ignored, since the output would not be what the client asked for. Other unknown
 # fields are ignored, as vLLM's server ignores them.
-NOT_SUPPORTED = ("prompt_logprobs", "response_format",
-                 "structured_outputs", "logit_bias", "suffix", "use_beam_search",
+NOT_SUPPORTED = ("prompt_logprobs", "structured_outputs", "logit_bias", "suffix", "use_beam_search",
                  "allowed_token_ids", "bad_words", "tools", "tool_choice", "functions",
                  "prompt_embeds", "return_tokens_as_token_ids", "logprob_token_ids")
 REFUSED = ("kv_transfer_params",)  # ours to set, never a client's
+
+
+class JsonSchemaFormat(BaseModel):
+    """`response_format.json_schema`, as OpenAI and vLLM take it."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    name: str
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def structured(self) -> str | None:
+        """vLLM's StructuredOutputsParams fields for it, as JSON (None: plain text), as
+        vLLM's server maps a response_format."""
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return json.dumps({"json_object": True})
+        if self.type == "structural_tag":
+            raise APIError(400, "unsupported parameter(s): response_format (structural_tag)",
+                           param="response_format", code="unsupported_parameter")
+        if self.json_schema is None:
+            raise APIError(400, "When response_format type is 'json_schema', the "
+                           "'json_schema' field must be provided.", param="response_format")
+        if self.json_schema.json_schema is None:
+            raise APIError(400, "response_format.json_schema.schema must be given",
+                           param="response_format")
+        return json.dumps({"json": self.json_schema.json_schema})
 
 
 class _SamplingFields(BaseModel):
@@ -82,6 +117,8 @@ class _SamplingFields(BaseModel):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     min_tokens: int = Field(0, ge=0, le=_INT32_MAX)
+    # structured output: the engine constrains the tokens (one engine runs the request)
+    response_format: ResponseFormat | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
 
@@ -133,7 +170,9 @@ class _SamplingFields(BaseModel):
                             include_stop_str_in_output=self.include_stop_str_in_output,
                             min_tokens=self.min_tokens,
                             skip_special_tokens=self.skip_special_tokens,
-                            logprobs=num_logprobs)
+                            logprobs=num_logprobs,
+                            structured=self.response_format.structured()
+                            if self.response_format else None)
 
     def refuse_unsupported(self) -> None:
         # null, false or 0 means "not asked for" (some clients send every field)

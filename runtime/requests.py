@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,10 @@ class SamplingSpec:
     skip_special_tokens: bool = True
     logprobs: int | None = None  # top log-probabilities per generated token (0: the token's)
     prompt_logprobs: int | None = None  # the same for the prompt's tokens (echo + logprobs)
+    # structured output: vLLM's StructuredOutputsParams fields as JSON (e.g. '{"json": {..}}'
+    # or '{"json_object": true}'); such a request runs on one engine (a grammar's state
+    # cannot move with the KV cache), see runtime/scheduler/policy.py
+    structured: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -47,7 +52,12 @@ class SamplingSpec:
         less to generate)."""
 
         from vllm import SamplingParams
+        from vllm.sampling_params import StructuredOutputsParams
 
+        if continuation and self.structured is not None:
+            raise ValueError("a structured-output request cannot continue on another engine")
+        structured = None if self.structured is None \
+            else StructuredOutputsParams(**json.loads(self.structured))
         extra_args = {"kv_transfer_params": kv_transfer_params} if kv_transfer_params else None
         # A continuation's engine does not apply stop strings: its prompt ends with the first
         # token, which can end mid-character, and vLLM's detokenizer then emitted prompt text
@@ -76,6 +86,7 @@ class SamplingSpec:
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             detokenize=detokenize,
+            structured_outputs=structured,
             extra_args=extra_args,
         )
 

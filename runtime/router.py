@@ -157,7 +157,8 @@ class Router:
             return None
         request = prepared.request
         decision = self.live.decide(request.request_id, len(request.prompt_token_ids),
-                                    request.sampling.max_tokens)
+                                    request.sampling.max_tokens,
+                                    one_engine=request.sampling.structured is not None)
         if isinstance(decision, Rejection) and decision.unavailable:
             raise APIError(503, f"no replica can serve requests now ({decision.reason}); "
                            "retry shortly", code="unavailable",

@@ -92,9 +92,10 @@ class LiveScheduler:
                                           report.block_size, report.num_active_seqs,
                                           report.max_num_seqs, now, report.healthy))
 
-    def decide(self, request_id: str, prompt_len: int, max_tokens: int) -> Decision | Rejection:
+    def decide(self, request_id: str, prompt_len: int, max_tokens: int,
+               one_engine: bool = False) -> Decision | Rejection:
         assert self.ready, "decide before any replica reported"
-        info = RequestInfo(request_id, prompt_len, max_tokens, time.monotonic())
+        info = RequestInfo(request_id, prompt_len, max_tokens, time.monotonic(), one_engine)
         decision = self.policy.decide(info, time.monotonic())
         if isinstance(decision, Decision):
             self.decisions[(decision.lane, decision.mode)] += 1

@@ -30,7 +30,10 @@ Rules, in order (each decision's `reason` says which applied):
      prefill pool would finish it, transfer not counted: the prefill pool is busy), since its
      prefill slows that replica's decodes all along. Otherwise disaggregated.
   6. Colocated serving (`disaggregation` off): every request is local, on the engine with
-     the earliest predicted first token.
+     the earliest predicted first token. A request that must run on one engine (structured
+     output: the grammar's state cannot move with the KV cache) is served whole by a prefill
+     replica (`prefill_local`) when one has room and is the earlier, or the prompt is long
+     (it would slow a decode replica's decodes all along); else as under colocated serving.
   7. Overload: a decode replica holds at most max_num_seqs + `max_queued_per_replica`
      requests; when every live one is full the request is refused (429, Retry-After 1 s).
      Admission (off unless `admission_ttft_ms` is set): a request whose predicted TTFT exceeds
@@ -124,6 +127,8 @@ class GlobalScheduler:
                              f"{self.config.max_queued_per_replica} requests", 1.0)
         if not self.config.disaggregation:
             return self._colocated(request, lane, d_open, now_s)
+        if request.one_engine:
+            return self._one_engine(request, lane, d_open, p_live, now_s)
         d = self._place_decode(request, d_open)
         if d is None:
             return _no_room(request)
@@ -284,8 +289,23 @@ class GlobalScheduler:
                              retry_after_s=(ttft_ms - slo) / 1e3)
         return None
 
+    def _one_engine(self, request: RequestInfo, lane: Lane, d_open: np.ndarray,
+                    p_live: np.ndarray, now_s: float) -> Decision | Rejection:
+        """The whole request on one engine: a prefill replica (with room) when the prompt is
+        long or it gives the earlier first token, else the earliest decode replica."""
+        need = request.prompt_len + request.max_tokens
+        p_room = p_live & self.prefill.room(need)
+        if p_room.any():
+            p_ms = self.prefill.work.wait_ms(now_s, request.prompt_len, lane)
+            d_ms = self._local_ms(request.prompt_len, lane, now_s)
+            d_room = d_open & self.decode.room(need)
+            if lane == "long" or not d_room.any() or p_ms[p_room].min() < d_ms[d_room].min():
+                return self._prefill_local(request, lane, p_room, now_s,
+                                           "one engine (structured output): a prefill replica")
+        return self._colocated(request, lane, d_open, now_s, "one engine (structured output)")
+
     def _colocated(self, request: RequestInfo, lane: Lane, d_live: np.ndarray,
-                   now_s: float) -> Decision | Rejection:
+                   now_s: float, why: str = "colocated") -> Decision | Rejection:
         table = self.decode
         blocks = table.blocks_for(request.prompt_len + request.max_tokens)
         fits = d_live & (table.total_blocks >= blocks)
@@ -295,7 +315,7 @@ class GlobalScheduler:
         wait_ms = self._local_ms(request.prompt_len, lane, now_s)
         d = self._earliest(room if room.any() else fits, wait_ms, table)
         return self._book_local(request, lane, d, float(wait_ms[d]), now_s,
-                                f"colocated: earliest first token ({wait_ms[d]:.0f} ms "
+                                f"{why}: earliest first token ({wait_ms[d]:.0f} ms "
                                 f"predicted, {table.active_seqs[d]} sequences)")
 
     def _place_decode(self, request: RequestInfo, d_live: np.ndarray) -> int | None:

@@ -46,6 +46,7 @@ class RequestInfo:
     prompt_len: int
     max_tokens: int
     arrival_s: float
+    one_engine: bool = False  # must run whole on one engine (structured output)
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,10 @@ from tests.integration.serve_app import API_KEY, MODEL
 # section)
 DOCUMENTED = {
     ("echo", "logprobs"): "the prompt's logprobs are not implemented: refused by name (400)",
-    ("response_format",): "structured output is not implemented: refused by name (400)",
 }
+_YES_NO = {"type": "json_schema", "json_schema": {"name": "yn", "schema": {
+    "type": "object", "properties": {"a": {"type": "string", "enum": ["yes", "no"]}},
+    "required": ["a"]}}}
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +90,14 @@ def _completion_cases() -> list[dict[str, Any]]:
         {"logprobs": 0}, {"logprobs": 5, "stream": True}, {"logprobs": 1, "n": 2},
         {"logprobs": 1, "stop": "e"}, {"logprobs": 21}, {"logprobs": -2},
         {"logprobs": 1, "prompt": [PROMPT, LONG]}, {"echo": True, "logprobs": 1},
+        {"response_format": _YES_NO, "max_tokens": 40},
+        {"response_format": {"type": "json_object"}, "max_tokens": 16, "stream": True},
+        {"response_format": {"type": "text"}},
+        {"response_format": {"type": "json_schema"}},
+        {"response_format": {"type": "json_schema",
+                             "json_schema": {"name": "x", "schema": {"type": "no-such-type"}}}},
+        {"response_format": _YES_NO, "max_tokens": 40, "logprobs": 2, "n": 2,
+         "temperature": 0.8, "seed": 3},
     ]
     combos = [dict(itertools.chain.from_iterable(d.items() for d in pair))
               for pair in itertools.combinations(
@@ -118,6 +128,10 @@ def _chat_cases() -> list[dict[str, Any]]:
         {"logprobs": True}, {"logprobs": True, "top_logprobs": 3, "stream": True},
         {"logprobs": True, "top_logprobs": 1, "n": 2}, {"top_logprobs": 2},
         {"logprobs": True, "top_logprobs": 25}, {"logprobs": False, "top_logprobs": 0},
+        {"response_format": _YES_NO, "max_tokens": 40},
+        {"response_format": _YES_NO, "max_tokens": 40, "stream": True, "logprobs": True},
+        {"response_format": {"type": "json_object"}, "max_tokens": 12},
+        {"response_format": {"type": "yaml"}},
     ]
     return [{**base, **case} for case in cases]
 

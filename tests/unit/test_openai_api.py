@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from runtime.openai_api import APIError, ChatCompletionRequest, CompletionRequest
@@ -21,9 +23,9 @@ def test_clients_that_send_every_field_are_accepted():
 
 def test_unsupported_parameters_are_named():
     body = CompletionRequest.model_validate({"model": "m", "prompt": "hi", "prompt_logprobs": 3,
-                                             "response_format": {"type": "json_object"},
+                                             "structured_outputs": {"regex": "[a-z]"},
                                              "echo": True})
-    with pytest.raises(APIError, match="prompt_logprobs, response_format"):
+    with pytest.raises(APIError, match="prompt_logprobs, structured_outputs"):
         body.refuse_unsupported()
 
 
@@ -79,3 +81,29 @@ def test_sampling_fields_the_engine_would_refuse_are_a_400(fields, param):
     with pytest.raises(APIError) as err:
         request.sampling(16)
     assert err.value.status == 400 and err.value.param == param
+
+
+def test_response_format_becomes_the_engines_structured_output():
+    def spec(cls, response_format):
+        return cls.model_validate({"prompt": "hi", "messages": [{"role": "user",
+                                                                 "content": "hi"}],
+                                   "response_format": response_format}).sampling(16)
+
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    for cls in (CompletionRequest, ChatCompletionRequest):
+        assert spec(cls, {"type": "text"}).structured is None
+        assert json.loads(spec(cls, {"type": "json_object"}).structured) == {"json_object": True}
+        named = spec(cls, {"type": "json_schema",
+                           "json_schema": {"name": "a", "schema": schema, "strict": True}})
+        assert json.loads(named.structured) == {"json": schema}
+        params = named.to_vllm()  # vLLM's own StructuredOutputsParams
+        assert params.structured_outputs is not None and params.structured_outputs.json == schema
+        with pytest.raises(ValueError, match="another engine"):
+            named.to_vllm(continuation=True)  # the grammar cannot move with the KV cache
+    with pytest.raises(APIError, match="'json_schema' field must be provided"):
+        spec(CompletionRequest, {"type": "json_schema"})
+    with pytest.raises(APIError, match="structural_tag") as refused:
+        spec(ChatCompletionRequest, {"type": "structural_tag", "format": {}})
+    assert refused.value.code == "unsupported_parameter"
+    with pytest.raises(ValueError):  # not a type OpenAI or vLLM know: the schema refuses it
+        spec(ChatCompletionRequest, {"type": "yaml"})

@@ -313,3 +313,32 @@ def test_decode_heavy_load_is_balanced_onto_the_prefill_replica():
     # with a long prompt outstanding there, the prefill replica takes no more decodes
     sched.prefill.work.book(0, "long", "long", 8000, NOW + 10)
     assert sched.decide(_req(99, 200, max_tokens=300), NOW + 10).mode == "disaggregated"
+
+
+def test_a_request_that_needs_one_engine_is_never_split():
+    """Structured output (the grammar's state stays in its engine): local on a decode
+    replica, or whole on a prefill replica (always for a long prompt, which would slow a
+    decode replica's decodes all along), never disaggregated."""
+    sched = _scheduler(num_short=1, num_long=0, num_decode=1, local_max_prompt_tokens=0,
+                       long_prompt_tokens=4096)
+    sched.prefill.total_blocks[0] = sched.prefill.free_blocks[0] = 1000
+
+    def one_engine(n: int, prompt_len: int, now: float) -> Decision:
+        decision = sched.decide(RequestInfo(f"s{n}", prompt_len, 16, now, one_engine=True),
+                                now)
+        assert isinstance(decision, Decision)
+        return decision
+
+    # a split-only config (no local prefills allowed) still runs it on one engine
+    short = one_engine(0, 200, NOW)
+    assert short.mode in ("local", "prefill_local") and "one engine" in short.reason
+    assert sched.decide(_req(1, 200), NOW + 1).mode == "disaggregated"  # others still split
+    long_ = one_engine(2, 6000, NOW + 2)
+    assert long_.mode == "prefill_local" and long_.prefill_replica == "p0"
+    # the prefill replica is now busy with the long prompt: a short one goes to the decode
+    # replica, which starts it sooner
+    busy = one_engine(3, 200, NOW + 2)
+    assert busy.mode == "local" and busy.decode_replica == "d0"
+    # without a live prefill replica: local
+    sched.prefill.report(PrefillLoad("p0", "short", 0, NOW + 3, healthy=False))
+    assert one_engine(4, 6000, NOW + 3).mode == "local"

@@ -84,7 +84,7 @@ def test_completion_request_prompts_and_fields():
     with pytest.raises(APIError, match="min_tokens"):
         CompletionRequest.model_validate({"prompt": "x", "min_tokens": 9,
                                           "max_tokens": 5}).sampling(16)
-    for field in ("prompt_logprobs", "response_format", "kv_transfer_params"):
+    for field in ("prompt_logprobs", "structured_outputs", "kv_transfer_params"):
         with pytest.raises(APIError, match=field):
             CompletionRequest.model_validate({"prompt": "x", field: {"a": 1}}
                                              ).refuse_unsupported()
