@@ -22,6 +22,8 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from vllm.exceptions import VLLMClientError
+
 from kv_transfer.connector_worker import WorkerStats
 from kv_transfer.params import (
     PrefetchSpec,
@@ -112,7 +114,7 @@ class DecodeWorker:
                                               kv_transfer_params=kv_params,
                                               continuation=first_token_id is not None
                                               and not resample)
-        except ValueError as err:  # e.g. vLLM's StructuredOutputsParams refusing its fields
+        except (ValueError, VLLMClientError) as err:  # e.g. StructuredOutputsParams refusing
             raise InvalidRequest(str(err)) from err
         # what another engine sampled before this one continued (named tokens need it)
         continued = [first_token_id] if first_token_id is not None and not resample else []
@@ -183,7 +185,7 @@ class DecodeWorker:
                         cost=warm.cost + self.costs.end(request.request_id),
                     ),
                 )
-        except ValueError as err:
+        except (ValueError, VLLMClientError) as err:
             if first_token_at is not None or isinstance(err, InvalidRequest):
                 raise
             # refused as it was added (vLLM's own checks of its parameters): the client's

@@ -45,8 +45,8 @@ def test_a_json_schema_is_followed_on_one_engine(client, prompt, mode):
 
 def test_streamed_json_object_and_plain_text_format(client):
     stream = client.completions.create(model=MODEL, prompt="Give me JSON: " * 20,
-                                       max_tokens=200, stream=True,
-                                       response_format={"type": "json_object"}, **GREEDY)
+                                       max_tokens=200, stream=True, **GREEDY,
+                                       extra_body={"response_format": {"type": "json_object"}})
     text, finish = "", None
     for chunk in stream:
         text += chunk.choices[0].text
@@ -56,7 +56,8 @@ def test_streamed_json_object_and_plain_text_format(client):
     assert text.lstrip().startswith("{"), text
     # "text" asks for nothing: the request may split as any other
     plain = client.completions.create(model=MODEL, prompt="plain " * 50, max_tokens=4,
-                                      response_format={"type": "text"}, **GREEDY)
+                                      extra_body={"response_format": {"type": "text"}},
+                                      **GREEDY)
     assert "one engine" not in plain.model_extra["timings"]["decision_reason"]
 
 
