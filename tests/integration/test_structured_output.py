@@ -12,8 +12,8 @@ import pytest
 
 from tests.integration.serve_app import API_KEY, MODEL
 
-ANSWER = {"type": "object", "properties": {"answer": {"type": "string", "enum": ["yes", "no"]}},
-          "required": ["answer"], "additionalProperties": False}
+# a top-level enum: no room for whitespace, so even the tiny random model finishes it
+ANSWER = {"type": "string", "enum": ["yes", "no"]}
 GREEDY = {"temperature": 0.0}
 
 
@@ -37,7 +37,7 @@ def test_a_json_schema_is_followed_on_one_engine(client, prompt, mode):
         response_format=_schema_format(ANSWER), **GREEDY)
     choice = response.choices[0]
     assert choice.finish_reason == "stop", choice
-    assert json.loads(choice.message.content)["answer"] in ("yes", "no")
+    assert json.loads(choice.message.content) in ("yes", "no")
     timings = response.model_extra["timings"]
     assert timings["mode"] in mode and "one engine" in timings["decision_reason"], timings
     assert timings["kv_transfer_bytes"] == 0
