@@ -33,8 +33,8 @@ from kv_transfer.params import (
 )
 from runtime.cost_tracker import CostTracker
 from runtime.engine_config import TransferFailurePolicy
+from runtime.logprobs import TokenLogprobs, mend_continuation, prompt_from_vllm
 from runtime.logprobs import from_vllm as logprobs_from_vllm
-from runtime.logprobs import mend_continuation
 from runtime.messages import DecodeChunk, DecodeTimings, InvalidRequest, KVTransferFailed
 from runtime.requests import GenerateRequest
 from runtime.seeded import (
@@ -118,6 +118,9 @@ class DecodeWorker:
             raise InvalidRequest(str(err)) from err
         # what another engine sampled before this one continued (named tokens need it)
         continued = [first_token_id] if first_token_id is not None and not resample else []
+        # the prompt's logprobs (echo with logprobs): computed here, sent once
+        want_prompt_logprobs = params.prompt_logprobs is not None
+        prompt_logprobs: tuple[TokenLogprobs, ...] | None = None
         start = time.perf_counter()
         first_token_at = None
         num_sent = 1 if resample else 0  # the resampled first token was sent already
@@ -137,6 +140,9 @@ class DecodeWorker:
                 new_tokens = tuple(completion.token_ids[num_sent:])
                 new_logprobs = logprobs_from_vllm(completion.logprobs, num_sent,
                                                   len(completion.token_ids))
+                if want_prompt_logprobs and output.prompt_logprobs:
+                    prompt_logprobs = prompt_from_vllm(output.prompt_logprobs)
+                    want_prompt_logprobs = False
                 if continued and new_logprobs:
                     new_logprobs = mend_continuation(new_logprobs, num_sent, continued,
                                                      completion.token_ids, self._decode_ids)
@@ -146,7 +152,9 @@ class DecodeWorker:
                     self.costs.first_token(request.request_id)
                 if not output.finished:
                     if new_tokens:
-                        yield DecodeChunk(new_tokens, logprobs=new_logprobs)
+                        yield DecodeChunk(new_tokens, logprobs=new_logprobs,
+                                          prompt_logprobs=prompt_logprobs)
+                        prompt_logprobs = None
                     continue
                 stats = parse_stats(output.kv_transfer_params)
                 if completion.finish_reason == "error":
@@ -168,6 +176,7 @@ class DecodeWorker:
                     finish_reason=completion.finish_reason,
                     stop_reason=completion.stop_reason,
                     logprobs=new_logprobs,
+                    prompt_logprobs=prompt_logprobs,
                     timings=DecodeTimings(
                         queue_ms=max(0.0, engine_queue_ms - exposed_ms),
                         transfer_ms=transfer_ms,

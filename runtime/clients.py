@@ -130,12 +130,18 @@ async def _generate(handle: Any, client: CallClient | None, sink: TokenSink | No
         if client else handle.decode.remote(request, first_token_id, transfer,
                                             target_replica=target, sink=address)
     try:
+        prompt_sent = False
         async for tokens, logprobs, final in merged(inbox, stream):
+            # the prompt's logprobs (echo): with the first chunk out after they came
+            prompt_logprobs = None if prompt_sent else (
+                inbox.prompt_logprobs if final is None or inbox.prompt_logprobs is not None
+                else final.prompt_logprobs)
+            prompt_sent = prompt_sent or prompt_logprobs is not None
             if final is None:
-                yield DecodeChunk(tokens, logprobs=logprobs)
+                yield DecodeChunk(tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
             else:
                 yield DecodeChunk(tokens, final.finish_reason, final.timings,
-                                  final.stop_reason, logprobs)
+                                  final.stop_reason, logprobs, prompt_logprobs)
     except Exception as err:
         if is_replica_failure(err):
             raise ReplicaFailed(role, target, err) from err

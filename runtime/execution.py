@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from runtime.clients import ReplicaFailed
 from runtime.detokenizer import IncrementalDetokenizer
+from runtime.logprobs import TokenLogprobs
 from runtime.messages import InvalidRequest, KVTransferFailed, PreparedRequest, TextEvent
 from runtime.metrics import Metrics
 from runtime.openai_api import APIError
@@ -110,7 +111,8 @@ class Execution:
     def _events(self, prepared: PreparedRequest) -> AsyncIterator[StreamEvent]:
         router, decision, request = self.router, prepared.decision, prepared.request
         lane: Lane = decision.lane if decision else prepared.lane
-        if decision is None and request.sampling.structured is not None:  # one engine
+        if decision is None and (request.sampling.structured is not None
+                                 or request.sampling.prompt_logprobs is not None):  # one engine
             return router.pipeline.stream_local(request, prepared.arrival_s, lane, "")
         if decision is None:
             return router.pipeline.stream(request, prepared.arrival_s, lane)
@@ -139,6 +141,7 @@ class Execution:
         self.metrics.in_flight.labels(lane=lane).inc()
         clean: bool | None = None  # the prompt ran alone on its engine
         first_token_at: float | None = None
+        prompt_logprobs: tuple[TokenLogprobs, ...] | None = None
         tpot_ms = 0.0
         events = self._events(prepared)
         try:
@@ -163,9 +166,13 @@ class Execution:
                         clean = live.first_token(decision, request.request_id)
                 kept, text = output.push(event.token_ids)
                 logprobs = event.logprobs[:len(kept)]  # none after a stop string
+                if event.prompt_logprobs is not None:
+                    prompt_logprobs = event.prompt_logprobs  # goes with the next event out
                 if event.timings is None:
                     if text or kept:
-                        yield TextEvent(text, kept, logprobs=logprobs)
+                        yield TextEvent(text, kept, logprobs=logprobs,
+                                        prompt_logprobs=prompt_logprobs)
+                        prompt_logprobs = None
                     continue
                 t = self._final_timings(prepared, event.timings, num_retries, output)
                 self.metrics.record(t)
@@ -178,7 +185,8 @@ class Execution:
                 stopped = output.stop_reason is not None
                 yield TextEvent(text + output.finish(), kept,
                                 "stop" if stopped else event.finish_reason, t,
-                                output.stop_reason if stopped else event.stop_reason, logprobs)
+                                output.stop_reason if stopped else event.stop_reason, logprobs,
+                                prompt_logprobs)
                 return
         except KVTransferFailed:
             self.metrics.record_failure(lane, "disaggregated", "transfer_failed")

@@ -189,9 +189,6 @@ class Ingress:
         assert isinstance(body, CompletionRequest)
         model = self._model(body.model)
         body.refuse_unsupported()
-        if body.echo and body.logprobs is not None:
-            raise APIError(400, "echo with logprobs (the prompt's logprobs) is not supported",
-                           param="echo", code="unsupported_parameter")
         prompts = [await self.router.prompts.tokenize(p) for p in body.prompts]
         jobs = fanout.plan(self.router, prompts, body.n, body.sampling(16), "cmpl")
         echo = [self.router.prompts.text_of(p) for p in body.prompts] if body.echo else None
@@ -233,7 +230,7 @@ class Ingress:
         async for job, event in fanout.run(self.router, jobs, n):
             texts[job.index].append(event.text)
             if logprobs is not None:
-                logprobs.add(job.index, event)
+                logprobs.add(job.index, event, job.prepared.request.prompt_token_ids)
             if event.timings is not None:
                 done.append(ChoiceResult(job.index, job.prompt_index,
                                          "".join(texts[job.index]), event.finish_reason,
@@ -303,8 +300,8 @@ class Ingress:
                     started.add(job.index)
                     text = echo[job.prompt_index] + event.text if echo and first \
                         else event.text
-                    if logprobs is not None:  # this chunk's tokens'
-                        logprobs.add(job.index, event)
+                    if logprobs is not None:  # this chunk's tokens' (and the prompt's)
+                        logprobs.add(job.index, event, job.prepared.request.prompt_token_ids)
                     chunk_logprobs = logprobs.take(job.index) if logprobs else None
                     if event.timings is None:
                         yield encoder.text(job.index, text, first, chunk_logprobs)

@@ -83,6 +83,18 @@ def _mend(token_id: int, context: list[int], decode: Callable[[list[int]], str])
     return ""
 
 
+def prompt_from_vllm(logprobs: Sequence[Any]) -> tuple[TokenLogprobs, ...]:
+    """A vLLM RequestOutput's `prompt_logprobs`: one entry per prompt token, () for the
+    first (nothing predicts it; vLLM gives None)."""
+    out = []
+    for position in range(len(logprobs)):
+        step = logprobs[position]
+        out.append(() if not step else tuple(
+            (int(token_id), float(lp.logprob), lp.decoded_token)
+            for token_id, lp in step.items()))
+    return tuple(out)
+
+
 def _text(row: Row, decode: Callable[[int], str]) -> str:
     return row[2] if row[2] is not None else decode(row[0])
 
@@ -150,8 +162,13 @@ class LogprobsWriter:
         self._pending: dict[int, tuple[list[int], list[TokenLogprobs]]] = {}
         self._offsets: dict[int, int] = {}  # completions: where the choice's text has got to
 
-    def add(self, index: int, event: Any) -> None:
+    def add(self, index: int, event: Any, prompt_ids: Sequence[int] = ()) -> None:
+        """An event's tokens; the prompt's first (`prompt_ids`) if the event carries their
+        logprobs (echo with logprobs)."""
         ids, entries = self._pending.setdefault(index, ([], []))
+        if getattr(event, "prompt_logprobs", None) is not None:
+            ids.extend(prompt_ids)
+            entries.extend(event.prompt_logprobs)
         ids.extend(event.token_ids)
         entries.extend(event.logprobs)
         entries.extend(() for _ in range(len(ids) - len(entries)))  # none came: decoded here

@@ -70,6 +70,9 @@ class DecodeChunk:
     timings: DecodeTimings | None = None
     stop_reason: str | int | None = None  # the stop string or token that ended it
     logprobs: tuple[TokenLogprobs, ...] = ()  # one per token id, if the request asked
+    # the prompt's logprobs (echo with logprobs), on the first chunk or event that has them:
+    # one entry per prompt token, the first () (nothing comes before it)
+    prompt_logprobs: tuple[TokenLogprobs, ...] | None = None
 
     @property
     def is_final(self) -> bool:
@@ -83,7 +86,9 @@ class DecodeChunk:
         last = chunks[-1]
         return DecodeChunk(tuple(t for c in chunks for t in c.token_ids), last.finish_reason,
                            last.timings, last.stop_reason,
-                           tuple(e for c in chunks for e in c.logprobs))
+                           tuple(e for c in chunks for e in c.logprobs),
+                           next((c.prompt_logprobs for c in chunks
+                                 if c.prompt_logprobs is not None), None))
 
 
 @dataclass(frozen=True)
@@ -144,6 +149,9 @@ class StreamEvent:
     timings: PhaseTimings | None = None
     stop_reason: str | int | None = None  # the stop string or token that ended it
     logprobs: tuple[TokenLogprobs, ...] = ()  # one per token id, if the request asked
+    # the prompt's logprobs (echo with logprobs), on the first chunk or event that has them:
+    # one entry per prompt token, the first () (nothing comes before it)
+    prompt_logprobs: tuple[TokenLogprobs, ...] | None = None
 
 
 
@@ -177,3 +185,6 @@ class TextEvent:
     timings: PhaseTimings | None = None
     stop_reason: str | int | None = None
     logprobs: tuple[TokenLogprobs, ...] = ()  # one per token id, if the request asked
+    # the prompt's logprobs (echo with logprobs), on the first chunk or event that has them:
+    # one entry per prompt token, the first () (nothing comes before it)
+    prompt_logprobs: tuple[TokenLogprobs, ...] | None = None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -202,6 +202,12 @@ class CompletionRequest(_SamplingFields):
 
     def num_logprobs(self) -> int | None:
         return _logprobs_count(self.logprobs, "logprobs")
+
+    def sampling(self, default_max_tokens: int) -> SamplingSpec:
+        spec = super().sampling(default_max_tokens)
+        # echo with logprobs: the prompt's tokens get theirs too, as vLLM's server gives them
+        return replace(spec, prompt_logprobs=spec.logprobs) \
+            if self.echo and spec.logprobs is not None else spec
 
     @property
     def prompts(self) -> list[str] | list[list[int]]:

@@ -202,7 +202,7 @@ class DisaggPipeline:
                     cost=d.cost,
                 )
             yield StreamEvent(chunk.token_ids, chunk.finish_reason, timings, chunk.stop_reason,
-                              chunk.logprobs)
+                              chunk.logprobs, chunk.prompt_logprobs)
 
     async def generate(self, request: GenerateRequest) -> Completion:
         tokens: list[int] = []

@@ -164,7 +164,8 @@ class StreamedGeneration:
         (batched every stream_interval_ms when there is no sink), then the final chunk with
         every token. Closing it aborts the request in the engine."""
         # the token stream carries token ids only: a request's logprobs go over the call
-        with_logprobs = request.sampling.logprobs is not None
+        with_logprobs = request.sampling.logprobs is not None \
+            or request.sampling.prompt_logprobs is not None
         publisher = self._publisher(sink) if sink and not with_logprobs else None
         chunks = self.worker.decode(request, first_token_id, transfer)
         if publisher is None:
@@ -181,7 +182,7 @@ class StreamedGeneration:
                 return
             if publisher is None or not publisher.publish(request.request_id, start,
                                                           chunk.token_ids):
-                yield TokenBatch(start, chunk.token_ids, chunk.logprobs)
+                yield TokenBatch(start, chunk.token_ids, chunk.logprobs, chunk.prompt_logprobs)
 
     def _publisher(self, address: str) -> TokenPublisher:
         publisher = self._publishers.get(address)

@@ -54,6 +54,7 @@ class TokenBatch:
     start: int
     token_ids: tuple[int, ...]
     logprobs: tuple[TokenLogprobs, ...] = ()  # one per token id, if the request asked
+    prompt_logprobs: tuple[TokenLogprobs, ...] | None = None  # the prompt's, if asked
 
 
 def encode_frame(payload: Any) -> bytes:
@@ -91,9 +92,14 @@ class TokenInbox:
         self._ready = asyncio.Event()
         self._final: Any = None  # the final chunk (its token_ids: every token)
         self._error: BaseException | None = None
+        # the prompt's logprobs (echo with logprobs), once they came over the call
+        self.prompt_logprobs: tuple[TokenLogprobs, ...] | None = None
 
     def put(self, start: int, token_ids: tuple[int, ...],
-            logprobs: tuple[TokenLogprobs, ...] = ()) -> None:
+            logprobs: tuple[TokenLogprobs, ...] = (),
+            prompt_logprobs: tuple[TokenLogprobs, ...] | None = None) -> None:
+        if prompt_logprobs is not None:
+            self.prompt_logprobs = prompt_logprobs
         if start + len(token_ids) > self._next:
             self._parts[start] = (token_ids, logprobs)
             self._ready.set()
@@ -257,7 +263,7 @@ async def merged(inbox: TokenInbox, calls: AsyncIterator[Any]) -> AsyncIterator[
         try:
             async for item in calls:
                 if isinstance(item, TokenBatch):
-                    inbox.put(item.start, item.token_ids, item.logprobs)
+                    inbox.put(item.start, item.token_ids, item.logprobs, item.prompt_logprobs)
                 else:
                     inbox.finish(item)
         except Exception as err:  # noqa: BLE001 - raised to the consumer by the inbox

@@ -31,7 +31,8 @@ Rules, in order (each decision's `reason` says which applied):
      prefill slows that replica's decodes all along. Otherwise disaggregated.
   6. Colocated serving (`disaggregation` off): every request is local, on the engine with
      the earliest predicted first token. A request that must run on one engine (structured
-     output: the grammar's state cannot move with the KV cache) is served whole by a prefill
+     output: the grammar's state cannot move with the KV cache; the prompt's logprobs: the
+     engine that computes the prompt gives them) is served whole by a prefill
      replica (`prefill_local`) when one has room and is the earlier, or the prompt is long
      (it would slow a decode replica's decodes all along); else as under colocated serving.
   7. Overload: a decode replica holds at most max_num_seqs + `max_queued_per_replica`
@@ -301,8 +302,10 @@ class GlobalScheduler:
             d_room = d_open & self.decode.room(need)
             if lane == "long" or not d_room.any() or p_ms[p_room].min() < d_ms[d_room].min():
                 return self._prefill_local(request, lane, p_room, now_s,
-                                           "one engine (structured output): a prefill replica")
-        return self._colocated(request, lane, d_open, now_s, "one engine (structured output)")
+                                           "one engine (structured output or prompt "
+                                           "logprobs): a prefill replica")
+        return self._colocated(request, lane, d_open, now_s,
+                               "one engine (structured output or prompt logprobs)")
 
     def _colocated(self, request: RequestInfo, lane: Lane, d_live: np.ndarray,
                    now_s: float, why: str = "colocated") -> Decision | Rejection:

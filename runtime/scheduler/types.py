@@ -46,7 +46,8 @@ class RequestInfo:
     prompt_len: int
     max_tokens: int
     arrival_s: float
-    one_engine: bool = False  # must run whole on one engine (structured output)
+    # must run whole on one engine (structured output, the prompt's logprobs)
+    one_engine: bool = False
 
 
 @dataclass(frozen=True)

@@ -72,3 +72,21 @@ def test_a_schema_the_engine_refuses_is_a_400_and_the_server_stays_up(serve_app)
     ok = httpx.post(f"{serve_app}/v1/completions", headers=headers, timeout=60,
                     json={"model": MODEL, "prompt": "hi", "max_tokens": 2})
     assert ok.status_code == 200
+
+
+def test_echo_with_logprobs_gives_the_prompts_on_one_engine(serve_app):
+    """The prompt's logprobs come from the engine that computes the prompt: such a request
+    runs whole on one engine, the prompt's tokens first in its logprobs."""
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    prompt = "p" * 300  # over the app's local_max_prompt_tokens: others of its size split
+    body = httpx.post(f"{serve_app}/v1/completions", headers=headers, timeout=60,
+                      json={"model": MODEL, "prompt": prompt, "max_tokens": 3, "echo": True,
+                            "logprobs": 1, "temperature": 0}).json()
+    timings = body["timings"]
+    assert "one engine" in timings["decision_reason"] and timings["kv_transfer_bytes"] == 0
+    logprobs = body["choices"][0]["logprobs"]
+    num_prompt = body["usage"]["prompt_tokens"]
+    assert len(logprobs["tokens"]) == num_prompt + body["usage"]["completion_tokens"]
+    assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+    assert all(lp is not None and lp <= 0 for lp in logprobs["token_logprobs"][1:])
+    assert body["choices"][0]["text"].startswith(prompt)

@@ -22,9 +22,7 @@ from tests.integration.serve_app import API_KEY, MODEL
 
 # fields (all in the request) -> why disagg answers differently (also in the README's API
 # section)
-DOCUMENTED = {
-    ("echo", "logprobs"): "the prompt's logprobs are not implemented: refused by name (400)",
-}
+DOCUMENTED: dict[tuple[str, ...], str] = {}
 _YES_NO = {"type": "json_schema", "json_schema": {"name": "yn", "schema": {
     "type": "object", "properties": {"a": {"type": "string", "enum": ["yes", "no"]}},
     "required": ["a"]}}}
@@ -90,6 +88,9 @@ def _completion_cases() -> list[dict[str, Any]]:
         {"logprobs": 0}, {"logprobs": 5, "stream": True}, {"logprobs": 1, "n": 2},
         {"logprobs": 1, "stop": "e"}, {"logprobs": 21}, {"logprobs": -2},
         {"logprobs": 1, "prompt": [PROMPT, LONG]}, {"echo": True, "logprobs": 1},
+        {"echo": True, "logprobs": 3, "stream": True}, {"echo": True, "logprobs": 0, "n": 2,
+                                                         "temperature": 0.7, "seed": 5},
+        {"echo": True, "logprobs": 2, "prompt": [PROMPT, LONG], "stop": "e"},
         {"response_format": _YES_NO, "max_tokens": 40},
         {"response_format": {"type": "json_object"}, "max_tokens": 16, "stream": True},
         {"response_format": {"type": "text"}},

@@ -11,6 +11,7 @@ from runtime.logprobs import (
     completion_body,
     from_vllm,
     mend_continuation,
+    prompt_from_vllm,
 )
 from runtime.messages import TextEvent
 
@@ -89,3 +90,20 @@ def test_a_continuation_names_a_split_character_as_one_engine_would():
     assert mend_continuation(entries, 0, [3], [2, 4], _byte_decode) == entries
     # past the first tokens the continuing engine had the context itself
     assert mend_continuation(entries, 4, [1], [3, 3, 3, 3, 2, 4], _byte_decode) == entries
+
+
+def test_echo_puts_the_prompts_logprobs_first():
+    # vLLM gives None for the first prompt token (nothing predicts it), then one dict each
+    prompt = prompt_from_vllm([None, {6: _Logprob(-1.5, 3, "p"), 2: _Logprob(-0.5, 1, "q")}])
+    assert prompt == ((), ((6, -1.5, "p"), (2, -0.5, "q")))
+    writer = LogprobsWriter(chat=False, top=1, decode=_decode)
+    writer.add(0, TextEvent("ab", (7,), logprobs=(((7, -0.1, "ab"),),), prompt_logprobs=prompt),
+               prompt_ids=(1, 6))
+    body = writer.take(0)
+    assert body["tokens"] == ["<1>", "p", "ab"]  # the first prompt token decoded here
+    assert body["token_logprobs"] == [None, -1.5, -0.1]
+    assert body["top_logprobs"] == [None, {"p": -1.5, "q": -0.5}, {"ab": -0.1}]
+    assert body["text_offset"] == [0, 3, 4]
+    # later events carry no prompt: only their own tokens
+    writer.add(0, TextEvent("c", (8,), logprobs=(((8, -0.3, "c"),),)), prompt_ids=(1, 6))
+    assert writer.take(0)["tokens"] == ["c"]

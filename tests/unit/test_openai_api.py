@@ -37,6 +37,11 @@ def test_logprobs_are_asked_for_as_vllms_server_takes_them():
 
     assert spec(CompletionRequest) is None and spec(CompletionRequest, logprobs=0) == 0
     assert spec(CompletionRequest, logprobs=5) == 5
+    # echo: the prompt's logprobs too, as many (vLLM's server does the same)
+    echo = CompletionRequest.model_validate({"prompt": "hi", "echo": True, "logprobs": 2})
+    assert echo.sampling(16).prompt_logprobs == 2
+    assert CompletionRequest.model_validate({"prompt": "hi", "logprobs": 2}
+                                            ).sampling(16).prompt_logprobs is None
     assert spec(ChatCompletionRequest) is None
     assert spec(ChatCompletionRequest, logprobs=True) == 0
     assert spec(ChatCompletionRequest, logprobs=True, top_logprobs=3) == 3
