@@ -15,6 +15,7 @@ import logging
 import math
 import secrets
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -193,7 +194,7 @@ class Ingress:
         jobs = fanout.plan(self.router, prompts, body.n, body.sampling(16), "cmpl")
         echo = [self.router.prompts.text_of(p) for p in body.prompts] if body.echo else None
         return await self._respond(jobs, body.n, model, False, body.stream,
-                                   body.include_usage, echo)
+                                   body.include_usage, echo, body.echo_only)
 
     @api.post("/v1/chat/completions", response_model=None)
     async def chat_completions(self, request: Request) -> Response:
@@ -219,15 +220,20 @@ class Ingress:
         return model
 
     async def _respond(self, jobs: list[fanout.Job], n: int, model: str, chat: bool,
-                       stream: bool, usage: bool, echo: list[str] | None) -> Response:
+                       stream: bool, usage: bool, echo: list[str] | None,
+                       echo_only: bool = False) -> Response:
+        """The response to a request's jobs; `echo_only`: only the prompt goes back (the
+        token generated to run it is dropped, as vLLM's server does for max_tokens 0)."""
         request_id = jobs[0].prepared.request.request_id
         if stream:
-            return self._sse(jobs, n, model, chat, usage, echo)
+            return self._sse(jobs, n, model, chat, usage, echo, echo_only)
         texts: dict[int, list[str]] = {j.index: [echo[j.prompt_index]] if echo else []
                                        for j in jobs}
         logprobs = self._logprobs(jobs, chat)
         done: list[ChoiceResult] = []
         async for job, event in fanout.run(self.router, jobs, n):
+            if echo_only:
+                event = replace(event, text="", token_ids=(), logprobs=())
             texts[job.index].append(event.text)
             if logprobs is not None:
                 logprobs.add(job.index, event, job.prepared.request.prompt_token_ids)
@@ -285,7 +291,7 @@ class Ingress:
             raise _validation_error(err) from err
 
     def _sse(self, jobs: list[fanout.Job], n: int, model: str, chat: bool,
-             usage: bool, echo: list[str] | None) -> StreamingResponse:
+             usage: bool, echo: list[str] | None, echo_only: bool) -> StreamingResponse:
         request_id = jobs[0].prepared.request.request_id
         encoder = StreamEncoder(request_id, model, chat)
 
@@ -296,6 +302,8 @@ class Ingress:
             done: list[ChoiceResult] = []
             try:
                 async for job, event in fanout.run(self.router, jobs, n):
+                    if echo_only:
+                        event = replace(event, text="", token_ids=(), logprobs=())
                     first = job.index not in started
                     started.add(job.index)
                     text = echo[job.prompt_index] + event.text if echo and first \

@@ -203,7 +203,15 @@ class CompletionRequest(_SamplingFields):
     def num_logprobs(self) -> int | None:
         return _logprobs_count(self.logprobs, "logprobs")
 
+    @property
+    def echo_only(self) -> bool:
+        """`echo` with `max_tokens` 0: the prompt back (with its logprobs, if asked), nothing
+        generated; as vLLM's server, one token is generated and dropped."""
+        return self.echo and self.max_tokens == 0
+
     def sampling(self, default_max_tokens: int) -> SamplingSpec:
+        if self.echo_only:
+            return self.model_copy(update={"max_tokens": 1}).sampling(default_max_tokens)
         spec = super().sampling(default_max_tokens)
         # echo with logprobs: the prompt's tokens get theirs too, as vLLM's server gives them
         return replace(spec, prompt_logprobs=spec.logprobs) \

@@ -91,6 +91,9 @@ def _completion_cases() -> list[dict[str, Any]]:
         {"echo": True, "logprobs": 3, "stream": True}, {"echo": True, "logprobs": 0, "n": 2,
                                                          "temperature": 0.7, "seed": 5},
         {"echo": True, "logprobs": 2, "prompt": [PROMPT, LONG], "stop": "e"},
+        # echo-only scoring (what evaluation harnesses send): the prompt and its logprobs
+        {"echo": True, "max_tokens": 0}, {"echo": True, "max_tokens": 0, "logprobs": 2},
+        {"echo": True, "max_tokens": 0, "logprobs": 1, "stream": True},
         {"response_format": _YES_NO, "max_tokens": 40},
         {"response_format": {"type": "json_object"}, "max_tokens": 16, "stream": True},
         {"response_format": {"type": "text"}},
