@@ -1,8 +1,12 @@
 """Soak: hours of serving in minutes. Nothing may grow: memory, threads, KV blocks, bookings.
 
     python -m benchmarks.soak --minutes 10 --rate 3
+    python -m benchmarks.soak --minutes 10 --rate 3 --target vllm   # the same on plain vLLM
 
-  1. start `disagg serve` (the bench's disagg target: pinned engines) and warm it up;
+  1. start `disagg serve` (the bench's disagg target: pinned engines) and warm it up; with
+     `--target vllm`, plain vLLM's OpenAI server with the same engine settings instead (the
+     load goes to its first server: one engine doing what disagg's two share), as the
+     reference for what the engines themselves do;
   2. send the `mixed` workload open-loop at `rate` for `minutes`, in windows; a fifth of the
      streams are cancelled by their client after a few tokens (the abort path);
   3. after each window, sample every process of the app (RSS, threads) and the app's own view
@@ -29,7 +33,7 @@ import psutil
 from benchmarks import cpu_usage
 from benchmarks.compare import resolve_model, warmup_requests
 from benchmarks.loadgen import run_load
-from benchmarks.targets import EngineSettings, SchedulerSettings, ServeTarget
+from benchmarks.targets import EngineSettings, SchedulerSettings, ServeTarget, Target, VllmTarget
 from benchmarks.workloads import synthetic
 
 RSS_TOLERANCE = 0.10
@@ -46,7 +50,7 @@ class Sample:
     in_flight: int
 
 
-def sample(roots: list[int], base_url: str, started: float) -> Sample:
+def sample(roots: list[int], base_url: str, started: float, ours: bool = True) -> Sample:
     rss, threads = {}, {}
     for root in roots:
         try:
@@ -63,6 +67,8 @@ def sample(roots: list[int], base_url: str, started: float) -> Sample:
                     threads[key] = proc.num_threads()
             except psutil.Error:
                 continue
+    if not ours:  # plain vLLM: no view of its blocks and requests from outside
+        return Sample(time.monotonic() - started, rss, threads, 0.0, 0, 0)
     status = httpx.get(f"{base_url}/v1/disagg/status", timeout=30).json()
     in_flight = sum(lane["in_flight"] for lane in status["scheduler"]["lanes"].values())
     return Sample(time.monotonic() - started, rss, threads,
@@ -101,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window-s", type=float, default=60.0, help="seconds between samples")
     parser.add_argument("--cores", default="0,1")
     parser.add_argument("--out", default="", help="directory for the server's logs")
+    parser.add_argument("--target", choices=("disagg", "vllm"), default="disagg",
+                        help="what to soak: disagg (default) or plain vLLM's server")
     args = parser.parse_args(argv)
     if args.minutes <= 0 or args.rate <= 0 or args.window_s <= 0:
         parser.error("--minutes, --rate and --window-s must be positive")
@@ -108,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     cores = tuple(c for c in args.cores.split(",") if c)
     engine = EngineSettings(str(resolve_model(None)), cores, 8448, 32, 2048, 512 << 20)
-    target = ServeTarget("disagg", out, engine, SchedulerSettings(1024, None))
+    ours = args.target == "disagg"
+    target: Target = ServeTarget("disagg", out, engine, SchedulerSettings(1024, None)) \
+        if ours else VllmTarget(out, engine)
     samples: list[Sample] = []
     try:
         target.start()
@@ -116,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         roots = [p.pid for p in target.procs]
         asyncio.run(run_load(base, "tiny", warmup_requests(8192), progress=False))
         started = time.monotonic()
-        samples.append(sample(roots, base, started))
+        samples.append(sample(roots, base, started, ours))
         window = 0
         while time.monotonic() - started < 60 * args.minutes:
             n = max(1, round(args.rate * args.window_s))
@@ -131,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             records, _ = asyncio.run(both())
             errors = sum(1 for r in records if r.error)
             time.sleep(3.0)  # what was cancelled is freed
-            samples.append(sample(roots, base, started))
+            samples.append(sample(roots, base, started, ours))
             window += 1
             print(f"[soak] window {window}: {len(records)} requests, {errors} errors, "
                   f"{n // 5} cancelled; kv {samples[-1].kv_usage:.3f}, leases "
