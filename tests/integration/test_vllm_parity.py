@@ -182,7 +182,8 @@ def _same(ours: dict[str, Any], theirs: dict[str, Any]) -> bool:
             return False
         for (token, logprob, top), (token2, logprob2, top2) in zip(x or (), y or (),
                                                                     strict=True):
-            if token != token2 or set(top) != set(top2) or abs(logprob - logprob2) > 1e-3:
+            if token != token2 or set(top) != set(top2) or (logprob is None) != (
+                    logprob2 is None) or (logprob is not None and abs(logprob - logprob2) > 1e-3):
                 return False
     return True
 
