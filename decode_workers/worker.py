@@ -17,12 +17,14 @@ Without TransferParams the engine prefills the prompt itself (local mode).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from vllm.exceptions import VLLMClientError
+from vllm.v1.engine.exceptions import EngineDeadError
 
 from kv_transfer.connector_worker import WorkerStats
 from kv_transfer.params import (
@@ -62,6 +64,9 @@ class DecodeWorker:
         self.costs = costs or CostTracker(block_size)  # the engine's, if it has a probe
         self.block_size = block_size
         self.on_transfer_failure = on_transfer_failure
+        # the tasks reading this engine's streams, and why the engine is dead (engine_died)
+        self._streaming: set[asyncio.Task[Any]] = set()
+        self.dead_reason = ""
 
     async def decode(
         self,
@@ -74,6 +79,11 @@ class DecodeWorker:
         """Stream the tokens after first_token_id (all tokens when first_token_id is None).
         (`target` names a replica for remote clients; a local worker is its own target.)"""
         policy = on_transfer_failure or self.on_transfer_failure
+        if self.dead_reason:
+            raise EngineDeadError(self.dead_reason)
+        task = asyncio.current_task()
+        if task is not None:
+            self._streaming.add(task)
         try:
             async for chunk in self._run(request, first_token_id, transfer, ""):
                 yield chunk
@@ -83,6 +93,24 @@ class DecodeWorker:
             retry = replace(request, request_id=f"{request.request_id}-recompute")
             async for chunk in self._run(retry, first_token_id, None, str(err)):
                 yield chunk
+        except asyncio.CancelledError:
+            if not self.dead_reason or task is None:
+                raise
+            task.uncancel()  # cancelled by engine_died: the caller sees the engine's death
+            raise EngineDeadError(self.dead_reason) from None
+        finally:
+            if task is not None:
+                self._streaming.discard(task)
+
+    def engine_died(self, reason: str) -> None:
+        """The engine's process is gone (runtime/replica_common.EngineWatch saw it): every
+        stream on it ends now with EngineDeadError, a replica failure the ingress retries or
+        reports, instead of waiting seconds for vLLM's own shutdown to say so."""
+        if self.dead_reason:
+            return
+        self.dead_reason = reason
+        for task in list(self._streaming):
+            task.cancel()
 
     async def _run(
         self,

@@ -27,6 +27,7 @@ from runtime.engine_stats import EngineLoad, LoadProbe
 from runtime.engines import build_engine
 from runtime.messages import DecodeChunk, PrefillResult, UsageReport
 from runtime.replica_common import (
+    EngineWatch,
     Reporter,
     StreamedGeneration,
     calibration,
@@ -80,6 +81,9 @@ class PrefillServer:
         self._max_num_seqs = config.prefill_engine.max_num_seqs
         self._block_size = config.prefill_engine.block_size
         self._calibration = await calibration(engine, config)
+        # its engine's processes gone: whole requests on it end at once (a prefill call
+        # waits for vLLM's own report, or its connection breaks when the replica dies)
+        self._watch = EngineWatch(self._generation.worker.engine_died)
         self._drain_s = config.server.request_timeout_s
         self._calls = await start_call_server(self, config)
         self._reporter = Reporter(config.server.app_name, self._report, self._usage)
@@ -93,7 +97,8 @@ class PrefillServer:
         return ReplicaReport("prefill", self._worker.worker_id, self._pending_tokens, free,
                              self._num_blocks, self._block_size, active,
                              self._max_num_seqs, time.time(), self._calibration,
-                             engine_healthy(self._worker.engine, self._probe),
+                             engine_healthy(self._worker.engine, self._probe)
+                             and not self._watch.dead_reason,
                              self._calls.address if self._calls else "")
 
     def _usage(self) -> UsageReport:
@@ -133,7 +138,7 @@ class PrefillServer:
         # Serve awaits this on graceful replica shutdown: the direct calls in flight finish,
         # then the engine's processes stop.
         await shut_down(self.__dict__.get("_calls"), self.__dict__.get("_worker"),
-                        self.__dict__.get("_drain_s", 0.0))
+                        self.__dict__.get("_drain_s", 0.0), self.__dict__.get("_watch"))
 
 
 @serve.deployment
@@ -155,6 +160,7 @@ class DecodeServer:
         self._block_size = config.decode_engine.block_size
         self._max_num_seqs = config.decode_engine.max_num_seqs
         self._calibration = await calibration(engine, config)
+        self._watch = EngineWatch(self._worker.engine_died)  # its streams end at once
         self._drain_s = config.server.request_timeout_s
         self._calls = await start_call_server(self, config)
         self._reporter = Reporter(config.server.app_name, self._report, self._usage)
@@ -170,7 +176,8 @@ class DecodeServer:
         return ReplicaReport("decode", self._worker.worker_id, 0, free, self._num_blocks,
                              self._block_size, active, self._max_num_seqs, time.time(),
                              self._calibration,
-                             engine_healthy(self._worker.engine, self._probe),
+                             engine_healthy(self._worker.engine, self._probe)
+                             and not self._watch.dead_reason,
                              self._calls.address if self._calls else "")
 
     async def decode(
@@ -203,4 +210,4 @@ class DecodeServer:
         # Serve awaits this on graceful replica shutdown: the direct calls in flight finish,
         # then the engine's processes stop.
         await shut_down(self.__dict__.get("_calls"), self.__dict__.get("_worker"),
-                        self.__dict__.get("_drain_s", 0.0))
+                        self.__dict__.get("_drain_s", 0.0), self.__dict__.get("_watch"))
