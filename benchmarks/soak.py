@@ -3,7 +3,8 @@
     python -m benchmarks.soak --minutes 10 --rate 3
     python -m benchmarks.soak --minutes 10 --rate 3 --target vllm   # the same on plain vLLM
 
-  1. start `disagg serve` (the bench's disagg target: pinned engines) and warm it up; with
+  1. start `disagg serve` (the bench's disagg target: pinned engines) and warm it up (a few
+     requests, then one window of the soak's own load, not measured); with
      `--target vllm`, plain vLLM's OpenAI server with the same engine settings instead (the
      load goes to its first server: one engine doing what disagg's two share), as the
      reference for what the engines themselves do;
@@ -126,9 +127,10 @@ def main(argv: list[str] | None = None) -> int:
         roots = [p.pid for p in target.procs]
         asyncio.run(run_load(base, "tiny", warmup_requests(8192), progress=False))
         started = time.monotonic()
-        samples.append(sample(roots, base, started, ours))
-        window = 0
-        while time.monotonic() - started < 60 * args.minutes:
+        window = -1  # one window of the soak's own load first, not measured: the engines'
+        # working set (buffers for every chunk shape at this load) is in use from then on,
+        # so what grows after it is what a longer run would keep growing
+        while window < 0 or time.monotonic() - started < 60 * args.minutes:
             n = max(1, round(args.rate * args.window_s))
             requests = synthetic("mixed", n, args.rate, max_context=8192, seed=window)
             load = run_load(base, "tiny", requests, progress=False, seed=window,
@@ -143,7 +145,11 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(3.0)  # what was cancelled is freed
             samples.append(sample(roots, base, started, ours))
             window += 1
-            print(f"[soak] window {window}: {len(records)} requests, {errors} errors, "
+            if window == 0:
+                started = time.monotonic()
+                samples[-1] = sample(roots, base, started, ours)
+            print(f"[soak] window {window}{' (warm-up)' if window == 0 else ''}: "
+                  f"{len(records)} requests, {errors} errors, "
                   f"{n // 5} cancelled; kv {samples[-1].kv_usage:.3f}, leases "
                   f"{samples[-1].leases}, in flight {samples[-1].in_flight}; engine RSS MiB "
                   f"{_engine_rss_mib(samples[-1])}", flush=True)
