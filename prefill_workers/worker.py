@@ -15,6 +15,8 @@ import asyncio
 import time
 from typing import TYPE_CHECKING
 
+from vllm.v1.engine.exceptions import EngineDeadError
+
 from kv_transfer.connector_worker import WorkerStats
 from kv_transfer.grpc_transport import release_handle
 from kv_transfer.params import TransferParams, parse_transfer, producer_request_params
@@ -37,6 +39,8 @@ class PrefillWorker:
         self._auth_token = auth_token
         self._orphan_releases: set[asyncio.Future[None]] = set()
         self._endpoint = ""
+        self.dead_reason = ""  # set by engine_died
+        self._died = asyncio.Event()
 
     async def prefill(self, request: GenerateRequest, target: str = "",
                       stream_handle: str = "") -> PrefillResult:
@@ -48,13 +52,29 @@ class PrefillWorker:
         If the caller is cancelled (client gone), the prefill is aborted; should it have
         finished anyway, its blocks are released instead of waiting for the lease to expire.
         """
+        if self.dead_reason:
+            raise EngineDeadError(self.dead_reason)
         task = asyncio.ensure_future(self._prefill(request, stream_handle))
+        died = asyncio.ensure_future(self._died.wait())
         try:
-            return await asyncio.shield(task)
+            await asyncio.wait((task, died), return_when=asyncio.FIRST_COMPLETED)
+            if not task.done():  # the engine's process is gone: a replica failure, now
+                task.cancel()
+                raise EngineDeadError(self.dead_reason)
+            return task.result()
         except asyncio.CancelledError:
             task.add_done_callback(self._release_orphan)
             await self.engine.abort(request.request_id)
             raise
+        finally:
+            died.cancel()
+
+    def engine_died(self, reason: str) -> None:
+        """The engine's process is gone (runtime/replica_common.EngineWatch saw it): the
+        prefills waiting on it end now with EngineDeadError instead of waiting for vLLM's
+        own shutdown to report it."""
+        self.dead_reason = self.dead_reason or reason
+        self._died.set()
 
     def _release_orphan(self, task: asyncio.Task[PrefillResult]) -> None:
         if task.cancelled() or task.exception() is not None:

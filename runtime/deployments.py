@@ -81,12 +81,15 @@ class PrefillServer:
         self._max_num_seqs = config.prefill_engine.max_num_seqs
         self._block_size = config.prefill_engine.block_size
         self._calibration = await calibration(engine, config)
-        # its engine's processes gone: whole requests on it end at once (a prefill call
-        # waits for vLLM's own report, or its connection breaks when the replica dies)
-        self._watch = EngineWatch(self._generation.worker.engine_died)
+        # its engine's processes gone: the prefills and whole requests on it end at once
+        self._watch = EngineWatch(self._engine_died)
         self._drain_s = config.server.request_timeout_s
         self._calls = await start_call_server(self, config)
         self._reporter = Reporter(config.server.app_name, self._report, self._usage)
+
+    def _engine_died(self, reason: str) -> None:
+        self._worker.engine_died(reason)
+        self._generation.worker.engine_died(reason)
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's autoscaler reads the pool's demand here (runtime/autoscaling.py)."""

@@ -9,6 +9,7 @@ import pytest
 from vllm.v1.engine.exceptions import EngineDeadError
 
 from decode_workers.worker import DecodeWorker
+from prefill_workers.worker import PrefillWorker
 from runtime.replica_common import EngineWatch
 from runtime.requests import GenerateRequest, SamplingSpec
 
@@ -46,6 +47,22 @@ def test_engine_died_ends_every_stream_on_it_with_a_replica_failure():
         stream.cancel()
         with pytest.raises(asyncio.CancelledError):
             await stream
+
+    asyncio.run(run())
+
+
+def test_engine_died_ends_the_prefills_waiting_on_it():
+    async def run() -> None:
+        worker = PrefillWorker(_HangingEngine(), "token")  # type: ignore[arg-type]
+        request = GenerateRequest("p0", (1, 2, 3), SamplingSpec(max_tokens=4))
+        prefill = asyncio.ensure_future(worker.prefill(request))
+        await asyncio.sleep(0.05)
+        assert not prefill.done()
+        worker.engine_died("the engine process 7 exited")
+        with pytest.raises(EngineDeadError, match="7 exited"):
+            await asyncio.wait_for(prefill, 1.0)
+        with pytest.raises(EngineDeadError):
+            await worker.prefill(GenerateRequest("p1", (1, 2), SamplingSpec(max_tokens=4)))
 
     asyncio.run(run())
 
