@@ -149,8 +149,9 @@ def _assert_nothing_leaked(base_url: str) -> None:
 
 
 @pytest.mark.parametrize(("deployment", "engine"), [("DecodeServer", True),
+                                                    ("PrefillServer", True),
                                                     ("PrefillServer", False)],
-                         ids=["decode-engine", "prefill-replica"])
+                         ids=["decode-engine", "prefill-engine", "prefill-replica"])
 def test_a_killed_engine_or_replica_fails_only_mid_stream_requests(serve_app, deployment,
                                                                   engine):
     _wait_recovered(serve_app)  # the previous kill's pool is back
