@@ -7,6 +7,7 @@ request flow and timings; only the encoding differs. Errors map to gRPC status c
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import secrets
 from collections.abc import AsyncIterator
@@ -16,6 +17,8 @@ import grpc
 from protos import inference_pb2 as pb
 from protos import inference_pb2_grpc as pb_grpc
 from runtime.cost import RequestCost
+from runtime.logprobs import MAX_LOGPROBS, token_view
+from runtime.messages import TextEvent
 from runtime.openai_api import APIError
 from runtime.pipeline import PhaseTimings
 from runtime.requests import SamplingSpec
@@ -66,8 +69,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             self._authorize(context)
             prepared = self._router.prepare(await self._prompt(request),
                                             self._sampling(request), "grpc")
+            top = prepared.request.sampling.logprobs
             async for event in self._router.stream(prepared):
                 response = pb.GenerateResponse(token_ids=event.token_ids, text=event.text)
+                if top is not None:
+                    response.logprobs.extend(self._logprobs(event, top))
                 if event.timings is not None:
                     response.finish_reason = event.finish_reason or ""
                     if isinstance(event.stop_reason, str):
@@ -103,6 +109,16 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     return
         raise APIError(401, "missing or wrong API key ('authorization: Bearer <key>')")
 
+    def _logprobs(self, event: TextEvent, top: int) -> list[pb.TokenLogprob]:
+        entries = list(event.logprobs)
+        entries += [() for _ in range(len(event.token_ids) - len(entries))]  # decoded here
+        tokenizer = self._router.tokenizer
+        return [pb.TokenLogprob(token_id=own[0], logprob=own[1], token=own[2],
+                                top=[pb.TopLogprob(token_id=t, logprob=lp, token=text)
+                                     for t, lp, text in best])
+                for own, best in token_view(entries, event.token_ids, top,
+                                            lambda i: str(tokenizer.decode(i)))]
+
     async def _prompt(self, request: pb.GenerateRequest) -> list[int]:
         self._router.check_model(request.model)
         if request.prompt and request.prompt_token_ids:
@@ -122,6 +138,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         if request.min_tokens > max_tokens:
             raise APIError(400, f"min_tokens ({request.min_tokens}) must be less than or equal "
                            f"to max_tokens ({max_tokens})", param="min_tokens")
+        logprobs = request.logprobs if request.HasField("logprobs") else None
+        if logprobs is not None and logprobs > MAX_LOGPROBS:
+            raise APIError(400, f"Requested sample logprobs of {logprobs}, which is greater "
+                           f"than max allowed: {MAX_LOGPROBS}", param="logprobs")
         return SamplingSpec(
             max_tokens=max_tokens, temperature=request.temperature,
             top_p=request.top_p or 1.0, top_k=max(request.top_k, 0),
@@ -129,8 +149,27 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             ignore_eos=request.ignore_eos, stop=tuple(s for s in request.stop if s),
             stop_token_ids=tuple(request.stop_token_ids),
             include_stop_str_in_output=request.include_stop_str_in_output,
-            min_tokens=request.min_tokens,
+            min_tokens=request.min_tokens, logprobs=logprobs,
+            structured=_structured(request),
         )
+
+
+def _structured(request: pb.GenerateRequest) -> str | None:
+    """vLLM's structured-output fields for the request, as JSON (None: none asked)."""
+    if request.json_schema and request.json_object:
+        raise APIError(400, "give json_schema or json_object, not both", param="json_schema")
+    if request.json_object:
+        return json.dumps({"json_object": True})
+    if not request.json_schema:
+        return None
+    try:
+        schema = json.loads(request.json_schema)
+    except (json.JSONDecodeError, RecursionError) as err:
+        raise APIError(400, f"json_schema is not valid JSON: {err}",
+                       param="json_schema") from err
+    if not isinstance(schema, dict):
+        raise APIError(400, "json_schema must be a JSON object", param="json_schema")
+    return json.dumps({"json": schema})
 
 
 async def start_grpc_server(router: Router, host: str, port: int, api_key: str | None,

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 Row = tuple[int, float, str | None]
+Named = tuple[int, float, str]  # a row with its text
 TokenLogprobs = tuple[Row, ...]
 
 MAX_LOGPROBS = 20  # vLLM's default max_logprobs: more is refused, as vLLM refuses it
@@ -93,6 +94,19 @@ def prompt_from_vllm(logprobs: Sequence[Any]) -> tuple[TokenLogprobs, ...]:
             (int(token_id), float(lp.logprob), lp.decoded_token)
             for token_id, lp in step.items()))
     return tuple(out)
+
+
+def token_view(entries: Sequence[TokenLogprobs], token_ids: Sequence[int], top: int,
+               decode: Callable[[int], str]) -> list[tuple[Named, tuple[Named, ...]]]:
+    """Per token: its own row and the `top` most likely rows at its position, texts filled
+    in and -inf floored (what the gRPC API sends; no OpenAI shape)."""
+    out = []
+    for token_id, rows in zip(token_ids, entries, strict=True):
+        sampled = next((r for r in rows if r[0] == token_id), (token_id, _FLOOR, None))
+        best = sorted(rows, key=lambda r: -r[1])[:top]
+        out.append(((token_id, _logprob(sampled), _text(sampled, decode)),
+                    tuple((r[0], _logprob(r), _text(r, decode)) for r in best)))
+    return out
 
 
 def _text(row: Row, decode: Callable[[int], str]) -> str:

@@ -266,6 +266,13 @@ def test_grpc_generate_streams_tokens_equal_to_colocated(grpc_stub, cluster, tok
         ({"model": MODEL, "prompt": "z" * 17000}, "INVALID_ARGUMENT", "context"),
         ({"model": MODEL, "prompt": ""}, "INVALID_ARGUMENT", "empty"),
         ({"model": MODEL, "prompt": "hi", "temperature": 7}, "INVALID_ARGUMENT", "temperature"),
+        ({"model": MODEL, "prompt": "hi", "logprobs": 21}, "INVALID_ARGUMENT", "max allowed"),
+        ({"model": MODEL, "prompt": "hi", "json_schema": "{no"}, "INVALID_ARGUMENT", "valid JSON"),
+        ({"model": MODEL, "prompt": "hi", "json_schema": "{}", "json_object": True},
+         "INVALID_ARGUMENT", "not both"),
+        # refused by the engine's grammar backend as the request is added: still the client's
+        ({"model": MODEL, "prompt": "hi", "json_schema": '{"type": "no-such-type"}'},
+         "INVALID_ARGUMENT", "no-such-type"),
     ],
 )
 def test_grpc_bad_input_gets_the_right_status(grpc_stub, fields, code, needle):
@@ -276,6 +283,29 @@ def test_grpc_bad_input_gets_the_right_status(grpc_stub, fields, code, needle):
     with pytest.raises(grpc.RpcError) as err:
         list(grpc_stub.Generate(pb.GenerateRequest(**fields), metadata=AUTH, timeout=30))
     assert err.value.code().name == code and needle in err.value.details()
+
+
+def test_grpc_logprobs_and_json_schema(grpc_stub):
+    """What the HTTP API's logprobs and response_format give, over gRPC: an entry per token
+    id in every response, and output that follows the schema (run on one engine)."""
+    from protos import inference_pb2 as pb
+
+    schema = json.dumps({"type": "string", "enum": ["yes", "no"]})
+    request = pb.GenerateRequest(model=MODEL, prompt="Is it? " * 20, max_tokens=30,
+                                 logprobs=2, json_schema=schema)
+    responses = list(grpc_stub.Generate(request, metadata=AUTH, timeout=120))
+    text = "".join(r.text for r in responses)
+    assert json.loads(text) in ("yes", "no")
+    entries = [e for r in responses for e in r.logprobs]
+    assert [e.token_id for e in entries] == [t for r in responses for t in r.token_ids]
+    assert "".join(e.token for e in entries) == text
+    for entry in entries:
+        assert entry.logprob <= 0 and 1 <= len(entry.top) <= 2
+        assert entry.top[0].logprob >= entry.logprob - 1e-5  # the top one is the likeliest
+    assert "one engine" in responses[-1].timings.decision_reason
+    plain = list(grpc_stub.Generate(pb.GenerateRequest(model=MODEL, prompt="hi", max_tokens=3),
+                                    metadata=AUTH, timeout=60))
+    assert not any(r.logprobs for r in plain)  # none unless asked
 
 
 def test_grpc_without_the_api_key_is_unauthenticated(grpc_stub):
