@@ -214,3 +214,11 @@ def no_leaks(request: pytest.FixtureRequest):
         assert load is not None, f"{name} engine reported no load"
         assert load.kv_cache_usage == 0.0, f"{name} engine still holds KV blocks: {load}"
         assert load.num_running == load.num_waiting == 0, f"{name}: {load}"
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model):
+    """The tiny model's tokenizer (Hugging Face's, as the ingress loads it)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model)
