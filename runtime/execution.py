@@ -111,8 +111,7 @@ class Execution:
     def _events(self, prepared: PreparedRequest) -> AsyncIterator[StreamEvent]:
         router, decision, request = self.router, prepared.decision, prepared.request
         lane: Lane = decision.lane if decision else prepared.lane
-        if decision is None and (request.sampling.structured is not None
-                                 or request.sampling.prompt_logprobs is not None):  # one engine
+        if decision is None and request.sampling.one_engine:
             return router.pipeline.stream_local(request, prepared.arrival_s, lane, "")
         if decision is None:
             return router.pipeline.stream(request, prepared.arrival_s, lane)

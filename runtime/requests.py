@@ -41,6 +41,12 @@ class SamplingSpec:
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
 
+    @property
+    def one_engine(self) -> bool:
+        """The request must run whole on one engine: a grammar's state cannot move with the
+        KV cache, and the prompt's logprobs come from the engine that computes it."""
+        return self.structured is not None or self.prompt_logprobs is not None
+
     def to_vllm(
         self, max_tokens: int | None = None, kv_transfer_params: dict[str, Any] | None = None,
         detokenize: bool = False, continuation: bool = False,

@@ -158,8 +158,7 @@ class Router:
         request = prepared.request
         decision = self.live.decide(request.request_id, len(request.prompt_token_ids),
                                     request.sampling.max_tokens,
-                                    one_engine=request.sampling.structured is not None
-                                    or request.sampling.prompt_logprobs is not None)
+                                    one_engine=request.sampling.one_engine)
         if isinstance(decision, Rejection) and decision.unavailable:
             raise APIError(503, f"no replica can serve requests now ({decision.reason}); "
                            "retry shortly", code="unavailable",
