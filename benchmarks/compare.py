@@ -207,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
         "split) and PNG plots.")
     p.add_argument("--workload", choices=list(get_args(WorkloadName)), default="mixed",
                    help="synthetic workload family (default mixed): "
-                   + "; ".join(f"{k}: {v}" for k, v in WORKLOADS.items()))
+                   # argparse formats help with %: the descriptions' percent signs escaped
+                   + "; ".join(f"{k}: {v}" for k, v in WORKLOADS.items()).replace("%", "%%"))
     p.add_argument("--trace", help="replay an Azure (.csv) or Mooncake (.jsonl) trace instead, "
                    "rescaled to each rate")
     p.add_argument("--quick", action="store_true",

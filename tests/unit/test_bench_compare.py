@@ -187,3 +187,20 @@ def test_family_table_states_the_targets_ratios():
     row = table[2].split(" | ")
     assert row[2] == "20.0"  # vLLM's p99 is 20x its p50: head-of-line blocking
     assert row[3] == "0.10x" and row[4] == "0.95x" and row[5] == "1.10x"
+
+
+def test_every_help_text_formats():
+    """`--help` of the CLI and of each subcommand prints (argparse %-formats help strings:
+    a bare percent sign in a workload's description had made `bench compare --help` crash)."""
+    import argparse
+
+    from benchmarks.compare import build_parser as compare_parser
+    from runtime.cli import build_parser
+
+    parsers = [compare_parser(), build_parser()]
+    while parsers:
+        parser = parsers.pop()
+        assert parser.format_help()
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                parsers.extend(action.choices.values())
