@@ -143,36 +143,51 @@ def show_status(address: str, app_name: str) -> int:
         state = getattr(deployment.status, "value", deployment.status)
         print(f"  {name:<14} {state:<10} replicas: {replicas or 'none'}")
     pools: dict[str, Any] = serve.get_app_handle(app_name).pool_status.remote().result()
+    print("\n".join(format_pool_status(pools)))
+    return 0
+
+
+def format_pool_status(status: dict[str, Any]) -> list[str]:
+    """`disagg status`'s lines for the ingress's `pool_status` (the same dict as
+    /v1/disagg/status): the scheduler's view, direct calls, and one replica per pool."""
+    pools = dict(status)
     view = pools.pop("scheduler")
-    print("scheduler (the ingress's view of every replica):")
+    direct = pools.pop("direct_calls", None)
+    lines = ["scheduler (the ingress's view of every replica):"]
     for lane, lane_view in view["lanes"].items():
-        print(f"  {lane} lane: {lane_view['in_flight']} in flight")
+        lines.append(f"  {lane} lane: {lane_view['in_flight']} in flight")
     for p in view["prefill"]:
         left = p["remaining_ms"]
-        print(f"  prefill {p['replica']} [{p['lane']}]: {p['outstanding']} prompts in flight, "
-              f"work left {left['short']:.0f} ms short + {left['long']:.0f} ms long; "
-              f"{_model_line(p['model'])}; report {p['report_age_s']:.1f} s old")
+        lines.append(f"  prefill {p['replica']} [{p['lane']}]: {p['outstanding']} prompts in "
+                     f"flight, work left {left['short']:.0f} ms short + {left['long']:.0f} ms "
+                     f"long; {_model_line(p['model'])}; report {p['report_age_s']:.1f} s old")
     for d in view["decode"]:
         left = d["local_remaining_ms"]
-        print(f"  decode {d['replica']}: {d['free_blocks']}/{d['total_blocks']} blocks free, "
-              f"{d['active_seqs']} sequences, TPOT {d['tpot_ms']:.1f} ms, local prefill left "
-              f"{left['short'] + left['long']:.0f} ms; {_model_line(d['model'])}")
+        lines.append(f"  decode {d['replica']}: {d['free_blocks']}/{d['total_blocks']} blocks "
+                     f"free, {d['active_seqs']} sequences, TPOT {d['tpot_ms']:.1f} ms, local "
+                     f"prefill left {left['short'] + left['long']:.0f} ms; "
+                     f"{_model_line(d['model'])}")
     for role, demand in view.get("demand", {}).items():
-        print(f"  {role} pool demand: {demand['replicas']:.2f} replicas ({demand['reason']})")
+        lines.append(f"  {role} pool demand: {demand['replicas']:.2f} replicas "
+                     f"({demand['reason']})")
     decisions = ", ".join(f"{k}: {v}" for k, v in sorted(view["decisions"].items()))
-    print(f"  decisions: {decisions or 'none yet'}")
-    print("one replica per pool (engine view):")
+    lines.append(f"  decisions: {decisions or 'none yet'}")
+    if direct is not None:
+        calls = ", ".join(f"{k}: {v}" for k, v in sorted(direct["calls"].items()))
+        lines.append(f"  direct calls: {direct['connected']} of {len(direct['replicas'])} "
+                     f"replicas connected; calls {calls or 'none yet'}")
+    lines.append("one replica per pool (engine view):")
     for role, replica in pools.items():
         load, kv = replica["load"] or {}, replica["kv"]
-        print(f"  {role} replica {replica['replica_id']}: kv cache "
-              f"{100 * load.get('kv_cache_usage', 0):.1f}% used, "
-              f"{load.get('num_running', 0)} running, {load.get('num_waiting', 0)} waiting, "
-              f"{kv['num_leases']} leases ({kv['num_leased_blocks']} blocks), "
-              f"{kv['num_loads_done']} loads done, {kv['num_loads_failed']} failed")
+        lines.append(f"  {role} replica {replica['replica_id']}: kv cache "
+                     f"{100 * load.get('kv_cache_usage', 0):.1f}% used, "
+                     f"{load.get('num_running', 0)} running, {load.get('num_waiting', 0)} "
+                     f"waiting, {kv['num_leases']} leases ({kv['num_leased_blocks']} blocks), "
+                     f"{kv['num_loads_done']} loads done, {kv['num_loads_failed']} failed")
         usage = replica.get("usage") or {}
         if usage.get("wall_s"):
             busy, wall = usage["busy_s"], usage["wall_s"]
-            print(f"    engine busy {busy:.1f} s of {wall:.1f} s ({100 * busy / wall:.0f}%; idle "
-                  f"capacity {wall - busy:.1f} s), {busy - usage['attributed_s']:.1f} s busy "
-                  "charged to no request")
-    return 0
+            lines.append(f"    engine busy {busy:.1f} s of {wall:.1f} s "
+                         f"({100 * busy / wall:.0f}%; idle capacity {wall - busy:.1f} s), "
+                         f"{busy - usage['attributed_s']:.1f} s busy charged to no request")
+    return lines

@@ -10,6 +10,7 @@ import httpx
 import openai
 import pytest
 
+from runtime.serve_cli import format_pool_status
 from tests.integration.helpers import colocated_text, greedy, make_prompt
 from tests.integration.serve_app import API_KEY, MODEL
 
@@ -237,6 +238,10 @@ def test_scheduler_prefills_short_prompts_locally_and_splits_long_ones(client, s
     assert view["decisions"].get("short/local", 0) >= 1
     assert view["decisions"].get("long/disaggregated", 0) >= 1
     assert view["prefill"][0]["report_age_s"] < 5 and view["decode"][0]["total_blocks"] > 0
+    lines = format_pool_status(_status(serve_app))  # what `disagg status` prints of it
+    assert any(line.startswith("  decisions: ") and "short/local" in line for line in lines)
+    assert any(line.startswith("  decode replica ") for line in lines), lines
+    assert any(line.startswith("  direct calls: ") for line in lines), lines
     metrics = httpx.get(f"{serve_app}/metrics").text
     assert 'disagg_scheduler_decisions_total{lane="short",mode="local"}' in metrics
     assert "disagg_prefill_pending_tokens" in metrics
