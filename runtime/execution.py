@@ -31,6 +31,7 @@ from runtime.messages import InvalidRequest, KVTransferFailed, PreparedRequest, 
 from runtime.metrics import Metrics
 from runtime.openai_api import APIError
 from runtime.pipeline import Lane, PhaseTimings, StreamEvent
+from runtime.scheduler.types import Rejection
 from runtime.stops import OutputText
 
 if TYPE_CHECKING:
@@ -142,11 +143,23 @@ class Execution:
         first_token_at: float | None = None
         prompt_logprobs: tuple[TokenLogprobs, ...] | None = None
         tpot_ms = 0.0
-        events = self._events(prepared)
+        events: AsyncIterator[StreamEvent] | None = None
         try:
             if live is not None:
                 assert decision is not None
-                await live.turn(decision, request.request_id)  # counts as scheduler queue
+                turn = await live.turn(decision, request.request_id,  # scheduler queue time
+                                       len(request.prompt_token_ids), sampling.max_tokens,
+                                       sampling.one_engine)
+                if isinstance(turn, Rejection):  # moved, and nothing takes it: booked nowhere
+                    live = None
+                    raise APIError(503, f"no replica can serve the request now ({turn.reason})"
+                                   "; retry shortly", code="unavailable",
+                                   retry_after_s=max(1.0, turn.retry_after_s))
+                if turn is not decision:  # it moved to another engine while it waited
+                    self.metrics.moved.inc()
+                    decision = turn
+                    prepared = replace(prepared, decision=decision)
+            events = self._events(prepared)
             while True:
                 try:
                     event = await (asyncio.wait_for(anext(events), STOP_GRACE_S)
@@ -191,7 +204,7 @@ class Execution:
             self.metrics.record_failure(lane, "disaggregated", "transfer_failed")
             raise
         finally:
-            aclose = getattr(events, "aclose", None)
+            aclose = getattr(events, "aclose", None) if events is not None else None
             if aclose is not None:
                 await aclose()  # a stop here, or a failure: the replicas drop the request
             self.metrics.in_flight.labels(lane=lane).dec()

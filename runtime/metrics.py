@@ -38,6 +38,11 @@ class Metrics:
             "disagg_scheduler_decisions", "Scheduler decisions.", ["lane", "mode"],
             registry=self.registry,
         )
+        self.moved = Counter(
+            "disagg_scheduler_moved", "Long prompts moved to another engine while they waited "
+            "for their turn (the engine's long prefill ahead was late, or another was clearly "
+            "earlier).", registry=self.registry,
+        )
         self.rejections = Counter(
             "disagg_admission_rejections", "Requests rejected by admission control.",
             registry=self.registry,

@@ -14,9 +14,10 @@ Lifecycle of one request's booking:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -25,9 +26,11 @@ from runtime.autoscaling import Demand, decode_demand, prefill_demand
 from runtime.scheduler.loads import DecodeTable, PrefillTable
 from runtime.scheduler.policy import GlobalScheduler, PolicyConfig
 from runtime.scheduler.prefill_model import PrefillModel
+from runtime.scheduler.rebind import CHECK_EVERY_S, move_reason
 from runtime.scheduler.types import (
     Decision,
     DecodeLoad,
+    Engine,
     Lane,
     PrefillLoad,
     Rejection,
@@ -62,6 +65,7 @@ class LiveScheduler:
         self.decisions: Counter[tuple[str, str]] = Counter()  # (lane, mode)
         self.in_flight: Counter[str] = Counter()  # by lane
         self._long_done = asyncio.Event()  # set (and replaced) whenever a long prefill ends
+        self.num_moved = 0  # long prompts moved to another engine while they waited
 
     @property
     def ready(self) -> bool:
@@ -144,17 +148,37 @@ class LiveScheduler:
             status = "degraded"
         return {"status": status, "pools": view}
 
-    async def turn(self, decision: Decision, request_id: str) -> None:
+    async def turn(self, decision: Decision, request_id: str, prompt_len: int,
+                   max_tokens: int, one_engine: bool = False) -> Decision | Rejection:
         """Wait until the request may go to its engine: at once for a short prompt; for a
         long one, once every long prompt booked on that engine before it has its first
-        token (they would share every engine step otherwise)."""
-        work = (self.decode if decision.mode == "local" else self.prefill).work
-        while not work.has_turn(request_id):
-            await self._long_done.wait()
+        token (they would share every engine step otherwise). Returns the decision to run:
+        a waiting long prompt moves to another engine when its own is late or another is
+        clearly earlier (rebind.py); a Rejection if, moved, no replica takes it any more."""
+        info = RequestInfo(request_id, prompt_len, max_tokens, time.monotonic(), one_engine)
+        while True:
+            work = (self.decode if decision.mode == "local" else self.prefill).work
+            if work.has_turn(request_id):
+                return decision
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._long_done.wait(), CHECK_EVERY_S)
+            now = time.monotonic()
+            why = move_reason(self.policy, decision, info, now)
+            if why is None:
+                continue
+            self._release(decision, request_id, prompt_len, max_tokens)
+            self.decisions[(decision.lane, decision.mode)] -= 1
+            moved = self.policy.decide(info, now, avoid=Engine.of(decision))
+            if isinstance(moved, Rejection):
+                self.in_flight[decision.lane] -= 1
+                return moved
+            self.decisions[(moved.lane, moved.mode)] += 1
+            self.num_moved += 1
+            decision = replace(moved, reason=f"{moved.reason}; moved: {why}")
 
     def first_token(self, decision: Decision, request_id: str) -> bool | None:
         """Returns whether the prompt ran alone on its engine (None: not booked any more)."""
-        clean = self.policy.first_token(decision, request_id)
+        clean = self.policy.first_token(decision, request_id, time.monotonic())
         if clean is not None and decision.lane == "long":
             self._long_done.set()
             self._long_done = asyncio.Event()
@@ -169,6 +193,11 @@ class LiveScheduler:
                      max_tokens: int, tpot_ms: float = 0.0) -> None:
         """The request ended (done, failed or aborted)."""
         self.in_flight[decision.lane] -= 1
+        self._release(decision, request_id, prompt_len, max_tokens, tpot_ms)
+
+    def _release(self, decision: Decision, request_id: str, prompt_len: int, max_tokens: int,
+                 tpot_ms: float = 0.0) -> None:
+        """The request's bookings leave the books: its prefill (unless done) and sequence."""
         self.first_token(decision, request_id)  # no-op unless it ended before
         if decision.mode == "prefill_local":
             table, replica = self.prefill, decision.prefill_replica or ""
@@ -203,6 +232,7 @@ class LiveScheduler:
                 for i, rid in enumerate(self.decode.ids)
             ],
             "decisions": {f"{lane}/{mode}": n for (lane, mode), n in self.decisions.items()},
+            "moved": self.num_moved,
             "demand": {role: asdict(self.demand(role)) for role in self._roles()},
         }
 

@@ -53,7 +53,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from runtime.scheduler.loads import DecodeTable, PrefillTable, ReplicaColumns
-from runtime.scheduler.types import Decision, Lane, Rejection, RequestInfo
+from runtime.scheduler.types import Decision, Engine, Lane, Rejection, RequestInfo
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,10 @@ class GlobalScheduler:
             if not mask.any():
                 self._lane_masks[lane] = np.ones_like(mask)
 
+    def lane_mask(self, lane: Lane) -> np.ndarray:
+        """The prefill replicas that serve the lane."""
+        return self._lane_masks[lane]
+
     def lane(self, prompt_len: int) -> Lane:
         if prompt_len >= self.config.long_prompt_tokens:
             return "long"
@@ -108,14 +112,21 @@ class GlobalScheduler:
                 return "long"
         return "short"
 
-    def decide(self, request: RequestInfo, now_s: float) -> Decision | Rejection:
+    def decide(self, request: RequestInfo, now_s: float,
+               avoid: Engine | None = None) -> Decision | Rejection:
         """Choose lane, mode and replicas for one request, and book it. Side effect: the
-        chosen replicas' counts include this request from now on."""
+        chosen replicas' counts include this request from now on. `avoid`: an engine not to
+        prefill it on (a long prompt moving off an engine that is late), if another can."""
         lane = self.lane(request.prompt_len)
         stale_s = self.config.stale_after_s
         d_live = self.decode.live(now_s, stale_s)
         p_live = self.prefill.live(now_s, stale_s) if self.config.disaggregation \
             else np.zeros(len(self.prefill.ids), dtype=bool)
+        local_ok = np.ones(len(self.decode.ids), dtype=bool)
+        if avoid is not None:
+            mask = _other_than(self.prefill.ids, avoid.prefill_replica)
+            p_live = p_live & mask if (p_live & mask).any() else p_live
+            local_ok = _other_than(self.decode.ids, avoid.local_replica)
         if not d_live.any():
             if p_live.any():
                 return self._prefill_local(request, lane, p_live, now_s,
@@ -126,10 +137,11 @@ class GlobalScheduler:
         if not d_open.any():
             return Rejection("overloaded: every live decode replica has max_num_seqs + "
                              f"{self.config.max_queued_per_replica} requests", 1.0)
+        d_open_local = d_open & local_ok if (d_open & local_ok).any() else d_open
         if not self.config.disaggregation:
-            return self._colocated(request, lane, d_open, now_s)
+            return self._colocated(request, lane, d_open_local, now_s)
         if request.one_engine:
-            return self._one_engine(request, lane, d_open, p_live, now_s)
+            return self._one_engine(request, lane, d_open_local, p_live, now_s)
         d = self._place_decode(request, d_open)
         if d is None:
             return _no_room(request)
@@ -139,8 +151,8 @@ class GlobalScheduler:
                 return self._prefill_local(request, lane, overflow, now_s,
                                            "decode pool full: a prefill replica serves it whole")
         n = request.prompt_len
-        local_ms = self._local_ms(n, lane, now_s)
-        can_local = self._can_local(request, d_live, now_s)
+        local_ms = self.local_ms(n, lane, now_s)
+        can_local = self.can_local(request, d_live, now_s) & local_ok
         if not p_live.any():  # degraded: the decode replicas prefill everything themselves
             pool = np.flatnonzero(can_local if can_local.any() else d_live)
             best = int(pool[np.argmin(local_ms[pool])])
@@ -248,7 +260,7 @@ class GlobalScheduler:
             return "no decode replica has room or TPOT budget for a local prefill"
         return f"split {split_ready:.1f} ms < local {float(local_ms[can_local].min()):.1f} ms"
 
-    def _can_local(self, request: RequestInfo, d_live: np.ndarray,
+    def can_local(self, request: RequestInfo, d_live: np.ndarray,
                    now_s: float) -> np.ndarray:
         """Live decode replicas that may prefill this prompt themselves now (room, budget)."""
         table = self.decode
@@ -265,7 +277,7 @@ class GlobalScheduler:
         within_budget = (table.booked_seqs == 0) | (work_after <= tokens_left * slack_ms)
         return d_live & room & within_budget
 
-    def _local_ms(self, num_tokens: int, lane: Lane, now_s: float) -> np.ndarray:
+    def local_ms(self, num_tokens: int, lane: Lane, now_s: float) -> np.ndarray:
         """Every decode replica's predicted first token for a local prefill: its prefill work,
         plus its decode batch in every step the prompt takes."""
         table = self.decode
@@ -298,7 +310,7 @@ class GlobalScheduler:
         p_room = p_live & self.prefill.room(need)
         if p_room.any():
             p_ms = self.prefill.work.wait_ms(now_s, request.prompt_len, lane)
-            d_ms = self._local_ms(request.prompt_len, lane, now_s)
+            d_ms = self.local_ms(request.prompt_len, lane, now_s)
             d_room = d_open & self.decode.room(need)
             if lane == "long" or not d_room.any() or p_ms[p_room].min() < d_ms[d_room].min():
                 return self._prefill_local(request, lane, p_room, now_s,
@@ -315,7 +327,7 @@ class GlobalScheduler:
         if not fits.any():
             return _no_room(request)
         room = fits & (table.free_blocks >= blocks) & (table.active_seqs < table.max_num_seqs)
-        wait_ms = self._local_ms(request.prompt_len, lane, now_s)
+        wait_ms = self.local_ms(request.prompt_len, lane, now_s)
         d = self._earliest(room if room.any() else fits, wait_ms, table)
         return self._book_local(request, lane, d, float(wait_ms[d]), now_s,
                                 f"{why}: earliest first token ({wait_ms[d]:.0f} ms "
@@ -336,12 +348,13 @@ class GlobalScheduler:
             - table.free_blocks[candidates]
         return int(candidates[np.argmin(score)])
 
-    def first_token(self, decision: Decision, request_id: str) -> bool | None:
+    def first_token(self, decision: Decision, request_id: str,
+                    now_s: float | None = None) -> bool | None:
         """The request's prefill is done (its first token exists, or it ended before): its
         work leaves the engine's books. Returns whether it ran alone there (a clean sample
         for the model), None if it was not booked (any more)."""
         table = self.decode if decision.mode == "local" else self.prefill
-        return table.work.finished(request_id)
+        return table.work.finished(request_id, now_s)
 
     def replica_failed(self, role: str, replica_id: str, now_s: float) -> None:
         """A call to the replica failed as a replica would (it died, its engine died)."""
@@ -365,6 +378,10 @@ class GlobalScheduler:
         if alone:
             table.work.learn(i, [(num_tokens, compute_ms)])
         table.work.observe(i, num_tokens, compute_ms)
+
+
+def _other_than(ids: list[str], replica_id: str | None) -> np.ndarray:
+    return np.array([rid != replica_id for rid in ids], dtype=bool)
 
 
 def _unavailable(reason: str) -> Rejection:

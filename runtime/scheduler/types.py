@@ -64,6 +64,21 @@ class Decision:
 
 
 @dataclass(frozen=True)
+class Engine:
+    """The engine that prefills a request: a prefill replica's, or a decode replica's (a
+    local prefill)."""
+
+    prefill_replica: str | None = None
+    local_replica: str | None = None
+
+    @staticmethod
+    def of(decision: Decision) -> Engine:
+        if decision.mode == "local":
+            return Engine(local_replica=decision.decode_replica)
+        return Engine(prefill_replica=decision.prefill_replica)
+
+
+@dataclass(frozen=True)
 class Rejection:
     """Admission control said no: answer 429 / RESOURCE_EXHAUSTED with Retry-After."""
 

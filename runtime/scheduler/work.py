@@ -56,6 +56,7 @@ class PrefillWork:
         self.short_ms = np.zeros(0)  # predicted work outstanding, by lane
         self.long_ms = np.zeros(0)
         self.head_tokens = np.zeros(0)  # tokens of the long prompt the engine runs now
+        self.head_started = np.zeros(0)  # when that long prompt was sent (its turn came)
         self.busy_since = np.zeros(0)
         self.done_ms = np.zeros(0)  # predicted work finished since busy_since
         self.num_outstanding = np.zeros(0, dtype=np.int64)
@@ -69,8 +70,8 @@ class PrefillWork:
 
     def add_replica(self) -> int:
         self.fits.append(PrefillFit(self.prior))
-        for name in ("a", "b", "c", "short_ms", "long_ms", "head_tokens", "busy_since",
-                     "done_ms"):
+        for name in ("a", "b", "c", "short_ms", "long_ms", "head_tokens", "head_started",
+                     "busy_since", "done_ms"):
             setattr(self, name, np.append(getattr(self, name), 0.0))
         self.num_outstanding = np.append(self.num_outstanding, 0)
         self.num_dispatched = np.append(self.num_dispatched, 0)
@@ -148,7 +149,7 @@ class PrefillWork:
             self.num_long[i] += 1
             self._long_queues[i].append(request_id)
             if len(self._long_queues[i]) == 1:
-                self.head_tokens[i] = num_tokens
+                self.head_tokens[i], self.head_started[i] = num_tokens, now_s
         else:
             self.short_ms[i] += work
         return work
@@ -161,8 +162,36 @@ class PrefillWork:
             return True
         return self._long_queues[booking.replica][0] == request_id
 
-    def finished(self, request_id: str) -> bool | None:
-        """The prefill's first token came back (or the request ended before it did). Returns
+    def replica_of(self, request_id: str) -> int | None:
+        booking = self._bookings.get(request_id)
+        return None if booking is None else booking.replica
+
+    def ahead_ms(self, request_id: str, now_s: float) -> float:
+        """A booked long prompt waiting for its turn: the predicted work its engine has left
+        before it (the work outstanding there, less its own and that of longs booked after
+        it)."""
+        booking = self._bookings[request_id]
+        i = booking.replica
+        short, long_ = self.remaining_ms(now_s)
+        queue = list(self._long_queues[i])
+        behind = queue[queue.index(request_id):] if request_id in queue else [request_id]
+        later = sum(self._bookings[rid].work_ms for rid in behind)
+        return max(0.0, float(short[i] + long_[i]) - later)
+
+    def head_overdue_ms(self, i: int, now_s: float) -> float:
+        """How far the long prefill engine i runs now is past its predicted time (0 if none
+        runs, or it is not late)."""
+        queue = self._long_queues[i]
+        if not queue:
+            return 0.0
+        head, started = self._bookings[queue[0]], float(self.head_started[i])
+        if np.isnan(started):
+            return 0.0
+        return max(0.0, 1e3 * (now_s - started) - head.work_ms)
+
+    def finished(self, request_id: str, now_s: float | None = None) -> bool | None:
+        """The prefill's first token came back (or the request ended before it did, or it
+        moved to another engine). Returns
         whether it ran alone on the replica its whole life (nothing sent there before it was
         done, nothing outstanding when it was sent): a clean sample of the prefill model.
         None if it was not booked (any more)."""
@@ -176,8 +205,11 @@ class PrefillWork:
             self.long_ms[i] = max(0.0, self.long_ms[i] - booking.work_ms)
             self.num_long[i] -= 1
             queue = self._long_queues[i]
+            was_head = queue[0] == request_id
             queue.remove(request_id)
             self.head_tokens[i] = self._bookings[queue[0]].num_tokens if queue else 0.0
+            if was_head:  # the next long prompt's turn starts now (unknown: never late)
+                self.head_started[i] = np.nan if now_s is None else now_s
         else:
             self.short_ms[i] = max(0.0, self.short_ms[i] - booking.work_ms)
         if self.num_outstanding[i] == 0:

@@ -233,7 +233,7 @@ def test_long_prompts_go_to_an_engine_one_at_a_time_in_booking_order():
         short = live.decide("s", 100, 16)
 
         async def send(rid: str) -> None:
-            await live.turn(decisions.get(rid, short), rid)
+            await live.turn(decisions.get(rid, short), rid, 100 if rid == "s" else 5000, 16)
             order.append(rid)
 
         tasks = [asyncio.ensure_future(send(rid)) for rid in ("c", "b", "s", "a")]
