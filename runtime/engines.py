@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from typing import TYPE_CHECKING, Literal
 
 from kv_transfer.config import ConnectorConfig, TransferSettings
 from runtime.engine_config import EngineConfig, EngineRole, TransferConfig
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -103,6 +106,11 @@ def build_engine(
             kv_load_failure_policy="fail",
             kv_connector_extra_config=connector_config(transfer, role, kv_port).to_extra_config(),
         )
+    if (niceness := os.nice(0)) > 0:  # the engine's processes inherit it
+        log.warning("this engine runs at niceness %d (a Ray worker's default is 15): every "
+                    "process at niceness 0 on its cores takes them first. Start Ray with "
+                    "RAY_worker_niceness=0 (`disagg serve` and scripts/local-cluster.sh do).",
+                    niceness)
     if config.cpu_threads_bind is not None:
         # vLLM's CPU workers read their core binding from the environment at start.
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = config.cpu_threads_bind

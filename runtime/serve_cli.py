@@ -34,6 +34,9 @@ def serve_env(config: AppConfig) -> dict[str, str]:
     return env
 
 
+WORKER_NICENESS_ENV = "RAY_worker_niceness"  # Ray's config for its workers' niceness (15)
+
+
 def start_app(config: AppConfig, address: str | None,
               on_ray_up: Callable[[], None] | None = None) -> str:
     """Start (or join) Ray, run the app, return the HTTP base URL. `on_ray_up` runs once Ray
@@ -49,6 +52,10 @@ def start_app(config: AppConfig, address: str | None,
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
     else:
+        # Ray starts its workers at niceness 15, and the vLLM engines our replicas spawn
+        # inherit it: any Ray daemon (nice 0) on an engine's core then takes the core from the
+        # engine. Our workers are the engines' parents: nice 0, as a plain vLLM server runs.
+        os.environ.setdefault(WORKER_NICENESS_ENV, "0")
         # "local": a new Ray of our own, never one some earlier `ray start` left behind
         ray.init(address="local", include_dashboard=False, runtime_env=runtime_env,
                  log_to_driver=False)

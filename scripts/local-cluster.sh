@@ -119,7 +119,10 @@ node_start() {  # node-start ray start ARGS...: that command, kept under a pid f
   ulimit -n 65536 2>/dev/null || true
   # --block: this process owns the node's processes (they die with it), so stopping its pid
   # stops this cluster only. setsid + nohup: it outlives the SSH session that starts it.
-  RAY_AUTH_MODE=token setsid nohup "$RAY" start "$@" --block \
+  # Ray runs its workers at niceness 15 unless told otherwise, and the vLLM engines the
+  # replicas spawn inherit it (then any Ray daemon on an engine's core preempts the engine)
+  RAY_worker_niceness="${RAY_worker_niceness:-0}" RAY_AUTH_MODE=token \
+    setsid nohup "$RAY" start "$@" --block \
     --dashboard-port="$dashboard_port" --dashboard-agent-listen-port=0 \
     --ray-client-server-port="$(free_port)" >"$STATE/ray-node.log" 2>&1 </dev/null &
   local pid=$!

@@ -3,6 +3,7 @@ it: the official openai client, raw HTTP for bad input, and disconnects mid-stre
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 
@@ -308,3 +309,22 @@ def test_stop_strings_batches_n_and_echo_as_vllm_gives_them(client, cluster, tok
         assert batch.usage.completion_tokens == 24
     texts = [sorted((c.index, c.text) for c in batch.choices) for batch in batches]
     assert texts[0] == texts[1]  # the same seed, the same samples
+
+
+def test_replicas_and_their_engines_run_at_niceness_0(serve_app):
+    """Ray starts its workers at niceness 15 and the engines a replica spawns inherit it (a Ray
+    daemon on an engine's core would then take the core from it); `disagg serve` starts its
+    Ray with worker niceness 0, as a plain vLLM server runs."""
+    import psutil
+
+    def name(p: psutil.Process) -> str:
+        with contextlib.suppress(psutil.Error):
+            return " ".join(p.cmdline()) or p.name()
+        return ""
+
+    replicas = [p for p in psutil.Process().children(recursive=True)
+                if name(p).startswith("ray::ServeReplica:")]
+    engines = [c for r in replicas for c in r.children(recursive=True)
+               if name(c).startswith("VLLM::")]
+    assert len(replicas) >= 3 and len(engines) >= 2, (replicas, engines)
+    assert {p.nice() for p in replicas + engines} == {0}
