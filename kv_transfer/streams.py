@@ -26,12 +26,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+from kv_transfer.chunks import ChunkHeader
 from kv_transfer.leases import ExpiredHandle, LeaseError, LeaseTable, UnknownHandle
-from kv_transfer.paged_kv import ChunkPlan, PagedKVCache
+from kv_transfer.paged_kv import PagedKVCache
 
 StreamState = Literal["filling", "failed"]
 POLL_S = 0.1  # readers re-check their caller's liveness this often while waiting
-ReadyChunk = tuple[ChunkPlan, list[int]]  # a chunk and the producer block ids it carries
+ReadyChunk = tuple[ChunkHeader, list[int]]  # a chunk and the producer block ids it carries
 
 
 class StreamFailed(LeaseError):
@@ -151,7 +152,7 @@ class StreamReader:
         per_chunk = max(1, max_chunk_bytes // block_bytes)
         for first in range(start, stop, per_chunk):
             count = min(per_chunk, stop - first)
-            plan = ChunkPlan(layer, first, count, count * block_bytes)
+            plan = ChunkHeader(layer, first, count, count * block_bytes)
             yield plan, block_ids[first : first + count]
 
 
