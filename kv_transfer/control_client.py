@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Callable
+from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 
 from kv_transfer.control import (
     HANDSHAKE_METHOD,
@@ -59,6 +62,19 @@ class ControlClient:
                 self._channels[key] = channel
             return channel
 
+    def unary(self, endpoint: str, method: str, deserialize: Callable[[bytes], Any],
+              stream_index: int = 0) -> grpc.UnaryUnaryMultiCallable:
+        """A stub of one of the producer's unary methods (pass `metadata` to each call)."""
+        return self.channel(endpoint, stream_index).unary_unary(
+            method, request_serializer=_serialize, response_deserializer=deserialize)
+
+    def stream(self, endpoint: str, method: str, deserialize: Callable[[bytes], Any] | None,
+               stream_index: int = 0) -> grpc.UnaryStreamMultiCallable:
+        """A stub of one of the producer's server-streaming methods (deserialize None: the
+        raw bytes of each message)."""
+        return self.channel(endpoint, stream_index).unary_stream(
+            method, request_serializer=_serialize, response_deserializer=deserialize)
+
     def handshake(self, endpoint: str, timeout_s: float) -> None:
         """First contact with a producer: exchange protocol versions and KV layouts (once per
         endpoint, again after `forget`). Raises TransferError naming both sides' values when
@@ -66,11 +82,7 @@ class ControlClient:
         with self._lock:
             if endpoint in self._agreed:
                 return
-        stub = self.channel(endpoint).unary_unary(
-            HANDSHAKE_METHOD,
-            request_serializer=pb.HandshakeRequest.SerializeToString,
-            response_deserializer=pb.HandshakeResponse.FromString,
-        )
+        stub = self.unary(endpoint, HANDSHAKE_METHOD, pb.HandshakeResponse.FromString)
         request = pb.HandshakeRequest(consumer=self._hello.to_wire())
         try:
             answer = stub(request, timeout=timeout_s, metadata=self.metadata)
@@ -103,6 +115,10 @@ class ControlClient:
             channels, self._channels = list(self._channels.values()), {}
         for channel in channels:
             channel.close()
+
+
+def _serialize(message: Message) -> bytes:
+    return message.SerializeToString()
 
 
 def send_release(channel: grpc.Channel, handle: str, metadata: Metadata,

@@ -146,8 +146,9 @@ class ControlServer:
             for channel in self._channels.values():
                 channel.stop()
         if self._executor is not None:
-            # handlers still ending see their calls cancelled; idle threads go at once
-            self._executor.shutdown(wait=False, cancel_futures=True)
+            # handlers still running see their calls cancelled and end (a collective send
+            # within its group timeout); their threads are joined here
+            self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
 
     # One wrapper per kind of method: the checks every channel shares

@@ -285,12 +285,9 @@ class BulkTcpConsumer(ConsumerChannel):
 
     def receive(self, endpoint: str, request: pb.PullRequest, sink: ChunkSink,
                 stream_index: int, deadline: float, should_stop: Callable[[], bool]) -> None:
-        stub = self.control.channel(endpoint, stream_index).unary_unary(
-            OPEN_BULK_METHOD,
-            request_serializer=pb.PullRequest.SerializeToString,
-            response_deserializer=pb.BulkTicket.FromString,
-        )
-        ticket = stub(request, timeout=remaining_s(deadline), metadata=self.control.metadata)
+        open_bulk = self.control.unary(endpoint, OPEN_BULK_METHOD, pb.BulkTicket.FromString,
+                                       stream_index)
+        ticket = open_bulk(request, timeout=remaining_s(deadline), metadata=self.control.metadata)
         address = (endpoint.rsplit(":", 1)[0], ticket.port)
         receive_blocks(address, ticket.ticket, sink, deadline, should_stop,
                        request.max_chunk_bytes)

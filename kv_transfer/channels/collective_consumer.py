@@ -94,10 +94,7 @@ class CollectiveConsumer(ConsumerChannel):
             entry = self._groups.get(endpoint)
         if entry is not None and not entry.pair.is_closed:
             return entry
-        join = self.control.channel(endpoint).unary_unary(
-            JOIN_METHOD, request_serializer=pb.JoinRequest.SerializeToString,
-            response_deserializer=pb.JoinResponse.FromString,
-        )
+        join = self.control.unary(endpoint, JOIN_METHOD, pb.JoinResponse.FromString)
         identity = self.options.identity
         hello = pb.JoinRequest(
             peer_id=self._peer_id, backend=identity.backend, tp_size=identity.tp_size,
@@ -129,12 +126,9 @@ class CollectiveConsumer(ConsumerChannel):
 
     def _receive_on(self, entry: _ConsumerGroup, endpoint: str, request: pb.PullRequest,
                     sink: ChunkSink, deadline: float, should_stop: Callable[[], bool]) -> None:
-        stub = self.control.channel(endpoint).unary_stream(
-            PULL_COLLECTIVE_METHOD,
-            request_serializer=pb.CollectivePullRequest.SerializeToString,
-            response_deserializer=pb.CollectiveProgress.FromString,
-        )
-        call = stub(pb.CollectivePullRequest(pull=request, group_name=entry.name),
+        pull_collective = self.control.stream(endpoint, PULL_COLLECTIVE_METHOD,
+                                              pb.CollectiveProgress.FromString)
+        call = pull_collective(pb.CollectivePullRequest(pull=request, group_name=entry.name),
                     timeout=remaining_s(deadline), metadata=self.control.metadata)
         try:
             opening = next(call)

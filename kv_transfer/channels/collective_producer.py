@@ -151,7 +151,7 @@ class CollectiveProducer(ProducerChannel):
             for name in list(self._groups):
                 self._drop_locked(name)
         # a rendezvous still waiting for its consumer ends within the group timeout
-        self._builders.shutdown(wait=False, cancel_futures=True)
+        self._builders.shutdown(wait=True, cancel_futures=True)
         self._store = None
 
     def _check_peer(self, request: pb.JoinRequest) -> None:

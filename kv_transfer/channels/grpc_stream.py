@@ -55,12 +55,9 @@ class GrpcStreamConsumer(ConsumerChannel):
 
     def receive(self, endpoint: str, request: pb.PullRequest, sink: ChunkSink,
                 stream_index: int, deadline: float, should_stop: Callable[[], bool]) -> None:
-        stub = self.control.channel(endpoint, stream_index).unary_stream(
-            PULL_METHOD,
-            request_serializer=pb.PullRequest.SerializeToString,
-            response_deserializer=None,  # raw bytes: decode_chunk reads them without a copy
-        )
-        call = stub(request, timeout=remaining_s(deadline), metadata=self.control.metadata)
+        # raw bytes: decode_chunk reads them without a copy
+        pull_blocks = self.control.stream(endpoint, PULL_METHOD, None, stream_index)
+        call = pull_blocks(request, timeout=remaining_s(deadline), metadata=self.control.metadata)
         for message in call:
             if should_stop():
                 call.cancel()
