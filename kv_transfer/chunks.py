@@ -49,20 +49,21 @@ def check_chunk(header: ChunkHeader, num_blocks: int, block_bytes_per_layer: Seq
     (capacity) it will read them into. `wire` names the message in the error."""
     layer, first, count, size = (header.layer_index, header.first_block, header.num_blocks,
                                  header.num_bytes)
-    where = f"malformed {wire} (layer {layer}, blocks {first}+{count}, {size} bytes)"
     if count == 0:
-        raise TransferError(f"{where}: no blocks")
-    if first + count > num_blocks:
-        raise TransferError(f"{where}: only {num_blocks} blocks were asked for")
-    if layer >= len(block_bytes_per_layer):
-        raise TransferError(f"{where}: the consumer has {len(block_bytes_per_layer)} layers")
-    expected = count * block_bytes_per_layer[layer]
-    if size != expected:
-        raise TransferError(f"{where}: expected {expected} bytes; producer and consumer KV "
-                            "layouts differ (model, block size or dtype)")
-    if capacity is not None and size > capacity:
-        raise TransferError(f"{where}: larger than the {capacity} byte chunk this consumer "
-                            "asked for")
+        reason = "no blocks"
+    elif first + count > num_blocks:
+        reason = f"only {num_blocks} blocks were asked for"
+    elif layer >= len(block_bytes_per_layer):
+        reason = f"the consumer has {len(block_bytes_per_layer)} layers"
+    elif size != count * block_bytes_per_layer[layer]:
+        reason = (f"expected {count * block_bytes_per_layer[layer]} bytes; producer and consumer "
+                  "KV layouts differ (model, block size or dtype)")
+    elif capacity is not None and size > capacity:
+        reason = f"larger than the {capacity} byte chunk this consumer asked for"
+    else:
+        return
+    raise TransferError(f"malformed {wire} (layer {layer}, blocks {first}+{count}, {size} "
+                        f"bytes): {reason}")
 
 
 def wait_us(waited_s: float) -> int:

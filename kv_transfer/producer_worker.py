@@ -60,12 +60,12 @@ class ProducerWorker:
             stream_wait_s=config.pull_timeout_s,
             layout=layout,
         )
-        endpoint = self._server.start()
+        self.endpoint = self._server.start()  # as bound (the config may name port 0)
         self._stopped = threading.Event()
         self._reaper = threading.Thread(target=self._reap_leases, name="kv-lease-reaper",
                                         daemon=True)
         self._reaper.start()
-        logger.info("disagg KV server on %s (%s; %d layers, %d B per block)", endpoint,
+        logger.info("disagg KV server on %s (%s; %d layers, %d B per block)", self.endpoint,
                     "/".join(config.served_channels), cache.num_layers, cache.block_bytes)
 
     def begin_step(self, meta: DisaggConnectorMetadata) -> None:
