@@ -2,11 +2,11 @@
 
 Two processes, one GPU each, hold synthetic paged KV caches in vLLM's GPU layout
 ([2, num_blocks, block_size, kv_heads, head_dim] per layer). They pair up exactly as the
-connector's workers do (kv_transfer/collective.py: producer TCPStore, two-rank ProcessGroupNCCL,
-point-to-point send/recv), then move scattered blocks with the transport's chunk plan: gather
-into a staging tensor on the producer's GPU, send, recv into a staging tensor on the consumer's
-GPU, scatter. It checks every moved block byte for byte and prints GB/s for the full path and
-for a bare contiguous send/recv of the same bytes.
+connector's workers do (kv_transfer/channels/pair_group.py: producer TCPStore, two-rank
+ProcessGroupNCCL, point-to-point send/recv), then move scattered blocks with the transport's
+chunk plan: gather into a staging tensor on the producer's GPU, send, recv into a staging tensor
+on the consumer's GPU, scatter. It checks every moved block byte for byte and prints GB/s for
+the full path and for a bare contiguous send/recv of the same bytes.
 
     python -m benchmarks.nccl_check [--layers 32] [--blocks 256] [--iters 5]
     python -m benchmarks.nccl_check --backend gloo   # the same script on CPU (self-test)
@@ -25,7 +25,7 @@ from multiprocessing.connection import Connection
 
 import torch
 
-from kv_transfer.collective import CONSUMER_RANK, PRODUCER_RANK, PairGroup, host_store
+from kv_transfer.channels.pair_group import CONSUMER_RANK, PRODUCER_RANK, PairGroup, host_store
 from kv_transfer.paged_kv import PagedKVCache
 
 DTYPE = torch.bfloat16

@@ -27,10 +27,10 @@ from multiprocessing.connection import Connection
 import grpc
 import torch
 
-from kv_transfer.grpc_client import GrpcKVClient
-from kv_transfer.grpc_server import GrpcKVServer
+from kv_transfer.control_server import ControlServer
 from kv_transfer.leases import LeaseTable
 from kv_transfer.paged_kv import PagedKVCache
+from kv_transfer.puller import KVPuller
 
 BARE_METHOD = "/bench.Bare/Stream"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -72,9 +72,9 @@ MAX_MESSAGE_BYTES = 16 << 20
 def _producer(shape: Shape, token: str, ctl: Connection) -> None:
     caches = shape.make_caches(seed=1)
     leases = LeaseTable()
-    server = GrpcKVServer(PagedKVCache(caches, shape.num_blocks), leases, bind_host="127.0.0.1",
-                          port=0, auth_token=token, max_chunk_bytes=MAX_MESSAGE_BYTES,
-                          handle_wait_s=1.0)
+    server = ControlServer(PagedKVCache(caches, shape.num_blocks), leases, bind_host="127.0.0.1",
+                           port=0, auth_token=token, max_chunk_bytes=MAX_MESSAGE_BYTES,
+                           handle_wait_s=1.0)
     ctl.send(server.start())
     while (message := ctl.recv()) is not None:
         handle, block_ids = message
@@ -155,7 +155,7 @@ class Bench:
         for proc in self._procs:
             proc.join(10)
 
-    def disagg(self, client: GrpcKVClient, num_blocks: int) -> float:
+    def disagg(self, client: KVPuller, num_blocks: int) -> float:
         handle = secrets.token_urlsafe(24)
         remote = list(range(num_blocks))
         local = list(range(self.shape.num_blocks - 1, self.shape.num_blocks - 1 - num_blocks, -1))
@@ -236,9 +236,8 @@ def main(argv: list[str] | None = None) -> int:
             num_messages = max(1, total_bytes // chunk_bytes)
             modes = [False] if args.no_bulk else [False, True]
             clients = {
-                (bulk, n): GrpcKVClient(consumer, auth_token=bench.token,
-                                        max_chunk_bytes=chunk_bytes, num_streams=n,
-                                        bulk_tcp=bulk)
+                (bulk, n): KVPuller(consumer, "tcp" if bulk else "grpc", auth_token=bench.token,
+                                    max_chunk_bytes=chunk_bytes, num_streams=n)
                 for bulk in modes for n in args.streams
             }
             labels = {key: f"disagg {'bulk TCP' if key[0] else 'gRPC'}, {key[1]} stream"

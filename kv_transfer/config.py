@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from kv_transfer.kinds import CollectiveBackend, DataChannel, TransportKind
+from kv_transfer.kinds import ChannelName, CollectiveBackend, DataChannel, TransportKind
 
 MIN_TOKEN_CHARS = 16
 
@@ -79,6 +79,17 @@ class ConnectorConfig(TransferSettings):
         "nccl", description="Pair-group backend of the nccl transport: nccl (GPUs) or gloo "
         "(CPU test mode, the same code)."
     )
+
+    @property
+    def channel(self) -> ChannelName:
+        """The data channel a consumer pulls over (channels/registry.py)."""
+        return "nccl" if self.transport == "nccl" else self.data_channel
+
+    @property
+    def served_channels(self) -> tuple[ChannelName, ...]:
+        """The data channels a producer serves: both gRPC-authorized ones always (a consumer of
+        either may pull), the collective one with the nccl transport (it needs its backend)."""
+        return ("grpc", "tcp", "nccl") if self.transport == "nccl" else ("grpc", "tcp")
 
     @property
     def endpoint(self) -> str:

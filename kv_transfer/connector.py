@@ -10,8 +10,9 @@
 vLLM builds one instance per role: the SCHEDULER one in the engine core (connector_scheduler.py)
 and a WORKER one in each worker process (connector_worker.py). This class only routes vLLM's
 calls to the side that owns them. The block exchange follows vLLM's NIXL pull protocol with NIXL
-replaced by our transport (transport.py): the producer keeps a finished prompt's blocks under a
-lease, the consumer pulls them by block id and releases them.
+replaced by our transfer (a gRPC control plane, control*.py, and a data channel chosen by config,
+channels/): the producer keeps a finished prompt's blocks under a lease, the consumer pulls them
+by block id and releases them.
 """
 
 from __future__ import annotations

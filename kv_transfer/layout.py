@@ -4,7 +4,7 @@ KV blocks move as raw bytes in the producer's paged layout, so a consumer may on
 producer with the same layout: layer count, KV heads, head size, dtype, block size, and the bytes
 of one block of each layer (which also differ between attention backends' arrangements). Before
 its first pull from a producer, the consumer calls Handshake with its protocol version and layout
-(grpc_client.py); the producer refuses a mismatch (grpc_server.py) with a message naming both
+(control_client.py); the producer refuses a mismatch (control_server.py) with a message naming both
 sides' values, so a mismatch fails there and never halfway through a transfer.
 """
 

@@ -122,11 +122,6 @@ class LeaseTable:
             freed, self._freed = set(self._freed), []
             return freed
 
-    def wait_for_change(self, timeout_s: float) -> None:
-        with self._cond:
-            if not self._freed:
-                self._cond.wait(timeout_s)
-
     @property
     def num_leases(self) -> int:
         with self._cond:

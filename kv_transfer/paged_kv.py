@@ -12,19 +12,10 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 
 import torch
 
-
-@dataclass(frozen=True)
-class ChunkPlan:
-    """One streamed chunk: a run of requested blocks of one layer."""
-
-    layer_index: int
-    first_block: int
-    num_blocks: int
-    num_bytes: int
+from kv_transfer.chunks import ChunkHeader
 
 
 class PagedKVCache:
@@ -65,7 +56,7 @@ class PagedKVCache:
             for layer, dim in zip(self._layers, self._block_dims, strict=True)
         )
 
-    def plan_chunks(self, num_blocks: int, max_chunk_bytes: int) -> Iterator[ChunkPlan]:
+    def plan_chunks(self, num_blocks: int, max_chunk_bytes: int) -> Iterator[ChunkHeader]:
         """Split a transfer of num_blocks blocks into chunks, layer by layer.
 
         A chunk holds at least one block even when one block exceeds max_chunk_bytes.
@@ -74,7 +65,7 @@ class PagedKVCache:
             per_chunk = max(1, max_chunk_bytes // block_bytes)
             for first in range(0, num_blocks, per_chunk):
                 count = min(per_chunk, num_blocks - first)
-                yield ChunkPlan(layer_index, first, count, count * block_bytes)
+                yield ChunkHeader(layer_index, first, count, count * block_bytes)
 
     def gather_into(
         self, layer_index: int, block_ids: list[int], buffer: bytearray | memoryview, offset: int

@@ -26,12 +26,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+from kv_transfer.chunks import ChunkHeader
 from kv_transfer.leases import ExpiredHandle, LeaseError, LeaseTable, UnknownHandle
-from kv_transfer.paged_kv import ChunkPlan, PagedKVCache
+from kv_transfer.paged_kv import PagedKVCache
 
 StreamState = Literal["filling", "failed"]
 POLL_S = 0.1  # readers re-check their caller's liveness this often while waiting
-ReadyChunk = tuple[ChunkPlan, list[int]]  # a chunk and the producer block ids it carries
+ReadyChunk = tuple[ChunkHeader, list[int]]  # a chunk and the producer block ids it carries
 
 
 class StreamFailed(LeaseError):
@@ -61,8 +62,9 @@ class LeasePull:
 
     def chunks(self, max_chunk_bytes: int,
                is_active: Callable[[], bool]) -> Iterator[ReadyChunk]:
-        for plan in self._cache.plan_chunks(len(self._block_ids), max_chunk_bytes):
-            yield plan, self._block_ids[plan.first_block : plan.first_block + plan.num_blocks]
+        for header in self._cache.plan_chunks(len(self._block_ids), max_chunk_bytes):
+            first = header.first_block
+            yield header, self._block_ids[first : first + header.num_blocks]
 
     def finish(self) -> None:
         self._leases.finish_pull(self._handle)
@@ -104,7 +106,7 @@ class StreamReader:
     waited_s: float = field(default=0.0)
 
     def chunks(self, max_chunk_bytes: int, is_active: Callable[[], bool]) -> Iterator[ReadyChunk]:
-        """Chunks in the order they are computed; `plan.first_block` counts from first_index.
+        """Chunks in the order they are computed; `header.first_block` counts from first_index.
 
         Raises StreamFailed if the stream fails or nothing new is ready for timeout_s; ends
         early (without every block) once is_active() turns false.
@@ -151,8 +153,8 @@ class StreamReader:
         per_chunk = max(1, max_chunk_bytes // block_bytes)
         for first in range(start, stop, per_chunk):
             count = min(per_chunk, stop - first)
-            plan = ChunkPlan(layer, first, count, count * block_bytes)
-            yield plan, block_ids[first : first + count]
+            header = ChunkHeader(layer, first, count, count * block_bytes)
+            yield header, block_ids[first : first + count]
 
 
 class StreamTable:

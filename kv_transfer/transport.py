@@ -1,10 +1,8 @@
-"""The transport interface: how KV blocks move from a producer worker to a consumer worker.
+"""The consumer's transfer API: pull KV blocks from a producer worker into paged KV tensors.
 
-Producer side: a `KVBlockServer` runs inside the producer's worker process, next to its paged KV
-tensors, and serves the blocks of granted leases (see leases.py). Consumer side: a
-`KVBlockClient` runs inside the consumer's worker process and pulls blocks straight into its own
-paged KV tensors. Control (which blocks, which handle, release) and payload may take different
-channels; the gRPC transport carries both, an NCCL transport would carry only the payload.
+`KVBlockClient` is what the connector's consumer side and its prefetcher call; the one
+implementation is `puller.KVPuller` (control plane + one data channel, chosen by config). The
+producer side is `control_server.ControlServer` with its data channels (channels/).
 """
 
 from __future__ import annotations
@@ -28,18 +26,6 @@ class PullResult:
     transfer_bytes: int
     transfer_ms: float  # the pull's wall time
     producer_wait_ms: float = 0.0  # stream pulls: part of transfer_ms spent waiting for compute
-
-
-class KVBlockServer(ABC):
-    """Serves leased blocks of one producer worker."""
-
-    @abstractmethod
-    def start(self) -> str:
-        """Begin serving; returns the endpoint consumers dial. Called exactly once."""
-
-    @abstractmethod
-    def stop(self, grace_s: float = 1.0) -> None:
-        """Stop serving; in-flight pulls are cut after grace_s. Idempotent."""
 
 
 class KVBlockClient(ABC):

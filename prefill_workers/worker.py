@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from vllm.v1.engine.exceptions import EngineDeadError
 
 from kv_transfer.connector_worker import WorkerStats
-from kv_transfer.grpc_transport import release_handle
+from kv_transfer.control_client import release_handle
 from kv_transfer.params import TransferParams, parse_transfer, producer_request_params
 from runtime.cost_tracker import CostTracker
 from runtime.logprobs import from_vllm as logprobs_from_vllm

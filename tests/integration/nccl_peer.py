@@ -1,7 +1,8 @@
 """A stand-in nccl producer in its own process, which can die in the middle of a transfer.
 
 It serves synthetic blocks with the tiny model's per-layer block bytes through the real
-producer code (GrpcKVServer + CollectiveSender, gloo), so a real decode engine pulls from it.
+producer code (ControlServer with the collective channel, gloo), so a real decode engine pulls
+from it.
 With `die_after_chunks`, the process exits hard (no clean-up, like a crash) right after sending
 that many chunks of a transfer.
 """
@@ -34,10 +35,9 @@ def model_layout(model_dir: Path, block_size: int) -> KVLayout:
 
 def _serve(port: int, token: str, layout: KVLayout, num_blocks: int, die_after_chunks: int,
            ctl: Connection) -> None:
-    from kv_transfer import collective
-    from kv_transfer.collective_sender import CollectiveSender, collective_handlers
-    from kv_transfer.collective_transport import WorkerIdentity
-    from kv_transfer.grpc_server import GrpcKVServer
+    from kv_transfer.channels import pair_group as collective
+    from kv_transfer.channels.base import ChannelOptions, WorkerIdentity
+    from kv_transfer.control_server import ControlServer
     from kv_transfer.leases import LeaseTable
     from kv_transfer.paged_kv import PagedKVCache
 
@@ -57,10 +57,10 @@ def _serve(port: int, token: str, layout: KVLayout, num_blocks: int, die_after_c
     layers = {f"layer.{i}": torch.randn(shape) for i in range(layout.num_layers)}
     cache = PagedKVCache(layers, num_blocks)
     leases = LeaseTable()
-    server = GrpcKVServer(cache, leases, bind_host="127.0.0.1", port=port, auth_token=token,
-                          max_chunk_bytes=1 << 20, handle_wait_s=1.0, layout=layout)
-    sender = CollectiveSender(cache, WorkerIdentity("gloo", 1, 0), "127.0.0.1", 5.0)
-    server.add_handlers(collective_handlers(server, sender))
+    server = ControlServer(cache, leases, bind_host="127.0.0.1", port=port, auth_token=token,
+                           max_chunk_bytes=1 << 20, handle_wait_s=1.0, channels=("nccl",),
+                           options=ChannelOptions(WorkerIdentity("gloo", 1, 0), 5.0),
+                           layout=layout)
     endpoint = server.start()
     ctl.send(endpoint)
     while True:
@@ -74,7 +74,6 @@ def _serve(port: int, token: str, layout: KVLayout, num_blocks: int, die_after_c
             ctl.send(leases.num_leases)
         else:
             server.stop(0)
-            sender.stop()
             ctl.send(None)
             return
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from kv_transfer.grpc_transport import release_handle
+from kv_transfer.control_client import release_handle
 from kv_transfer.params import TransferParams
 from runtime.engines import free_port
 from runtime.messages import KVTransferFailed

@@ -1,6 +1,7 @@
-"""The gRPC transport between two paged KV caches, in one process (no engine, no Ray).
+"""The control plane and the gRPC-authorized data channels between two paged KV caches, in one
+process (no engine, no Ray).
 
-Every test runs for both paged layouts and both data paths (gRPC stream, bulk TCP), with one
+Every test runs for both paged layouts and both data channels (gRPC stream, bulk TCP), with one
 and two streams per pull."""
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ import grpc
 import pytest
 import torch
 
-from kv_transfer import bulk_tcp, grpc_client, grpc_transport
-from kv_transfer.grpc_client import GrpcKVClient
-from kv_transfer.grpc_server import GrpcKVServer
+from kv_transfer import control
+from kv_transfer.channels import bulk_tcp
+from kv_transfer.control_server import ControlServer
 from kv_transfer.leases import LeaseTable
 from kv_transfer.paged_kv import PagedKVCache
+from kv_transfer.puller import KVPuller
+from kv_transfer.sink import ChunkSink
 from kv_transfer.transport import TransferError
 from protos import kv_transfer_pb2 as pb
 
@@ -45,13 +48,13 @@ def pair(request):
     layout, bulk_tcp, num_streams = request.param
     src, dst = _caches(1, layout), _caches(2, layout)
     leases = LeaseTable()
-    server = GrpcKVServer(
+    server = ControlServer(
         PagedKVCache(src, NUM_BLOCKS), leases, bind_host="127.0.0.1", port=_free_port(),
         auth_token=TOKEN, max_chunk_bytes=4096, handle_wait_s=0.2,
     )
     endpoint = server.start()
-    client = GrpcKVClient(PagedKVCache(dst, NUM_BLOCKS), auth_token=TOKEN, max_chunk_bytes=4096,
-                          num_streams=num_streams, bulk_tcp=bulk_tcp)
+    client = KVPuller(PagedKVCache(dst, NUM_BLOCKS), "tcp" if bulk_tcp else "grpc",
+                      auth_token=TOKEN, max_chunk_bytes=4096, num_streams=num_streams)
     yield src, dst, leases, endpoint, client
     client.close()
     server.stop(0)
@@ -105,8 +108,8 @@ def test_blocks_outside_the_lease_are_refused(pair):
 def test_wrong_token_is_rejected(pair):
     src, _, leases, endpoint, _ = pair
     leases.grant("h4", "req-4", (1,), lease_s=10)
-    intruder = GrpcKVClient(PagedKVCache(_caches(3), NUM_BLOCKS), auth_token="x" * 32,
-                            max_chunk_bytes=4096, bulk_tcp=True)
+    intruder = KVPuller(PagedKVCache(_caches(3), NUM_BLOCKS), "tcp", auth_token="x" * 32,
+                        max_chunk_bytes=4096)
     with pytest.raises(TransferError, match="rejected the cluster token"):
         intruder.pull(endpoint, "h4", [1], [1], timeout_s=5)
     intruder.release(endpoint, "h4", timeout_s=2)
@@ -133,7 +136,7 @@ def test_cancelled_pull_stops_and_frees_the_reader(pair):
     freed: set[str] = set()
     deadline = time.monotonic() + 5
     while freed != {"req-5"} and time.monotonic() < deadline:
-        leases.wait_for_change(0.1)
+        time.sleep(0.02)
         freed |= leases.take_freed()
     assert freed == {"req-5"}
 
@@ -154,7 +157,7 @@ def test_stream_cut_midway_fails_and_keeps_the_lease_releasable(pair, monkeypatc
         host, port = proxies[-1].endpoint.rsplit(":", 1)
         return real_receive((host, int(port)), *args)
 
-    monkeypatch.setattr(grpc_client, "receive_blocks", receive_via_proxy)
+    monkeypatch.setattr(bulk_tcp, "receive_blocks", receive_via_proxy)
     grpc_proxy = CuttingProxy(endpoint, cut_after)
     try:
         with pytest.raises(TransferError, match="ended early|closed|failed|unreachable"):
@@ -175,24 +178,25 @@ def test_stream_cut_midway_fails_and_keeps_the_lease_releasable(pair, monkeypatc
 def test_bulk_ticket_is_single_use(pair):
     src, dst, leases, endpoint, _ = pair
     leases.grant("h7", "req-7", (2, 3), lease_s=10)
-    client = GrpcKVClient(PagedKVCache(dst, NUM_BLOCKS), auth_token=TOKEN, max_chunk_bytes=4096,
-                          bulk_tcp=True)
-    channel = client._channel(endpoint, 0)
-    open_bulk = channel.unary_unary(grpc_transport.OPEN_BULK_METHOD,
+    client = KVPuller(PagedKVCache(dst, NUM_BLOCKS), "tcp", auth_token=TOKEN,
+                      max_chunk_bytes=4096)
+    channel = client.control.channel(endpoint, 0)
+    open_bulk = channel.unary_unary(bulk_tcp.OPEN_BULK_METHOD,
                                     request_serializer=pb.PullRequest.SerializeToString,
                                     response_deserializer=pb.BulkTicket.FromString)
     ticket = open_bulk(pb.PullRequest(handle="h7", block_ids=[2, 3], max_chunk_bytes=4096),
-                       metadata=((grpc_transport.TOKEN_METADATA_KEY, TOKEN),), timeout=5)
+                       metadata=((control.TOKEN_METADATA_KEY, TOKEN),), timeout=5)
     address = (endpoint.rsplit(":", 1)[0], ticket.port)
 
-    def read(expect_ok: bool) -> int:
-        return bulk_tcp.receive_blocks(address, ticket.ticket, 2, time.monotonic() + 5,
-                                       lambda layer, first, count, payload: len(payload),
-                                       lambda: False, 4096)
+    def read() -> int:
+        sink = ChunkSink(PagedKVCache(dst, NUM_BLOCKS), [0, 1])
+        bulk_tcp.receive_blocks(address, ticket.ticket, sink, time.monotonic() + 5,
+                                lambda: False, 4096)
+        return sink.num_bytes
 
-    assert read(True) > 0
+    assert read() > 0
     with pytest.raises(TransferError, match="closed"):
-        read(False)
+        read()
     client.close()
     leases.release("h7")
 
@@ -201,7 +205,7 @@ def test_calls_without_a_token_are_rejected(pair):
     _, _, leases, endpoint, _ = pair
     leases.grant("h8", "req-8", (1,), lease_s=10)
     with grpc.insecure_channel(endpoint) as channel:
-        release = channel.unary_unary(grpc_transport.RELEASE_METHOD,
+        release = channel.unary_unary(control.RELEASE_METHOD,
                                       request_serializer=pb.ReleaseRequest.SerializeToString,
                                       response_deserializer=pb.ReleaseResponse.FromString)
         with pytest.raises(grpc.RpcError) as err:
@@ -219,9 +223,9 @@ def test_server_listens_only_on_the_configured_address():
                 if c.status == psutil.CONN_LISTEN}
 
     before = listeners()
-    server = GrpcKVServer(PagedKVCache(_caches(1), NUM_BLOCKS), LeaseTable(),
-                          bind_host="127.0.0.1", port=_free_port(), auth_token=TOKEN,
-                          max_chunk_bytes=4096, handle_wait_s=0.1)
+    server = ControlServer(PagedKVCache(_caches(1), NUM_BLOCKS), LeaseTable(),
+                           bind_host="127.0.0.1", port=_free_port(), auth_token=TOKEN,
+                           max_chunk_bytes=4096, handle_wait_s=0.1)
     endpoint = server.start()
     try:
         ours = listeners() - before  # the gRPC port and the bulk data port

@@ -10,20 +10,19 @@ import grpc
 import pytest
 import torch
 
-from kv_transfer import grpc_transport
-from kv_transfer.collective_client import CollectiveKVClient
-from kv_transfer.collective_sender import CollectiveSender, collective_handlers
-from kv_transfer.collective_transport import WorkerIdentity
-from kv_transfer.grpc_client import GrpcKVClient
-from kv_transfer.grpc_server import GrpcKVServer
+from kv_transfer import control
+from kv_transfer.channels.base import ChannelOptions, WorkerIdentity
+from kv_transfer.control_server import ControlServer
 from kv_transfer.layout import PROTOCOL_VERSION, Hello, KVLayout, mismatch
 from kv_transfer.leases import LeaseTable
 from kv_transfer.paged_kv import PagedKVCache
+from kv_transfer.puller import KVPuller
 from kv_transfer.transport import TransferError
 from protos import kv_transfer_pb2 as pb
 
 TOKEN = "t" * 32
 NUM_BLOCKS = 8
+GLOO = WorkerIdentity("gloo", 1, 0)
 
 
 def _cache(num_kv_heads: int = 2, dtype: torch.dtype = torch.float32) -> PagedKVCache:
@@ -45,16 +44,14 @@ def _free_port() -> int:
 @pytest.fixture
 def producer():
     cache, leases = _cache(), LeaseTable()
-    sender = CollectiveSender(cache, WorkerIdentity("gloo", 1, 0), "127.0.0.1", 5.0)
-    server = GrpcKVServer(cache, leases, bind_host="127.0.0.1", port=_free_port(),
-                          auth_token=TOKEN, max_chunk_bytes=4096, handle_wait_s=0.2,
-                          layout=_layout(cache))
-    server.add_handlers(collective_handlers(server, sender))
+    server = ControlServer(cache, leases, bind_host="127.0.0.1", port=_free_port(),
+                           auth_token=TOKEN, max_chunk_bytes=4096, handle_wait_s=0.2,
+                           channels=("grpc", "tcp", "nccl"), options=ChannelOptions(GLOO, 5.0),
+                           layout=_layout(cache))
     endpoint = server.start()
     leases.grant("h1", "req-1", (1, 2), lease_s=10)
-    yield endpoint, leases, sender
+    yield endpoint, leases, server.channels["nccl"]
     server.stop(0)
-    sender.stop()
 
 
 @pytest.mark.parametrize("bulk_tcp", [False, True], ids=["grpc", "bulk"])
@@ -62,8 +59,8 @@ def test_a_consumer_with_another_layout_is_refused_before_any_block_moves(produc
     endpoint, leases, _ = producer
     # 1. The consumer runs a model with 4 KV heads; the producer has 2.
     consumer = _cache(num_kv_heads=4)
-    client = GrpcKVClient(consumer, auth_token=TOKEN, max_chunk_bytes=4096, bulk_tcp=bulk_tcp,
-                          layout=_layout(consumer, num_kv_heads=4))
+    client = KVPuller(consumer, "tcp" if bulk_tcp else "grpc", auth_token=TOKEN,
+                      max_chunk_bytes=4096, layout=_layout(consumer, num_kv_heads=4))
     # 2. Its first pull fails at the handshake, naming both sides' values.
     with pytest.raises(TransferError) as caught:
         client.pull(endpoint, "h1", [1, 2], [0, 1], timeout_s=5)
@@ -82,8 +79,8 @@ def test_a_consumer_with_another_layout_is_refused_before_any_block_moves(produc
 def test_a_consumer_with_the_same_layout_handshakes_once_then_pulls(producer):
     endpoint, leases, _ = producer
     consumer = _cache()
-    client = GrpcKVClient(consumer, auth_token=TOKEN, max_chunk_bytes=4096,
-                          layout=_layout(consumer))
+    client = KVPuller(consumer, "grpc", auth_token=TOKEN, max_chunk_bytes=4096,
+                      layout=_layout(consumer))
     assert client.pull(endpoint, "h1", [1, 2], [0, 1], timeout_s=5).num_blocks == 2
     leases.grant("h2", "req-2", (3,), lease_s=10)
     assert client.pull(endpoint, "h2", [3], [2], timeout_s=5).num_blocks == 1
@@ -99,12 +96,12 @@ def test_another_protocol_version_is_refused_with_both_versions_named(producer):
     old = Hello(PROTOCOL_VERSION + 1, _layout(cache), _layout(cache).compat_hash)
     with grpc.insecure_channel(endpoint) as channel:
         stub = channel.unary_unary(
-            grpc_transport.HANDSHAKE_METHOD,
+            control.HANDSHAKE_METHOD,
             request_serializer=pb.HandshakeRequest.SerializeToString,
             response_deserializer=pb.HandshakeResponse.FromString)
         with pytest.raises(grpc.RpcError) as caught:
             stub(pb.HandshakeRequest(consumer=old.to_wire()), timeout=5,
-                 metadata=((grpc_transport.TOKEN_METADATA_KEY, TOKEN),))
+                 metadata=((control.TOKEN_METADATA_KEY, TOKEN),))
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     details = caught.value.details()
     assert "protocol versions differ" in details
@@ -115,12 +112,11 @@ def test_another_protocol_version_is_refused_with_both_versions_named(producer):
 def test_the_collective_transport_handshakes_before_joining_a_group(producer):
     endpoint, leases, sender = producer
     consumer = _cache(dtype=torch.float16)  # same shape, another dtype
-    control = GrpcKVClient(consumer, auth_token=TOKEN, max_chunk_bytes=4096,
-                           layout=_layout(consumer))
-    client = CollectiveKVClient(consumer, WorkerIdentity("gloo", 1, 0), control, 4096)
+    client = KVPuller(consumer, "nccl", auth_token=TOKEN, max_chunk_bytes=4096,
+                      layout=_layout(consumer), options=ChannelOptions(GLOO))
     with pytest.raises(TransferError, match="KV layouts differ.*float32.*float16"):
         client.pull(endpoint, "h1", [1, 2], [0, 1], timeout_s=5)
-    assert sender.num_groups == 0 and client.num_joins == 0
+    assert sender.num_groups == 0 and client.channel.num_joins == 0
     client.close()
     leases.release("h1")
 

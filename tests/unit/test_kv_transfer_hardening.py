@@ -17,17 +17,20 @@ import pytest
 import torch
 from torch.distributed import TCPStore
 
-from kv_transfer import bulk_tcp, grpc_transport
-from kv_transfer.bulk_tcp import FRAME, TICKET_BYTES, BulkSender, receive_blocks
-from kv_transfer.collective import host_store
-from kv_transfer.collective_client import CollectiveKVClient
-from kv_transfer.collective_sender import CollectiveSender, collective_handlers
-from kv_transfer.collective_transport import WorkerIdentity
-from kv_transfer.grpc_client import GrpcKVClient
-from kv_transfer.grpc_server import GrpcKVServer
-from kv_transfer.grpc_transport import TOKEN_METADATA_KEY
+from kv_transfer import control
+from kv_transfer.channels import bulk_tcp
+from kv_transfer.channels.base import ChannelOptions, WorkerIdentity
+from kv_transfer.channels.bulk_tcp import TICKET_BYTES, BulkSender, receive_blocks
+from kv_transfer.channels.collective_consumer import CollectiveConsumer
+from kv_transfer.channels.grpc_stream import PULL_METHOD
+from kv_transfer.channels.pair_group import host_store
+from kv_transfer.chunks import FRAME
+from kv_transfer.control import TOKEN_METADATA_KEY
+from kv_transfer.control_server import ControlServer
 from kv_transfer.leases import LeaseTable
 from kv_transfer.paged_kv import PagedKVCache
+from kv_transfer.puller import KVPuller
+from kv_transfer.sink import ChunkSink
 from kv_transfer.streams import LeasePull
 from kv_transfer.transport import TransferError
 from protos import kv_transfer_pb2 as pb
@@ -61,8 +64,8 @@ def _wait_until(predicate, timeout_s: float) -> bool:
 @pytest.fixture
 def server():
     cache, leases = _cache(1), LeaseTable()
-    kv_server = GrpcKVServer(cache, leases, bind_host="127.0.0.1", port=_free_port(),
-                             auth_token=TOKEN, max_chunk_bytes=4096, handle_wait_s=0.1)
+    kv_server = ControlServer(cache, leases, bind_host="127.0.0.1", port=_free_port(),
+                              auth_token=TOKEN, max_chunk_bytes=4096, handle_wait_s=0.1)
     endpoint = kv_server.start()
     yield kv_server, leases, endpoint
     kv_server.stop(0)
@@ -97,7 +100,7 @@ class _SlowLoris:
 
 def test_slow_loris_on_the_bulk_port_is_cut_at_the_deadline_and_good_clients_are_served():
     cache, leases = _cache(1), LeaseTable()
-    sender = BulkSender(cache, leases, "127.0.0.1", max_connections=2, ticket_read_s=0.5)
+    sender = BulkSender(cache, "127.0.0.1", max_connections=2, ticket_read_s=0.5)
     loris = [_SlowLoris(sender.port) for _ in range(2)]
     try:
         # 1. Both slots are taken by clients trickling their ticket.
@@ -119,16 +122,11 @@ def test_slow_loris_on_the_bulk_port_is_cut_at_the_deadline_and_good_clients_are
         leases.grant("h1", "req-1", (2, 5, 7), lease_s=10)
         leases.acquire("h1", [2, 5, 7])
         ticket = sender.issue(LeasePull(cache, leases, "h1", [2, 5, 7]), 4096)
-        stored: list[tuple[int, int, int]] = []
-
-        def store(layer: int, first: int, count: int, payload: memoryview) -> int:
-            stored.append((layer, first, count))
-            return len(payload)
-
-        num_bytes = receive_blocks(("127.0.0.1", sender.port), ticket, 3, time.monotonic() + 5,
-                                   store, lambda: False, 4096, None, cache.block_bytes_per_layer)
-        assert num_bytes == 3 * cache.block_bytes
-        assert {layer for layer, _, _ in stored} == {0, 1, 2}
+        sink = ChunkSink(_cache(2), [0, 1, 2])
+        receive_blocks(("127.0.0.1", sender.port), ticket, sink, time.monotonic() + 5,
+                       lambda: False, 4096)
+        assert sink.num_bytes == 3 * cache.block_bytes
+        sink.check_complete("the data port")  # every layer of every block arrived
     finally:
         for client in loris:
             client.close()
@@ -139,7 +137,7 @@ def test_slow_loris_on_the_bulk_port_is_cut_at_the_deadline_and_good_clients_are
 
 
 def test_stop_cuts_a_connection_waiting_for_its_ticket():
-    sender = BulkSender(_cache(1), LeaseTable(), "127.0.0.1", ticket_read_s=30)
+    sender = BulkSender(_cache(1), "127.0.0.1", ticket_read_s=30)
     with socket.create_connection(("127.0.0.1", sender.port), timeout=2):
         assert _wait_until(lambda: sender.num_connections == 1, 2)
         sender.stop()
@@ -177,66 +175,65 @@ BLOCK_BYTES = 2 * 8 * 32 * 4  # one block of one layer of _cache
 
 
 @pytest.mark.parametrize(
-    ("layer", "first", "count", "size", "layout"),
+    ("layer", "first", "count", "size"),
     [
-        (0, 0, 1, 256 << 20, True),  # one block announced as 256 MiB
-        (0, 0, 2, 2 * BLOCK_BYTES + 8, True),  # not a whole number of blocks
-        (7, 0, 1, BLOCK_BYTES, True),  # a layer the consumer does not have
-        (0, 2, 3, 3 * BLOCK_BYTES, True),  # blocks past the 4 asked for
-        (0, 0, 1, 256 << 20, False),  # no layout given: the chunk size still caps it
+        (0, 0, 1, 256 << 20),  # one block announced as 256 MiB
+        (0, 0, 2, 2 * BLOCK_BYTES + 8),  # not a whole number of blocks
+        (7, 0, 1, BLOCK_BYTES),  # a layer the consumer does not have
+        (0, 2, 3, 3 * BLOCK_BYTES),  # blocks past the 4 asked for
+        (0, 0, 3, 3 * BLOCK_BYTES),  # right for the layout, larger than the chunk asked for
     ],
-    ids=["oversize", "partial-block", "unknown-layer", "past-request", "no-layout"],
+    ids=["oversize", "partial-block", "unknown-layer", "past-request", "over-chunk"],
 )
 def test_a_frame_the_consumer_did_not_ask_for_is_refused_before_allocating(
-    layer, first, count, size, layout
+    layer, first, count, size
 ):
     producer = _LyingProducer(FRAME.pack(layer, first, count, size))
-    layout_bytes = [BLOCK_BYTES] * 3 if layout else []
+    sink = ChunkSink(_cache(2), [0, 1, 2, 3])
     tracemalloc.start()
     started = time.monotonic()
     try:
         with pytest.raises(TransferError, match="malformed frame"):
-            receive_blocks(("127.0.0.1", producer.port), b"k" * TICKET_BYTES, 4,
-                           time.monotonic() + 5, lambda *_: pytest.fail("stored a bad frame"),
-                           lambda: False, 4096, None, layout_bytes)
+            receive_blocks(("127.0.0.1", producer.port), b"k" * TICKET_BYTES, sink,
+                           time.monotonic() + 5, lambda: False, 4096)
         _, peak_bytes = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
         producer.close()
     assert peak_bytes < 1 << 20, f"{peak_bytes} bytes allocated for a refused frame"
     assert time.monotonic() - started < 2, "refused only after waiting for the payload"
+    assert sink.num_bytes == 0, "stored a bad frame"
 
 
 def test_a_chunk_buffer_beyond_the_absolute_cap_is_refused():
     with pytest.raises(TransferError, match="cap"):
-        receive_blocks(("127.0.0.1", _free_port()), b"k" * TICKET_BYTES, 1,
-                       time.monotonic() + 1, lambda *_: 0, lambda: False,
+        receive_blocks(("127.0.0.1", _free_port()), b"k" * TICKET_BYTES,
+                       ChunkSink(_cache(2), [1]), time.monotonic() + 1, lambda: False,
                        bulk_tcp.MAX_FRAME_BYTES + 1)
 
 
 def test_collective_consumer_refuses_an_oversize_chunk_announcement(monkeypatch):
     cache, leases = _cache(1), LeaseTable()
-    kv_server = GrpcKVServer(cache, leases, bind_host="127.0.0.1", port=_free_port(),
-                             auth_token=TOKEN, max_chunk_bytes=4096, handle_wait_s=0.1)
-    sender = CollectiveSender(cache, GLOO, "127.0.0.1", timeout_s=3)
-    kv_server.add_handlers(collective_handlers(kv_server, sender))
+    kv_server = ControlServer(cache, leases, bind_host="127.0.0.1", port=_free_port(),
+                              auth_token=TOKEN, max_chunk_bytes=4096, handle_wait_s=0.1,
+                              channels=("nccl",), options=ChannelOptions(GLOO, 3.0))
+    sender = kv_server.channels["nccl"]
     endpoint = kv_server.start()
 
     def lying_send(group_name, source, chunk_bytes, is_active, streamed):
         yield pb.CollectiveProgress(num_bytes=1 << 40, chunk_bytes=1 << 40)
 
     monkeypatch.setattr(sender, "send", lying_send)
-    consumer = _cache(2)
-    client = CollectiveKVClient(consumer, GLOO, GrpcKVClient(consumer, auth_token=TOKEN,
-                                                             max_chunk_bytes=4096), 4096)
+    client = KVPuller(_cache(2), "nccl", auth_token=TOKEN, max_chunk_bytes=4096,
+                      options=ChannelOptions(GLOO))
     staged: list[int] = []
-    real_staging = CollectiveKVClient._staging
+    real_staging = CollectiveConsumer._staging
 
     def spy_staging(self, entry, num_bytes):
         staged.append(num_bytes)
         return real_staging(self, entry, num_bytes)
 
-    monkeypatch.setattr(CollectiveKVClient, "_staging", spy_staging)
+    monkeypatch.setattr(CollectiveConsumer, "_staging", spy_staging)
     leases.grant("h1", "req-1", (1, 2), lease_s=10)
     try:
         with pytest.raises(TransferError, match="announced"):
@@ -245,7 +242,6 @@ def test_collective_consumer_refuses_an_oversize_chunk_announcement(monkeypatch)
     finally:
         client.close()
         kv_server.stop(0)
-        sender.stop()
     assert leases.release("h1") == 2
 
 
@@ -281,8 +277,8 @@ def _raw_call(endpoint: str, method: str, body: bytes, metadata=()) -> grpc.Stat
     return grpc.StatusCode.OK
 
 
-@pytest.mark.parametrize("method", [grpc_transport.PULL_METHOD, grpc_transport.OPEN_BULK_METHOD,
-                                    grpc_transport.RELEASE_METHOD])
+@pytest.mark.parametrize("method", [PULL_METHOD, bulk_tcp.OPEN_BULK_METHOD,
+                                    control.RELEASE_METHOD])
 def test_calls_without_the_token_are_refused_before_their_request_is_parsed(server, method):
     _, _, endpoint = server
     garbage = b"\xff" * 64  # not a parseable protobuf message
@@ -298,7 +294,7 @@ def test_oversize_control_requests_are_refused(server):
     _, _, endpoint = server
     request = pb.PullRequest(handle="h", block_ids=list(range(200_000))).SerializeToString()
     right = ((TOKEN_METADATA_KEY, TOKEN),)
-    code = _raw_call(endpoint, grpc_transport.PULL_METHOD, request, right)
+    code = _raw_call(endpoint, PULL_METHOD, request, right)
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
@@ -306,13 +302,13 @@ def test_oversize_control_requests_are_refused(server):
 def test_duplicate_block_ids_are_refused_before_anything_is_held(server, bulk):
     kv_server, leases, endpoint = server
     leases.grant("h1", "req-1", (1, 2, 3), lease_s=10)
-    client = GrpcKVClient(_cache(2), auth_token=TOKEN, max_chunk_bytes=4096, num_streams=1,
-                          bulk_tcp=bulk)
+    client = KVPuller(_cache(2), "tcp" if bulk else "grpc", auth_token=TOKEN,
+                      max_chunk_bytes=4096)
     try:
         with pytest.raises(TransferError, match="malformed request.*duplicate block ids"):
             client.pull(endpoint, "h1", [1, 2, 1], [4, 5, 6], timeout_s=5)
     finally:
         client.close()
-    assert kv_server._bulk is not None and kv_server._bulk.num_tickets == 0
+    assert kv_server.channels["tcp"].num_tickets == 0
     # No reader was taken on the lease: a release frees its blocks at once.
     assert leases.release("h1") == 3 and leases.take_freed() == {"req-1"}

@@ -13,14 +13,13 @@ import grpc
 import pytest
 import torch
 
-from kv_transfer.collective_client import CollectiveKVClient
-from kv_transfer.collective_sender import CollectiveSender, collective_handlers
-from kv_transfer.collective_transport import WorkerIdentity
-from kv_transfer.grpc_client import GrpcKVClient
-from kv_transfer.grpc_server import GrpcKVServer
-from kv_transfer.grpc_transport import JOIN_METHOD, TOKEN_METADATA_KEY
+from kv_transfer.channels.base import ChannelOptions, WorkerIdentity
+from kv_transfer.channels.collective import JOIN_METHOD
+from kv_transfer.control import TOKEN_METADATA_KEY
+from kv_transfer.control_server import ControlServer
 from kv_transfer.leases import LeaseTable
 from kv_transfer.paged_kv import PagedKVCache
+from kv_transfer.puller import KVPuller
 from kv_transfer.transport import TransferError
 from protos import kv_transfer_pb2 as pb
 
@@ -45,21 +44,19 @@ class Producer:
     def __init__(self, src: dict[str, torch.Tensor], port: int, timeout_s: float = 3.0):
         self.leases = LeaseTable()
         cache = PagedKVCache(src, NUM_BLOCKS)
-        self.server = GrpcKVServer(cache, self.leases, bind_host="127.0.0.1", port=port,
-                                   auth_token=TOKEN, max_chunk_bytes=4096, handle_wait_s=0.2)
-        self.sender = CollectiveSender(cache, GLOO, "127.0.0.1", timeout_s)
-        self.server.add_handlers(collective_handlers(self.server, self.sender))
+        self.server = ControlServer(cache, self.leases, bind_host="127.0.0.1", port=port,
+                                    auth_token=TOKEN, max_chunk_bytes=4096, handle_wait_s=0.2,
+                                    channels=("nccl",), options=ChannelOptions(GLOO, timeout_s))
+        self.sender = self.server.channels["nccl"]
         self.endpoint = self.server.start()
 
     def stop(self) -> None:
         self.server.stop(0)
-        self.sender.stop()
 
 
-def _client(dst: dict[str, torch.Tensor], identity: WorkerIdentity = GLOO) -> CollectiveKVClient:
-    cache = PagedKVCache(dst, NUM_BLOCKS)
-    control = GrpcKVClient(cache, auth_token=TOKEN, max_chunk_bytes=4096)
-    return CollectiveKVClient(cache, identity, control, max_chunk_bytes=4096)
+def _client(dst: dict[str, torch.Tensor], identity: WorkerIdentity = GLOO) -> KVPuller:
+    return KVPuller(PagedKVCache(dst, NUM_BLOCKS), "nccl", auth_token=TOKEN,
+                    max_chunk_bytes=4096, options=ChannelOptions(identity))
 
 
 def _block(tensor: torch.Tensor, block_id: int) -> torch.Tensor:
@@ -85,7 +82,7 @@ def test_pull_moves_exactly_the_requested_blocks_and_reuses_the_group(pair):
     producer.leases.grant("h2", "req-2", (1, 2), lease_s=10)
     first = client.pull(producer.endpoint, "h1", [5, 9, 3], [0, 1, 2], timeout_s=5)
     second = client.pull(producer.endpoint, "h2", [2, 1], [10, 11], timeout_s=5)
-    assert client.num_joins == 1 and producer.sender.num_groups == 1
+    assert client.channel.num_joins == 1 and producer.sender.num_groups == 1
     # 2. the blocks landed where asked, nothing else changed
     for name in src:
         for remote, local in ((5, 0), (9, 1), (3, 2), (2, 10), (1, 11)):
@@ -105,7 +102,7 @@ def test_lease_errors_are_clear_and_leave_the_group_usable(pair):
         client.pull(producer.endpoint, "nope", [1], [1], timeout_s=5)
     producer.leases.grant("h3", "req-3", (4,), lease_s=10)
     client.pull(producer.endpoint, "h3", [4], [4], timeout_s=5)
-    assert client.num_joins == 1, "a refused pull must not cost the pair its group"
+    assert client.channel.num_joins == 1, "a refused pull must not cost the pair its group"
     client.release(producer.endpoint, "h3", timeout_s=2)
     producer.leases.take_freed()
 
@@ -125,7 +122,7 @@ def test_a_cancelled_pull_writes_nothing_and_keeps_the_group(pair):
     assert producer.leases.take_freed() == {"req-4"}
     producer.leases.grant("h5", "req-5", (0, 1), lease_s=10)
     client.pull(producer.endpoint, "h5", [0, 1], [0, 1], timeout_s=5)
-    assert client.num_joins == 1
+    assert client.channel.num_joins == 1
     client.release(producer.endpoint, "h5", timeout_s=2)
     producer.leases.take_freed()
 
@@ -134,12 +131,12 @@ def test_a_dropped_group_is_rebuilt_under_a_new_name(pair):
     _, _, producer, client = pair
     producer.leases.grant("h8", "req-8", (0, 1), lease_s=10)
     client.pull(producer.endpoint, "h8", [0], [0], timeout_s=5)
-    (first_name,) = [g.name for g in client._groups.values()]
+    (first_name,) = client.channel.group_names
     producer.sender._drop(first_name)  # as after a failed send
     # 1. the producer refuses the stale name; 2. the consumer rejoins once and succeeds
     client.pull(producer.endpoint, "h8", [1], [1], timeout_s=5)
-    (second_name,) = [g.name for g in client._groups.values()]
-    assert client.num_joins == 2 and second_name != first_name
+    (second_name,) = client.channel.group_names
+    assert client.channel.num_joins == 2 and second_name != first_name
     client.release(producer.endpoint, "h8", timeout_s=2)
     producer.leases.take_freed()
 
@@ -161,7 +158,7 @@ def test_restarted_producer_gets_a_fresh_group():
         restarted.leases.grant("h6", "req-6", (7,), lease_s=10)
         _pull_once_reachable(client, restarted.endpoint, "h6", [7], [3])
         assert torch.equal(dst["layer.0"][3], src["layer.0"][7])
-        assert client.num_joins == 2
+        assert client.channel.num_joins == 2
         client.release(restarted.endpoint, "h6", timeout_s=2)
     finally:
         client.close()

@@ -1,5 +1,5 @@
 """Overlapped transfer without engines: readiness tracking (StreamTable), staging (Prefetcher)
-and stream pulls over every payload path (gRPC streams, bulk TCP, nccl in gloo mode)."""
+and stream pulls over every data channel (gRPC streams, bulk TCP, nccl in gloo mode)."""
 
 from __future__ import annotations
 
@@ -11,15 +11,13 @@ from concurrent.futures import Future
 import pytest
 import torch
 
-from kv_transfer.collective_client import CollectiveKVClient
-from kv_transfer.collective_sender import CollectiveSender, collective_handlers
-from kv_transfer.collective_transport import WorkerIdentity
-from kv_transfer.grpc_client import GrpcKVClient
-from kv_transfer.grpc_server import GrpcKVServer
+from kv_transfer.channels.base import ChannelOptions, WorkerIdentity
+from kv_transfer.control_server import ControlServer
 from kv_transfer.leases import ExpiredHandle, LeaseTable, UnknownHandle
 from kv_transfer.paged_kv import PagedKVCache
 from kv_transfer.params import PrefetchSpec
 from kv_transfer.prefetch import Prefetcher
+from kv_transfer.puller import KVPuller
 from kv_transfer.streams import StreamFailed, StreamTable
 from kv_transfer.transport import KVBlockClient, PullResult, TransferError
 
@@ -243,36 +241,32 @@ def _wait_for(condition, timeout_s: float = 5.0) -> None:
 # Stream pulls over every payload path
 
 
-def _producer(src, transport: str):
+GLOO = ChannelOptions(WorkerIdentity("gloo", 1, 0), group_timeout_s=5.0)
+
+
+def _producer(src, channel: str):
     leases = LeaseTable()
     cache = PagedKVCache(src, NUM_BLOCKS)
     streams = StreamTable(cache.block_bytes_per_layer, BLOCK_SIZE)
-    server = GrpcKVServer(cache, leases, bind_host="127.0.0.1", port=_free_port(),
-                          auth_token=TOKEN, max_chunk_bytes=4096, handle_wait_s=0.2,
-                          streams=streams, stream_wait_s=5)
-    sender = None
-    if transport == "nccl":
-        sender = CollectiveSender(cache, WorkerIdentity("gloo", 1, 0), "127.0.0.1", 5)
-        server.add_handlers(collective_handlers(server, sender))
-    return server, sender, streams, server.start()
+    server = ControlServer(cache, leases, bind_host="127.0.0.1", port=_free_port(),
+                           auth_token=TOKEN, max_chunk_bytes=4096, handle_wait_s=0.2,
+                           channels=(channel,), options=GLOO, streams=streams,
+                           stream_wait_s=5)
+    return server, streams, server.start()
 
 
-def _consumer(dst, transport: str) -> KVBlockClient:
-    cache = PagedKVCache(dst, NUM_BLOCKS)
-    grpc_client = GrpcKVClient(cache, auth_token=TOKEN, max_chunk_bytes=4096,
-                               num_streams=2 if transport == "grpc" else 1,
-                               bulk_tcp=transport == "tcp")
-    if transport == "nccl":
-        return CollectiveKVClient(cache, WorkerIdentity("gloo", 1, 0), grpc_client, 4096)
-    return grpc_client
+def _consumer(dst, channel: str) -> KVBlockClient:
+    return KVPuller(PagedKVCache(dst, NUM_BLOCKS), channel, auth_token=TOKEN,
+                    max_chunk_bytes=4096, num_streams=2 if channel == "grpc" else 1,
+                    options=GLOO)
 
 
 @pytest.mark.parametrize("layout", ["cpu", "flash"])
-@pytest.mark.parametrize("transport", ["tcp", "grpc", "nccl"])
-def test_a_stream_pull_moves_each_layer_as_it_is_computed(transport, layout):
+@pytest.mark.parametrize("channel", ["tcp", "grpc", "nccl"])
+def test_a_stream_pull_moves_each_layer_as_it_is_computed(channel, layout):
     src, dst = _caches(1, layout), _caches(2, layout)
-    server, sender, streams, endpoint = _producer(src, transport)
-    client = _consumer(dst, transport)
+    server, streams, endpoint = _producer(src, channel)
+    client = _consumer(dst, channel)
     staging = PagedKVCache(dst, NUM_BLOCKS).staging(5)
     prompt_blocks = (3, 8, 1, 12, 6)  # 18 tokens: the last block holds 2 of 4
     result: Future[PullResult] = Future()
@@ -300,8 +294,6 @@ def test_a_stream_pull_moves_each_layer_as_it_is_computed(transport, layout):
     _wait_for(lambda: streams.drop_requests({"req"}) == set() and streams.num_streams == 0)
     client.close()
     server.stop(0)
-    if sender is not None:
-        sender.stop()
 
 
 def _staged(staging: PagedKVCache, name: str, index: int) -> torch.Tensor:
@@ -310,11 +302,11 @@ def _staged(staging: PagedKVCache, name: str, index: int) -> torch.Tensor:
     return block.view(torch.float32)
 
 
-@pytest.mark.parametrize("transport", ["tcp", "grpc", "nccl"])
-def test_a_stream_that_fails_mid_prefill_fails_the_pull_quickly(transport):
+@pytest.mark.parametrize("channel", ["tcp", "grpc", "nccl"])
+def test_a_stream_that_fails_mid_prefill_fails_the_pull_quickly(channel):
     src, dst = _caches(1), _caches(2)
-    server, sender, streams, endpoint = _producer(src, transport)
-    client = _consumer(dst, transport)
+    server, streams, endpoint = _producer(src, channel)
+    client = _consumer(dst, channel)
     staging = PagedKVCache(dst, NUM_BLOCKS).staging(4)
     streams.advance("s", "req", 16, (3, 8), 0, 8)
     streams.mark_all()
@@ -327,5 +319,3 @@ def test_a_stream_that_fails_mid_prefill_fails_the_pull_quickly(transport):
     _wait_for(lambda: streams.num_streams == 0)
     client.close()
     server.stop(0)
-    if sender is not None:
-        sender.stop()

@@ -5,7 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kv_transfer.chunks import ChunkEncoder, decode_chunk
+from kv_transfer.chunks import (
+    ChunkEncoder,
+    ChunkHeader,
+    check_chunk,
+    decode_chunk,
+    from_progress,
+    pack_end_frame,
+    pack_frame,
+    to_progress,
+    unpack_frame,
+)
 from kv_transfer.paged_kv import PagedKVCache
 from kv_transfer.transport import TransferError
 from protos import kv_transfer_pb2 as pb
@@ -71,17 +81,18 @@ def test_encoded_chunks_are_valid_protobuf_and_decode_without_copy():
         parsed = pb.BlockChunk.FromString(message)
         assert (parsed.layer_index, parsed.first_block, parsed.num_blocks) == (
             plan.layer_index, plan.first_block, plan.num_blocks)
-        decoded = decode_chunk(message)
-        assert bytes(decoded.payload) == parsed.payload
-        assert decoded.payload.obj is message  # a view, not a copy
+        header, payload = decode_chunk(message)
+        assert header == plan
+        assert bytes(payload) == parsed.payload
+        assert payload.obj is message  # a view, not a copy
 
 
 def test_decoder_reads_protobuf_written_by_protobuf():
     message = pb.BlockChunk(layer_index=3, first_block=0, num_blocks=2,
                             payload=b"x" * 300).SerializeToString()
-    chunk = decode_chunk(message)
-    assert (chunk.layer_index, chunk.first_block, chunk.num_blocks) == (3, 0, 2)
-    assert bytes(chunk.payload) == b"x" * 300
+    header, payload = decode_chunk(message)
+    assert header == ChunkHeader(layer_index=3, first_block=0, num_blocks=2, num_bytes=300)
+    assert bytes(payload) == b"x" * 300
 
 
 @pytest.mark.parametrize("message", [b"\x08", b"\x22\x05ab", b"\x0b\x00"])
@@ -98,3 +109,26 @@ def test_block_views_hold_the_bytes_gather_writes(shape):
             gathered = bytearray(len(ids) * cache.block_bytes_per_layer[layer])
             cache.gather_into(layer, ids, gathered, 0)
             assert b"".join(cache.block_views(layer, ids)) == gathered
+
+
+def test_every_wire_form_carries_the_same_header():
+    header = ChunkHeader(layer_index=2, first_block=5, num_blocks=3, num_bytes=768)
+    assert unpack_frame(pack_frame(header)) == header
+    assert unpack_frame(pack_end_frame(0.25)) == 0.25  # the end frame: the producer's wait
+    assert from_progress(to_progress(header)) == header
+
+
+@pytest.mark.parametrize(
+    ("header", "reason"),
+    [
+        (ChunkHeader(0, 0, 0, 0), "no blocks"),
+        (ChunkHeader(0, 3, 2, 512), "only 4 blocks were asked for"),
+        (ChunkHeader(2, 0, 1, 256), "the consumer has 2 layers"),
+        (ChunkHeader(1, 0, 2, 500), "expected 512 bytes; producer and consumer KV layouts"),
+        (ChunkHeader(1, 0, 4, 1024), "larger than the 600 byte chunk"),
+    ],
+)
+def test_one_check_refuses_every_chunk_the_consumer_did_not_ask_for(header, reason):
+    check_chunk(ChunkHeader(1, 2, 2, 512), 4, [256, 256], capacity=600)  # a good one passes
+    with pytest.raises(TransferError, match=f"malformed frame .*: {reason}"):
+        check_chunk(header, 4, [256, 256], capacity=600, wire="frame")

@@ -1,46 +1,41 @@
-"""gRPC transport: the producer's worker serves leased blocks, the consumer streams them in.
+"""The control plane's wire: one gRPC service, `disagg.kv.KVTransfer`, for every data channel.
 
-0. First contact (once per producer): the consumer's Handshake states its protocol version and
-   KV layout (layout.py); the producer refuses a mismatch, naming both sides' values.
-1. The consumer sends PullRequest(handle, block ids, max chunk bytes).
-2. The producer checks the shared token and the lease, then streams BlockChunks layer by layer;
-   each chunk's payload is gathered from the paged KV tensor behind a hand-written protobuf
-   header (no protobuf re-encode of the payload).
-3. The consumer parses each chunk in place and scatters its payload into its own paged KV
-   tensor as it arrives, so memory stays bounded by one chunk per stream for any prompt
-   length, then checks every block arrived.
-4. The consumer calls Release; the producer frees the blocks.
-Every call is checked for the shared token (call metadata) by an interceptor before its request
-is parsed, and the server accepts only control-sized requests (`request_limit`): the payload
-only ever flows from producer to consumer.
+Lifecycle of one transfer, as the control plane sees it:
+  0. First contact (once per producer): the consumer's Handshake states its protocol version and
+     KV layout hash (layout.py); the producer refuses a mismatch, naming both sides' values.
+  1. Every call carries the cluster token (call metadata); an interceptor refuses calls without
+     it before their request is parsed, and the server accepts only control-sized requests
+     (`request_limit`): the payload only ever flows from producer to consumer.
+  2. A pull names a lease (or the stream of a prompt being prefilled) and its block ids; the
+     producer checks them once, for every channel, then hands the channel one reader of the
+     blocks (control_server.py). The channel moves the payload (channels/).
+  3. Release frees the lease's blocks; an unreleased lease expires (leases.py).
 
-This module holds what both sides share (the service's method names, the token check, the
-message limits, error descriptions, Release); the producer side is `grpc_server.GrpcKVServer`,
-the consumer side `grpc_client.GrpcKVClient`. The other transports (bulk TCP, collective) use
-the same service for their control calls.
+This module holds what both sides share: method names, the token check, message limits and
+error descriptions. The producer side is `control_server.ControlServer`, the consumer side
+`control_client.ControlClient`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hmac
 from collections.abc import Callable, Iterable
 
 import grpc
 
 from kv_transfer.paged_kv import PagedKVCache
-from kv_transfer.params import TransferParams
-from protos import kv_transfer_pb2 as pb
 
 SERVICE = "disagg.kv.KVTransfer"
-HANDSHAKE_METHOD = f"/{SERVICE}/Handshake"
-PULL_METHOD = f"/{SERVICE}/PullBlocks"
-RELEASE_METHOD = f"/{SERVICE}/Release"
-OPEN_BULK_METHOD = f"/{SERVICE}/OpenBulk"
-JOIN_METHOD = f"/{SERVICE}/JoinGroup"
-PULL_COLLECTIVE_METHOD = f"/{SERVICE}/PullCollective"
 TOKEN_METADATA_KEY = "x-disagg-token"
-WAIT_METADATA_KEY = "x-disagg-wait-us"
+
+
+def method_path(name: str) -> str:
+    """The full gRPC path of one of the service's methods."""
+    return f"/{SERVICE}/{name}"
+
+
+HANDSHAKE_METHOD = method_path("Handshake")
+RELEASE_METHOD = method_path("Release")
 
 
 def message_limit(cache: PagedKVCache, max_chunk_bytes: int) -> int:
@@ -101,21 +96,3 @@ def describe_rpc_error(err: grpc.RpcError, endpoint: str) -> str:
     }
     reason = reasons.get(code, f"transfer from {endpoint} failed ({code})")
     return f"{reason}: {detail}"
-
-
-def release_handle(transfer: TransferParams, auth_token: str, timeout_s: float = 2.0) -> None:
-    """Free a published handle that no consumer will pull (best effort)."""
-    with grpc.insecure_channel(transfer.endpoint) as channel:
-        send_release(channel, transfer.handle, ((TOKEN_METADATA_KEY, auth_token),), timeout_s)
-
-
-def send_release(channel: grpc.Channel, handle: str, metadata: tuple[tuple[str, str], ...],
-                 timeout_s: float) -> None:
-    stub = channel.unary_unary(
-        RELEASE_METHOD,
-        request_serializer=pb.ReleaseRequest.SerializeToString,
-        response_deserializer=pb.ReleaseResponse.FromString,
-    )
-    # On failure the producer's lease expiry frees the blocks.
-    with contextlib.suppress(grpc.RpcError):
-        stub(pb.ReleaseRequest(handle=handle), timeout=timeout_s, metadata=metadata)

@@ -1,24 +1,22 @@
-"""Bulk TCP data channel: KV payload over a plain socket, control over gRPC.
+"""The "tcp" data channel: KV payload over a plain socket, authorized over gRPC.
 
 gRPC costs several copies and a thread handoff per message; a plain loopback or LAN socket
 moves bytes at close to memory speed. The producer keeps one listener; a pull is authorized
-over gRPC (OpenBulk: token, lease and block list checked, a one-time ticket returned), then:
+over gRPC (OpenBulk: the control plane checks token, lease and block list; the channel returns
+a one-time ticket), then:
   1. the consumer connects to the data port and sends the 32-byte ticket;
-  2. the producer streams frames: header "<IIIQ" (layer, first block, block count, payload
-     bytes) + payload gathered from the paged cache into a reused buffer and sent from it;
-  3. a frame with zero blocks ends the stream (its payload-bytes field carries the producer's
-     wait for blocks still being computed, in microseconds: stream pulls); the consumer
-     scatters each payload as it lands in its own reused buffer, so memory stays at one chunk
-     per stream.
+  2. the producer streams frames: a chunk header (chunks.pack_frame) + payload gathered from
+     the paged cache into a reused buffer and sent from it;
+  3. a frame with zero blocks ends the stream, carrying the producer's wait for blocks still
+     being computed; the consumer checks each header (its sink) before it reads the payload
+     into its own reused buffer, then scatters it, so memory stays at one chunk per stream.
 A ticket is single use and expires after TICKET_TTL_S; the lease reader it holds is returned
 when its stream ends, fails, or the ticket expires unused.
 
 The data port is open to anyone who can reach it, so it trusts nothing before a valid ticket:
 at most `max_connections` connections are served at once (more are closed on accept), and a
 connection must deliver its whole ticket within `ticket_read_s` (one deadline for all of it, so
-a client trickling a byte at a time cannot hold a thread). The consumer, in turn, checks every
-frame header against the blocks it asked for and its own layout before it allocates or reads
-the payload.
+a client trickling a byte at a time cannot hold a thread).
 """
 
 from __future__ import annotations
@@ -26,18 +24,30 @@ from __future__ import annotations
 import contextlib
 import secrets
 import socket
-import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from kv_transfer.leases import LeaseTable
+from kv_transfer.channels.base import (
+    ChannelOptions,
+    ChannelRefused,
+    ConsumerChannel,
+    ControlMethod,
+    ProducerChannel,
+    PullMethod,
+    ServedPull,
+    remaining_s,
+)
+from kv_transfer.chunks import FRAME, pack_end_frame, pack_frame, unpack_frame
+from kv_transfer.control import method_path
 from kv_transfer.paged_kv import PagedKVCache
+from kv_transfer.sink import ChunkSink
 from kv_transfer.streams import PullSource, StreamFailed
 from kv_transfer.transport import TransferError
+from protos import kv_transfer_pb2 as pb
 
-FRAME = struct.Struct("<IIIQ")
+OPEN_BULK_METHOD = method_path("OpenBulk")
 TICKET_BYTES = 32
 TICKET_TTL_S = 10.0
 TICKET_READ_S = 5.0  # a consumer sends its ticket right after connecting
@@ -57,18 +67,17 @@ class BulkSender:
     max_connections of them; a connection is closed unless its ticket arrives whole within
     ticket_read_s."""
 
-    def __init__(self, cache: PagedKVCache, leases: LeaseTable, bind_host: str, *,
+    def __init__(self, cache: PagedKVCache, bind_host: str, *,
                  max_connections: int = MAX_CONNECTIONS,
                  ticket_read_s: float = TICKET_READ_S) -> None:
         assert max_connections >= 1, "max_connections must be at least 1"
         self._cache = cache
-        self._leases = leases
         self._listener = socket.create_server((bind_host, 0))
         self._listener.settimeout(0.5)
         self.port: int = self._listener.getsockname()[1]
         self._ticket_read_s = ticket_read_s
         self._slots = threading.BoundedSemaphore(max_connections)
-        self._conns: set[socket.socket] = set()
+        self._conns: dict[socket.socket, threading.Thread] = {}
         self._tickets: dict[bytes, _Ticket] = {}
         self._lock = threading.Lock()
         self._stopped = threading.Event()
@@ -97,6 +106,8 @@ class BulkSender:
             return len(self._tickets)
 
     def stop(self) -> None:
+        """Close the port and every connection, return every unused ticket's reader, and
+        join every thread (idempotent)."""
         self._stopped.set()
         with contextlib.suppress(OSError):
             self._listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept
@@ -104,10 +115,12 @@ class BulkSender:
         self._listener.close()
         with self._lock:
             tickets, self._tickets = list(self._tickets.values()), {}
-            conns = list(self._conns)
+            conns = dict(self._conns)
         for conn in conns:
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)  # wakes a blocked recv or send
+        for thread in conns.values():
+            thread.join(2)
         for ticket in tickets:
             ticket.source.finish()
 
@@ -122,11 +135,12 @@ class BulkSender:
                 self.num_refused += 1
                 conn.close()  # every slot taken: refuse rather than queue behind a stalled peer
                 continue
+            thread = threading.Thread(target=self._serve_slot, args=(conn,),
+                                      name="kv-bulk-conn", daemon=True)
             with self._lock:
-                self._conns.add(conn)
+                self._conns[conn] = thread
             try:
-                threading.Thread(target=self._serve_slot, args=(conn,), name="kv-bulk-conn",
-                                 daemon=True).start()
+                thread.start()
             except RuntimeError:  # no thread to be had: drop this connection, keep serving
                 self._close_slot(conn)
                 conn.close()
@@ -147,7 +161,7 @@ class BulkSender:
 
     def _close_slot(self, conn: socket.socket) -> None:
         with self._lock:
-            self._conns.discard(conn)
+            self._conns.pop(conn, None)
         self._slots.release()
 
     def _serve(self, conn: socket.socket) -> None:
@@ -173,17 +187,16 @@ class BulkSender:
     def _send_blocks(self, conn: socket.socket, ticket: _Ticket) -> None:
         buf = bytearray()
         source = ticket.source
-        for plan, blocks in source.chunks(ticket.max_chunk_bytes,
-                                          lambda: not self._stopped.is_set()):
-            if len(buf) < plan.num_bytes:
-                buf = bytearray(plan.num_bytes)
-            self._cache.gather_into(plan.layer_index, blocks, buf, 0)
-            conn.sendall(FRAME.pack(plan.layer_index, plan.first_block, plan.num_blocks,
-                                    plan.num_bytes))
-            conn.sendall(memoryview(buf)[: plan.num_bytes])
+        for header, blocks in source.chunks(ticket.max_chunk_bytes,
+                                            lambda: not self._stopped.is_set()):
+            if len(buf) < header.num_bytes:
+                buf = bytearray(header.num_bytes)
+            self._cache.gather_into(header.layer_index, blocks, buf, 0)
+            conn.sendall(pack_frame(header))
+            conn.sendall(memoryview(buf)[: header.num_bytes])
         if self._stopped.is_set():
             return
-        conn.sendall(FRAME.pack(0, 0, 0, int(source.waited_s * 1e6)))
+        conn.sendall(pack_end_frame(source.waited_s))
 
 
 def _recv_exact(conn: socket.socket, num_bytes: int, into: memoryview,
@@ -192,11 +205,11 @@ def _recv_exact(conn: socket.socket, num_bytes: int, into: memoryview,
     view = into[:num_bytes]
     got = 0
     while got < num_bytes:
-        remaining_s = deadline - time.monotonic()
-        if remaining_s <= 0:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
             raise TransferError(f"data connection passed its deadline after {got} of "
                                 f"{num_bytes} bytes")
-        conn.settimeout(remaining_s)
+        conn.settimeout(remaining)
         try:
             n = conn.recv_into(view[got:])
         except TimeoutError as err:
@@ -208,67 +221,74 @@ def _recv_exact(conn: socket.socket, num_bytes: int, into: memoryview,
     return view
 
 
-def receive_blocks(
-    address: tuple[str, int],
-    ticket: bytes,
-    num_blocks: int,
-    deadline: float,
-    store: Callable[[int, int, int, memoryview], int],
-    should_stop: Callable[[], bool],
-    max_chunk_bytes: int,
-    producer_wait_s: list[float] | None = None,
-    block_bytes_per_layer: Sequence[int] = (),
-) -> int:
-    """Consumer side: read frames until the end frame; store(layer, first, count, payload)
-    writes one chunk and returns its byte count. Returns the bytes stored; the producer's wait
-    for blocks being computed (seconds, stream pulls) is appended to producer_wait_s.
+def receive_blocks(address: tuple[str, int], ticket: bytes, sink: ChunkSink, deadline: float,
+                   should_stop: Callable[[], bool], max_chunk_bytes: int) -> None:
+    """Consumer side: read frames into the sink until the end frame (whose wait goes to
+    `sink.finish`).
 
-    Every frame header is checked before its payload is read: its blocks must lie within the
-    num_blocks asked for and, given the consumer's block_bytes_per_layer, its size must be
-    exactly its block count times its layer's block bytes. The payload buffer is allocated once
-    (max_chunk_bytes, or one block of the widest layer if larger) and never grows on a
-    producer's word; a frame that does not fit is refused.
+    Every frame header is checked by the sink before its payload is read. The payload buffer
+    is allocated once (max_chunk_bytes, or one block of the widest layer if larger) and never
+    grows on a producer's word; a frame that does not fit is refused.
     """
-    capacity = max(max_chunk_bytes, *block_bytes_per_layer, 0)
+    capacity = max(max_chunk_bytes, *sink.block_bytes_per_layer)
     if capacity > MAX_FRAME_BYTES:
         raise TransferError(f"chunk buffer of {capacity} bytes exceeds the {MAX_FRAME_BYTES} "
                             "byte cap: lower max_chunk_bytes")
-    header = memoryview(bytearray(FRAME.size))
+    frame = memoryview(bytearray(FRAME.size))
     buf = memoryview(bytearray(capacity))
-    num_bytes = 0
-    timeout = max(0.1, deadline - time.monotonic())
-    with socket.create_connection(address, timeout=timeout) as conn:
+    with socket.create_connection(address, timeout=remaining_s(deadline)) as conn:
         conn.sendall(ticket)
         while True:
-            layer, first, count, size = FRAME.unpack(
-                _recv_exact(conn, FRAME.size, header, deadline)
-            )
-            if count == 0:
-                if producer_wait_s is not None:
-                    producer_wait_s.append(size / 1e6)
-                return num_bytes
+            header = unpack_frame(_recv_exact(conn, FRAME.size, frame, deadline))
+            if isinstance(header, float):
+                sink.finish(producer_wait_s=header)
+                return
             if should_stop():
                 raise TransferError("transfer cancelled: request aborted")
-            _check_frame(layer, first, count, size, num_blocks, block_bytes_per_layer,
-                         len(buf))
-            num_bytes += store(layer, first, count, _recv_exact(conn, size, buf, deadline))
+            sink.check(header, capacity, wire="frame")
+            sink.write(header, _recv_exact(conn, header.num_bytes, buf, deadline))
 
 
-def _check_frame(layer: int, first: int, count: int, size: int, num_blocks: int,
-                 block_bytes_per_layer: Sequence[int], capacity: int) -> None:
-    where = f"layer {layer}, blocks {first}+{count}, {size} bytes"
-    if first + count > num_blocks:
-        raise TransferError(f"malformed frame ({where}): only {num_blocks} blocks were asked for")
-    if block_bytes_per_layer:
-        if layer >= len(block_bytes_per_layer):
-            raise TransferError(f"malformed frame ({where}): the consumer has "
-                                f"{len(block_bytes_per_layer)} layers")
-        expected = count * block_bytes_per_layer[layer]
-        if size != expected:
-            raise TransferError(
-                f"malformed frame ({where}): expected {expected} bytes; producer and consumer "
-                "KV layouts differ (model, block size or dtype)"
-            )
-    if size > capacity:
-        raise TransferError(f"malformed frame ({where}): larger than the {capacity} byte chunk "
-                            "this consumer asked for")
+class BulkTcpProducer(ProducerChannel):
+    """Serves OpenBulk and the data port it issues tickets for."""
+
+    def __init__(self, cache: PagedKVCache, options: ChannelOptions) -> None:
+        super().__init__(cache, options)
+        self.sender: BulkSender | None = None
+
+    def methods(self) -> Sequence[PullMethod | ControlMethod]:
+        return [PullMethod("OpenBulk", self._open, pb.PullRequest.FromString,
+                           pb.BulkTicket.SerializeToString, streaming=False)]
+
+    def start(self, bind_host: str) -> None:
+        self.sender = BulkSender(self.cache, bind_host)
+
+    def stop(self) -> None:
+        if self.sender is not None:
+            self.sender.stop()
+            self.sender = None
+
+    @property
+    def num_tickets(self) -> int:
+        return self.sender.num_tickets if self.sender is not None else 0
+
+    def _open(self, pull: ServedPull) -> pb.BulkTicket:
+        if self.sender is None:
+            pull.source.finish()
+            raise ChannelRefused("the bulk data port is closed")
+        ticket = self.sender.issue(pull.source, pull.chunk_bytes)
+        return pb.BulkTicket(port=self.sender.port, ticket=ticket)
+
+
+class BulkTcpConsumer(ConsumerChannel):
+    """Calls OpenBulk on the part's connection, then reads the frames from the data port."""
+
+    def receive(self, endpoint: str, request: pb.PullRequest, sink: ChunkSink,
+                stream_index: int, deadline: float, should_stop: Callable[[], bool]) -> None:
+        open_bulk = self.control.unary(endpoint, OPEN_BULK_METHOD, pb.BulkTicket.FromString,
+                                       stream_index)
+        ticket = open_bulk(request, timeout=remaining_s(deadline), metadata=self.control.metadata)
+        address = (endpoint.rsplit(":", 1)[0], ticket.port)
+        receive_blocks(address, ticket.ticket, sink, deadline, should_stop,
+                       request.max_chunk_bytes)
+
