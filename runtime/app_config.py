@@ -62,6 +62,10 @@ class SchedulerConfig(BaseModel):
     long_prompt_tokens: int = Field(
         4096, ge=1, description="Prompts at least this long are in the long lane."
     )
+    long_prefill_ms: float | None = Field(
+        None, gt=0, description="Also in the long lane: prompts whose predicted prefill (on a "
+        "typical prefill replica, from its fitted model) takes at least this long; None: by "
+        "length only.")
     long_lane_replicas: int = Field(
         0, ge=0, description="Prefill replicas reserved for the long lane (0: lanes share all)."
     )

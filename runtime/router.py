@@ -60,6 +60,7 @@ def live_config(config: AppConfig) -> LiveConfig:
     scheduler, slo = config.scheduler, config.slo
     policy = PolicyConfig(
         long_prompt_tokens=scheduler.long_prompt_tokens,
+        long_prefill_ms=scheduler.long_prefill_ms,
         stale_after_s=scheduler.stale_after_s,
         local_max_prompt_tokens=scheduler.local_max_prompt_tokens,
         kv_bytes_per_token=kv_bytes_per_token,
@@ -133,8 +134,10 @@ class Router:
                 param="max_tokens" if len(prompt_ids) < self.max_model_len else "prompt",
                 code="context_length_exceeded",
             )
-        lane: Lane = "long" if len(prompt_ids) >= self.config.scheduler.long_prompt_tokens \
-            else "short"
+        # the policy's lane (prompt length, or predicted prefill time with long_prefill_ms);
+        # the decision carries the same lane once replicas have reported
+        lane: Lane = self.live.policy.lane(len(prompt_ids)) if self.live is not None else (
+            "long" if len(prompt_ids) >= self.config.scheduler.long_prompt_tokens else "short")
         request_id = f"{kind}-{self._id_prefix}-{next(self._ids)}"
         prepared = PreparedRequest(GenerateRequest(request_id, tuple(prompt_ids), sampling),
                                    lane, arrival)

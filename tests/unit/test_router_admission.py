@@ -72,3 +72,18 @@ def test_without_admission_the_request_is_placed_anyway():
 def test_admission_needs_an_slo():
     with pytest.raises(ValueError, match="slo.ttft_ms"):
         AppConfig.model_validate({"engine": {"model": "m"}, "scheduler": {"admission": True}})
+
+
+def test_the_request_lane_is_the_policys_with_a_prefill_time_budget():
+    config = AppConfig.model_validate({
+        "engine": {"model": "no-such-model", "max_model_len": 16384},
+        "scheduler": {"long_prompt_tokens": 8000, "long_prefill_ms": 100.0},
+    })
+    live = LiveScheduler(live_config(config))
+    router = Router(config, tokenizer=None, prefill=None, decode=None,  # type: ignore[arg-type]
+                    metrics=Metrics(), live=live)
+    _report(live)  # 1,024 tokens: 60 ms predicted; 4,096 tokens: 400 ms
+    short = router.prepare(list(range(1024)), SamplingSpec(max_tokens=8), "cmpl")
+    long_ = router.prepare(list(range(4096)), SamplingSpec(max_tokens=8), "cmpl")
+    assert short.lane == "short" and long_.lane == "long"  # under long_prompt_tokens: by time
+    assert long_.decision is not None and long_.decision.lane == long_.lane
