@@ -116,7 +116,9 @@ class GlobalScheduler:
                avoid: Engine | None = None) -> Decision | Rejection:
         """Choose lane, mode and replicas for one request, and book it. Side effect: the
         chosen replicas' counts include this request from now on. `avoid`: an engine not to
-        prefill it on (a long prompt moving off an engine that is late), if another can."""
+        prefill it on (a long prompt moving off an engine that is late), if another can; under
+        disaggregation a moving prompt stays with the prefill pool (its queued work is the
+        pool's autoscaling signal)."""
         lane = self.lane(request.prompt_len)
         stale_s = self.config.stale_after_s
         d_live = self.decode.live(now_s, stale_s)
@@ -126,7 +128,8 @@ class GlobalScheduler:
         if avoid is not None:
             mask = _other_than(self.prefill.ids, avoid.prefill_replica)
             p_live = p_live & mask if (p_live & mask).any() else p_live
-            local_ok = _other_than(self.decode.ids, avoid.local_replica)
+            local_ok = _other_than(self.decode.ids, avoid.local_replica) \
+                & (not self.config.disaggregation or not p_live.any())
         if not d_live.any():
             if p_live.any():
                 return self._prefill_local(request, lane, p_live, now_s,

@@ -11,7 +11,10 @@ It moves when an engine with no long prompt outstanding is predicted to give its
 clearly earlier (`CLEAR_WIN`, `MIN_GAIN_MS`) than its own engine, where the wait is the work
 booked ahead of it; or when the long prefill ahead of it is late by `OVERDUE_MS` and by its
 own predicted time, so that engine's predictions are not to be trusted, and another engine
-with no long prompt can take it.
+with no long prompt can take it. Under disaggregation it moves within the prefill pool only
+(a local prefill is the policy's choice on arrival; the pool's queued work is its autoscaling
+signal, and moving it to the decode pool would hide a backlog); under colocated serving, to
+any other engine.
 """
 
 from __future__ import annotations
@@ -69,8 +72,12 @@ def _free_engine_ms(policy: GlobalScheduler, decision: Decision, request: Reques
             ms = work.wait_ms(now_s, n, lane) + policy.config.split_overhead_ms \
                 + policy.config.transfer_ms(n)
             best = min(best, float(ms[free].min()))
+    if policy.config.disaggregation and policy.prefill.live(now_s, stale_s).any():
+        # it stays with the prefill pool, whose queued work is the pool's autoscaling signal
+        # (a decode replica's spare capacity is for the local prefills chosen on arrival)
+        return None if best == np.inf else best
     d_live = policy.decode.live(now_s, stale_s)
-    if policy.config.disaggregation:
+    if policy.config.disaggregation:  # no live prefill replica: decode replicas prefill
         local = policy.can_local(request, d_live, now_s)
     else:
         local = d_live & policy.decode.room(n + request.max_tokens)

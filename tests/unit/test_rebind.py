@@ -11,7 +11,7 @@ from runtime.scheduler.loads import DecodeTable, PrefillTable
 from runtime.scheduler.policy import GlobalScheduler, PolicyConfig
 from runtime.scheduler.prefill_model import PrefillModel
 from runtime.scheduler.rebind import move_reason
-from runtime.scheduler.types import Decision, ReplicaReport, RequestInfo
+from runtime.scheduler.types import Decision, Engine, ReplicaReport, RequestInfo
 
 NOW = 100.0
 MODEL = PrefillModel(1.0, 0.05, 1e-5)  # 5,000 tokens: 501 ms
@@ -100,3 +100,35 @@ def test_a_moved_prompt_is_booked_on_the_free_engine_and_released_from_the_old_o
         assert sum(live.decisions.values()) == 3
 
     asyncio.run(run())
+
+
+def test_under_disaggregation_it_stays_with_the_prefill_pool():
+    prefill = PrefillTable(["p0"], ["short"], MODEL)
+    decode = DecodeTable(["d0"], [1000], block_size=16, max_num_seqs=8, prior=MODEL)
+    sched = GlobalScheduler(PolicyConfig(long_prompt_tokens=1000, long_local_gain=0.0),
+                            prefill, decode)  # long prompts never go local on arrival
+    decisions = {rid: sched.decide(RequestInfo(rid, 5000, 16, NOW), NOW) for rid in "ac"}
+    assert all(d.prefill_replica == "p0" for d in decisions.values())  # type: ignore[union-attr]
+    # d0 idles and the prefill ahead of c is 1.5 s late: still no move to a local prefill
+    # (the prefill pool's backlog is its autoscaling signal)
+    assert move_reason(sched, decisions["c"], RequestInfo("c", 5000, 16, NOW),  # type: ignore[arg-type]
+                       NOW + 2.0) is None
+
+
+def test_under_colocated_serving_it_moves_to_another_engine():
+    prefill = PrefillTable([], [], MODEL)
+    decode = DecodeTable(["d0", "d1"], [1000, 1000], block_size=16, max_num_seqs=8,
+                         prior=MODEL)
+    sched = GlobalScheduler(PolicyConfig(long_prompt_tokens=1000, disaggregation=False),
+                            prefill, decode)
+    decisions = {rid: sched.decide(RequestInfo(rid, 5000, 16, NOW), NOW) for rid in "abc"}
+    c = decisions["c"]
+    assert isinstance(c, Decision) and c.mode == "local"
+    other = "a" if decisions["a"].decode_replica != c.decode_replica else "b"  # type: ignore[union-attr]
+    sched.first_token(decisions[other], other, NOW + 0.05)  # type: ignore[arg-type]
+    reason = move_reason(sched, c, RequestInfo("c", 5000, 16, NOW), NOW + 0.05)
+    assert reason is not None
+    sched.first_token(c, "c", NOW + 0.05)  # its prefill booking leaves c's engine
+    moved = sched.decide(RequestInfo("c", 5000, 16, NOW), NOW + 0.05,
+                         avoid=Engine.of(c))
+    assert isinstance(moved, Decision) and moved.decode_replica != c.decode_replica
