@@ -32,6 +32,13 @@ def test_every_request_is_served_and_times_are_causal(mode):
     assert summary.num_failed == 0 and summary.throughput_rps > 0
 
 
+def test_a_lone_long_prompt_on_a_colocated_replica_takes_its_prefill_time():
+    # every chunk of the prompt is a step, even with no batch decoding beside it
+    reqs = simulate(ClusterSpec("colocated", 1, 0), COST, [TraceRequest(0.0, 32_768, 10)])
+    assert reqs[0].first_token >= COST.prefill_s(32_768)
+    assert reqs[0].finish > reqs[0].first_token
+
+
 def test_simulation_is_deterministic():
     trace = mixed(300, rate_per_s=30, seed=6)
     spec = ClusterSpec("policy", 3, 2, num_long_prefill=1, policy=policy_config(COST, 16384))

@@ -120,6 +120,7 @@ class DecodeReplica:
         batch = len(self.running)
         capped = self.cap_tokens > 0 and batch + len(self.prefill_queue) > 1
         budget, duration, done = self.chunk_tokens, 0.0, []
+        num_prefill_tokens = 0
         for item in list(self.prefill_queue):
             if budget <= 0:
                 break
@@ -129,19 +130,19 @@ class DecodeReplica:
                 take = min(take, self.cap_tokens)
             duration += self.cost.chunk_s(take, offset)
             budget -= take
+            num_prefill_tokens += take
             item[1] += take
             self.queued_prefill_tokens -= take
             if item[1] >= req.prompt_len:
                 self.prefill_queue.remove(item)
                 done.append(req)
-        if done or batch:
-            duration += self.cost.hardware.step_overhead_s
+        if not num_prefill_tokens and not batch:
+            self.busy = False
+            return
+        duration += self.cost.hardware.step_overhead_s
         if batch:
             kv = self.kv_base + batch * (self.step + 1)
             duration += self.cost.decode_step_s(batch, kv)
-        if not done and not batch:
-            self.busy = False
-            return
         self.sim.at(self.sim.now + duration, lambda: self._end_step(done))
 
     def _end_step(self, done: list[Req]) -> None:
