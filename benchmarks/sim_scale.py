@@ -34,9 +34,9 @@ def main(argv: list[str] | None = None) -> int:
           f"({spec.mode}, {num_prefill}:{args.replicas - num_prefill}, {num_long} long)",
           flush=True)
     start = time.perf_counter()
-    reqs = simulate(spec, cost, trace)
+    run = simulate(spec, cost, trace)
     elapsed = time.perf_counter() - start
-    summary = summarize(reqs, 16384, 300, 50, lambda n: 1e3 * cost.prefill_s(n))
+    summary = summarize(run, 16384, 300, 50, lambda n: 1e3 * cost.prefill_s(n))
     print(f"simulated {trace[-1].arrival_s:.0f} s of traffic in {elapsed:.1f} s wall "
           f"({args.requests / elapsed:,.0f} requests/s)")
     print(f"goodput {summary.goodput_rps:.0f}/s of {summary.throughput_rps:.0f}/s; short TTFT p99 "

@@ -7,8 +7,12 @@ import asyncio
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from runtime.tiny_model import DEFAULT_MODEL_DIR
+
+if TYPE_CHECKING:
+    from runtime.scheduler.sim.plan import PlanRow
 
 
 def _make_tiny_model(args: argparse.Namespace) -> int:
@@ -82,15 +86,11 @@ def _plan(args: argparse.Namespace) -> int:
     print(f"[plan] {len(trace)} requests, {args.replicas} replicas of {args.hardware}, "
           f"{args.model}: simulating colocated and every prefill:decode split", flush=True)
     rows = plan(cost, trace, args.replicas, args.ttft_slo_ms, args.tpot_slo_ms,
-                args.long_prompt_tokens, progress=True)
-    print(f"\n{'mode':<10} {'P:D':>6} {'long':>5} {'goodput/s':>10} {'shortTTFT p99':>14} "
-          f"{'TPOT p99':>9} {'local':>6}")
-    for row in rows[: args.top]:
-        s = row.summary
-        split = "-" if row.mode == "colocated" else f"{row.num_prefill}:{row.num_decode}"
-        long_ = str(row.num_long_prefill) if row.mode == "policy" else "-"
-        print(f"{row.mode:<10} {split:>6} {long_:>5} {s.goodput_rps:>10.1f} "
-              f"{s.short_ttft_p99_ms:>12.0f}ms {s.tpot_p99_ms:>7.1f}ms {s.local_fraction:>6.0%}")
+                args.long_prompt_tokens, progress=True,
+                prefill_cost_per_replica_hour=args.prefill_cost_per_replica_hour,
+                decode_cost_per_replica_hour=args.decode_cost_per_replica_hour)
+    priced = args.prefill_cost_per_replica_hour > 0 or args.decode_cost_per_replica_hour > 0
+    print("\n" + "\n".join(_plan_table(rows[: args.top], priced)))
     best = rows[0]
     if best.mode == "colocated":
         print("\nrecommendation: colocated serving (disaggregation does not pay here)")
@@ -98,7 +98,42 @@ def _plan(args: argparse.Namespace) -> int:
         print(f"\nrecommendation: {best.num_prefill} prefill : {best.num_decode} decode replicas"
               + (f", {best.num_long_prefill} of the prefill replicas in the long lane"
                  if best.mode == "policy" else "") + f" ({best.mode})")
+    print("cost by prompt length there (mean per request):")
+    for band in best.summary.cost.bands:
+        mean = band.per_request
+        print(f"  {band.name + ' tokens':>16}: {band.num_requests:>6} requests, prefill "
+              f"{mean.prefill_engine_s:.3f} + decode {mean.decode_engine_s:.3f} engine-s"
+              + (f", ${mean.dollars:.4f}" if priced else "") + "; prefill "
+              f"{band.prefill_engine_s_per_1k_prompt_tokens:.3f} engine-s per 1K prompt tokens")
     return 0
+
+
+def _plan_table(rows: list[PlanRow], priced: bool) -> list[str]:
+    """The ranked splits: latency and goodput, then what a request costs (engine-seconds
+    prefill+decode, dollars where priced) and the share of replica time left idle."""
+    lines = [f"{'mode':<10} {'P:D':>6} {'long':>5} {'goodput/s':>10} {'shortTTFT p99':>14} "
+             f"{'TPOT p99':>9} {'local':>6} {'eng-s/req P+D':>14} {'eng-s/1K':>9}"
+             + (f" {'$/req':>8} {'$/1K':>8}" if priced else "") + f" {'idle':>5}"]
+    for row in rows:
+        s, c = row.summary, row.summary.cost
+        split = "-" if row.mode == "colocated" else f"{row.num_prefill}:{row.num_decode}"
+        long_ = str(row.num_long_prefill) if row.mode == "policy" else "-"
+        per_request, per_1k = c.per_request, c.per_1k_output_tokens
+        engine_s = f"{per_request.prefill_engine_s:.3f}+{per_request.decode_engine_s:.3f}"
+        lines.append(
+            f"{row.mode:<10} {split:>6} {long_:>5} {s.goodput_rps:>10.1f} "
+            f"{s.short_ttft_p99_ms:>12.0f}ms {s.tpot_p99_ms:>7.1f}ms {s.local_fraction:>6.0%} "
+            f"{engine_s:>14} {per_1k.engine_s:>9.3f}"
+            + (f" {per_request.dollars:>8.4f} {per_1k.dollars:>8.4f}" if priced else "")
+            + f" {c.idle_fraction:>5.0%}")
+    return lines
+
+
+def _price(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"a price is at least 0, got {text}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -163,7 +198,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="recommend a prefill:decode split by simulation",
         description="Simulate colocated serving, static disaggregation and the disagg policy "
         "for every prefill:decode split of a cluster, on a synthetic mixed workload or a trace "
-        "file (CSV rows: timestamp s, input tokens, output tokens), and rank them by goodput.",
+        "file (CSV rows: timestamp s, input tokens, output tokens), and rank them by goodput. "
+        "Each row also says what a request costs at that split and load, accounted as the live "
+        "runtime does (each engine step's time divided among its requests by scheduled "
+        "tokens): 'eng-s/req P+D' is the mean prefill + decode engine-seconds per request (an "
+        "engine-second is one replica, all its GPUs, for one second), 'eng-s/1K' the "
+        "engine-seconds per 1,000 output tokens, '$/req' and '$/1K' the same in money at the "
+        "pools' prices (shown when a price is set), and 'idle' the share of the cluster's "
+        "replica-seconds no request used (reported apart, not in the per-request costs). "
+        "Below the table: the recommended split's cost by prompt length.",
     )
     plan_cmd.add_argument("--model", choices=["llama-3-70b", "llama-3-8b"],
                           default="llama-3-70b")
@@ -180,6 +223,15 @@ def build_parser() -> argparse.ArgumentParser:
     plan_cmd.add_argument("--long-prompt-tokens", type=_positive_int, default=16384)
     plan_cmd.add_argument("--seed", type=int, default=0)
     plan_cmd.add_argument("--top", type=_positive_int, default=10, help="rows to print")
+    plan_cmd.add_argument(
+        "--prefill-cost-per-replica-hour", type=_price, default=0.0,
+        help="price of one prefill replica per hour, any currency (as a pool's "
+        "cost_per_replica_hour in the app config); default 0: engine-seconds only (for scale: "
+        "8xH100 cloud nodes list at roughly 20 to 100 US dollars an hour)")
+    plan_cmd.add_argument(
+        "--decode-cost-per-replica-hour", type=_price, default=0.0,
+        help="price of one decode replica per hour (colocated replicas are priced at it); "
+        "default 0: engine-seconds only")
     plan_cmd.set_defaults(func=_plan)
 
     bench = sub.add_parser(

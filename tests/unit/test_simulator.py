@@ -26,17 +26,24 @@ def test_cost_model_shows_the_quadratic_prefill_wall():
 def test_every_request_is_served_and_times_are_causal(mode):
     trace = mixed(400, rate_per_s=20, long_fraction=0.02, seed=5)
     spec = ClusterSpec(mode, 3, 2, num_long_prefill=1, policy=policy_config(COST, 16384))
-    reqs = simulate(spec, COST, trace)
-    assert all(r.arrival <= r.first_token <= r.finish for r in reqs)
-    summary = summarize(reqs, 16384, 300, 50)
+    run = simulate(spec, COST, trace)
+    assert all(r.arrival <= r.first_token <= r.finish for r in run.reqs)
+    summary = summarize(run, 16384, 300, 50)
     assert summary.num_failed == 0 and summary.throughput_rps > 0
+
+
+def test_a_lone_long_prompt_on_a_colocated_replica_takes_its_prefill_time():
+    # every chunk of the prompt is a step, even with no batch decoding beside it
+    reqs = simulate(ClusterSpec("colocated", 1, 0), COST, [TraceRequest(0.0, 32_768, 10)]).reqs
+    assert reqs[0].first_token >= COST.prefill_s(32_768)
+    assert reqs[0].finish > reqs[0].first_token
 
 
 def test_simulation_is_deterministic():
     trace = mixed(300, rate_per_s=30, seed=6)
     spec = ClusterSpec("policy", 3, 2, num_long_prefill=1, policy=policy_config(COST, 16384))
-    first = [(r.first_token, r.finish) for r in simulate(spec, COST, trace)]
-    assert first == [(r.first_token, r.finish) for r in simulate(spec, COST, trace)]
+    first = [(r.first_token, r.finish, r.cost) for r in simulate(spec, COST, trace).reqs]
+    assert first == [(r.first_token, r.finish, r.cost) for r in simulate(spec, COST, trace).reqs]
 
 
 def test_short_requests_do_not_wait_behind_long_prefills_with_the_policy():

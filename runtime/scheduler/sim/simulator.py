@@ -7,6 +7,8 @@
               replicas from the load it is told, as in the ingress.
 Replica times come from a CostModel. Decode replicas batch continuously; a long prefill on a
 colocated replica stretches every step of the batch sharing it (that is what TPOT shows).
+Every step goes through its replica's StepLedger (accounting.py), as live engines' steps do:
+each request ends with its RequestCost, each replica with its EngineUsage.
 """
 
 from __future__ import annotations
@@ -21,22 +23,24 @@ from typing import Literal
 
 import numpy as np
 
+from runtime.cost import RequestCost
 from runtime.scheduler.loads import DecodeTable, PrefillTable
 from runtime.scheduler.policy import GlobalScheduler, PolicyConfig
+from runtime.scheduler.sim.accounting import BLOCK_SIZE, ReplicaBook, ReplicaUsage, num_blocks
 from runtime.scheduler.sim.cost_model import CostModel
 from runtime.scheduler.sim.workload import TraceRequest
 from runtime.scheduler.types import Decision, Lane, RequestInfo
 
 SimMode = Literal["colocated", "static", "policy"]
-BLOCK_SIZE = 16
 
 
 class Req:
     __slots__ = ("arrival", "finish", "first_token", "lane", "mode", "output_len", "prompt_len",
-                 "rid", "decode_id", "local", "decision")
+                 "rid", "key", "decode_id", "prefill_id", "local", "decision", "cost")
 
     def __init__(self, rid: int, trace: TraceRequest, lane: Lane) -> None:
         self.rid = rid
+        self.key = str(rid)
         self.arrival = trace.arrival_s
         self.prompt_len = trace.prompt_len
         self.output_len = trace.output_len
@@ -44,8 +48,10 @@ class Req:
         self.first_token = -1.0
         self.finish = -1.0
         self.decode_id = -1
+        self.prefill_id = -1
         self.local = False
         self.decision: Decision | None = None
+        self.cost = RequestCost()  # what it has cost on the replicas it has left
 
 
 class Sim:
@@ -68,12 +74,14 @@ class DecodeReplica:
     """Continuous batching; prefills too when colocated or for local-mode requests."""
 
     def __init__(self, sim: Sim, index: int, cost: CostModel, chunk_tokens: int,
-                 on_finish: Callable[[Req], None], cap_tokens: int = 0) -> None:
-        self.sim, self.index, self.cost = sim, index, cost
+                 on_finish: Callable[[Req], None], book: ReplicaBook,
+                 cap_tokens: int = 0) -> None:
+        self.sim, self.index, self.cost, self.book = sim, index, cost, book
         self.chunk_tokens = chunk_tokens
         self.cap_tokens = cap_tokens
         self.on_finish = on_finish
         self.prefill_queue: deque[list] = deque()  # [req, tokens done]
+        self.started: dict[str, list] = {}  # prefill_queue items with tokens done
         self.queued_prefill_tokens = 0
         self.admitted: list[Req] = []  # KV arrived, join at the next step
         self.running: list[tuple[int, int, int, Req]] = []  # (finish step, rid, join step, req)
@@ -108,18 +116,34 @@ class DecodeReplica:
     def _join(self, req: Req, join_step: int) -> None:
         if req.output_len <= 1:
             req.finish = req.first_token
-            self.on_finish(req)
+            self._leave(req)
             return
         heapq.heappush(self.running, (join_step + req.output_len - 2, req.rid, join_step, req))
         self.kv_base += req.prompt_len - join_step
+        self.book.join(req.key, req.prompt_len + 1)
+
+    def _leave(self, req: Req) -> None:
+        req.cost += self.book.leave(req.key)
+        self.on_finish(req)
+
+    def _take_handoff(self, req: Req) -> None:
+        """The prompt's blocks were held on both sides from the prefill's end until now (the
+        producer's lease, as runtime.pipeline.handoff_cost counts it) and moved once."""
+        blocks, held_s = num_blocks(req.prompt_len), self.sim.now - req.first_token
+        self.book.hold(req.key, blocks, held_s, "decode")
+        req.cost += RequestCost(
+            prefill_kv_block_s=blocks * held_s,
+            bytes_moved=blocks * BLOCK_SIZE * self.cost.model.kv_bytes_per_token)
 
     def _start_step(self) -> None:
         for req in self.admitted:
+            self._take_handoff(req)
             self._join(req, self.step)
         self.admitted.clear()
         batch = len(self.running)
         capped = self.cap_tokens > 0 and batch + len(self.prefill_queue) > 1
         budget, duration, done = self.chunk_tokens, 0.0, []
+        tokens: dict[str, int] = {}
         for item in list(self.prefill_queue):
             if budget <= 0:
                 break
@@ -129,19 +153,23 @@ class DecodeReplica:
                 take = min(take, self.cap_tokens)
             duration += self.cost.chunk_s(take, offset)
             budget -= take
+            tokens[req.key] = take
+            self.started[req.key] = item
             item[1] += take
             self.queued_prefill_tokens -= take
             if item[1] >= req.prompt_len:
                 self.prefill_queue.remove(item)
                 done.append(req)
-        if done or batch:
-            duration += self.cost.hardware.step_overhead_s
+        if not tokens and not batch:
+            self.busy = False
+            return
+        duration += self.cost.hardware.step_overhead_s
         if batch:
             kv = self.kv_base + batch * (self.step + 1)
             duration += self.cost.decode_step_s(batch, kv)
-        if not done and not batch:
-            self.busy = False
-            return
+        self.book.step(duration, tokens, _prefill_blocks(self.started))
+        for req in done:
+            del self.started[req.key]
         self.sim.at(self.sim.now + duration, lambda: self._end_step(done))
 
     def _end_step(self, done: list[Req]) -> None:
@@ -151,7 +179,7 @@ class DecodeReplica:
             _, _, join_step, req = heapq.heappop(running)
             self.kv_base -= req.prompt_len - join_step
             req.finish = now
-            self.on_finish(req)
+            self._leave(req)
         for req in done:
             req.first_token = now
             if self.on_local_prefill_done is not None:
@@ -167,10 +195,12 @@ class PrefillReplica:
     long_prefill_token_threshold); hands each finished prompt's KV on."""
 
     def __init__(self, sim: Sim, index: int, cost: CostModel, chunk_tokens: int,
-                 cap_tokens: int, on_done: Callable[[Req], None]) -> None:
+                 cap_tokens: int, on_done: Callable[[Req], None], book: ReplicaBook) -> None:
         self.sim, self.index, self.cost, self.on_done = sim, index, cost, on_done
         self.chunk_tokens, self.cap_tokens = chunk_tokens, cap_tokens
+        self.book = book
         self.queues: dict[Lane, deque[list]] = {"short": deque(), "long": deque()}
+        self.started: dict[str, list] = {}  # queued items with tokens done
         self.queued_tokens = 0
         self.busy = False
 
@@ -188,6 +218,7 @@ class PrefillReplica:
             return
         capped = self.cap_tokens > 0 and len(items) > 1
         budget, duration, done = self.chunk_tokens, self.cost.hardware.step_overhead_s, []
+        tokens: dict[str, int] = {}
         for item in items:
             if budget <= 0:
                 break
@@ -197,19 +228,29 @@ class PrefillReplica:
                 take = min(take, self.cap_tokens)
             duration += self.cost.chunk_s(take, offset)
             budget -= take
+            tokens[req.key] = take
+            self.started[req.key] = item
             item[1] += take
             if item[1] >= req.prompt_len:
                 self.queues[req.lane].remove(item)
                 done.append(req)
+        self.book.step(duration, tokens, _prefill_blocks(self.started))
+        for req in done:
+            del self.started[req.key]
 
         def end() -> None:
             for req in done:
                 self.queued_tokens -= req.prompt_len
                 req.first_token = self.sim.now
+                req.cost += self.book.leave(req.key)
                 self.on_done(req)
             self._step()
 
         self.sim.at(self.sim.now + duration, end)
+
+
+def _prefill_blocks(started: dict[str, list]) -> dict[str, int]:
+    return {key: num_blocks(item[1]) for key, item in started.items()}
 
 
 @dataclass(frozen=True)
@@ -221,37 +262,55 @@ class ClusterSpec:
     chunk_tokens: int = 2048
     cap_tokens: int = 512  # a prompt's share of a step while others wait (0: no cap)
     policy: PolicyConfig = PolicyConfig()
+    # each pool's price (as app_config's PoolConfig.cost_per_replica_hour); colocated
+    # replicas prefill and decode, as a decode replica does in local mode: the decode price
+    prefill_cost_per_replica_hour: float = 0.0
+    decode_cost_per_replica_hour: float = 0.0
 
 
-def simulate(spec: ClusterSpec, cost: CostModel, trace: list[TraceRequest]) -> list[Req]:
-    """Serve the trace; return every request with its first-token and finish times
-    (finish -1 for a request no replica could hold)."""
+@dataclass(frozen=True)
+class SimRun:
+    """A simulated run: every request (finish -1 for one no replica could hold) with its
+    RequestCost, and every replica's usage over wall_s, from the first arrival to the end."""
+
+    reqs: list[Req]
+    replicas: tuple[ReplicaUsage, ...]
+    wall_s: float
+
+
+def simulate(spec: ClusterSpec, cost: CostModel, trace: list[TraceRequest]) -> SimRun:
+    """Serve the trace: first-token and finish times, and what each request cost."""
     sim = Sim()
     reqs: list[Req] = []
     capacity_blocks = cost.kv_capacity_tokens // BLOCK_SIZE
+    books: list[ReplicaBook] = []
 
     if spec.mode == "colocated":
-        replicas = [DecodeReplica(sim, i, cost, spec.chunk_tokens, lambda r: None)
-                    for i in range(spec.num_prefill + spec.num_decode)]
+        replicas = []
+        for i in range(spec.num_prefill + spec.num_decode):
+            books.append(ReplicaBook(f"c{i}", spec.decode_cost_per_replica_hour))
+            replicas.append(DecodeReplica(sim, i, cost, spec.chunk_tokens, lambda r: None,
+                                          books[-1]))
 
         def route_colocated(req: Req) -> None:
             best = min(replicas, key=lambda r: (r.queued_prefill_tokens, r.num_active))
-            req.local = True
+            req.local, req.decode_id = True, best.index
             best.enqueue_prefill(req)
 
         route: Callable[[Req], None] = route_colocated
     else:
-        route = _split_router(spec, cost, sim, capacity_blocks)
+        route = _split_router(spec, cost, sim, capacity_blocks, books)
     for rid, trace_req in enumerate(trace):
         req = Req(rid, trace_req, "short")
         reqs.append(req)
         sim.at(trace_req.arrival_s, functools.partial(route, req))
     sim.run()
-    return reqs
+    wall_s = sim.now - min((r.arrival for r in reqs), default=0.0)
+    return SimRun(reqs, tuple(book.usage(wall_s) for book in books), wall_s)
 
 
-def _split_router(spec: ClusterSpec, cost: CostModel, sim: Sim,
-                  capacity_blocks: int) -> Callable[[Req], None]:
+def _split_router(spec: ClusterSpec, cost: CostModel, sim: Sim, capacity_blocks: int,
+                  books: list[ReplicaBook]) -> Callable[[Req], None]:
     """Static or policy routing over a prefill pool and a decode pool."""
     policy = spec.mode == "policy"
     cap = spec.cap_tokens if policy else 0
@@ -271,22 +330,25 @@ def _split_router(spec: ClusterSpec, cost: CostModel, sim: Sim,
                         [capacity_blocks] * spec.num_decode, BLOCK_SIZE, 512, model, cap,
                         spec.chunk_tokens))
 
-    def blocks(req: Req) -> int:
-        return -(-(req.prompt_len + req.output_len) // BLOCK_SIZE)
-
     def on_finish(req: Req) -> None:
         if scheduler is None:
-            free_blocks[req.decode_id] += blocks(req)
+            free_blocks[req.decode_id] += num_blocks(req.prompt_len + req.output_len)
             return
         tpot_ms = 1e3 * (req.finish - req.first_token) / max(1, req.output_len - 1)
-        scheduler.decode.released(scheduler.decode.ids[req.decode_id], blocks(req),
+        scheduler.decode.released(scheduler.decode.ids[req.decode_id],
+                                  num_blocks(req.prompt_len + req.output_len),
                                   req.output_len, tpot_ms)
 
     def first_token(req: Req) -> None:
         if scheduler is not None and req.decision is not None:
             scheduler.first_token(req.decision, str(req.rid))
 
-    decoders = [DecodeReplica(sim, i, cost, spec.chunk_tokens, on_finish, cap)
+    prefill_books = [ReplicaBook(f"p{i}", spec.prefill_cost_per_replica_hour)
+                     for i in range(spec.num_prefill)]
+    decode_books = [ReplicaBook(f"d{i}", spec.decode_cost_per_replica_hour)
+                    for i in range(spec.num_decode)]
+    books.extend(prefill_books + decode_books)
+    decoders = [DecodeReplica(sim, i, cost, spec.chunk_tokens, on_finish, decode_books[i], cap)
                 for i in range(spec.num_decode)]
     for d in decoders:
         d.on_local_prefill_done = first_token
@@ -296,8 +358,8 @@ def _split_router(spec: ClusterSpec, cost: CostModel, sim: Sim,
         target = decoders[req.decode_id]
         sim.at(sim.now + cost.transfer_s(req.prompt_len), lambda: target.admit(req))
 
-    prefillers = [PrefillReplica(sim, i, cost, spec.chunk_tokens, cap, on_prefilled)
-                  for i in range(spec.num_prefill)]
+    prefillers = [PrefillReplica(sim, i, cost, spec.chunk_tokens, cap, on_prefilled,
+                                 prefill_books[i]) for i in range(spec.num_prefill)]
 
     def route_policy(req: Req) -> None:
         assert scheduler is not None
@@ -312,10 +374,11 @@ def _split_router(spec: ClusterSpec, cost: CostModel, sim: Sim,
             decoders[req.decode_id].enqueue_prefill(req)
         else:
             assert decision.prefill_replica is not None
-            prefillers[scheduler.prefill.index[decision.prefill_replica]].enqueue(req)
+            req.prefill_id = scheduler.prefill.index[decision.prefill_replica]
+            prefillers[req.prefill_id].enqueue(req)
 
     def route_static(req: Req) -> None:
-        need = blocks(req)
+        need = num_blocks(req.prompt_len + req.output_len)
         fits = np.flatnonzero(free_blocks >= need)
         if not len(fits):
             fits = np.flatnonzero(capacity_blocks >= need)
@@ -324,6 +387,8 @@ def _split_router(spec: ClusterSpec, cost: CostModel, sim: Sim,
         d = int(fits[np.argmin([decoders[i].num_active for i in fits])])
         free_blocks[d] -= need
         req.decode_id = d
-        min(prefillers, key=lambda r: r.queued_tokens).enqueue(req)
+        prefiller = min(prefillers, key=lambda r: r.queued_tokens)
+        req.prefill_id = prefiller.index
+        prefiller.enqueue(req)
 
     return route_policy if policy else route_static
