@@ -40,6 +40,10 @@ def _scaling(pool: PoolConfig, drain_s: float) -> dict[str, Any]:
         "min_replicas": spec.min_replicas, "max_replicas": spec.max_replicas,
         "initial_replicas": min(spec.max_replicas, max(spec.min_replicas, pool.replicas)),
         "metrics_interval_s": 1.0, "look_back_period_s": 2.0,
+        # Serve applies these delays again to what a custom policy returns (its defaults: 30
+        # and 600 s); the policy holds its own (the pool's upscale/downscale_delay_s) and says
+        # a new count only once it stands, so Serve must apply it at once
+        "upscale_delay_s": 0.0, "downscale_delay_s": 0.0,
         "policy": {"policy_function": "runtime.autoscaling:PoolAutoscaler",
                    "policy_kwargs": {"upscale_delay_s": spec.upscale_delay_s,
                                      "downscale_delay_s": spec.downscale_delay_s,

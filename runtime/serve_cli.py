@@ -31,6 +31,13 @@ def serve_env(config: AppConfig) -> dict[str, str]:
             # ingress replicas (Ray's default: 30 s); clients here talk to it directly
             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
         })
+    if config.prefill.autoscaling is not None or config.decode.autoscaling is not None:
+        # Pool replicas hand the scheduler's demand to Serve's autoscaler as a custom metric
+        # (record_autoscaling_stats). Serve's replicas only push those when they also collect
+        # their running requests themselves; by default the handles collect those, and a
+        # replica's metrics pusher then never starts (Ray 2.60), so the autoscaler saw no
+        # demand at all.
+        env["RAY_SERVE_COLLECT_AUTOSCALING_METRICS_ON_HANDLE"] = "0"
     return env
 
 

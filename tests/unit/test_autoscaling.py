@@ -69,3 +69,23 @@ def test_autoscaling_config_is_validated():
         PoolConfig.model_validate({"autoscaling": {"min_replicas": 3, "max_replicas": 2}})
     pool = PoolConfig.model_validate({"autoscaling": {"max_replicas": 4}})
     assert pool.autoscaling is not None and pool.autoscaling.min_replicas == 1
+
+
+def test_serve_takes_the_policys_count_at_once_and_gets_the_demand():
+    """Two Ray Serve 2.60 behaviours the slow autoscaling test caught: Serve applies its own
+    up/downscale delays (30 s / 600 s by default) again to a custom policy's answer, so the
+    pool's config sets them to 0 (the policy holds the pool's delays); and replicas push their
+    custom metrics (the demand) only when they collect running requests themselves."""
+    from runtime.app import _scaling
+    from runtime.app_config import AppConfig
+    from runtime.serve_cli import serve_env
+
+    spec = {"min_replicas": 1, "max_replicas": 2, "upscale_delay_s": 2.0}
+    scaling = _scaling(PoolConfig.model_validate({"autoscaling": spec}), 5.0)
+    serve_config = scaling["autoscaling_config"]
+    assert serve_config["upscale_delay_s"] == 0 and serve_config["downscale_delay_s"] == 0
+    assert serve_config["policy"]["policy_kwargs"]["upscale_delay_s"] == 2.0
+    fixed = AppConfig.model_validate({"engine": {"model": "m"}})
+    scaled = AppConfig.model_validate({"engine": {"model": "m"}, "prefill": {"autoscaling": spec}})
+    key = "RAY_SERVE_COLLECT_AUTOSCALING_METRICS_ON_HANDLE"
+    assert key not in serve_env(fixed) and serve_env(scaled)[key] == "0"
