@@ -185,7 +185,8 @@ def format_pool_status(status: dict[str, Any]) -> list[str]:
         lines.append(f"  {role} pool demand: {demand['replicas']:.2f} replicas "
                      f"({demand['reason']})")
     decisions = ", ".join(f"{k}: {v}" for k, v in sorted(view["decisions"].items()))
-    lines.append(f"  decisions: {decisions or 'none yet'}")
+    lines.append(f"  decisions: {decisions or 'none yet'}; long prompts moved while waiting: "
+                 f"{view.get('moved', 0)}")
     if direct is not None:
         calls = ", ".join(f"{k}: {v}" for k, v in sorted(direct["calls"].items()))
         lines.append(f"  direct calls: {direct['connected']} of {len(direct['replicas'])} "
