@@ -192,7 +192,9 @@ def format_pool_status(status: dict[str, Any]) -> list[str]:
         lines.append(f"  direct calls: {direct['connected']} of {len(direct['replicas'])} "
                      f"replicas connected; calls {calls or 'none yet'}")
     lines.append("one replica per pool (engine view):")
-    for role, replica in pools.items():
+    for role in ("prefill", "decode"):  # entries added later are not pools
+        if (replica := pools.get(role)) is None:
+            continue
         load, kv = replica["load"] or {}, replica["kv"]
         lines.append(f"  {role} replica {replica['replica_id']}: kv cache "
                      f"{100 * load.get('kv_cache_usage', 0):.1f}% used, "
