@@ -126,9 +126,9 @@ class GlobalScheduler:
             else np.zeros(len(self.prefill.ids), dtype=bool)
         local_ok = np.ones(len(self.decode.ids), dtype=bool)
         if avoid is not None:
-            mask = _other_than(self.prefill.ids, avoid.prefill_replica)
+            mask = other_than(self.prefill.ids, avoid.prefill_replica)
             p_live = p_live & mask if (p_live & mask).any() else p_live
-            local_ok = _other_than(self.decode.ids, avoid.local_replica) \
+            local_ok = other_than(self.decode.ids, avoid.local_replica) \
                 & (not self.config.disaggregation or not p_live.any())
         if not d_live.any():
             if p_live.any():
@@ -383,7 +383,8 @@ class GlobalScheduler:
         table.work.observe(i, num_tokens, compute_ms)
 
 
-def _other_than(ids: list[str], replica_id: str | None) -> np.ndarray:
+def other_than(ids: list[str], replica_id: str | None) -> np.ndarray:
+    """A mask of the replicas other than replica_id (all of them for None)."""
     return np.array([rid != replica_id for rid in ids], dtype=bool)
 
 

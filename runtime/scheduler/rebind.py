@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from runtime.scheduler.policy import GlobalScheduler
+from runtime.scheduler.policy import GlobalScheduler, other_than
 from runtime.scheduler.types import Decision, Lane, RequestInfo
 
 CHECK_EVERY_S = 0.25  # a waiting long prompt looks again this often (and when a long ends)
@@ -66,8 +66,7 @@ def _free_engine_ms(policy: GlobalScheduler, decision: Decision, request: Reques
         work = policy.prefill.work
         free = (policy.prefill.live(now_s, stale_s) & policy.lane_mask(lane)
                 & (work.num_long == 0))
-        free &= np.array([rid != decision.prefill_replica for rid in policy.prefill.ids],
-                         dtype=bool)
+        free &= other_than(policy.prefill.ids, decision.prefill_replica)
         if free.any():
             ms = work.wait_ms(now_s, n, lane) + policy.config.split_overhead_ms \
                 + policy.config.transfer_ms(n)
@@ -82,8 +81,8 @@ def _free_engine_ms(policy: GlobalScheduler, decision: Decision, request: Reques
     else:
         local = d_live & policy.decode.room(n + request.max_tokens)
     local &= (policy.decode.work.num_long == 0)
-    local &= np.array([decision.mode != "local" or rid != decision.decode_replica
-                       for rid in policy.decode.ids], dtype=bool)
+    local &= other_than(policy.decode.ids,
+                        decision.decode_replica if decision.mode == "local" else None)
     if local.any():
         best = min(best, float(policy.local_ms(n, lane, now_s)[local].min()))
     return None if best == np.inf else best
