@@ -32,6 +32,7 @@ from benchmarks.targets import (
     TargetName,
     make_target,
 )
+from benchmarks.timeline_cost import estimate_costs
 from benchmarks.workloads import (
     WORKLOADS,
     BenchRequest,
@@ -57,6 +58,18 @@ def workload(args: argparse.Namespace, rate: float, seed: int) -> list[BenchRequ
     n = min(args.max_requests, max(4, round(rate * args.duration_s)))
     return synthetic(args.workload, n, rate, max_context=args.max_context,
                      long_fraction=args.long_fraction, burstiness=args.burstiness, seed=seed)
+
+
+def estimate_from_arrivals(records: list[RequestRecord], num_engines: int,
+                           budget_tokens: int) -> None:
+    """Each record's estimated engine-seconds by phase (the load generator sends request i to
+    engine i mod num_engines)."""
+    costs = estimate_costs(records, lambda r: r.index % num_engines, budget_tokens)
+    for record in records:
+        cost = costs.get(record.index)
+        if cost is not None:
+            record.estimated_cost = {"prefill_engine_s": cost.prefill_engine_s,
+                                     "decode_engine_s": cost.decode_engine_s}
 
 
 def warmup_requests(max_context: int) -> list[BenchRequest]:
@@ -89,6 +102,9 @@ def run_target(name: TargetName, args: argparse.Namespace, out_dir: Path,
                                            seed=args.seed, max_duration_s=args.max_run_s,
                                            request_timeout_s=args.max_run_s))
             cpu = cpu_usage.cpu_by_role(before, cpu_usage.snapshot(roots))
+            if name == "vllm":  # reports no cost: estimate it, one engine per base URL
+                estimate_from_arrivals(records, len(target.base_urls),
+                                       engine.max_num_batched_tokens)
             summary = summarize(name, rate, records, slo, args.long_prompt_tokens, cpu)
             s, lo = summary.classes["short"], summary.classes["long"]
             print(f"[{name}] {rate:g} req/s: short p99 TTFT {s.ttft_ms['p99']:.0f} ms, "

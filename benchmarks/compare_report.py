@@ -8,7 +8,7 @@ from typing import Any
 
 from benchmarks.cpu_usage import ROLES
 from benchmarks.loadgen import RequestRecord
-from benchmarks.summary import COST_FIELDS, PHASES, SLO, RunSummary
+from benchmarks.summary import COST_FIELDS, PHASES, PROMPT_BUCKETS, SLO, RunSummary
 
 BASELINE = "colocated"
 
@@ -73,8 +73,23 @@ def markdown(title: str, runs: list[RunSummary], slo: SLO, notes: list[str]) -> 
                       "| target | prefill engine-s | decode engine-s | prefill KV block-s | "
                       "decode KV block-s | dollars |", "|---|---|---|---|---|---|"]
             for run in costed:
+                name = f"{run.target} (estimated)" if run.cost_estimated else run.target
+                lines.append(f"| {name} | " + " | ".join(
+                    f"{run.cost_per_1k_tokens[f]:.4g}" if f in run.cost_per_1k_tokens else "n/a"
+                    for f in COST_FIELDS) + " |")
+            if any(run.cost_estimated for run in costed):
+                lines += ["", "(estimated: from the token arrivals the clients saw, each "
+                          "engine step's time divided by the same rule; engine-seconds only, "
+                          "benchmarks/timeline_cost.py)"]
+            labels = [b[2] for b in PROMPT_BUCKETS]
+            lines += ["", "Prefill engine-us per prompt token by prompt length (median; "
+                      "rising with length where attention's quadratic term shows):", "",
+                      "| target | " + " | ".join(labels) + " |",
+                      "|---|" + "---|" * len(labels)]
+            for run in costed:
                 lines.append(f"| {run.target} | " + " | ".join(
-                    f"{run.cost_per_1k_tokens[f]:.4g}" for f in COST_FIELDS) + " |")
+                    f"{run.prefill_us_per_token[b]:.0f}" if b in run.prefill_us_per_token
+                    else "-" for b in labels) + " |")
         lines += ["", "Mean server-side phases, ms (what each request waited for, by phase):", "",
                   "| target | class | modes | " + " | ".join(PHASES) + " |",
                   "|---|---|---|" + "---|" * len(PHASES)]
@@ -147,8 +162,8 @@ def plots(out_dir: Path, runs: list[RunSummary], records: dict[tuple[str, float]
     ax.grid(True, alpha=0.3)
     ax.legend()
     paths.append(_save(fig, out_dir / "p99_ttft_vs_rate.png"))
-    costed = {t: [r for r in records.get((t, top), []) if not r.error and r.server_timings
-                  and "cost" in r.server_timings] for t in targets}
+    costed = {t: [r for r in records.get((t, top), []) if not r.error and r.cost is not None]
+              for t in targets}
     if any(costed.values()):
         paths.append(_cost_plot(out_dir / "cost_vs_prompt.png", costed, top))
     return paths
@@ -164,8 +179,7 @@ def _cost_plot(path: Path, costed: dict[str, list[RequestRecord]], rate: float) 
             continue
         lengths = [r.prompt_len for r in recs]
         for phase, marker in (("prefill", "o"), ("decode", "x")):
-            ax.scatter(lengths, [1e3 * r.server_timings["cost"][f"{phase}_engine_s"]
-                                 for r in recs if r.server_timings],
+            ax.scatter(lengths, [1e3 * r.cost[f"{phase}_engine_s"] for r in recs if r.cost],
                        marker=marker, s=12, label=f"{target} {phase}")
     ax.set_xscale("log")
     ax.set_yscale("log")

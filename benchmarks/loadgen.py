@@ -36,6 +36,15 @@ class RequestRecord:
     num_output_tokens: int = 0
     server_timings: dict[str, Any] | None = None
     error: str = ""
+    # engine-seconds by phase estimated from the token arrivals, for a server that reports no
+    # cost of its own (benchmarks/timeline_cost.py)
+    estimated_cost: dict[str, float] | None = None
+
+    @property
+    def cost(self) -> dict[str, Any] | None:
+        """What the server charged the request (timings.cost), else the estimate, if any."""
+        reported = (self.server_timings or {}).get("cost")
+        return reported if reported is not None else self.estimated_cost
 
     @property
     def tpot_ms(self) -> float | None:

@@ -56,6 +56,10 @@ class RunSummary:
     # output tokens: engine-seconds by phase, KV block-seconds, dollars; empty when the
     # target reports no cost
     cost_per_1k_tokens: dict[str, float] = field(default_factory=dict)
+    cost_estimated: bool = False  # the costs are estimates from token arrivals (plain vLLM)
+    # median prefill engine-microseconds per prompt token, by prompt length (PROMPT_BUCKETS):
+    # flat where prefill is linear, rising where attention's quadratic term shows
+    prefill_us_per_token: dict[str, float] = field(default_factory=dict)
 
     @property
     def num_output_tokens(self) -> float:
@@ -122,7 +126,9 @@ def summarize(target: str, rate_per_s: float, records: list[RequestRecord], slo:
     num_ok = sum(1 for r in records if not r.error)
     return RunSummary(target, rate_per_s, duration_s, classes["all"].num_slo_met / duration_s,
                       num_tokens / duration_s, num_ok / duration_s, classes,
-                      dict(cpu_s_by_role or {}), cost_per_1k_tokens(records))
+                      dict(cpu_s_by_role or {}), cost_per_1k_tokens(records),
+                      any(r.estimated_cost is not None for r in records),
+                      prefill_us_per_token(records))
 
 
 COST_FIELDS = ("prefill_engine_s", "decode_engine_s", "prefill_kv_block_s", "decode_kv_block_s",
@@ -130,12 +136,34 @@ COST_FIELDS = ("prefill_engine_s", "decode_engine_s", "prefill_kv_block_s", "dec
 
 
 def cost_per_1k_tokens(records: list[RequestRecord]) -> dict[str, float]:
-    """The server's per-request costs summed over the run, per 1,000 output tokens; empty
-    unless every finished request reported one."""
+    """The per-request costs (the server's, or estimated) summed over the run, per 1,000
+    output tokens, for the fields every request has; empty unless every finished request
+    has a cost."""
     ok = [r for r in records if not r.error]
-    costs = [(r.server_timings or {}).get("cost") for r in ok]
+    costs = [r.cost for r in ok]
     num_tokens = sum(r.num_output_tokens for r in ok)
     if not ok or not num_tokens or any(c is None for c in costs):
         return {}
     return {name: 1e3 * sum(float(c[name]) for c in costs if c) / num_tokens
-            for name in COST_FIELDS}
+            for name in COST_FIELDS if all(c and name in c for c in costs)}
+
+
+PROMPT_BUCKETS = ((0, 1024, "<1K"), (1024, 2048, "1-2K"), (2048, 4096, "2-4K"),
+                  (4096, 1 << 30, "4K+"))
+
+
+def prefill_us_per_token(records: list[RequestRecord]) -> dict[str, float]:
+    """Median prefill engine-us per computed prompt token, by prompt length bucket."""
+    out = {}
+    for low, high, label in PROMPT_BUCKETS:
+        per_token = []
+        for r in records:
+            cost = None if r.error else r.cost
+            if cost is None or not low <= r.prompt_len < high:
+                continue
+            cached = int((r.server_timings or {}).get("num_cached_prompt_tokens", 0))
+            if r.prompt_len > cached and cost["prefill_engine_s"] > 0:
+                per_token.append(1e6 * cost["prefill_engine_s"] / (r.prompt_len - cached))
+        if per_token:
+            out[label] = float(np.median(per_token))
+    return out
