@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import get_args
 
+import httpx
+
 from benchmarks import cpu_usage
 from benchmarks.compare_report import markdown, plots
 from benchmarks.loadgen import RequestRecord, run_load
@@ -41,8 +43,10 @@ from benchmarks.workloads import (
     read_mooncake_trace,
     synthetic,
 )
+from runtime.replica_common import REPORT_PERIOD_S, USAGE_EVERY
 
 DEFAULT_OUT = Path("benchmarks/results")
+USAGE_PERIOD_S = REPORT_PERIOD_S * USAGE_EVERY  # how often a replica reports its engine's time
 
 
 def workload(args: argparse.Namespace, rate: float, seed: int) -> list[BenchRequest]:
@@ -72,6 +76,23 @@ def estimate_from_arrivals(records: list[RequestRecord], num_engines: int,
                                      "decode_engine_s": cost.decode_engine_s}
 
 
+def engines_busy_s(base_urls: list[str]) -> float | None:
+    """The engines' busy seconds so far, summed, from our ingress's /metrics
+    (disagg_engine_busy_seconds, each replica's last usage report); None for a server that
+    has no such metric (plain vLLM, Ray Serve LLM)."""
+    total, found = 0.0, False
+    for url in base_urls:
+        try:
+            text = httpx.get(f"{url}/metrics", timeout=5.0).text
+        except httpx.HTTPError:
+            return None
+        for line in text.splitlines():
+            if line.startswith("disagg_engine_busy_seconds{"):
+                total += float(line.rsplit(" ", 1)[1])
+                found = True
+    return total if found else None
+
+
 def warmup_requests(max_context: int) -> list[BenchRequest]:
     """A few of each kind, spread out: first-use costs stay out of the measured runs."""
     return [BenchRequest(0.0, 200, 8), BenchRequest(0.5, 300, 8),
@@ -97,6 +118,10 @@ def run_target(name: TargetName, args: argparse.Namespace, out_dir: Path,
             print(f"[{name}] {rate:g} req/s: {len(requests)} requests over "
                   f"{requests[-1].arrival_s:.0f} s", file=sys.stderr, flush=True)
             roots = [proc.pid for proc in target.procs]
+            busy_before = engines_busy_s(target.base_urls)
+            if busy_before is not None:  # after the warm-up's last usage report
+                time.sleep(2.0 * USAGE_PERIOD_S)
+                busy_before = engines_busy_s(target.base_urls)
             before = cpu_usage.snapshot(roots)
             records = asyncio.run(run_load(target.base_urls, MODEL_NAME, requests,
                                            seed=args.seed, max_duration_s=args.max_run_s,
@@ -105,7 +130,13 @@ def run_target(name: TargetName, args: argparse.Namespace, out_dir: Path,
             if name == "vllm":  # reports no cost: estimate it, one engine per base URL
                 estimate_from_arrivals(records, len(target.base_urls),
                                        engine.max_num_batched_tokens)
-            summary = summarize(name, rate, records, slo, args.long_prompt_tokens, cpu)
+            busy_s = None
+            if busy_before is not None:
+                time.sleep(2.0 * USAGE_PERIOD_S)  # the replicas' last usage report
+                busy_after = engines_busy_s(target.base_urls)
+                busy_s = None if busy_after is None else busy_after - busy_before
+            summary = summarize(name, rate, records, slo, args.long_prompt_tokens, cpu,
+                                busy_s)
             s, lo = summary.classes["short"], summary.classes["long"]
             print(f"[{name}] {rate:g} req/s: short p99 TTFT {s.ttft_ms['p99']:.0f} ms, "
                   f"p99 TPOT {s.tpot_ms['p99']:.1f} ms; long p99 TTFT {lo.ttft_ms['p99']:.0f} "

@@ -77,6 +77,11 @@ def markdown(title: str, runs: list[RunSummary], slo: SLO, notes: list[str]) -> 
                 lines.append(f"| {name} | " + " | ".join(
                     f"{run.cost_per_1k_tokens[f]:.4g}" if f in run.cost_per_1k_tokens else "n/a"
                     for f in COST_FIELDS) + " |")
+            covered = [f"{run.target} {100 * c:.1f}%" for run in costed
+                       if (c := run.cost_coverage) is not None]
+            if covered:
+                lines += ["", "The requests' engine-seconds against the engines' busy time "
+                          "over the run (server-reported): " + ", ".join(covered) + "."]
             if any(run.cost_estimated for run in costed):
                 lines += ["", "(estimated: from the token arrivals the clients saw, each "
                           "engine step's time divided by the same rule; engine-seconds only, "

@@ -60,6 +60,18 @@ class RunSummary:
     # median prefill engine-microseconds per prompt token, by prompt length (PROMPT_BUCKETS):
     # flat where prefill is linear, rising where attention's quadratic term shows
     prefill_us_per_token: dict[str, float] = field(default_factory=dict)
+    # the engines' busy seconds over the run, as the server reports them (ours only): the
+    # requests' engine-seconds should add up to it
+    engine_busy_s: float | None = None
+
+    @property
+    def cost_coverage(self) -> float | None:
+        """The requests' engine-seconds over the engines' busy time during the run."""
+        if not self.engine_busy_s or not self.cost_per_1k_tokens:
+            return None
+        charged = sum(self.cost_per_1k_tokens.get(f"{phase}_engine_s", 0.0)
+                      for phase in ("prefill", "decode")) * self.num_output_tokens / 1e3
+        return charged / self.engine_busy_s
 
     @property
     def num_output_tokens(self) -> float:
@@ -72,7 +84,8 @@ class RunSummary:
         return 1e3 * sum(self.cpu_s_by_role.values()) / tokens if tokens else float("nan")
 
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "cpu_ms_per_token": self.cpu_ms_per_token}
+        return {**asdict(self), "cpu_ms_per_token": self.cpu_ms_per_token,
+                "cost_coverage": self.cost_coverage}
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -110,8 +123,8 @@ def summarize_class(records: list[RequestRecord], slo: SLO) -> ClassSummary:
 
 
 def summarize(target: str, rate_per_s: float, records: list[RequestRecord], slo: SLO,
-              long_prompt_tokens: int,
-              cpu_s_by_role: dict[str, float] | None = None) -> RunSummary:
+              long_prompt_tokens: int, cpu_s_by_role: dict[str, float] | None = None,
+              engine_busy_s: float | None = None) -> RunSummary:
     """Short requests are those with prompts under long_prompt_tokens."""
     sent = [r for r in records if r.sent_s]
     start = min((r.sent_s for r in sent), default=0.0)
@@ -128,7 +141,7 @@ def summarize(target: str, rate_per_s: float, records: list[RequestRecord], slo:
                       num_tokens / duration_s, num_ok / duration_s, classes,
                       dict(cpu_s_by_role or {}), cost_per_1k_tokens(records),
                       any(r.estimated_cost is not None for r in records),
-                      prefill_us_per_token(records))
+                      prefill_us_per_token(records), engine_busy_s)
 
 
 COST_FIELDS = ("prefill_engine_s", "decode_engine_s", "prefill_kv_block_s", "decode_kv_block_s",

@@ -234,8 +234,11 @@ def test_bench_reports_cost_per_1000_output_tokens(tmp_path):
         phases = dict.fromkeys(PHASES, 1.0)
         record.server_timings = {"phases_ms": phases, "mode": "local", "cost": cost}
         records.append(record)
-    summary = summarize("disagg", 1.0, records, SLO(1000, 100), 1024)
+    summary = summarize("disagg", 1.0, records, SLO(1000, 100), 1024, engine_busy_s=2.5)
     assert summary.cost_per_1k_tokens["decode_engine_s"] == pytest.approx(1.6)  # 4 x 0.4 / 1k
+    assert summary.cost_coverage == pytest.approx(0.8)  # 4 x 0.5 engine-s of 2.5 s busy
+    assert "busy time over the run (server-reported): disagg 80.0%." in markdown(
+        "t", [summary], SLO(1, 1), [])
     assert summary.cost_per_1k_tokens["dollars"] == pytest.approx(0.008)
     assert "| disagg | 0.4 | 1.6 | 4 | 8 | 0.008 |" in markdown("t", [summary], SLO(1, 1), [])
     paths = plots(tmp_path, [summary], {("disagg", 1.0): records}, 1024)
@@ -261,3 +264,35 @@ def test_prompt_tokens_split_evenly_as_vllm_caps_each_prefill_per_step():
     assert costs["mid"].prefill_engine_s == pytest.approx(0.2)
     assert costs["long"].prefill_engine_s == pytest.approx(0.512 + 0.5 * 500 / 502)
     assert costs["new"].prefill_engine_s == 0.0
+
+
+def test_bench_reads_the_engines_busy_time_from_the_ingress_metrics():
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from benchmarks.compare import engines_busy_s
+
+    text = ('# HELP disagg_engine_busy_seconds x\n'
+            'disagg_engine_busy_seconds{pool="prefill",replica="a"} 1.5\n'
+            'disagg_engine_busy_seconds{pool="decode",replica="b"} 2.25\n'
+            'disagg_engine_wall_seconds{pool="decode",replica="b"} 9.0\n')
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            body = (text if self.path == "/metrics" else "").encode()
+            self.send_response(200 if body else 404)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        assert engines_busy_s([url]) == pytest.approx(3.75)
+        text = "vllm:num_requests_running 0\n"  # a server without our metric
+        assert engines_busy_s([url]) is None
+    finally:
+        server.shutdown()
