@@ -15,7 +15,7 @@ No Ray and no engine here; runtime/cost_tracker.py works out who was in each ste
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Literal
 
 Phase = Literal["prefill", "decode"]
@@ -81,11 +81,12 @@ class EngineUsage:
         return self.busy_s / self.wall_s if self.wall_s > 0 else 0.0
 
 
-@dataclass
+@dataclass(slots=True)
 class _Account:
-    engine_s: dict[Phase, float] = field(default_factory=lambda: {"prefill": 0.0, "decode": 0.0})
-    kv_block_s: dict[Phase, float] = field(
-        default_factory=lambda: {"prefill": 0.0, "decode": 0.0})
+    prefill_engine_s: float = 0.0
+    decode_engine_s: float = 0.0
+    prefill_kv_block_s: float = 0.0
+    decode_kv_block_s: float = 0.0
 
 
 class StepLedger:
@@ -106,20 +107,27 @@ class StepLedger:
         step computed for no known request (their share is busy but unattributed). Returns
         each request's share; the shares and the unattributed part sum to duration_s."""
         assert duration_s >= 0, f"a step cannot take {duration_s} s"
-        assert not set(prefill_tokens) & set(decoding), "a request prefills or decodes in a step"
-        assert all(n > 0 for n in prefill_tokens.values()), "a prefill share needs tokens"
+        assert prefill_tokens.keys().isdisjoint(decoding), "a request prefills or decodes in a step"
         num_tokens = sum(prefill_tokens.values()) + len(decoding) + num_other_tokens
         self.busy_s += duration_s
         if num_tokens == 0:
             return {}
         per_token_s = duration_s / num_tokens
         shares: dict[str, float] = {}
+        accounts = self._accounts  # the loops below run for every sequence of every step
         for request_id, n in prefill_tokens.items():
-            shares[request_id] = n * per_token_s
-            self._account(request_id).engine_s["prefill"] += shares[request_id]
+            assert n > 0, "a prefill share needs tokens"
+            share = shares[request_id] = n * per_token_s
+            account = accounts.get(request_id)
+            if account is None:
+                account = accounts[request_id] = _Account()
+            account.prefill_engine_s += share
         for request_id in decoding:
             shares[request_id] = per_token_s
-            self._account(request_id).engine_s["decode"] += per_token_s
+            account = accounts.get(request_id)
+            if account is None:
+                account = accounts[request_id] = _Account()
+            account.decode_engine_s += per_token_s
         if num_other_tokens == 0 and shares:
             self.attributed_s += duration_s  # all of it, without rounding away a remainder
         else:
@@ -131,7 +139,11 @@ class StepLedger:
         """Requests held num_blocks KV blocks each for interval_s, in phase."""
         assert interval_s >= 0, f"an interval cannot be {interval_s} s"
         for request_id, n in num_blocks.items():
-            self._account(request_id).kv_block_s[phase] += n * interval_s
+            account = self._account(request_id)
+            if phase == "prefill":
+                account.prefill_kv_block_s += n * interval_s
+            else:
+                account.decode_kv_block_s += n * interval_s
 
     def close(self, request_id: str) -> RequestCost:
         """The request's accumulated cost (zero if it never took part in a step); forgets it."""
@@ -139,10 +151,10 @@ class StepLedger:
         if account is None:
             return RequestCost()
         return RequestCost(
-            prefill_engine_s=account.engine_s["prefill"],
-            decode_engine_s=account.engine_s["decode"],
-            prefill_kv_block_s=account.kv_block_s["prefill"],
-            decode_kv_block_s=account.kv_block_s["decode"],
+            prefill_engine_s=account.prefill_engine_s,
+            decode_engine_s=account.decode_engine_s,
+            prefill_kv_block_s=account.prefill_kv_block_s,
+            decode_kv_block_s=account.decode_kv_block_s,
         )
 
     @property
