@@ -20,6 +20,7 @@ def serve_env(config: AppConfig) -> dict[str, str]:
     server.http_port (no proxy hop per streamed chunk), handles call replicas over gRPC, and
     user code runs on the replica's own event loop."""
     env = {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
+    env.update({name: os.environ.get(name, value) for name, value in LEAN_SERVE_ENV.items()})
     if config.server.direct_ingress:
         port = config.server.http_port
         env.update({
@@ -43,6 +44,27 @@ def serve_env(config: AppConfig) -> dict[str, str]:
 
 WORKER_NICENESS_ENV = "RAY_worker_niceness"  # Ray's config for its workers' niceness (15)
 
+# What Serve and Ray spend with no request in flight is taken from the engines on a small
+# machine. Measured here (colocated, two replicas, idle, CPU-seconds per second of every
+# non-engine process): 0.20 with Ray's defaults, 0.13 with these. Each can be overridden from
+# the environment.
+LEAN_SERVE_ENV = {  # read by Serve's controller and replicas (passed in their runtime_env)
+    # the controller's reconcile loop (0.1 s): 0.039 -> 0.015 CPU-s/s; scaling and
+    # replica-state changes are acted on within 0.5 s
+    "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
+    # each replica exports its cached request metrics every 0.1 s by default
+    "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",
+}
+LEAN_RAY_ENV = {  # read by Ray's daemons and workers when they start: a Ray we start
+    # task events for every actor call (each Serve request), kept for the dashboard's and
+    # `ray list tasks`' views: GCS 0.020 -> 0.008 CPU-s/s; those views stay empty
+    "RAY_task_events_report_interval_ms": "0",
+    # no pool of idle Python workers kept warm (0.008 CPU-s/s each): every process of ours
+    # is an actor started once
+    "RAY_enable_worker_prestart": "0",
+    "RAY_prestart_worker_first_driver": "0",
+}
+
 
 def start_app(config: AppConfig, address: str | None,
               on_ray_up: Callable[[], None] | None = None) -> str:
@@ -63,6 +85,8 @@ def start_app(config: AppConfig, address: str | None,
         # inherit it: any Ray daemon (nice 0) on an engine's core then takes the core from the
         # engine. Our workers are the engines' parents: nice 0, as a plain vLLM server runs.
         os.environ.setdefault(WORKER_NICENESS_ENV, "0")
+        for name, value in LEAN_RAY_ENV.items():
+            os.environ.setdefault(name, value)
         # "local": a new Ray of our own, never one some earlier `ray start` left behind
         ray.init(address="local", include_dashboard=False, runtime_env=runtime_env,
                  log_to_driver=False)

@@ -120,8 +120,13 @@ node_start() {  # node-start ray start ARGS...: that command, kept under a pid f
   # --block: this process owns the node's processes (they die with it), so stopping its pid
   # stops this cluster only. setsid + nohup: it outlives the SSH session that starts it.
   # Ray runs its workers at niceness 15 unless told otherwise, and the vLLM engines the
-  # replicas spawn inherit it (then any Ray daemon on an engine's core preempts the engine)
+  # replicas spawn inherit it (then any Ray daemon on an engine's core preempts the engine).
+  # No task events per actor call and no idle workers kept warm: CPU the engines need
+  # (runtime/serve_cli.py LEAN_RAY_ENV, which `disagg serve` applies to a Ray it starts)
   RAY_worker_niceness="${RAY_worker_niceness:-0}" RAY_AUTH_MODE=token \
+    RAY_task_events_report_interval_ms="${RAY_task_events_report_interval_ms:-0}" \
+    RAY_enable_worker_prestart="${RAY_enable_worker_prestart:-0}" \
+    RAY_prestart_worker_first_driver="${RAY_prestart_worker_first_driver:-0}" \
     setsid nohup "$RAY" start "$@" --block \
     --dashboard-port="$dashboard_port" --dashboard-agent-listen-port=0 \
     --ray-client-server-port="$(free_port)" >"$STATE/ray-node.log" 2>&1 </dev/null &

@@ -119,3 +119,18 @@ def test_transfer_settings_are_defined_once():
     for name in shared:  # same definition (type, default, bounds) on both sides
         assert repr(TransferConfig.model_fields[name]) == repr(
             ConnectorConfig.model_fields[name]), name
+
+
+def test_serve_runs_lean_unless_the_environment_says_otherwise(monkeypatch):
+    """Serve's controller loop and metrics export are slowed for every replica (the env of
+    their runtime_env); a value from the environment wins."""
+    from runtime.app_config import AppConfig
+    from runtime.serve_cli import LEAN_SERVE_ENV, serve_env
+
+    config = AppConfig.model_validate({"engine": {"model": "m"}})
+    monkeypatch.delenv("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", raising=False)
+    env = serve_env(config)
+    assert all(env[name] == value for name, value in LEAN_SERVE_ENV.items())
+    assert float(env["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"]) > 0.1  # Serve's default
+    monkeypatch.setenv("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "0.2")
+    assert serve_env(config)["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] == "0.2"
