@@ -15,6 +15,7 @@ import asyncio
 import gzip
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -149,9 +150,19 @@ def run_target(name: TargetName, args: argparse.Namespace, out_dir: Path,
     return results
 
 
+def stop_on_sigterm() -> None:
+    """A SIGTERM (a `timeout`, a job runner) ends the run as Ctrl-C does: the target that is
+    running gets stopped (its `finally`), so no server or engine outlives the benchmark."""
+    def handler(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     command = list(argv if argv is not None else sys.argv[1:])
     args = build_parser().parse_args(command)
+    stop_on_sigterm()
     if args.quick:
         args.rates = args.rates or [2.0, 4.0]
         args.duration_s = args.duration_s or 25.0

@@ -8,6 +8,7 @@ through the same `StreamedGeneration` the decode replicas use.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
@@ -96,7 +97,11 @@ class EngineWatch:
     """Watches this replica's engine processes (vLLM's EngineCore and its workers, children
     of this process): when one is gone, `on_death(reason)` is called at once. vLLM notices
     too, but only reports its engine dead after shutting down the rest (seen: 3.8 s after a
-    SIGKILL of the engine core), and the streams on it wait that long."""
+    SIGKILL of the engine core), and the streams on it wait that long.
+
+    Each process is watched through a pidfd on the event loop (readable once the process
+    has exited, zombie or reaped): nothing runs until one dies. Without pidfds (Linux before
+    5.3) they are polled every period_s."""
 
     def __init__(self, on_death: Callable[[str], None], period_s: float = WATCH_PERIOD_S,
                  name_prefix: str = "VLLM::") -> None:
@@ -105,7 +110,23 @@ class EngineWatch:
         self._period_s = period_s
         self._procs = [p for p in psutil.Process().children(recursive=True)
                        if _name(p).startswith(name_prefix)]
-        self._task = asyncio.get_running_loop().create_task(self._watch())
+        self._loop = asyncio.get_running_loop()
+        self._fds: list[int] = []
+        self._task: asyncio.Task[None] | None = None
+        try:
+            for proc in self._procs:
+                fd = os.pidfd_open(proc.pid)
+                self._fds.append(fd)
+                self._loop.add_reader(fd, self._exited, proc.pid)
+        except (AttributeError, OSError):  # no pidfd here, or one exited already: poll
+            self._close_fds()
+            self._task = self._loop.create_task(self._watch())
+
+    def _exited(self, pid: int) -> None:
+        self._close_fds()
+        if not self.dead_reason:
+            self.dead_reason = f"the engine process {pid} exited"
+            self._on_death(self.dead_reason)
 
     async def _watch(self) -> None:
         while self._procs:
@@ -116,8 +137,16 @@ class EngineWatch:
                     self._on_death(self.dead_reason)
                     return
 
+    def _close_fds(self) -> None:
+        for fd in self._fds:
+            self._loop.remove_reader(fd)
+            os.close(fd)
+        self._fds.clear()
+
     def stop(self) -> None:
-        self._task.cancel()
+        self._close_fds()
+        if self._task is not None:
+            self._task.cancel()
 
 
 def _name(proc: psutil.Process) -> str:

@@ -204,3 +204,22 @@ def test_every_help_text_formats():
         for action in parser._actions:
             if isinstance(action, argparse._SubParsersAction):
                 parsers.extend(action.choices.values())
+
+
+def test_a_terminated_benchmark_stops_what_it_started(tmp_path):
+    """SIGTERM runs the `finally` that stops the target, as Ctrl-C does."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    marker = tmp_path / "stopped"
+    code = ("import time\nfrom benchmarks.compare import stop_on_sigterm\nstop_on_sigterm()\n"
+            f"try:\n    print('ready', flush=True)\n    time.sleep(60)\n"
+            f"finally:\n    open({str(marker)!r}, 'w').write('yes')\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 128 + signal.SIGTERM
+    assert marker.read_text() == "yes" and time.monotonic() - started < 30

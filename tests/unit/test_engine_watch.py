@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 
 import pytest
@@ -67,12 +68,18 @@ def test_engine_died_ends_the_prefills_waiting_on_it():
     asyncio.run(run())
 
 
-def test_the_watch_sees_an_engine_process_die_within_its_period():
+@pytest.mark.parametrize("pidfd", [True, False], ids=["pidfd", "polling"])
+def test_the_watch_sees_an_engine_process_die_at_once(pidfd, monkeypatch):
+    """Through a pidfd (no polling), or polled every period where the OS has none."""
+    if not pidfd:
+        monkeypatch.delattr(os, "pidfd_open")
+
     async def run() -> tuple[list[str], float]:
         child = subprocess.Popen(["sleep", "30"])
         deaths: list[str] = []
         try:
             watch = EngineWatch(deaths.append, period_s=0.02, name_prefix="sleep")
+            assert (watch._task is None) == pidfd  # no polling task with a pidfd
             await asyncio.sleep(0.1)
             assert deaths == []  # alive: nothing said
             loop = asyncio.get_running_loop()
@@ -88,3 +95,20 @@ def test_the_watch_sees_an_engine_process_die_within_its_period():
 
     deaths, _ = asyncio.run(run())
     assert len(deaths) == 1 and "exited" in deaths[0]
+
+
+def test_a_stopped_watch_says_nothing():
+    async def run() -> list[str]:
+        child = subprocess.Popen(["sleep", "30"])
+        deaths: list[str] = []
+        try:
+            watch = EngineWatch(deaths.append, name_prefix="sleep")
+            watch.stop()
+            child.kill()
+            await asyncio.sleep(0.2)
+            return deaths
+        finally:
+            child.kill()
+            child.wait()
+
+    assert asyncio.run(run()) == []
