@@ -333,6 +333,9 @@ class Ingress:
         return StreamingResponse(events(), media_type="text/event-stream",
                                  background=BackgroundTask(self._discard, jobs))
 
-    def _discard(self, jobs: list[fanout.Job]) -> None:
+    async def _discard(self, jobs: list[fanout.Job]) -> None:
+        """After the response (Starlette's background task): bookings of requests never
+        streamed are released. Async, so it runs on the event loop that owns the scheduler's
+        state (a sync one would run in a worker thread, a thread started per request)."""
         for job in jobs:
             self.router.discard(job.prepared)
