@@ -44,7 +44,7 @@ from benchmarks.workloads import (
     read_mooncake_trace,
     synthetic,
 )
-from runtime.replica_common import REPORT_PERIOD_S, USAGE_EVERY
+from runtime.messages import REPORT_PERIOD_S, USAGE_EVERY
 
 DEFAULT_OUT = Path("benchmarks/results")
 USAGE_PERIOD_S = REPORT_PERIOD_S * USAGE_EVERY  # how often a replica reports its engine's time

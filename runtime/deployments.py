@@ -107,6 +107,11 @@ class PrefillServer:
     def _usage(self) -> UsageReport:
         return UsageReport("prefill", self._worker.worker_id, self._costs.usage())
 
+    async def load_report(self, demand: float | None = None
+                          ) -> tuple[ReplicaReport, UsageReport | None]:
+        """The ingress reads this replica's load over its direct connection."""
+        return self._reporter.pulled(demand)
+
     async def prefill(self, request: GenerateRequest, target_replica: str = "",
                       stream_handle: str = "") -> PrefillResult:
         self._pending_tokens += len(request.prompt_token_ids)
@@ -173,6 +178,11 @@ class DecodeServer:
 
     def _usage(self) -> UsageReport:
         return UsageReport("decode", self._worker.worker_id, self._costs.usage())
+
+    async def load_report(self, demand: float | None = None
+                          ) -> tuple[ReplicaReport, UsageReport | None]:
+        """The ingress reads this replica's load over its direct connection."""
+        return self._reporter.pulled(demand)
 
     def _report(self) -> ReplicaReport:
         free, active = _kv_room(self._probe, self._num_blocks)

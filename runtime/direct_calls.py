@@ -324,6 +324,7 @@ class DirectCalls:
         self._connecting: dict[str, asyncio.Task[None]] = {}
         self._retry_at: dict[str, float] = {}
         self.num_calls = {"direct": 0, "serve": 0}  # by the path they took
+        self.num_load_reads = 0  # load reports read over the connections (Ingress)
 
     def update(self, replica_id: str, address: str) -> None:
         if self._addresses.get(replica_id) == address:
@@ -365,10 +366,14 @@ class DirectCalls:
         finally:
             self._connecting.pop(replica_id, None)
 
+    def open_clients(self) -> dict[str, CallClient]:
+        """The replicas with an open connection (no connection is started, no call counted)."""
+        return {rid: client for rid, client in self._clients.items() if client.is_open}
+
     @property
     def num_connected(self) -> int:
         return sum(client.is_open for client in self._clients.values())
 
     def snapshot(self) -> dict[str, object]:
         return {"connected": self.num_connected, "replicas": dict(self._addresses),
-                "calls": dict(self.num_calls)}
+                "calls": dict(self.num_calls), "load_reads": self.num_load_reads}

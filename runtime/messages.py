@@ -156,6 +156,10 @@ class StreamEvent:
 
 
 
+REPORT_PERIOD_S = 0.4  # the scheduler books its own dispatches; reports are for liveness & KV
+USAGE_EVERY = 5  # reports between two of the engine's busy / wall time (idle capacity)
+
+
 @dataclass(frozen=True)
 class UsageReport:
     """A replica's engine time, sent to the ingress every few seconds: idle capacity is

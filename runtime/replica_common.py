@@ -27,14 +27,11 @@ from runtime.engine_config import EngineConfig
 from runtime.engine_stats import LoadProbe
 from runtime.engines import stream_hosts
 from runtime.logprobs import TokenLogprobs
-from runtime.messages import DecodeChunk, UsageReport
+from runtime.messages import REPORT_PERIOD_S, USAGE_EVERY, DecodeChunk, UsageReport
 from runtime.requests import GenerateRequest
 from runtime.scheduler.types import ReplicaReport
 from runtime.streaming import coalesce
 from runtime.token_stream import TokenBatch, TokenPublisher
-
-REPORT_PERIOD_S = 0.4  # the scheduler books its own dispatches; reports are for liveness & KV
-USAGE_EVERY = 5  # reports between two of the engine's busy / wall time (idle capacity)
 
 
 def replica_id() -> str:
@@ -63,9 +60,12 @@ async def calibration(engine: Any, config: AppConfig) -> tuple[tuple[int, float]
     return await calibrate(engine, model_config.max_model_len, model_config.get_vocab_size())
 
 
+# a replica whose load the ingress has not read for this many periods reports it over Serve
+PULL_GRACE_PERIODS = 2.5
+
 # what the ingress may call over a replica's direct connection (runtime/direct_calls.py)
 DIRECT_METHODS = frozenset({"prefill", "decode", "prefetch", "cancel_prefetch", "release",
-                            "kv_endpoint"})
+                            "kv_endpoint", "load_report"})
 
 
 async def start_call_server(replica: object, config: AppConfig) -> CallServer | None:
@@ -186,16 +186,41 @@ class Reporter:
     """Tells the ingress this replica's load every REPORT_PERIOD_S (it may not exist yet);
     the ingress answers with the pool's demand in replicas, which this replica passes on to
     Serve's autoscaler (runtime/autoscaling.py). Every USAGE_EVERY reports it also sends the
-    engine's busy and wall time, if make_usage is given."""
+    engine's busy and wall time, if make_usage is given.
+
+    Once the ingress has a direct connection to this replica it reads the load over it
+    instead (`pulled`: one frame each way, where a Serve call costs both processes a Ray
+    call), and this replica's Serve calls pause while those reads keep coming."""
 
     def __init__(self, app_name: str, make_report: Callable[[], ReplicaReport],
-                 make_usage: Callable[[], UsageReport] | None = None) -> None:
+                 make_usage: Callable[[], UsageReport] | None = None,
+                 start: bool = True) -> None:
         self.demand: float | None = None
+        self._make_report = make_report
+        self._make_usage = make_usage
+        self._pulled_at = float("-inf")
+        self._num_pulls = 0
         self._task = asyncio.get_running_loop().create_task(
-            report_loop(app_name, make_report, self, make_usage))
+            report_loop(app_name, make_report, self, make_usage)) if start else None
 
     def autoscaling_stats(self) -> dict[str, float]:
         return {} if self.demand is None else {DEMAND_METRIC: self.demand}
+
+    def pulled(self, demand: float | None) -> tuple[ReplicaReport, UsageReport | None]:
+        """The ingress reads the load (and, every USAGE_EVERY reads, the engine's time),
+        handing over its pool's demand."""
+        if demand is not None:
+            self.demand = float(demand)
+        self._pulled_at = time.monotonic()
+        self._num_pulls += 1
+        usage = self._make_usage() if self._make_usage is not None \
+            and self._num_pulls % USAGE_EVERY == 0 else None
+        return self._make_report(), usage
+
+    @property
+    def pulled_recently(self) -> bool:
+        """The ingress read the load within the last few periods: no Serve call needed."""
+        return time.monotonic() - self._pulled_at < PULL_GRACE_PERIODS * REPORT_PERIOD_S
 
 
 async def report_loop(app_name: str, make_report: Callable[[], ReplicaReport],
@@ -206,6 +231,8 @@ async def report_loop(app_name: str, make_report: Callable[[], ReplicaReport],
     num_reports = 0
     while True:
         await asyncio.sleep(REPORT_PERIOD_S)
+        if reporter is not None and reporter.pulled_recently:
+            continue  # the ingress reads it over the direct connection
         num_reports += 1
         try:
             if handle is None:

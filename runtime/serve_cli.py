@@ -214,7 +214,8 @@ def format_pool_status(status: dict[str, Any]) -> list[str]:
     if direct is not None:
         calls = ", ".join(f"{k}: {v}" for k, v in sorted(direct["calls"].items()))
         lines.append(f"  direct calls: {direct['connected']} of {len(direct['replicas'])} "
-                     f"replicas connected; calls {calls or 'none yet'}")
+                     f"replicas connected; calls {calls or 'none yet'}; load reports read "
+                     f"over them {direct.get('load_reads', 0)}")
     lines.append("one replica per pool (engine view):")
     for role in ("prefill", "decode"):  # entries added later are not pools
         if (replica := pools.get(role)) is None:

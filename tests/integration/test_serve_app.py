@@ -256,6 +256,8 @@ def test_pool_calls_go_over_the_direct_connections(client, serve_app):
     after = _status(serve_app)["direct_calls"]
     assert after["calls"]["direct"] >= before["calls"]["direct"] + 2, (before, after)
     assert after["calls"]["serve"] == before["calls"]["serve"], (before, after)
+    # the replicas' load is read over the same connections (every 0.4 s), not sent over Serve
+    assert after["load_reads"] > before["load_reads"], (before, after)
 
 
 def test_vllm_own_benchmark_client_runs_unchanged_against_the_api(serve_app, tiny_model,

@@ -89,3 +89,25 @@ def test_serve_takes_the_policys_count_at_once_and_gets_the_demand():
     scaled = AppConfig.model_validate({"engine": {"model": "m"}, "prefill": {"autoscaling": spec}})
     key = "RAY_SERVE_COLLECT_AUTOSCALING_METRICS_ON_HANDLE"
     assert key not in serve_env(fixed) and serve_env(scaled)[key] == "0"
+
+
+def test_a_replica_reports_over_serve_only_while_the_ingress_does_not_read_its_load():
+    """The ingress reads each replica's load over its direct connection every period; the
+    replica's own Serve calls pause while those reads come, and resume after a few missed
+    periods. Every USAGE_EVERY reads carry the engine's time too."""
+    import asyncio
+
+    from runtime.messages import USAGE_EVERY
+    from runtime.replica_common import Reporter
+
+    async def run() -> None:
+        reporter = Reporter("app", lambda: "report", lambda: "usage", start=False)
+        assert not reporter.pulled_recently and reporter.autoscaling_stats() == {}
+        reads = [reporter.pulled(2.0) for _ in range(USAGE_EVERY)]
+        assert reads[0] == ("report", None) and reads[-1] == ("report", "usage")
+        assert reporter.pulled_recently and reporter.autoscaling_stats() != {}
+        assert reporter.pulled(None)[0] == "report" and reporter.demand == 2.0
+        reporter._pulled_at -= 10.0  # no read for 10 s: it reports over Serve again
+        assert not reporter.pulled_recently
+
+    asyncio.run(run())

@@ -23,7 +23,7 @@ def _status() -> dict:
             "demand": {"prefill": {"replicas": 1.5, "reason": "queued work"}},
         },
         "direct_calls": {"connected": 2, "replicas": {"p0": "a", "d0": "b"},
-                         "calls": {"direct": 9, "serve": 1}},
+                         "calls": {"direct": 9, "serve": 1}, "load_reads": 42},
         "prefill": {"replica_id": "p0", "load": None, "kv": KV},
         "decode": {"replica_id": "d0", "load": {"kv_cache_usage": 0.1, "num_running": 3},
                    "kv": KV, "usage": {"wall_s": 10.0, "busy_s": 4.0, "attributed_s": 3.5}},
@@ -37,6 +37,7 @@ def test_every_part_of_the_status_is_printed():
     assert "decode d0: 90/100 blocks free" in text
     assert "long prompts moved while waiting: 1" in text
     assert "direct calls: 2 of 2 replicas connected" in text
+    assert "load reports read over them 42" in text
     assert "decode replica d0: kv cache 10.0% used, 3 running" in text
     assert "engine busy 4.0 s of 10.0 s (40%" in text
     assert "prefill pool demand: 1.50 replicas (queued work)" in text
