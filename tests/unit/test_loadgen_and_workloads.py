@@ -7,6 +7,7 @@ import json
 import socket
 import threading
 import time
+from itertools import pairwise
 
 import pytest
 from fastapi import FastAPI, Request
@@ -100,9 +101,12 @@ def test_loadgen_records_latencies_open_loop(fake_server):
         assert record.num_output_tokens == 5 and len(record.itl_ms) == 4
         assert record.tpot_ms is not None and record.tpot_ms >= 5
         assert record.server_timings == {"ttft_ms": 30.0}
-    # open loop: sent on schedule, not after the previous one finished (~80 ms each)
-    sent = [r.sent_s - records[0].sent_s for r in records]
-    assert sent[-1] < 0.35
+    # open loop: sent on schedule (every 50 ms), not after the previous one finished (~80 ms
+    # each): a closed loop would send none while the one before is in flight. (Not a bound on
+    # the send times: on a loaded machine the whole schedule slips, seen in CI.)
+    in_flight = [(r.sent_s, r.sent_s + r.e2e_ms / 1e3) for r in records if r.e2e_ms]
+    overlapped = sum(start < prev_end for (_, prev_end), (start, _) in pairwise(in_flight))
+    assert overlapped >= 3, in_flight
 
 
 def test_loadgen_records_errors_and_stays_bounded(fake_server, monkeypatch):
