@@ -178,14 +178,18 @@ class Ingress:
         """Every REPORT_PERIOD_S, read the load of each replica with an open direct
         connection over it, handing it its pool's demand: a frame each way instead of a
         Serve call from each replica (a Ray call in both processes, 2.5 a second each). A
-        replica not read for a few periods reports over Serve again."""
+        replica not read for 1.5 periods reports over Serve again. Reads are independent:
+        one replica slow to answer (draining, stuck) delays no other's (all of them late
+        would make every replica look stale, and the scheduler refuse requests)."""
         assert self.direct is not None
+        reading: dict[str, asyncio.Task[None]] = {}
         while True:
             await asyncio.sleep(REPORT_PERIOD_S)
-            clients = self.direct.open_clients()
-            if clients:
-                await asyncio.gather(*(self._read_load(rid, client)
-                                       for rid, client in clients.items()))
+            for rid in [rid for rid, task in reading.items() if task.done()]:
+                del reading[rid]
+            for rid, client in self.direct.open_clients().items():
+                if rid not in reading:
+                    reading[rid] = asyncio.ensure_future(self._read_load(rid, client))
 
     async def _read_load(self, replica_id: str, client: Any) -> None:
         role = self._roles.get(replica_id)

@@ -61,7 +61,8 @@ async def calibration(engine: Any, config: AppConfig) -> tuple[tuple[int, float]
 
 
 # a replica whose load the ingress has not read for this many periods reports it over Serve
-PULL_GRACE_PERIODS = 2.5
+# (its report then reaches the ingress within the scheduler's stale_after_s, 1 s by default)
+PULL_GRACE_PERIODS = 1.5
 
 # what the ingress may call over a replica's direct connection (runtime/direct_calls.py)
 DIRECT_METHODS = frozenset({"prefill", "decode", "prefetch", "cancel_prefetch", "release",
