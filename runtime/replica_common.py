@@ -60,9 +60,11 @@ async def calibration(engine: Any, config: AppConfig) -> tuple[tuple[int, float]
     return await calibrate(engine, model_config.max_model_len, model_config.get_vocab_size())
 
 
-# a replica whose load the ingress has not read for this many periods reports it over Serve
-# (its report then reaches the ingress within the scheduler's stale_after_s, 1 s by default)
-PULL_GRACE_PERIODS = 1.5
+# a replica whose load the ingress has not read for this many periods reports it over Serve:
+# reads come every period, so a late one does not bring the Serve calls back; a replica whose
+# reads stopped can look stale for up to 0.2 s (past the scheduler's 1 s) before its own
+# report arrives
+PULL_GRACE_PERIODS = 2.0
 
 # what the ingress may call over a replica's direct connection (runtime/direct_calls.py)
 DIRECT_METHODS = frozenset({"prefill", "decode", "prefetch", "cancel_prefetch", "release",

@@ -223,3 +223,15 @@ def test_a_terminated_benchmark_stops_what_it_started(tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 128 + signal.SIGTERM
     assert marker.read_text() == "yes" and time.monotonic() - started < 30
+
+
+def test_idle_cpu_is_per_process_per_second_busiest_first():
+    from benchmarks.cpu_usage import CpuSnapshot
+    from benchmarks.idle_cpu import per_process
+
+    before = CpuSnapshot({(1, 0.0): 10.0, (2, 0.0): 5.0}, {(1, 0.0): "engine", (2, 0.0): "ingress"})
+    after = CpuSnapshot({(1, 0.0): 10.2, (2, 0.0): 5.8, (3, 1.0): 0.4},
+                        {(1, 0.0): "engine", (2, 0.0): "ingress", (3, 1.0): "replica"})
+    rows = per_process(before, after, 4.0)
+    assert [(round(r, 3), role) for r, role, _ in rows] == [
+        (0.2, "ingress"), (0.1, "replica"), (0.05, "engine")]  # a new process counts from 0
