@@ -178,7 +178,7 @@ class Ingress:
         """Every REPORT_PERIOD_S, read the load of each replica with an open direct
         connection over it, handing it its pool's demand: a frame each way instead of a
         Serve call from each replica (a Ray call in both processes, 2.5 a second each). A
-        replica not read for 1.5 periods reports over Serve again. Reads are independent:
+        replica not read for PULL_GRACE_PERIODS reports over Serve again. Reads are independent:
         one replica slow to answer (draining, stuck) delays no other's (all of them late
         would make every replica look stale, and the scheduler refuse requests)."""
         assert self.direct is not None
@@ -199,7 +199,7 @@ class Ingress:
                                                    2 * REPORT_PERIOD_S)
         except Exception:  # noqa: BLE001 - lost, draining, slow: it reports over Serve again
             return
-        assert self.direct is not None
+        assert self.direct is not None  # reads run only with direct calls
         self.direct.num_load_reads += 1
         self._take_report(report)
         if usage is not None:
