@@ -7,7 +7,14 @@ Same tiny model, same prompt, sequential requests (no queueing), medians:
   http     - POST /v1/completions to the ingress (direct ingress), which calls the replica the
              scheduler chose (a direct call, runtime/direct_calls.py);
   grpc     - the gRPC API's Generate, same path.
-The added latency is (path median - engine median).
+The added latency is (path median - engine median). The HTTP path's median is then split with
+the responses' own `timings`: the engine (prefill_queue + prefill_compute as the replica
+reports them: for a local prefill, the decode replica's wall time from handing the prompt to
+its engine to the first token; for a prefill replica, the engine's own queue and compute
+timestamps, without its inter-process hops), the ingress around it (its end-to-end less that:
+the scheduler, the calls to the replica and back, what the replica does around its engine),
+and the HTTP server and client (the rest). With both engines idle, whether a request runs
+local or on the prefill replica follows the replicas' calibrations; the mode is printed.
 
     python -m benchmarks.router_overhead [--requests 50]
 """
@@ -21,7 +28,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from runtime.tiny_model import DEFAULT_MODEL_DIR
 
@@ -58,7 +67,7 @@ async def _engine_samples(model: Path, prompt_ids: list[int], n: int) -> list[fl
 
 
 def _http_samples(url: str, body: dict[str, object], n: int,
-                  timings: list[float] | None = None) -> list[float]:
+                  timings: list[dict[str, Any]] | None = None) -> list[float]:
     import httpx
 
     samples = []
@@ -71,7 +80,12 @@ def _http_samples(url: str, body: dict[str, object], n: int,
             if i >= 3:
                 samples.append(elapsed)
                 if timings is not None:
-                    timings.append(response.json()["timings"]["e2e_ms"] / 1e3)
+                    phases = response.json()["timings"]
+                    timings.append({"e2e": phases["e2e_ms"] / 1e3,
+                                    "engine": (phases["prefill_queue_ms"]
+                                               + phases["prefill_compute_ms"]) / 1e3,
+                                    "scheduler": phases["scheduler_queue_ms"] / 1e3,
+                                    "mode": phases["mode"]})
     return samples
 
 
@@ -158,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(f"[3/4] HTTP path ({args.requests} requests)", flush=True)
         grpc_samples: list[float] = []
-        server_e2e: list[float] = []
-        http = _http_samples(url, body, args.requests, server_e2e)
+        server: list[dict[str, Any]] = []
+        http = _http_samples(url, body, args.requests, server)
         print(f"[4/4] gRPC path ({args.requests} requests)", flush=True)
         endpoint = f"{config.server.host}:{config.server.grpc_port}"
         with grpc.insecure_channel(endpoint) as channel:
@@ -182,8 +196,19 @@ def main(argv: list[str] | None = None) -> int:
           f"{(statistics.median(http) - base) * 1e3:.2f} ms")
     print(f"  gRPC through ingress  : {_median_ms(grpc_samples)}  -> adds "
           f"{(statistics.median(grpc_samples) - base) * 1e3:.2f} ms")
-    print(f"  (ingress-measured e2e : {_median_ms(server_e2e)}; the rest of the HTTP figure is "
-          "the client and the HTTP server)")
+    server_e2e = [t["e2e"] for t in server]
+    in_replica = [t["engine"] for t in server]
+    around = [t["e2e"] - t["engine"] for t in server]
+    outside = [client - t["e2e"] for client, t in zip(http, server, strict=True)]
+    print(f"  (ingress-measured e2e : {_median_ms(server_e2e)})")
+    modes = ", ".join(f"{mode} {count}" for mode, count in
+                      Counter(t["mode"] for t in server).most_common())
+    print(f"\nthe HTTP path, medians of each part (requests ran {modes}):")
+    print(f"  engine, as reported   : {_median_ms(in_replica)}  (engine alone "
+          f"{base * 1e3:.2f} ms)")
+    print(f"  ingress around it     : {_median_ms(around)}  (of which scheduler queue "
+          f"{statistics.median(t['scheduler'] for t in server) * 1e3:.2f} ms)")
+    print(f"  HTTP server and client: {_median_ms(outside)}")
     return 0
 
 
