@@ -150,3 +150,11 @@ def test_locustfile_runs_a_bounded_load_test(fake_server, tmp_path):
     # the fake server's first token comes after 30 ms, the next ones every 10 ms
     assert float(rows["TTFT"]["Median Response Time"]) >= 30
     assert 9 <= float(rows["TPOT"]["Median Response Time"]) < 30
+
+
+def test_stream_cpu_counts_every_streams_chunks_over_every_url(fake_server):
+    from benchmarks.stream_cpu import run_streams
+
+    # three streams round robin over two URLs (the same server): every chunk counted once,
+    # the [DONE] line not
+    assert asyncio.run(run_streams([fake_server, fake_server], 3, 4)) == 12
