@@ -15,14 +15,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import psutil
 
 from benchmarks import cpu_usage
-from benchmarks.compare import resolve_model, stop_on_sigterm
-from benchmarks.targets import MODEL_NAME, TARGETS, EngineSettings, SchedulerSettings, make_target
+from benchmarks.compare import stop_on_sigterm
+from benchmarks.targets import MODEL_NAME, add_probe_arguments, probe_target
 
 
 def per_process(before: cpu_usage.CpuSnapshot, after: cpu_usage.CpuSnapshot,
@@ -44,20 +43,13 @@ def _label(pid: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--target", choices=TARGETS, default="colocated")
+    add_probe_arguments(parser, "benchmarks/results/idle_cpu")
     parser.add_argument("--window-s", type=float, default=20.0)
-    parser.add_argument("--cores", default="0,1", help="one entry per engine")
-    parser.add_argument("--out", default="benchmarks/results/idle_cpu",
-                        help="directory for the target's logs")
     args = parser.parse_args(argv)
     if args.window_s <= 0:
         parser.error("--window-s must be positive")
     stop_on_sigterm()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    cores = tuple(c.strip() for c in args.cores.split(",") if c.strip())
-    engine = EngineSettings(str(resolve_model(None)), cores, 8192 + 256, 32, 2048, 512 << 20)
-    target = make_target(args.target, out, engine, SchedulerSettings(1024, None))
+    target = probe_target(args)
     try:
         target.start(300)
         time.sleep(10.0)  # start-up work (calibration, first reports) out of the window

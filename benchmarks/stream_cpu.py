@@ -19,16 +19,15 @@ import argparse
 import asyncio
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
 import psutil
 
 from benchmarks import cpu_usage
-from benchmarks.compare import resolve_model, stop_on_sigterm
+from benchmarks.compare import stop_on_sigterm
 from benchmarks.idle_cpu import per_process
-from benchmarks.targets import MODEL_NAME, TARGETS, EngineSettings, SchedulerSettings, make_target
+from benchmarks.targets import MODEL_NAME, add_probe_arguments, probe_target
 
 FRONT_END = ("ingress", "replica", "api_server", "proxy")
 
@@ -61,21 +60,14 @@ async def run_streams(urls: list[str], streams: int, tokens: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--target", choices=TARGETS, default="colocated")
+    add_probe_arguments(parser, "benchmarks/results/stream_cpu")
     parser.add_argument("--streams", type=int, default=16, help="concurrent streams")
     parser.add_argument("--tokens", type=int, default=256, help="tokens per stream")
-    parser.add_argument("--cores", default="0,1", help="one entry per engine")
-    parser.add_argument("--out", default="benchmarks/results/stream_cpu",
-                        help="directory for the target's logs")
     args = parser.parse_args(argv)
     if args.streams < 1 or args.tokens < 2:
         parser.error("--streams must be at least 1 and --tokens at least 2")
     stop_on_sigterm()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    cores = tuple(c.strip() for c in args.cores.split(",") if c.strip())
-    engine = EngineSettings(str(resolve_model(None)), cores, 8192 + 256, 32, 2048, 512 << 20)
-    target = make_target(args.target, out, engine, SchedulerSettings(1024, None))
+    target = probe_target(args)
     try:
         target.start(300)
         time.sleep(8.0)  # start-up work (calibration, first reports) out of the window

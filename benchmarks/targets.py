@@ -298,3 +298,23 @@ def make_target(name: TargetName, out_dir: Path, engine: EngineSettings,
     if name == "rayllm":
         return RayLlmTarget(out_dir, engine)
     return ServeTarget(name, out_dir, engine, scheduler)
+
+
+def add_probe_arguments(parser: Any, default_out: str) -> None:
+    """--target, --cores and --out of a probe that starts one target on its own
+    (benchmarks.idle_cpu, benchmarks.stream_cpu)."""
+    parser.add_argument("--target", choices=TARGETS, default="colocated")
+    parser.add_argument("--cores", default="0,1", help="one entry per engine")
+    parser.add_argument("--out", default=default_out, help="directory for the target's logs")
+
+
+def probe_target(args: Any) -> Target:
+    """The target a probe's arguments name, set up as `disagg bench compare` sets it up (the
+    same engine settings on the same cores), not started yet."""
+    from benchmarks.compare import resolve_model
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cores = tuple(c.strip() for c in args.cores.split(",") if c.strip())
+    engine = EngineSettings(str(resolve_model(None)), cores, 8192 + 256, 32, 2048, 512 << 20)
+    return make_target(args.target, out, engine, SchedulerSettings(1024, None))
