@@ -20,7 +20,7 @@ import httpx
 import psutil
 
 from benchmarks import cpu_usage
-from benchmarks.compare import stop_on_sigterm
+from benchmarks.compare import resolve_model, stop_on_sigterm
 from benchmarks.targets import MODEL_NAME, add_probe_arguments, probe_target
 
 
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.window_s <= 0:
         parser.error("--window-s must be positive")
     stop_on_sigterm()
-    target = probe_target(args)
+    target = probe_target(args, str(resolve_model(None)))
     try:
         target.start(300)
         time.sleep(10.0)  # start-up work (calibration, first reports) out of the window

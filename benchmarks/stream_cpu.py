@@ -25,7 +25,7 @@ import httpx
 import psutil
 
 from benchmarks import cpu_usage
-from benchmarks.compare import stop_on_sigterm
+from benchmarks.compare import resolve_model, stop_on_sigterm
 from benchmarks.idle_cpu import per_process
 from benchmarks.targets import MODEL_NAME, add_probe_arguments, probe_target
 
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.streams < 1 or args.tokens < 2:
         parser.error("--streams must be at least 1 and --tokens at least 2")
     stop_on_sigterm()
-    target = probe_target(args)
+    target = probe_target(args, str(resolve_model(None)))
     try:
         target.start(300)
         time.sleep(8.0)  # start-up work (calibration, first reports) out of the window

@@ -308,13 +308,11 @@ def add_probe_arguments(parser: Any, default_out: str) -> None:
     parser.add_argument("--out", default=default_out, help="directory for the target's logs")
 
 
-def probe_target(args: Any) -> Target:
-    """The target a probe's arguments name, set up as `disagg bench compare` sets it up (the
-    same engine settings on the same cores), not started yet."""
-    from benchmarks.compare import resolve_model
-
+def probe_target(args: Any, model: str) -> Target:
+    """The target a probe's arguments name, on `model`, set up as `disagg bench compare` sets
+    it up (the same engine settings on the same cores), not started yet."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cores = tuple(c.strip() for c in args.cores.split(",") if c.strip())
-    engine = EngineSettings(str(resolve_model(None)), cores, 8192 + 256, 32, 2048, 512 << 20)
+    engine = EngineSettings(model, cores, 8192 + 256, 32, 2048, 512 << 20)
     return make_target(args.target, out, engine, SchedulerSettings(1024, None))
