@@ -29,6 +29,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from runtime.cost import EngineUsage, Phase, RequestCost, StepLedger
+from runtime.scheduler.step_model import DecodeStepFit
+
+# a longer gap between two steps' outputs is the engine idle (or stalled), not a step
+MAX_STEP_PERIOD_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,8 @@ class CostTracker:
         self._clock = clock
         self._started_s = clock()
         self._requests: dict[str, _InFlight] = {}  # in submission order
+        self.decode_steps = DecodeStepFit()  # the engine's step time by batch size
+        self._last_step_s: float | None = None  # when the last step's output came
 
     def begin(self, request_id: str, num_prompt_tokens: int, loads_kv: bool = False,
               priority: int = 0) -> None:
@@ -81,6 +87,8 @@ class CostTracker:
         it holds blocks from now, and takes no step's prompt tokens (vLLM schedules it only
         once its KV is in, for its last token) until its first token is seen."""
         self._num_begun += 1
+        if not self._requests:
+            self._last_step_s = None  # the engine was idle: no step period until the next
         arrival = (priority if self.by_priority else 0, self._num_begun)
         request = _InFlight(num_prompt_tokens, 0 if loads_kv else num_prompt_tokens, arrival)
         if loads_kv:
@@ -97,6 +105,8 @@ class CostTracker:
     def end(self, request_id: str) -> RequestCost:
         """The request is finished or gone: its cost, priced at this pool's rate."""
         self._requests.pop(request_id, None)
+        if not self._requests:
+            self._last_step_s = None
         return self.ledger.close(request_id).priced(self.cost_per_replica_hour)
 
     def usage(self) -> EngineUsage:
@@ -109,6 +119,12 @@ class CostTracker:
 
     def on_step(self, step: StepCounts) -> None:
         now = self._clock()
+        if step.num_prefill_tokens == 0 and self._last_step_s is not None \
+                and now - self._last_step_s <= MAX_STEP_PERIOD_S:
+            # sequences were decoding since the last step: the engine ran one step after
+            # another, and this one's period is what a token took
+            self.decode_steps.add(step.num_decode_requests, 1e3 * (now - self._last_step_s))
+        self._last_step_s = now
         prefilling = [(rid, r) for rid, r in self._requests.items() if r.num_prefill_left > 0]
         prefilling.sort(key=lambda item: (item[1].started is None, item[1].started or 0,
                                           item[1].arrival))

@@ -60,6 +60,11 @@ def _kv_room(probe: LoadProbe, num_blocks: int) -> tuple[int, int]:
     return int((1.0 - load.kv_cache_usage) * num_blocks), load.num_running + load.num_waiting
 
 
+def _decode_step(costs: CostTracker) -> tuple[float, ...]:
+    model = costs.decode_steps.model
+    return () if model is None else (model.s0_ms, model.s1_ms)
+
+
 @serve.deployment
 class PrefillServer:
     async def __init__(self, config: AppConfig) -> None:  # type: ignore[misc]
@@ -102,7 +107,8 @@ class PrefillServer:
                              self._max_num_seqs, time.time(), self._calibration,
                              engine_healthy(self._worker.engine, self._probe)
                              and not self._watch.dead_reason,
-                             self._calls.address if self._calls else "")
+                             self._calls.address if self._calls else "",
+                             _decode_step(self._costs))
 
     def _usage(self) -> UsageReport:
         return UsageReport("prefill", self._worker.worker_id, self._costs.usage())
@@ -191,7 +197,8 @@ class DecodeServer:
                              self._calibration,
                              engine_healthy(self._worker.engine, self._probe)
                              and not self._watch.dead_reason,
-                             self._calls.address if self._calls else "")
+                             self._calls.address if self._calls else "",
+                             _decode_step(self._costs))
 
     async def decode(
         self, request: GenerateRequest, first_token_id: int | None,

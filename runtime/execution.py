@@ -143,6 +143,7 @@ class Execution:
         first_token_at: float | None = None
         prompt_logprobs: tuple[TokenLogprobs, ...] | None = None
         tpot_ms = 0.0
+        num_output_tokens = 0  # of a request that ran to its end (none: it did not)
         events: AsyncIterator[StreamEvent] | None = None
         try:
             if live is not None:
@@ -188,7 +189,7 @@ class Execution:
                     continue
                 t = self._final_timings(prepared, event.timings, num_retries, output)
                 self.metrics.record(t)
-                tpot_ms = t.tpot_ms
+                tpot_ms, num_output_tokens = t.tpot_ms, t.num_output_tokens
                 if live is not None:
                     assert decision is not None
                     live.prefill_measured(decision,
@@ -211,7 +212,7 @@ class Execution:
             if live is not None:
                 assert decision is not None
                 live.request_done(decision, request.request_id, len(request.prompt_token_ids),
-                                  sampling.max_tokens, tpot_ms)
+                                  sampling.max_tokens, tpot_ms, num_output_tokens)
 
     @staticmethod
     def _final_timings(prepared: PreparedRequest, timings: PhaseTimings, num_retries: int,

@@ -87,6 +87,7 @@ class LiveScheduler:
                                             report.num_pending_tokens, now, report.healthy,
                                             report.num_free_blocks, report.num_total_blocks,
                                             report.num_active_seqs, report.max_num_seqs))
+            self.prefill.report_decode_step(i, report.decode_step_ms)
         else:
             i = self.decode.index.get(report.replica_id)
             if i is None:
@@ -95,6 +96,7 @@ class LiveScheduler:
             self.decode.report(DecodeLoad(report.replica_id, report.num_free_blocks,
                                           report.block_size, report.num_active_seqs,
                                           report.max_num_seqs, now, report.healthy))
+            self.decode.report_decode_step(i, report.decode_step_ms)
 
     def decide(self, request_id: str, prompt_len: int, max_tokens: int,
                one_engine: bool = False) -> Decision | Rejection:
@@ -190,9 +192,12 @@ class LiveScheduler:
             self.policy.learn(decision, num_tokens, compute_ms, alone=bool(clean))
 
     def request_done(self, decision: Decision, request_id: str, prompt_len: int,
-                     max_tokens: int, tpot_ms: float = 0.0) -> None:
-        """The request ended (done, failed or aborted)."""
+                     max_tokens: int, tpot_ms: float = 0.0, num_output_tokens: int = 0) -> None:
+        """The request ended (done, failed or aborted; num_output_tokens: what one that ran
+        to its end generated)."""
         self.in_flight[decision.lane] -= 1
+        if num_output_tokens > 0:
+            self.policy.output_seen(num_output_tokens, max_tokens)
         self._release(decision, request_id, prompt_len, max_tokens, tpot_ms)
 
     def _release(self, decision: Decision, request_id: str, prompt_len: int, max_tokens: int,

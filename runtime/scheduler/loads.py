@@ -42,6 +42,9 @@ class ReplicaColumns:
         self.booked_seqs = np.zeros(0, dtype=np.int64)  # sequences we placed, not yet done
         self.booked_max_tokens = np.zeros(0)  # their max_tokens, summed
         self.tpot_ms = np.zeros(0)  # recent TPOT of its requests (EWMA; 0: none yet)
+        # its engine's decode step, s0 + s1 * sequences ms, as it reports (nan: not yet)
+        self.step_s0_ms = np.zeros(0)
+        self.step_s1_ms = np.zeros(0)
         self.work = PrefillWork(prior, chunk_tokens, step_tokens)
 
     def _add(self, replica_id: str, num_total_blocks: int) -> int:
@@ -51,7 +54,8 @@ class ReplicaColumns:
                             ("total_blocks", num_total_blocks),
                             ("free_blocks", num_total_blocks), ("active_seqs", 0),
                             ("max_num_seqs", self.default_max_num_seqs), ("booked_seqs", 0),
-                            ("booked_max_tokens", 0.0), ("tpot_ms", 0.0)):
+                            ("booked_max_tokens", 0.0), ("tpot_ms", 0.0),
+                            ("step_s0_ms", np.nan), ("step_s1_ms", np.nan)):
             setattr(self, name, np.append(getattr(self, name), value))
         self.work.add_replica()
         return self.index[replica_id]
@@ -66,6 +70,18 @@ class ReplicaColumns:
             self.max_num_seqs[i] = max_num_seqs
         self.reported_at[i] = reported_at_s
         self.healthy[i] = healthy
+
+    def report_decode_step(self, i: int, coefficients: tuple[float, ...]) -> None:
+        if len(coefficients) == 2:
+            self.step_s0_ms[i], self.step_s1_ms[i] = coefficients
+
+    def decode_step(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every replica's decode step, s0 and s1 ms (step_model.py): as it reported, else its
+        prefill model's per-request and per-token cost (a step of B sequences computes B
+        tokens)."""
+        fitted = np.isfinite(self.step_s0_ms)
+        return (np.where(fitted, self.step_s0_ms, self.work.a),
+                np.where(fitted, self.step_s1_ms, self.work.b))
 
     def mark_failed(self, i: int, now_s: float) -> None:
         """A call to replica i failed as a replica (died, engine dead): out until it reports

@@ -21,20 +21,24 @@ Rules, in order (each decision's `reason` says which applied):
      decode replica has room (KV, a slot, TPOT within budget), a prefill replica with room
      serves the whole request.
   5. Mode: local (a decode replica prefills the prompt itself, no transfer), on the decode
-     replica that would finish it first, when that is no later than the split path would have
-     the KV on a decode replica (prefill + transfer + the extra hop), the replica has room now,
-     the prompt is at most `local_max_prompt_tokens` (if set), and the replica's decodes stay
-     within the TPOT budget: the local prefill work outstanding on it, spread over the tokens
-     its sequences still decode, may add at most tpot_budget_ms - its recent TPOT to each.
-     A long prompt goes local only for a clear win (at most `long_local_gain` x the time the
-     prefill pool would finish it, transfer not counted: the prefill pool is busy), since its
-     prefill slows that replica's decodes all along. Otherwise disaggregated.
-  6. Colocated serving (`disaggregation` off): every request is local, on the engine with
-     the earliest predicted first token. A request that must run on one engine (structured
-     output: the grammar's state cannot move with the KV cache; the prompt's logprobs: the
-     engine that computes the prompt gives them) is served whole by a prefill
-     replica (`prefill_local`) when one has room and is the earlier, or the prompt is long
-     (it would slow a decode replica's decodes all along); else as under colocated serving.
+     replica where it adds the least time (as in 6), when its first token there is no later
+     than the split path would have the KV on a decode replica (prefill + transfer + the
+     extra hop), the replica has room now, the prompt is at most `local_max_prompt_tokens`
+     (if set), and the replica's decodes stay within the TPOT budget: the local prefill work
+     outstanding on it, spread over the tokens its sequences still decode, may add at most
+     tpot_budget_ms - its recent TPOT to each. A long prompt goes local only for a clear win
+     (at most `long_local_gain` x the time the prefill pool would finish it, transfer not
+     counted: the prefill pool is busy), since its prefill slows that replica's decodes all
+     along. Otherwise disaggregated.
+  6. Colocated serving (`disaggregation` off): every request is local, on the engine where
+     it adds the least time in all: its predicted first token, plus its decode time at that
+     engine's step time with it in the batch, plus what it slows the sequences decoding
+     there (each step costs s0 + s1 x sequences, the engine's own fit: step_model.py). A
+     request that must run on one engine (structured output: the grammar's state cannot move
+     with the KV cache; the prompt's logprobs: the engine that computes the prompt gives
+     them) is served whole by a prefill replica (`prefill_local`) when one has room and is
+     the earlier, or the prompt is long (it would slow a decode replica's decodes all
+     along); else as under colocated serving.
   7. Overload: a decode replica holds at most max_num_seqs + `max_queued_per_replica`
      requests; when every live one is full the request is refused (429, Retry-After 1 s).
      Admission (off unless `admission_ttft_ms` is set): a request whose predicted TTFT exceeds
@@ -54,6 +58,8 @@ import numpy as np
 
 from runtime.scheduler.loads import DecodeTable, PrefillTable, ReplicaColumns
 from runtime.scheduler.types import Decision, Engine, Lane, Rejection, RequestInfo
+
+OUTPUT_FRACTION_WEIGHT = 0.05  # weight of the newest request in output_fraction
 
 
 @dataclass(frozen=True)
@@ -89,6 +95,7 @@ class GlobalScheduler:
         self.config = config
         self.prefill = prefill
         self.decode = decode
+        self.output_fraction = 0.5  # tokens generated / max_tokens, recent requests (EWMA)
         self.refresh_lanes()
 
     def refresh_lanes(self) -> None:
@@ -176,7 +183,7 @@ class GlobalScheduler:
                                  if lane == "short" else 0.0)
         local = None
         if can_local.any():
-            local = self._earliest(can_local, local_cost, self.decode)
+            local = self._cheapest(request, can_local, local_cost, self.decode)
             # a long prefill on a decode replica slows its decodes all along: only for a
             # clear win over the prefill pool's own finish time (a queue there), not for the
             # transfer it saves
@@ -212,7 +219,7 @@ class GlobalScheduler:
         """A prefill replica serves the whole request: the decode pool is full, or down."""
         table = self.prefill
         wait_ms = table.work.wait_ms(now_s, request.prompt_len, lane)
-        p = self._earliest(candidates, wait_ms, table)
+        p = self._cheapest(request, candidates, wait_ms, table)
         rejection = self._admit(float(wait_ms[p]))
         if rejection is not None:
             return rejection
@@ -244,15 +251,32 @@ class GlobalScheduler:
         return bool((d_open & table.room(request.prompt_len + request.max_tokens)
                      & tpot_ok).any())
 
-    @staticmethod
-    def _earliest(candidates: np.ndarray, ms: np.ndarray, table: ReplicaColumns) -> int:
-        """The candidate with the earliest predicted first token; among those about as early
-        (within 10%, or 5 ms), the one decoding the fewest sequences (so ties do not all go
-        to the first replica and its batch grows)."""
+    def output_seen(self, num_output_tokens: int, max_tokens: int) -> None:
+        """A request ran to its end: how much of its max_tokens it used."""
+        if max_tokens > 0:
+            used = min(1.0, num_output_tokens / max_tokens)
+            self.output_fraction += OUTPUT_FRACTION_WEIGHT * (used - self.output_fraction)
+
+    def decode_cost_ms(self, request: RequestInfo, table: ReplicaColumns) -> np.ndarray:
+        """What decoding the request on each replica adds to the time of all the sequences
+        there (step_model.py): its own n tokens at the step time with it in the batch, and s1
+        on every step of each sequence already there while both decode (n: its max_tokens x
+        the fraction recent requests used; theirs: half of that of their max_tokens)."""
+        n = max(1.0, self.output_fraction * request.max_tokens)
+        s0, s1 = table.decode_step()
+        others_left = 0.5 * self.output_fraction * table.booked_max_tokens
+        return n * (s0 + s1 * (table.booked_seqs + 1)) \
+            + s1 * np.minimum(table.booked_seqs * n, others_left)
+
+    def _cheapest(self, request: RequestInfo, candidates: np.ndarray, ttft_ms: np.ndarray,
+                  table: ReplicaColumns) -> int:
+        """The candidate engine where the request adds the least time in all: its predicted
+        first token, plus decode_cost_ms. A fuller batch costs every token of every sequence
+        in it, so requests spread over the engines unless one is much nearer its first token
+        (a long prefill in progress on the emptier one)."""
         pool = np.flatnonzero(candidates)
-        best = float(ms[pool].min())
-        near = pool[ms[pool] <= best + max(5.0, 0.1 * best)]
-        return int(near[np.lexsort((ms[near], table.booked_seqs[near]))[0]])
+        cost = ttft_ms[pool] + self.decode_cost_ms(request, table)[pool]
+        return int(pool[np.argmin(cost)])
 
     def _split_reason(self, request: RequestInfo, can_local: np.ndarray,
                       local_ms: np.ndarray, split_ready: float) -> str:
@@ -308,7 +332,8 @@ class GlobalScheduler:
     def _one_engine(self, request: RequestInfo, lane: Lane, d_open: np.ndarray,
                     p_live: np.ndarray, now_s: float) -> Decision | Rejection:
         """The whole request on one engine: a prefill replica (with room) when the prompt is
-        long or it gives the earlier first token, else the earliest decode replica."""
+        long or it gives the earlier first token, else a decode replica as under colocated
+        serving."""
         need = request.prompt_len + request.max_tokens
         p_room = p_live & self.prefill.room(need)
         if p_room.any():
@@ -331,10 +356,12 @@ class GlobalScheduler:
             return _no_room(request)
         room = fits & (table.free_blocks >= blocks) & (table.active_seqs < table.max_num_seqs)
         wait_ms = self.local_ms(request.prompt_len, lane, now_s)
-        d = self._earliest(room if room.any() else fits, wait_ms, table)
+        d = self._cheapest(request, room if room.any() else fits, wait_ms, table)
+        s0, s1 = (float(v[d]) for v in table.decode_step())
         return self._book_local(request, lane, d, float(wait_ms[d]), now_s,
-                                f"{why}: earliest first token ({wait_ms[d]:.0f} ms "
-                                f"predicted, {table.active_seqs[d]} sequences)")
+                                f"{why}: least added time (first token {wait_ms[d]:.0f} ms "
+                                f"predicted, {table.booked_seqs[d]} sequences, step "
+                                f"{s0:.1f} + {s1:.2f}/sequence ms)")
 
     def _place_decode(self, request: RequestInfo, d_live: np.ndarray) -> int | None:
         table = self.decode

@@ -104,3 +104,5 @@ class ReplicaReport:
     calibration: tuple[tuple[int, float], ...] = ()
     healthy: bool = True  # False: its engine died or stopped making progress
     call_address: str = ""  # host:port of its direct-call server (runtime/direct_calls.py)
+    # its engine's decode step, ms = s0 + s1 * sequences (step_model.py); () not fitted yet
+    decode_step_ms: tuple[float, ...] = ()

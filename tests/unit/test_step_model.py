@@ -1,0 +1,152 @@
+"""The decode step model (runtime/scheduler/step_model.py): the replica's fit of its engine's
+step time by batch size, and the colocated placement that uses it."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from runtime.cost_tracker import CostTracker, StepCounts
+from runtime.scheduler.step_model import DecodeStepFit, DecodeStepModel
+from runtime.scheduler.types import Decision, RequestInfo
+from tests.unit.test_scheduler_policy import NOW, _scheduler
+
+
+def _fitted(steps: list[tuple[int, float]]) -> DecodeStepModel | None:
+    fit = DecodeStepFit()
+    for batch, ms in steps:
+        fit.add(batch, ms)
+    return fit.model
+
+
+def test_fit_recovers_the_fixed_and_per_sequence_cost_through_noise():
+    rng = random.Random(0)
+    steps = [(b, (4.0 + 0.7 * b) * rng.uniform(0.9, 1.1))
+             for b in (rng.randint(1, 16) for _ in range(400))]
+    model = _fitted(steps)
+    assert model is not None
+    assert model.s0_ms == pytest.approx(4.0, rel=0.2)
+    assert model.s1_ms == pytest.approx(0.7, rel=0.1)
+    assert model.step_ms(10) == pytest.approx(11.0, rel=0.05)
+
+
+def test_no_model_from_a_few_steps_and_bad_samples_are_ignored():
+    assert _fitted([(b, 5.0) for b in (1, 3)] * 5) is None
+    assert _fitted([(0, 5.0), (3, float("nan")), (1, -1.0)] * 20) is None
+
+
+def test_steady_batches_move_the_level_not_the_per_sequence_cost():
+    # one batch size: s0 and s1 cannot be told apart, and no model is given
+    assert _fitted([(4, 8.0)] * 50) is None
+    fit = DecodeStepFit()
+    for batch in list(range(1, 9)) * 20:
+        fit.add(batch, 2.0 + 1.0 * batch)
+    for _ in range(3000):  # a long stretch at 4 sequences, the core now shared
+        fit.add(4, 10.0)
+    model = fit.model
+    assert model is not None
+    # the slope was last told while the shift began (it reads part of it as per-sequence
+    # cost) and is kept since; the level follows the core's new speed
+    assert 0.5 < model.s1_ms <= 1.0
+    assert model.step_ms(4) == pytest.approx(10.0, rel=0.01)
+
+
+def test_no_negative_coefficient():
+    flat = _fitted([(b, 10.0 - 0.1 * b) for b in range(1, 9)] * 10)  # noise: slower small
+    assert flat is not None and flat.s1_ms == 0.0 and flat.s0_ms > 0
+    steep = _fitted([(b, 2.0 * b - 3.0) for b in range(2, 9)] * 10)  # below zero at b = 1
+    assert steep is not None and steep.s0_ms == 0.0 and steep.s1_ms > 0
+
+
+def test_fit_follows_an_engine_that_slows_down():
+    steps = [(b, 2.0 + 0.5 * b) for b in range(1, 9)] * 100
+    steps += [(b, 2.0 + 1.5 * b) for b in range(1, 9)] * 150  # another engine shares its core
+    model = _fitted(steps)
+    assert model is not None and model.s1_ms == pytest.approx(1.5, rel=0.05)
+
+
+def test_cost_tracker_fits_the_period_of_decode_only_steps():
+    """A step's time is the interval since the step before (model, scheduling, output
+    processing); prefill steps and the gap after the engine went idle are left out."""
+    clock = [0.0]
+    tracker = CostTracker(block_size=16, clock=lambda: clock[0])
+
+    def step(period_ms: float, prefill_tokens: int, batch: int) -> None:
+        clock[0] += period_ms / 1e3
+        # the model's own part of the step is a fraction of it: not what is fitted
+        tracker.on_step(StepCounts(period_ms / 3e3, int(prefill_tokens > 0), prefill_tokens,
+                                   batch))
+
+    for n in range(40):
+        tracker.begin(f"r{n}", 100)
+        step(500.0, 2000, 3)  # a prefill step: not a decode step
+        for batch in (1, 2, 3, 4):
+            step(3.0 + 1.0 * batch, 0, batch)
+        tracker.end(f"r{n}")
+        clock[0] += 0.3  # idle: the next request's first decode step is not 300 ms
+    model = tracker.decode_steps.model
+    assert model is not None
+    assert model.s0_ms == pytest.approx(3.0, rel=0.01)
+    assert model.s1_ms == pytest.approx(1.0, rel=0.01)
+
+
+def _book(sched, n: int, replica: int, max_tokens: int = 200) -> None:
+    """A request decoding on decode replica `replica`, its prompt done."""
+    sched.decode.placed(replica, 20, max_tokens)
+    sched.decode.work.book(replica, f"b{n}", "short", 100, NOW)
+    sched.decode.work.finished(f"b{n}", NOW)
+
+
+def test_colocated_spreads_decodes_over_the_engines():
+    sched = _scheduler(num_short=0, num_long=0, num_decode=2, disaggregation=False)
+    for n in range(6):
+        _book(sched, n, 0)
+    # d0 decodes six sequences; a new request there would be slower per token and slow them
+    decision = sched.decide(RequestInfo("r", 100, 200, NOW), NOW)
+    assert isinstance(decision, Decision) and decision.decode_replica == "d1"
+    assert "6" not in decision.reason.split("sequences")[0].split("predicted,")[1]
+
+
+def test_colocated_still_avoids_a_long_prefill_in_progress():
+    sched = _scheduler(num_short=0, num_long=0, num_decode=2, disaggregation=False)
+    for n in range(2):
+        _book(sched, n, 0)
+    long_prompt = sched.decide(RequestInfo("long", 8000, 16, NOW), NOW)
+    assert long_prompt.decode_replica == "d1"  # the emptier engine, 1.1 s of prefill
+    # a short request goes to the busier one: its first token would wait for the long
+    # prefill's chunks on d1, more than two sequences cost it on d0
+    short = sched.decide(RequestInfo("short", 100, 16, NOW), NOW)
+    assert short.decode_replica == "d0"
+
+
+def test_reported_step_model_steers_requests_off_the_slower_engine():
+    sched = _scheduler(num_short=0, num_long=0, num_decode=2, disaggregation=False)
+    sched.decode.report_decode_step(0, (2.0, 5.0))  # d0 shares its core: 5 ms per sequence
+    sched.decode.report_decode_step(1, (2.0, 1.0))
+    for n in range(2):
+        _book(sched, n, 1)
+    # two sequences on d1 at 1 ms each still cost less than an empty d0 at 5 ms
+    decision = sched.decide(RequestInfo("r", 100, 200, NOW), NOW)
+    assert decision.decode_replica == "d1"
+    s0, s1 = sched.decode.decode_step()
+    assert list(s1) == [5.0, 1.0]
+    sched.decode.report_decode_step(0, ())  # a replica with no fit yet keeps the last one
+    assert list(sched.decode.decode_step()[1]) == [5.0, 1.0]
+
+
+def test_until_a_replica_reports_its_step_the_prefill_model_stands_in():
+    sched = _scheduler(num_short=0, num_long=0, num_decode=2, disaggregation=False)
+    s0, s1 = sched.decode.decode_step()
+    assert list(s0) == [sched.decode.work.a[0]] * 2 and list(s1) == [sched.decode.work.b[0]] * 2
+
+
+def test_expected_output_follows_what_requests_used():
+    sched = _scheduler(num_short=0, num_long=0, num_decode=2, disaggregation=False)
+    request = RequestInfo("r", 100, 1000, NOW)
+    before = sched.decode_cost_ms(request, sched.decode)
+    for _ in range(200):
+        sched.output_seen(10, 1000)  # requests stop far before max_tokens
+    assert sched.output_fraction == pytest.approx(0.01, abs=0.001)
+    after = sched.decode_cost_ms(request, sched.decode)
+    assert (after < 0.05 * before).all()
