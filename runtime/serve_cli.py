@@ -157,6 +157,14 @@ def serve_forever(config_path: Path, api_key: str | None, address: str | None,
     return 0
 
 
+def _step_line(step: dict[str, Any] | None) -> str:
+    if step is None:
+        return "decode step: unknown"
+    source = "fitted" if step["fitted"] else "from the prefill model until fitted"
+    return (f"decode step {step['s0_ms']:.1f} + {step['s1_ms_per_seq']:.2f} ms per sequence "
+            f"({source})")
+
+
 def _model_line(model: dict[str, float]) -> str:
     return "prefill model " + ", ".join(
         f"{n // 1024}K {model[f'predicted_ms_{n}']:.0f} ms" if n >= 1024
@@ -204,7 +212,7 @@ def format_pool_status(status: dict[str, Any]) -> list[str]:
         lines.append(f"  decode {d['replica']}: {d['free_blocks']}/{d['total_blocks']} blocks "
                      f"free, {d['active_seqs']} sequences, TPOT {d['tpot_ms']:.1f} ms, local "
                      f"prefill left {left['short'] + left['long']:.0f} ms; "
-                     f"{_model_line(d['model'])}")
+                     f"{_model_line(d['model'])}; {_step_line(d.get('decode_step'))}")
     for role, demand in view.get("demand", {}).items():
         lines.append(f"  {role} pool demand: {demand['replicas']:.2f} replicas "
                      f"({demand['reason']})")

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from runtime.autoscaling import Demand, decode_demand, prefill_demand
-from runtime.scheduler.loads import DecodeTable, PrefillTable
+from runtime.scheduler.loads import DecodeTable, PrefillTable, ReplicaColumns
 from runtime.scheduler.policy import GlobalScheduler, PolicyConfig
 from runtime.scheduler.prefill_model import PrefillModel
 from runtime.scheduler.rebind import CHECK_EVERY_S, move_reason
@@ -233,13 +233,21 @@ class LiveScheduler:
                  "active_seqs": int(self.decode.active_seqs[i]),
                  "tpot_ms": float(self.decode.tpot_ms[i]),
                  "local_remaining_ms": {"short": float(d_short[i]), "long": float(d_long[i])},
-                 "model": _model(self.decode.work.model(i))}
+                 "model": _model(self.decode.work.model(i)),
+                 "decode_step": _step(self.decode, i)}
                 for i, rid in enumerate(self.decode.ids)
             ],
             "decisions": {f"{lane}/{mode}": n for (lane, mode), n in self.decisions.items()},
             "moved": self.num_moved,
             "demand": {role: asdict(self.demand(role)) for role in self._roles()},
         }
+
+
+def _step(table: ReplicaColumns, i: int) -> dict[str, Any]:
+    """The replica's decode step model as status shows it (step_model.py)."""
+    s0, s1 = (float(v[i]) for v in table.decode_step())
+    return {"s0_ms": s0, "s1_ms_per_seq": s1,
+            "fitted": bool(np.isfinite(table.step_s0_ms[i]))}
 
 
 def _model(model: PrefillModel) -> dict[str, float]:

@@ -18,7 +18,8 @@ def _status() -> dict:
                          "report_age_s": 0.2}],
             "decode": [{"replica": "d0", "free_blocks": 90, "total_blocks": 100,
                         "active_seqs": 3, "tpot_ms": 12.5,
-                        "local_remaining_ms": {"short": 1.0, "long": 0.0}, "model": MODEL}],
+                        "local_remaining_ms": {"short": 1.0, "long": 0.0}, "model": MODEL,
+                        "decode_step": {"s0_ms": 4.0, "s1_ms_per_seq": 0.75, "fitted": True}}],
             "decisions": {"short/local": 5, "long/disaggregated": 2}, "moved": 1,
             "demand": {"prefill": {"replicas": 1.5, "reason": "queued work"}},
         },
@@ -35,6 +36,7 @@ def test_every_part_of_the_status_is_printed():
     text = "\n".join(format_pool_status(status))
     assert "prefill p0 [short]: 1 prompts in flight" in text
     assert "decode d0: 90/100 blocks free" in text
+    assert "decode step 4.0 + 0.75 ms per sequence (fitted)" in text
     assert "long prompts moved while waiting: 1" in text
     assert "direct calls: 2 of 2 replicas connected" in text
     assert "load reports read over them 42" in text

@@ -4,12 +4,15 @@ step time by batch size, and the colocated placement that uses it."""
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 
 from runtime.cost_tracker import CostTracker, StepCounts
+from runtime.scheduler.live import LiveConfig, LiveScheduler
+from runtime.scheduler.policy import PolicyConfig
 from runtime.scheduler.step_model import DecodeStepFit, DecodeStepModel
-from runtime.scheduler.types import Decision, RequestInfo
+from runtime.scheduler.types import Decision, ReplicaReport, RequestInfo
 from tests.unit.test_scheduler_policy import NOW, _scheduler
 
 
@@ -150,3 +153,19 @@ def test_expected_output_follows_what_requests_used():
     assert sched.output_fraction == pytest.approx(0.01, abs=0.001)
     after = sched.decode_cost_ms(request, sched.decode)
     assert (after < 0.05 * before).all()
+
+
+def test_the_ingress_takes_each_replicas_reported_step_and_shows_it():
+    live = LiveScheduler(LiveConfig(PolicyConfig(disaggregation=False), 0, 16, 8))
+    now = time.time()
+    live.report(ReplicaReport("decode", "d0", 0, 1000, 1000, 16, 0, 8, now,
+                              decode_step_ms=(4.0, 0.75)))
+    live.report(ReplicaReport("decode", "d1", 0, 1000, 1000, 16, 0, 8, now))  # not fitted
+    steps = {d["replica"]: d["decode_step"] for d in live.snapshot()["decode"]}
+    assert steps["d0"] == {"s0_ms": 4.0, "s1_ms_per_seq": 0.75, "fitted": True}
+    assert steps["d1"]["fitted"] is False
+    # finished requests teach the expected output: short ones, less decode cost per request
+    decision = live.decide("r", 100, 1000)
+    assert isinstance(decision, Decision)
+    live.request_done(decision, "r", 100, 1000, tpot_ms=5.0, num_output_tokens=100)
+    assert live.policy.output_fraction < 0.5
