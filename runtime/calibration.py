@@ -7,10 +7,16 @@ idle engine, twice per length (the faster counts), timed by the engine itself (s
 first token); lengths up to 8,192 tokens
 or the context, whichever is shorter; a length is skipped once one prefill took longer than
 `max_prefill_s` (a large model on slow hardware), so calibration stays short.
+
+`calibrate_decode` then decodes a few tokens at a few batch sizes, so that the replica's
+decode step model (runtime/scheduler/step_model.py, fitted from every decode step the engine
+reports) can tell a step's fixed cost from its per-sequence cost before the first request:
+a replica that only ever decodes one or two sequences at a time could not.
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from typing import TYPE_CHECKING
@@ -60,3 +66,25 @@ def _engine_ms(metrics: object, wall_ms: float) -> float:
     scheduled = getattr(metrics, "scheduled_ts", 0.0)
     first_token = getattr(metrics, "first_token_ts", 0.0)
     return (first_token - scheduled) * 1e3 if scheduled and first_token else wall_ms
+
+
+DECODE_BATCHES = (1, 4, 8)
+
+
+async def calibrate_decode(engine: AsyncLLM, vocab_size: int, num_tokens: int = 32,
+                           batches: tuple[int, ...] = DECODE_BATCHES, seed: int = 0) -> None:
+    """Decode num_tokens tokens at each batch size in turn (16-token prompts, no early end):
+    steps of every batch size for the engine's stat loggers to see."""
+    rng = random.Random(seed)
+    params = SamplingSpec(max_tokens=num_tokens, min_tokens=num_tokens,
+                          ignore_eos=True).to_vllm()
+
+    async def one(request_id: str) -> None:
+        ids = [rng.randrange(3, vocab_size) for _ in range(16)]
+        async for _ in engine.generate({"prompt_token_ids": ids}, params,
+                                       request_id=request_id):
+            pass
+
+    for batch in batches:
+        await asyncio.gather(*(one(f"calibrate-decode-{seed}-{batch}-{i}")
+                               for i in range(batch)))

@@ -21,7 +21,7 @@ from decode_workers.worker import DecodeWorker
 from kv_transfer.params import TransferParams
 from runtime.app_config import AppConfig, PoolConfig
 from runtime.autoscaling import DEMAND_METRIC
-from runtime.calibration import calibrate
+from runtime.calibration import calibrate, calibrate_decode
 from runtime.direct_calls import CallServer
 from runtime.engine_config import EngineConfig
 from runtime.engine_stats import LoadProbe
@@ -52,12 +52,15 @@ def pinned(engine: EngineConfig, pool: PoolConfig) -> EngineConfig:
 
 
 async def calibration(engine: Any, config: AppConfig) -> tuple[tuple[int, float], ...]:
-    """The engine's prefill times at a few lengths, for the scheduler's model (see
-    runtime/calibration.py); nothing when scheduler.calibrate is off."""
+    """The engine's prefill times at a few lengths, for the scheduler's model, and decode steps
+    at a few batch sizes for the replica's step model (see runtime/calibration.py); nothing
+    when scheduler.calibrate is off."""
     if not config.scheduler.calibrate:
         return ()
     model_config = engine.vllm_config.model_config
-    return await calibrate(engine, model_config.max_model_len, model_config.get_vocab_size())
+    samples = await calibrate(engine, model_config.max_model_len, model_config.get_vocab_size())
+    await calibrate_decode(engine, model_config.get_vocab_size())
+    return samples
 
 
 # a replica whose load the ingress has not read for this many periods reports it over Serve:

@@ -76,12 +76,17 @@ class ReplicaColumns:
             self.step_s0_ms[i], self.step_s1_ms[i] = coefficients
 
     def decode_step(self) -> tuple[np.ndarray, np.ndarray]:
-        """Every replica's decode step, s0 and s1 ms (step_model.py): as it reported, else its
-        prefill model's per-request and per-token cost (a step of B sequences computes B
+        """Every replica's decode step, s0 and s1 ms (step_model.py): as it reported; before
+        it has, the median of those that have (the same engines, as a rule); before any has,
+        its prefill model's per-request and per-token cost (a step of B sequences computes B
         tokens)."""
         fitted = np.isfinite(self.step_s0_ms)
-        return (np.where(fitted, self.step_s0_ms, self.work.a),
-                np.where(fitted, self.step_s1_ms, self.work.b))
+        if fitted.any():
+            prior0 = float(np.median(self.step_s0_ms[fitted]))
+            prior1 = float(np.median(self.step_s1_ms[fitted]))
+            return (np.where(fitted, self.step_s0_ms, prior0),
+                    np.where(fitted, self.step_s1_ms, prior1))
+        return self.work.a.copy(), self.work.b.copy()
 
     def mark_failed(self, i: int, now_s: float) -> None:
         """A call to replica i failed as a replica (died, engine dead): out until it reports

@@ -84,3 +84,24 @@ def test_the_requests_costs_add_up_to_the_engines_busy_time(costed):
     assert all(t.cost.decode_kv_block_s > 0 and t.cost.prefill_kv_block_s > 0
                for t in results)
     assert costs.ledger.num_open == 0
+
+
+def test_decode_calibration_fits_the_engines_step_by_batch_size(costed):
+    """A replica's decode calibration decodes at a few batch sizes; the step model its cost
+    tracker fits from them (runtime/scheduler/step_model.py) has a per-sequence cost and
+    predicts the time per token of a batch it never saw within 2x."""
+    from runtime.calibration import calibrate_decode
+
+    runner, worker, costs = costed
+    runner.run(calibrate_decode(worker.engine, 256))
+    model = costs.decode_steps.model
+    assert model is not None and model.s1_ms > 0, model
+
+    async def batch(n: int) -> list[DecodeTimings]:
+        return await asyncio.gather(*(_timings(worker, 40, seed=950 + i, max_tokens=48)
+                                      for i in range(n)))
+
+    timings = runner.run(batch(6))
+    per_token = sorted(t.decode_ms / 47 for t in timings)
+    ratio = per_token[len(per_token) // 2] / model.step_ms(6)
+    assert 0.5 <= ratio <= 2.0, (per_token, model)

@@ -138,6 +138,14 @@ def test_reported_step_model_steers_requests_off_the_slower_engine():
     assert list(sched.decode.decode_step()[1]) == [5.0, 1.0]
 
 
+def test_a_replica_not_fitted_yet_is_priced_like_the_fitted_ones():
+    sched = _scheduler(num_short=0, num_long=0, num_decode=3, disaggregation=False)
+    sched.decode.report_decode_step(0, (2.0, 1.0))
+    sched.decode.report_decode_step(1, (4.0, 3.0))
+    s0, s1 = sched.decode.decode_step()
+    assert list(s0) == [2.0, 4.0, 3.0] and list(s1) == [1.0, 3.0, 2.0]
+
+
 def test_until_a_replica_reports_its_step_the_prefill_model_stands_in():
     sched = _scheduler(num_short=0, num_long=0, num_decode=2, disaggregation=False)
     s0, s1 = sched.decode.decode_step()
