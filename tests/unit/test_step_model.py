@@ -84,7 +84,7 @@ def test_cost_tracker_fits_the_period_of_decode_only_steps():
     for n in range(40):
         tracker.begin(f"r{n}", 100)
         step(500.0, 2000, 3)  # a prefill step: not a decode step
-        for batch in (1, 2, 3, 4):
+        for batch in (1, 2, 4, 8):
             step(3.0 + 1.0 * batch, 0, batch)
         tracker.end(f"r{n}")
         clock[0] += 0.3  # idle: the next request's first decode step is not 300 ms
