@@ -55,6 +55,20 @@ def test_steady_batches_move_the_level_not_the_per_sequence_cost():
     assert model.step_ms(4) == pytest.approx(10.0, rel=0.01)
 
 
+def test_noise_over_few_sequences_does_not_move_the_per_sequence_cost():
+    rng = random.Random(1)
+    fit = DecodeStepFit()
+    for batch in (1, 4, 8):  # calibration
+        for _ in range(32):
+            fit.add(batch, 3.0 + 0.5 * batch)
+    for _ in range(2000):  # one to three sequences on a shared core: +-50% per step
+        batch = rng.randint(1, 3)
+        fit.add(batch, (3.0 + 0.5 * batch) * rng.uniform(0.5, 1.5))
+    model = fit.model
+    assert model is not None and model.s1_ms == pytest.approx(0.5, rel=0.2)
+    assert model.step_ms(2) == pytest.approx(4.0, rel=0.1)
+
+
 def test_no_negative_coefficient():
     flat = _fitted([(b, 10.0 - 0.1 * b) for b in range(1, 9)] * 10)  # noise: slower small
     assert flat is not None and flat.s1_ms == 0.0 and flat.s0_ms > 0
