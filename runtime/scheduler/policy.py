@@ -183,7 +183,7 @@ class GlobalScheduler:
                                  if lane == "short" else 0.0)
         local = None
         if can_local.any():
-            local = self._cheapest(request, can_local, local_cost, self.decode)
+            local = self._cheapest(request, can_local, local_cost, self.decode, now_s)
             # a long prefill on a decode replica slows its decodes all along: only for a
             # clear win over the prefill pool's own finish time (a queue there), not for the
             # transfer it saves
@@ -219,7 +219,7 @@ class GlobalScheduler:
         """A prefill replica serves the whole request: the decode pool is full, or down."""
         table = self.prefill
         wait_ms = table.work.wait_ms(now_s, request.prompt_len, lane)
-        p = self._cheapest(request, candidates, wait_ms, table)
+        p = self._cheapest(request, candidates, wait_ms, table, now_s)
         rejection = self._admit(float(wait_ms[p]))
         if rejection is not None:
             return rejection
@@ -257,25 +257,29 @@ class GlobalScheduler:
             used = min(1.0, num_output_tokens / max_tokens)
             self.output_fraction += OUTPUT_FRACTION_WEIGHT * (used - self.output_fraction)
 
-    def decode_cost_ms(self, request: RequestInfo, table: ReplicaColumns) -> np.ndarray:
+    def decode_cost_ms(self, request: RequestInfo, table: ReplicaColumns,
+                       now_s: float) -> np.ndarray:
         """What decoding the request on each replica adds to the time of all the sequences
-        there (step_model.py): its own n tokens at the step time with it in the batch, and s1
-        on every step of each sequence already there while both decode (n: its max_tokens x
-        the fraction recent requests used; theirs: half of that of their max_tokens)."""
+        there (step_model.py): its own n tokens at the step time with it in the batch, plus
+        the chunks of a long prefill running there, one per step while it lasts; and s1 on
+        every step of each sequence already there while both decode (n: its max_tokens x the
+        fraction recent requests used; theirs: half of that of their max_tokens)."""
         n = max(1.0, self.output_fraction * request.max_tokens)
         s0, s1 = table.decode_step()
         others_left = 0.5 * self.output_fraction * table.booked_max_tokens
-        return n * (s0 + s1 * (table.booked_seqs + 1)) \
+        _, long_left = table.work.remaining_ms(now_s)
+        chunks = np.minimum(long_left, n * table.work.long_chunk_ms())
+        return n * (s0 + s1 * (table.booked_seqs + 1)) + chunks \
             + s1 * np.minimum(table.booked_seqs * n, others_left)
 
     def _cheapest(self, request: RequestInfo, candidates: np.ndarray, ttft_ms: np.ndarray,
-                  table: ReplicaColumns) -> int:
+                  table: ReplicaColumns, now_s: float) -> int:
         """The candidate engine where the request adds the least time in all: its predicted
         first token, plus decode_cost_ms. A fuller batch costs every token of every sequence
         in it, so requests spread over the engines unless one is much nearer its first token
         (a long prefill in progress on the emptier one)."""
         pool = np.flatnonzero(candidates)
-        cost = ttft_ms[pool] + self.decode_cost_ms(request, table)[pool]
+        cost = ttft_ms[pool] + self.decode_cost_ms(request, table, now_s)[pool]
         return int(pool[np.argmin(cost)])
 
     def _split_reason(self, request: RequestInfo, can_local: np.ndarray,
@@ -356,7 +360,7 @@ class GlobalScheduler:
             return _no_room(request)
         room = fits & (table.free_blocks >= blocks) & (table.active_seqs < table.max_num_seqs)
         wait_ms = self.local_ms(request.prompt_len, lane, now_s)
-        d = self._cheapest(request, room if room.any() else fits, wait_ms, table)
+        d = self._cheapest(request, room if room.any() else fits, wait_ms, table, now_s)
         s0, s1 = (float(v[d]) for v in table.decode_step())
         return self._book_local(request, lane, d, float(wait_ms[d]), now_s,
                                 f"{why}: least added time (first token {wait_ms[d]:.0f} ms "

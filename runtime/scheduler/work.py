@@ -129,10 +129,14 @@ class PrefillWork:
             return short + long_ + own
         # the long prefill in progress takes one chunk of every step the short prompt is in
         steps = 1 + np.ceil(num_tokens / max(1, self.step_tokens - self.chunk_tokens))
+        return short + own + np.where(long_ > 0, steps * self.long_chunk_ms(), 0.0)
+
+    def long_chunk_ms(self) -> np.ndarray:
+        """Every replica's time for one chunk of the long prefill it runs now (at its middle,
+        where the chunk's attention is the average): what it adds to each step it shares."""
         position = self.head_tokens / 2
         k = float(self.chunk_tokens)
-        chunk_ms = (self.b * k + self.c * k * (k + 2.0 * position)) * self.slowdown
-        return short + own + np.where(long_ > 0, steps * chunk_ms, 0.0)
+        return (self.b * k + self.c * k * (k + 2.0 * position)) * self.slowdown
 
     def book(self, i: int, request_id: str, lane: Lane, num_tokens: int, now_s: float) -> float:
         """A prefill dispatched to replica i; returns its predicted time alone."""

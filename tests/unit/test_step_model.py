@@ -169,11 +169,11 @@ def test_until_a_replica_reports_its_step_the_prefill_model_stands_in():
 def test_expected_output_follows_what_requests_used():
     sched = _scheduler(num_short=0, num_long=0, num_decode=2, disaggregation=False)
     request = RequestInfo("r", 100, 1000, NOW)
-    before = sched.decode_cost_ms(request, sched.decode)
+    before = sched.decode_cost_ms(request, sched.decode, NOW)
     for _ in range(200):
         sched.output_seen(10, 1000)  # requests stop far before max_tokens
     assert sched.output_fraction == pytest.approx(0.01, abs=0.001)
-    after = sched.decode_cost_ms(request, sched.decode)
+    after = sched.decode_cost_ms(request, sched.decode, NOW)
     assert (after < 0.05 * before).all()
 
 
@@ -191,3 +191,23 @@ def test_the_ingress_takes_each_replicas_reported_step_and_shows_it():
     assert isinstance(decision, Decision)
     live.request_done(decision, "r", 100, 1000, tpot_ms=5.0, num_output_tokens=100)
     assert live.policy.output_fraction < 0.5
+
+
+def test_decoding_beside_a_long_prefill_costs_its_chunks():
+    """Every decode step an engine shares with a long prefill carries one chunk of it: a
+    request decoding there pays a chunk per token while the prefill lasts, at most all of
+    it."""
+    sched = _scheduler(num_short=0, num_long=0, num_decode=2, disaggregation=False)
+    sched.decide(RequestInfo("long", 8000, 16, NOW), NOW)  # on d0: 1.1 s of prefill
+    chunk_ms = float(sched.decode.work.long_chunk_ms()[0])
+    long_left = float(sched.decode.work.remaining_ms(NOW)[1][0])
+    assert chunk_ms > 0 and long_left > 0
+    few = sched.decode_cost_ms(RequestInfo("few", 100, 8, NOW), sched.decode, NOW)
+    many = sched.decode_cost_ms(RequestInfo("many", 100, 4000, NOW), sched.decode, NOW)
+    n_few = sched.output_fraction * 8
+    # the long prompt's own sequence on d0 makes each step there s1 dearer, and is slowed by
+    # s1 per step for its own 4 expected tokens (half of 16 max_tokens x 0.5); the chunks
+    # are the rest of the difference
+    s1 = float(sched.decode.decode_step()[1][0])
+    assert few[0] - few[1] == pytest.approx(n_few * chunk_ms + (n_few + 4) * s1, rel=1e-6)
+    assert many[0] - many[1] == pytest.approx(long_left + (2000 + 4) * s1, rel=1e-6)
