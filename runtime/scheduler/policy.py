@@ -259,17 +259,25 @@ class GlobalScheduler:
 
     def decode_cost_ms(self, request: RequestInfo, table: ReplicaColumns,
                        now_s: float) -> np.ndarray:
-        """What decoding the request on each replica adds to the time of all the sequences
-        there (step_model.py): its own n tokens at the step time with it in the batch, plus
-        the chunks of a long prefill running there, one per step while it lasts; and s1 on
-        every step of each sequence already there while both decode (n: its max_tokens x the
-        fraction recent requests used; theirs: half of that of their max_tokens)."""
+        """What the request adds on each replica beyond its own first token (step_model.py):
+          - its own n decode steps at the step time with it in the batch, plus a chunk of the
+            long prefill running there (if one is) per step while that lasts;
+          - s1 on every step of each sequence already there while both decode;
+          - its prefill's time on every step of those sequences that it shares: each waits
+            for all of a short prompt's, or for a chunk of a long one's per token it still
+            decodes.
+        n: its max_tokens x the fraction recent requests used; theirs: half of that of their
+        max_tokens."""
         n = max(1.0, self.output_fraction * request.max_tokens)
         s0, s1 = table.decode_step()
         others_left = 0.5 * self.output_fraction * table.booked_max_tokens
-        _, long_left = table.work.remaining_ms(now_s)
-        chunks = np.minimum(long_left, n * table.work.long_chunk_ms())
-        return n * (s0 + s1 * (table.booked_seqs + 1)) + chunks \
+        work = table.work
+        _, long_left = work.remaining_ms(now_s)
+        chunks = np.minimum(long_left, n * work.long_chunk_ms())
+        prefill_ms = work.expected_ms(request.prompt_len)
+        own_chunk_ms = prefill_ms * min(1.0, work.chunk_tokens / max(1, request.prompt_len))
+        prefill_delay = np.minimum(table.booked_seqs * prefill_ms, others_left * own_chunk_ms)
+        return n * (s0 + s1 * (table.booked_seqs + 1)) + chunks + prefill_delay \
             + s1 * np.minimum(table.booked_seqs * n, others_left)
 
     def _cheapest(self, request: RequestInfo, candidates: np.ndarray, ttft_ms: np.ndarray,

@@ -12,6 +12,7 @@ from runtime.cost_tracker import CostTracker, StepCounts
 from runtime.scheduler.live import LiveConfig, LiveScheduler
 from runtime.scheduler.policy import PolicyConfig
 from runtime.scheduler.step_model import DecodeStepFit, DecodeStepModel
+from runtime.scheduler.prefill_model import PrefillModel
 from runtime.scheduler.types import Decision, ReplicaReport, RequestInfo
 from tests.unit.test_scheduler_policy import NOW, _scheduler
 
@@ -208,6 +209,24 @@ def test_decoding_beside_a_long_prefill_costs_its_chunks():
     # the long prompt's own sequence on d0 makes each step there s1 dearer, and is slowed by
     # s1 per step for its own 4 expected tokens (half of 16 max_tokens x 0.5); the chunks
     # are the rest of the difference
+    # are the rest of the difference, with the new prompt's own prefill, which the long
+    # prompt's sequence waits for in the step they share
     s1 = float(sched.decode.decode_step()[1][0])
-    assert few[0] - few[1] == pytest.approx(n_few * chunk_ms + (n_few + 4) * s1, rel=1e-6)
-    assert many[0] - many[1] == pytest.approx(long_left + (2000 + 4) * s1, rel=1e-6)
+    prefill_ms = float(sched.decode.work.expected_ms(100)[0])
+    assert few[0] - few[1] == pytest.approx(n_few * chunk_ms + (n_few + 4) * s1 + prefill_ms,
+                                            rel=1e-6)
+    assert many[0] - many[1] == pytest.approx(long_left + (2000 + 4) * s1 + prefill_ms,
+                                              rel=1e-6)
+
+
+def test_a_long_prompt_goes_where_its_prefill_slows_no_decodes():
+    """Each step of a long prefill carries a chunk that every sequence decoding there waits
+    for: a long prompt goes to the engine with nothing decoding, though the busier one would
+    give it its first token a little sooner."""
+    sched = _scheduler(num_short=0, num_long=0, num_decode=2, disaggregation=False,
+                       model=PrefillModel(1.0, 0.05, 1e-5))
+    sched.decode.work.slowdown[1] = 1.1  # d1 prefills 10% slower
+    for n in range(3):
+        _book(sched, n, 0, max_tokens=400)  # three sequences decoding on d0
+    long_prompt = sched.decide(RequestInfo("long", 6000, 32, NOW), NOW)
+    assert long_prompt.decode_replica == "d1", long_prompt.reason
