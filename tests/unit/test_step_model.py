@@ -11,8 +11,8 @@ import pytest
 from runtime.cost_tracker import CostTracker, StepCounts
 from runtime.scheduler.live import LiveConfig, LiveScheduler
 from runtime.scheduler.policy import PolicyConfig
-from runtime.scheduler.step_model import DecodeStepFit, DecodeStepModel
 from runtime.scheduler.prefill_model import PrefillModel
+from runtime.scheduler.step_model import DecodeStepFit, DecodeStepModel
 from runtime.scheduler.types import Decision, ReplicaReport, RequestInfo
 from tests.unit.test_scheduler_policy import NOW, _scheduler
 
