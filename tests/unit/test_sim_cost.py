@@ -145,3 +145,13 @@ def test_plan_help_explains_the_cost_columns_and_refuses_negative_prices(capsys)
     with pytest.raises(SystemExit) as exited:
         main(["plan", "--decode-cost-per-replica-hour", "-1"])
     assert exited.value.code == 2
+
+
+def test_the_simulated_replicas_decode_step_model_follows_the_cost_model():
+    """The simulator gives the policy each replica's decode step as a live replica would fit
+    it: within 5% of the cost model's own step time from 4 to 64 sequences."""
+    step = COST.decode_step_model(context_tokens=2048)
+    assert step.s0_ms > 0 and step.s1_ms > 0
+    for batch in (4, 16, 64):
+        actual_ms = 1e3 * COST.decode_step_s(batch, batch * 2048)
+        assert step.step_ms(batch) == pytest.approx(actual_ms, rel=0.05)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from runtime.scheduler.prefill_model import PrefillModel
+from runtime.scheduler.step_model import DecodeStepModel
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,16 @@ class CostModel:
             / (h.hbm_bytes_per_s * h.hbm_efficiency)
         compute = 2.0 * m.num_params * batch / (h.peak_flops * h.mfu)
         return max(memory, compute) + h.step_overhead_s
+
+    def decode_step_model(self, context_tokens: float = 2048.0,
+                          max_batch: int = 64) -> DecodeStepModel:
+        """decode_step_s as the replicas' step model (ms): what a replica would fit, over
+        batches of 1 to max_batch sequences of context_tokens each (a line through both
+        ends: memory-bound steps are nearly linear in the batch's KV)."""
+        one = self.decode_step_s(1, context_tokens)
+        full = self.decode_step_s(max_batch, max_batch * context_tokens)
+        s1 = (full - one) / (max_batch - 1)
+        return DecodeStepModel(1e3 * (one - s1), 1e3 * s1)
 
     def transfer_s(self, num_tokens: int) -> float:
         h = self.hardware

@@ -329,6 +329,11 @@ def _split_router(spec: ClusterSpec, cost: CostModel, sim: Sim, capacity_blocks:
             DecodeTable([f"d{i}" for i in range(spec.num_decode)],
                         [capacity_blocks] * spec.num_decode, BLOCK_SIZE, 512, model, cap,
                         spec.chunk_tokens))
+        # every replica's decode step, as the live replicas fit and report theirs
+        step = cost.decode_step_model()
+        for table in (scheduler.prefill, scheduler.decode):
+            for i in range(len(table.ids)):
+                table.report_decode_step(i, (step.s0_ms, step.s1_ms))
 
     def on_finish(req: Req) -> None:
         if scheduler is None:
