@@ -243,6 +243,10 @@ def test_scheduler_prefills_short_prompts_locally_and_splits_long_ones(client, s
     assert any(line.startswith("  decisions: ") and "short/local" in line for line in lines)
     assert any(line.startswith("  decode replica ") for line in lines), lines
     assert any(line.startswith("  direct calls: ") for line in lines), lines
+    # the decode replica's step model, fitted at start (decode calibration) and reported
+    step = view["decode"][0]["decode_step"]
+    assert step["fitted"] and step["s0_ms"] + step["s1_ms_per_seq"] > 0, step
+    assert any("ms per sequence (fitted)" in line for line in lines), lines
     metrics = httpx.get(f"{serve_app}/metrics").text
     assert 'disagg_scheduler_decisions_total{lane="short",mode="local"}' in metrics
     assert "disagg_prefill_pending_tokens" in metrics
