@@ -160,7 +160,7 @@ def serve_forever(config_path: Path, api_key: str | None, address: str | None,
 def _step_line(step: dict[str, Any] | None) -> str:
     if step is None:
         return "decode step: unknown"
-    source = "fitted" if step["fitted"] else "from the prefill model until fitted"
+    source = "fitted" if step["fitted"] else "estimated until it is fitted"
     return (f"decode step {step['s0_ms']:.1f} + {step['s1_ms_per_seq']:.2f} ms per sequence "
             f"({source})")
 
@@ -206,7 +206,8 @@ def format_pool_status(status: dict[str, Any]) -> list[str]:
         left = p["remaining_ms"]
         lines.append(f"  prefill {p['replica']} [{p['lane']}]: {p['outstanding']} prompts in "
                      f"flight, work left {left['short']:.0f} ms short + {left['long']:.0f} ms "
-                     f"long; {_model_line(p['model'])}; report {p['report_age_s']:.1f} s old")
+                     f"long; {_model_line(p['model'])}; {_step_line(p.get('decode_step'))}; "
+                     f"report {p['report_age_s']:.1f} s old")
     for d in view["decode"]:
         left = d["local_remaining_ms"]
         lines.append(f"  decode {d['replica']}: {d['free_blocks']}/{d['total_blocks']} blocks "

@@ -224,6 +224,7 @@ class LiveScheduler:
                  "outstanding": int(self.prefill.work.num_outstanding[i]),
                  "remaining_ms": {"short": float(p_short[i]), "long": float(p_long[i])},
                  "model": _model(self.prefill.work.model(i)),
+                 "decode_step": _step(self.prefill, i),
                  "report_age_s": float(now - self.prefill.reported_at[i])}
                 for i, rid in enumerate(self.prefill.ids)
             ],

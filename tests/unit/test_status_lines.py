@@ -15,6 +15,7 @@ def _status() -> dict:
             "lanes": {"short": {"in_flight": 2}, "long": {"in_flight": 1}},
             "prefill": [{"replica": "p0", "lane": "short", "outstanding": 1,
                          "remaining_ms": {"short": 5.0, "long": 300.0}, "model": MODEL,
+                         "decode_step": {"s0_ms": 6.0, "s1_ms_per_seq": 0.5, "fitted": False},
                          "report_age_s": 0.2}],
             "decode": [{"replica": "d0", "free_blocks": 90, "total_blocks": 100,
                         "active_seqs": 3, "tpot_ms": 12.5,
@@ -37,6 +38,7 @@ def test_every_part_of_the_status_is_printed():
     assert "prefill p0 [short]: 1 prompts in flight" in text
     assert "decode d0: 90/100 blocks free" in text
     assert "decode step 4.0 + 0.75 ms per sequence (fitted)" in text
+    assert "decode step 6.0 + 0.50 ms per sequence (estimated until it is fitted)" in text
     assert "long prompts moved while waiting: 1" in text
     assert "direct calls: 2 of 2 replicas connected" in text
     assert "load reports read over them 42" in text
