@@ -162,6 +162,28 @@ class DecodeTable(ReplicaColumns):
     def add(self, replica_id: str, num_total_blocks: int) -> int:
         return self._add(replica_id, num_total_blocks)
 
+    def local_ms(self, num_tokens: int, lane: Lane, now_s: float) -> np.ndarray:
+        """Every replica's predicted first token for a local prefill: its prefill work, plus
+        its decode batch in every step the prompt takes."""
+        steps = np.ceil(num_tokens / max(1, self.work.step_tokens))
+        decoding = np.where(self.booked_seqs > 0, self.tpot_ms, 0.0)
+        return self.work.wait_ms(now_s, num_tokens, lane) + steps * decoding
+
+    def place(self, num_tokens: int, live: np.ndarray) -> int | None:
+        """The live replica to decode a sequence of num_tokens (prompt + max_tokens): among
+        those that can hold it at all, those with the blocks and a slot free now first, then
+        fewest active sequences, then most free blocks; None if none can hold it."""
+        blocks = self.blocks_for(num_tokens)
+        can_fit = live & (self.total_blocks >= blocks)
+        if not can_fit.any():
+            return None
+        room_now = can_fit & (self.free_blocks >= blocks) & (self.active_seqs
+                                                            < self.max_num_seqs)
+        candidates = np.flatnonzero(room_now if room_now.any() else can_fit)
+        score = self.active_seqs[candidates] * (self.total_blocks.max() + 1) \
+            - self.free_blocks[candidates]
+        return int(candidates[np.argmin(score)])
+
     def report(self, load: DecodeLoad) -> None:
         i = self.index[load.replica_id]
         self._report_slots(i, max(1, int(self.total_blocks[i])), load.num_free_blocks,

@@ -56,6 +56,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from runtime.scheduler.decode_cost import decode_cost_ms
 from runtime.scheduler.loads import DecodeTable, PrefillTable, ReplicaColumns
 from runtime.scheduler.types import Decision, Engine, Lane, Rejection, RequestInfo
 
@@ -152,7 +153,7 @@ class GlobalScheduler:
             return self._colocated(request, lane, d_open_local, now_s)
         if request.one_engine:
             return self._one_engine(request, lane, d_open_local, p_live, now_s)
-        d = self._place_decode(request, d_open)
+        d = self.decode.place(request.prompt_len + request.max_tokens, d_open)
         if d is None:
             return _no_room(request)
         if not self._decode_pool_has_room(request, d_open) and p_live.any():
@@ -161,7 +162,7 @@ class GlobalScheduler:
                 return self._prefill_local(request, lane, overflow, now_s,
                                            "decode pool full: a prefill replica serves it whole")
         n = request.prompt_len
-        local_ms = self.local_ms(n, lane, now_s)
+        local_ms = self.decode.local_ms(n, lane, now_s)
         can_local = self.can_local(request, d_live, now_s) & local_ok
         if not p_live.any():  # degraded: the decode replicas prefill everything themselves
             pool = np.flatnonzero(can_local if can_local.any() else d_live)
@@ -257,37 +258,15 @@ class GlobalScheduler:
             used = min(1.0, num_output_tokens / max_tokens)
             self.output_fraction += OUTPUT_FRACTION_WEIGHT * (used - self.output_fraction)
 
-    def decode_cost_ms(self, request: RequestInfo, table: ReplicaColumns,
-                       now_s: float) -> np.ndarray:
-        """What the request adds on each replica beyond its own first token (step_model.py):
-          - its own n decode steps at the step time with it in the batch, plus a chunk of the
-            long prefill running there (if one is) per step while that lasts;
-          - s1 on every step of each sequence already there while both decode;
-          - its prefill's time on every step of those sequences that it shares: each waits
-            for all of a short prompt's, or for a chunk of a long one's per token it still
-            decodes.
-        n: its max_tokens x the fraction recent requests used; theirs: half of that of their
-        max_tokens."""
-        n = max(1.0, self.output_fraction * request.max_tokens)
-        s0, s1 = table.decode_step()
-        others_left = 0.5 * self.output_fraction * table.booked_max_tokens
-        work = table.work
-        _, long_left = work.remaining_ms(now_s)
-        chunks = np.minimum(long_left, n * work.long_chunk_ms())
-        prefill_ms = work.expected_ms(request.prompt_len)
-        own_chunk_ms = prefill_ms * min(1.0, work.chunk_tokens / max(1, request.prompt_len))
-        prefill_delay = np.minimum(table.booked_seqs * prefill_ms, others_left * own_chunk_ms)
-        return n * (s0 + s1 * (table.booked_seqs + 1)) + chunks + prefill_delay \
-            + s1 * np.minimum(table.booked_seqs * n, others_left)
-
     def _cheapest(self, request: RequestInfo, candidates: np.ndarray, ttft_ms: np.ndarray,
                   table: ReplicaColumns, now_s: float) -> int:
         """The candidate engine where the request adds the least time in all: its predicted
-        first token, plus decode_cost_ms. A fuller batch costs every token of every sequence
+        first token, plus decode_cost.py's cost there. A fuller batch costs every token of every sequence
         in it, so requests spread over the engines unless one is much nearer its first token
         (a long prefill in progress on the emptier one)."""
         pool = np.flatnonzero(candidates)
-        cost = ttft_ms[pool] + self.decode_cost_ms(request, table, now_s)[pool]
+        cost = ttft_ms[pool] + decode_cost_ms(table, request.prompt_len, request.max_tokens,
+                                              self.output_fraction, now_s)[pool]
         return int(pool[np.argmin(cost)])
 
     def _split_reason(self, request: RequestInfo, can_local: np.ndarray,
@@ -316,14 +295,6 @@ class GlobalScheduler:
         within_budget = (table.booked_seqs == 0) | (work_after <= tokens_left * slack_ms)
         return d_live & room & within_budget
 
-    def local_ms(self, num_tokens: int, lane: Lane, now_s: float) -> np.ndarray:
-        """Every decode replica's predicted first token for a local prefill: its prefill work,
-        plus its decode batch in every step the prompt takes."""
-        table = self.decode
-        steps = np.ceil(num_tokens / max(1, table.work.step_tokens))
-        decoding = np.where(table.booked_seqs > 0, table.tpot_ms, 0.0)
-        return table.work.wait_ms(now_s, num_tokens, lane) + steps * decoding
-
     def _book_local(self, request: RequestInfo, lane: Lane, d: int, ttft_ms: float,
                     now_s: float, reason: str) -> Decision | Rejection:
         rejection = self._admit(ttft_ms)
@@ -350,7 +321,7 @@ class GlobalScheduler:
         p_room = p_live & self.prefill.room(need)
         if p_room.any():
             p_ms = self.prefill.work.wait_ms(now_s, request.prompt_len, lane)
-            d_ms = self.local_ms(request.prompt_len, lane, now_s)
+            d_ms = self.decode.local_ms(request.prompt_len, lane, now_s)
             d_room = d_open & self.decode.room(need)
             if lane == "long" or not d_room.any() or p_ms[p_room].min() < d_ms[d_room].min():
                 return self._prefill_local(request, lane, p_room, now_s,
@@ -367,28 +338,13 @@ class GlobalScheduler:
         if not fits.any():
             return _no_room(request)
         room = fits & (table.free_blocks >= blocks) & (table.active_seqs < table.max_num_seqs)
-        wait_ms = self.local_ms(request.prompt_len, lane, now_s)
+        wait_ms = self.decode.local_ms(request.prompt_len, lane, now_s)
         d = self._cheapest(request, room if room.any() else fits, wait_ms, table, now_s)
         s0, s1 = (float(v[d]) for v in table.decode_step())
         return self._book_local(request, lane, d, float(wait_ms[d]), now_s,
                                 f"{why}: least added time (first token {wait_ms[d]:.0f} ms "
                                 f"predicted, {table.booked_seqs[d]} sequences, step "
                                 f"{s0:.1f} + {s1:.2f}/sequence ms)")
-
-    def _place_decode(self, request: RequestInfo, d_live: np.ndarray) -> int | None:
-        table = self.decode
-        blocks = table.blocks_for(request.prompt_len + request.max_tokens)
-        can_fit = d_live & (table.total_blocks >= blocks)
-        if not can_fit.any():
-            return None
-        room_now = can_fit & (table.free_blocks >= blocks) & (table.active_seqs
-                                                             < table.max_num_seqs)
-        pool = room_now if room_now.any() else can_fit
-        candidates = np.flatnonzero(pool)
-        # fewest active sequences, then most free blocks
-        score = table.active_seqs[candidates] * (table.total_blocks.max() + 1) \
-            - table.free_blocks[candidates]
-        return int(candidates[np.argmin(score)])
 
     def first_token(self, decision: Decision, request_id: str,
                     now_s: float | None = None) -> bool | None:

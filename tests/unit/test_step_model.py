@@ -9,12 +9,19 @@ import time
 import pytest
 
 from runtime.cost_tracker import CostTracker, StepCounts
+from runtime.scheduler.decode_cost import decode_cost_ms
 from runtime.scheduler.live import LiveConfig, LiveScheduler
 from runtime.scheduler.policy import PolicyConfig
 from runtime.scheduler.prefill_model import PrefillModel
 from runtime.scheduler.step_model import DecodeStepFit, DecodeStepModel
 from runtime.scheduler.types import Decision, ReplicaReport, RequestInfo
 from tests.unit.test_scheduler_policy import NOW, _scheduler
+
+
+def _cost(sched, request: RequestInfo):
+    """What the policy adds to a request's first token on each decode replica."""
+    return decode_cost_ms(sched.decode, request.prompt_len, request.max_tokens,
+                          sched.output_fraction, NOW)
 
 
 def _fitted(steps: list[tuple[int, float]]) -> DecodeStepModel | None:
@@ -170,11 +177,11 @@ def test_until_a_replica_reports_its_step_the_prefill_model_stands_in():
 def test_expected_output_follows_what_requests_used():
     sched = _scheduler(num_short=0, num_long=0, num_decode=2, disaggregation=False)
     request = RequestInfo("r", 100, 1000, NOW)
-    before = sched.decode_cost_ms(request, sched.decode, NOW)
+    before = _cost(sched, request)
     for _ in range(200):
         sched.output_seen(10, 1000)  # requests stop far before max_tokens
     assert sched.output_fraction == pytest.approx(0.01, abs=0.001)
-    after = sched.decode_cost_ms(request, sched.decode, NOW)
+    after = _cost(sched, request)
     assert (after < 0.05 * before).all()
 
 
@@ -203,8 +210,8 @@ def test_decoding_beside_a_long_prefill_costs_its_chunks():
     chunk_ms = float(sched.decode.work.long_chunk_ms()[0])
     long_left = float(sched.decode.work.remaining_ms(NOW)[1][0])
     assert chunk_ms > 0 and long_left > 0
-    few = sched.decode_cost_ms(RequestInfo("few", 100, 8, NOW), sched.decode, NOW)
-    many = sched.decode_cost_ms(RequestInfo("many", 100, 4000, NOW), sched.decode, NOW)
+    few = _cost(sched, RequestInfo("few", 100, 8, NOW))
+    many = _cost(sched, RequestInfo("many", 100, 4000, NOW))
     n_few = sched.output_fraction * 8
     # the long prompt's own sequence on d0 makes each step there s1 dearer, and is slowed by
     # s1 per step for its own 4 expected tokens (half of 16 max_tokens x 0.5); the chunks

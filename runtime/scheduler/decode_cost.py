@@ -1,0 +1,32 @@
+"""What a request placed on an engine adds beyond its own first token: its decode there, and
+what it does to the sequences already decoding there (each engine's decode step model,
+step_model.py). The policy places a request where its first token plus this is least."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from runtime.scheduler.loads import ReplicaColumns
+
+
+def decode_cost_ms(table: ReplicaColumns, prompt_len: int, max_tokens: int,
+                   output_fraction: float, now_s: float) -> np.ndarray:
+    """Every replica's cost, ms:
+      - the request's own n decode steps at the step time with it in the batch, plus a chunk
+        of the long prefill running there (if one is) per step while that lasts;
+      - s1 on every step of each sequence already there while both decode;
+      - its prefill's time on every step of those sequences that it shares: each waits for
+        all of a short prompt's, or for a chunk of a long one's per token it still decodes.
+    n: max_tokens x output_fraction (the fraction of it recent requests used); theirs: half
+    of that of their max_tokens."""
+    n = max(1.0, output_fraction * max_tokens)
+    s0, s1 = table.decode_step()
+    others_left = 0.5 * output_fraction * table.booked_max_tokens
+    work = table.work
+    _, long_left = work.remaining_ms(now_s)
+    chunks = np.minimum(long_left, n * work.long_chunk_ms())
+    prefill_ms = work.expected_ms(prompt_len)
+    own_chunk_ms = prefill_ms * min(1.0, work.chunk_tokens / max(1, prompt_len))
+    prefill_delay = np.minimum(table.booked_seqs * prefill_ms, others_left * own_chunk_ms)
+    return n * (s0 + s1 * (table.booked_seqs + 1)) + chunks + prefill_delay \
+        + s1 * np.minimum(table.booked_seqs * n, others_left)
