@@ -261,9 +261,9 @@ class GlobalScheduler:
     def _cheapest(self, request: RequestInfo, candidates: np.ndarray, ttft_ms: np.ndarray,
                   table: ReplicaColumns, now_s: float) -> int:
         """The candidate engine where the request adds the least time in all: its predicted
-        first token, plus decode_cost.py's cost there. A fuller batch costs every token of every sequence
-        in it, so requests spread over the engines unless one is much nearer its first token
-        (a long prefill in progress on the emptier one)."""
+        first token, plus its decode cost there (decode_cost.py). A fuller batch costs every
+        token of every sequence in it, so requests spread over the engines unless one is much
+        nearer its first token (a long prefill in progress on the emptier one)."""
         pool = np.flatnonzero(candidates)
         cost = ttft_ms[pool] + decode_cost_ms(table, request.prompt_len, request.max_tokens,
                                               self.output_fraction, now_s)[pool]
