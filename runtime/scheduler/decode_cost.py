@@ -12,21 +12,37 @@ from runtime.scheduler.loads import ReplicaColumns
 def decode_cost_ms(table: ReplicaColumns, prompt_len: int, max_tokens: int,
                    output_fraction: float, now_s: float) -> np.ndarray:
     """Every replica's cost, ms:
-      - the request's own n decode steps at the step time with it in the batch, plus a chunk
-        of the long prefill running there (if one is) per step while that lasts;
-      - s1 on every step of each sequence already there while both decode;
-      - its prefill's time on every step of those sequences that it shares: each waits for
-        all of a short prompt's, or for a chunk of a long one's per token it still decodes.
+      - the request's own n decode steps at the step time with it in the batch;
+      - the prefills that share those steps: the long one running there now (a chunk per
+        step while it lasts), or, if more, those its recent prefill work says will come:
+        at utilization u (work.utilization) the engine prefills a share u of the time, so n
+        steps of pure decode D take D / (1 - u);
+      - s1 on every step of each sequence already there while both decode, and on every
+        step of the prefills there while it decodes (the first tokens of others);
+      - its prefill's time on every step of those sequences that it shares (prefill_delay_ms).
     n: max_tokens x output_fraction (the fraction of it recent requests used); theirs: half
     of that of their max_tokens."""
     n = max(1.0, output_fraction * max_tokens)
     s0, s1 = table.decode_step()
     others_left = 0.5 * output_fraction * table.booked_max_tokens
     work = table.work
+    own_decode = n * (s0 + s1 * (table.booked_seqs + 1))
     _, long_left = work.remaining_ms(now_s)
-    chunks = np.minimum(long_left, n * work.long_chunk_ms())
+    utilization = work.utilization(now_s)
+    prefills = np.maximum(np.minimum(long_left, n * work.long_chunk_ms()),
+                          own_decode * utilization / (1.0 - utilization))
+    return own_decode + prefills \
+        + prefill_delay_ms(table, prompt_len, output_fraction) \
+        + s1 * (np.minimum(table.booked_seqs * n, others_left) + n * utilization)
+
+
+def prefill_delay_ms(table: ReplicaColumns, prompt_len: int,
+                     output_fraction: float) -> np.ndarray:
+    """Every replica's cost of prefilling the prompt there to the sequences decoding there:
+    each waits for all of a short prompt's prefill, or for a chunk of a long one's per token
+    it still decodes (half of output_fraction x its max_tokens)."""
+    work = table.work
     prefill_ms = work.expected_ms(prompt_len)
     own_chunk_ms = prefill_ms * min(1.0, work.chunk_tokens / max(1, prompt_len))
-    prefill_delay = np.minimum(table.booked_seqs * prefill_ms, others_left * own_chunk_ms)
-    return n * (s0 + s1 * (table.booked_seqs + 1)) + chunks + prefill_delay \
-        + s1 * np.minimum(table.booked_seqs * n, others_left)
+    others_left = 0.5 * output_fraction * table.booked_max_tokens
+    return np.minimum(table.booked_seqs * prefill_ms, others_left * own_chunk_ms)

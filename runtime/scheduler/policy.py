@@ -15,11 +15,11 @@ Rules, in order (each decision's `reason` says which applied):
      max_tokens at all; among them, those with the blocks free now and a free sequence slot
      first, then fewest active sequences, then most free blocks.
   3. Prefill replica: the earliest predicted first token.
-  4. Decode balance: a prompt prefilled on a prefill replica is decoded there too
-     (`prefill_local`) when that replica decodes clearly fewer sequences than the decode
-     replica would (a long prompt outstanding there counts as max_num_seqs / 4); and when no
-     decode replica has room (KV, a slot, TPOT within budget), a prefill replica with room
-     serves the whole request.
+  4. Whole on a prefill replica (`prefill_local`): the prefill replica chosen in 3 decodes
+     the request too when that adds less time in all than the choice of 5 (its first token
+     plus its decode cost, as in 6; the prefills that replica runs share its decode steps);
+     and when no decode replica has room (KV, a slot, TPOT within budget), a prefill
+     replica with room serves the whole request.
   5. Mode: local (a decode replica prefills the prompt itself, no transfer), on the decode
      replica where it adds the least time (as in 6), when its first token there is no later
      than the split path would have the KV on a decode replica (prefill + transfer + the
@@ -56,7 +56,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runtime.scheduler.decode_cost import decode_cost_ms
+from runtime.scheduler.decode_cost import decode_cost_ms, prefill_delay_ms
 from runtime.scheduler.loads import DecodeTable, PrefillTable, ReplicaColumns
 from runtime.scheduler.types import Decision, Engine, Lane, Rejection, RequestInfo
 
@@ -80,8 +80,7 @@ class PolicyConfig:
     # requests a decode replica may hold beyond max_num_seqs (waiting in its engine); more
     # are refused (429) rather than queued without bound
     max_queued_per_replica: int = 256
-    # a prompt prefilled on a prefill replica is decoded there too when that replica decodes
-    # clearly fewer sequences than the decode replica would (decode-heavy loads)
+    # a prompt prefilled on a prefill replica may be decoded there too (rule 4)
     decode_balance: bool = True
 
     def transfer_ms(self, num_tokens: int) -> float:
@@ -182,9 +181,10 @@ class GlobalScheduler:
         split_ready = split_ttft + transfer_ms
         local_cost = local_ms + (self.decode.work.predict_ms(n) * self.decode.work.num_long
                                  if lane == "short" else 0.0)
+        added = self._added_ms(request, self.decode, now_s)
         local = None
         if can_local.any():
-            local = self._cheapest(request, can_local, local_cost, self.decode, now_s)
+            local = self._cheapest(can_local, local_cost, added)
             # a long prefill on a decode replica slows its decodes all along: only for a
             # clear win over the prefill pool's own finish time (a queue there), not for the
             # transfer it saves
@@ -194,17 +194,22 @@ class GlobalScheduler:
                 limit = self.config.long_local_gain * float(split_cost[p])
             if local_cost[local] > limit:
                 local = None
-        if local is not None:
-            return self._book_local(request, lane, local, float(local_ms[local]), now_s,
-                                    f"local prefill {local_ms[local]:.1f} ms <= split "
-                                    f"{split_ready:.1f} ms")
-        if self._decodes_better_on_prefill(request, p, d):
+        # the split path prefills on p as well: it delays the sequences p decodes as much
+        best_ms = float(local_cost[local] + added[local]) if local is not None \
+            else float(split_cost[p] + transfer_ms + added[d] + prefill_delay_ms(
+                self.prefill, n, self.output_fraction)[p])
+        whole_ms = self._whole_on_prefill_ms(request, p, float(split_cost[p]), now_s)
+        if whole_ms < best_ms:
             only_p = np.zeros(len(self.prefill.ids), dtype=bool)
             only_p[p] = True
             return self._prefill_local(
                 request, lane, only_p, now_s,
-                f"decode balance: prefill replica decodes {self.prefill.booked_seqs[p]} "
-                f"sequences, decode replica {self.decode.booked_seqs[d]}")
+                f"whole on the prefill replica: adds {whole_ms:.0f} ms < "
+                f"{best_ms:.0f} ms {'local' if local is not None else 'split'}")
+        if local is not None:
+            return self._book_local(request, lane, local, float(local_ms[local]), now_s,
+                                    f"local prefill {local_ms[local]:.1f} ms <= split "
+                                    f"{split_ready:.1f} ms")
         rejection = self._admit(split_ttft)
         if rejection is not None:
             return rejection
@@ -220,7 +225,7 @@ class GlobalScheduler:
         """A prefill replica serves the whole request: the decode pool is full, or down."""
         table = self.prefill
         wait_ms = table.work.wait_ms(now_s, request.prompt_len, lane)
-        p = self._cheapest(request, candidates, wait_ms, table, now_s)
+        p = self._cheapest(candidates, wait_ms, self._added_ms(request, table, now_s))
         rejection = self._admit(float(wait_ms[p]))
         if rejection is not None:
             return rejection
@@ -230,19 +235,18 @@ class GlobalScheduler:
         return Decision(lane, "prefill_local", table.ids[p], "", float(wait_ms[p]), reason,
                         own_ms)
 
-    def _decodes_better_on_prefill(self, request: RequestInfo, p: int, d: int) -> bool:
-        """Prefilled on prefill replica p anyway: decode there too (no transfer) when it has
-        clearly fewer sequences to decode than decode replica d (a decode-heavy load would
-        otherwise leave the prefill pool idle while the decode pool queues). A long prompt
-        outstanding on p counts as many sequences: its chunks slow every step there."""
-        table = self.prefill
-        if not self.config.decode_balance or not table.room(
+    def _whole_on_prefill_ms(self, request: RequestInfo, p: int, split_cost_ms: float,
+                             now_s: float) -> float:
+        """The time the request adds in all if prefill replica p, which would prefill it
+        anyway, decodes it too (no transfer, no second hop): its first token there, plus its
+        decode cost there (decode_cost.py: the prefills that replica runs share its steps).
+        Decode-heavy loads then spread over both pools instead of queueing on the decode
+        replicas while the prefill pool idles. inf where p has no room (or the rule is off)."""
+        if not self.config.decode_balance or not self.prefill.room(
                 request.prompt_len + request.max_tokens)[p]:
-            return False
-        if self.decode.booked_seqs[d] < max(2, int(self.decode.max_num_seqs[d]) // 4):
-            return False  # the decode replica is far from busy: keep prefill replicas free
-        long_penalty = table.work.num_long[p] * max(1, int(table.max_num_seqs[p]) // 4)
-        return bool(table.booked_seqs[p] + 1 + long_penalty < self.decode.booked_seqs[d])
+            return np.inf
+        added = self._added_ms(request, self.prefill, now_s)
+        return split_cost_ms - self.config.split_overhead_ms + float(added[p])
 
     def _decode_pool_has_room(self, request: RequestInfo, d_open: np.ndarray) -> bool:
         """A live decode replica can take the sequence now: KV blocks and a slot free, and
@@ -258,16 +262,20 @@ class GlobalScheduler:
             used = min(1.0, num_output_tokens / max_tokens)
             self.output_fraction += OUTPUT_FRACTION_WEIGHT * (used - self.output_fraction)
 
-    def _cheapest(self, request: RequestInfo, candidates: np.ndarray, ttft_ms: np.ndarray,
-                  table: ReplicaColumns, now_s: float) -> int:
+    def _added_ms(self, request: RequestInfo, table: ReplicaColumns,
+                  now_s: float) -> np.ndarray:
+        """Every replica's decode cost for this request (decode_cost.py)."""
+        return decode_cost_ms(table, request.prompt_len, request.max_tokens,
+                              self.output_fraction, now_s)
+
+    @staticmethod
+    def _cheapest(candidates: np.ndarray, ttft_ms: np.ndarray, added_ms: np.ndarray) -> int:
         """The candidate engine where the request adds the least time in all: its predicted
-        first token, plus its decode cost there (decode_cost.py). A fuller batch costs every
-        token of every sequence in it, so requests spread over the engines unless one is much
-        nearer its first token (a long prefill in progress on the emptier one)."""
+        first token, plus its decode cost there. A fuller batch costs every token of every
+        sequence in it, so requests spread over the engines unless one is much nearer its
+        first token (a long prefill in progress on the emptier one)."""
         pool = np.flatnonzero(candidates)
-        cost = ttft_ms[pool] + decode_cost_ms(table, request.prompt_len, request.max_tokens,
-                                              self.output_fraction, now_s)[pool]
-        return int(pool[np.argmin(cost)])
+        return int(pool[np.argmin(ttft_ms[pool] + added_ms[pool])])
 
     def _split_reason(self, request: RequestInfo, can_local: np.ndarray,
                       local_ms: np.ndarray, split_ready: float) -> str:
@@ -339,7 +347,8 @@ class GlobalScheduler:
             return _no_room(request)
         room = fits & (table.free_blocks >= blocks) & (table.active_seqs < table.max_num_seqs)
         wait_ms = self.decode.local_ms(request.prompt_len, lane, now_s)
-        d = self._cheapest(request, room if room.any() else fits, wait_ms, table, now_s)
+        d = self._cheapest(room if room.any() else fits, wait_ms,
+                           self._added_ms(request, table, now_s))
         s0, s1 = (float(v[d]) for v in table.decode_step())
         return self._book_local(request, lane, d, float(wait_ms[d]), now_s,
                                 f"{why}: least added time (first token {wait_ms[d]:.0f} ms "

@@ -30,6 +30,10 @@ from runtime.scheduler.types import Lane
 MAX_PROGRESS = 0.95
 SLOWDOWN_WEIGHT = 0.2  # weight of the newest prefill in the slowdown's running average
 MIN_SLOWDOWN, MAX_SLOWDOWN = 0.5, 4.0
+# The prefill work sent to an engine lately, per second: a sum of bookings decaying with this
+# time constant (about the life of a decode of a few hundred tokens).
+RECENT_TAU_S = 5.0
+MAX_UTILIZATION = 0.9
 
 
 @dataclass(frozen=True)
@@ -65,13 +69,16 @@ class PrefillWork:
         # measured / predicted prefill time of recent prefills, whatever else ran: how much
         # slower than alone the engine prefills under its current load
         self.slowdown = np.zeros(0)
+        # predicted prefill work booked, decayed by RECENT_TAU_S since recent_at
+        self.recent_ms = np.zeros(0)
+        self.recent_at = np.zeros(0)
         self._long_queues: list[deque[str]] = []  # per replica, in booking order
         self._bookings: dict[str, Booking] = {}
 
     def add_replica(self) -> int:
         self.fits.append(PrefillFit(self.prior))
         for name in ("a", "b", "c", "short_ms", "long_ms", "head_tokens", "head_started",
-                     "busy_since", "done_ms"):
+                     "busy_since", "done_ms", "recent_ms", "recent_at"):
             setattr(self, name, np.append(getattr(self, name), 0.0))
         self.num_outstanding = np.append(self.num_outstanding, 0)
         self.num_dispatched = np.append(self.num_dispatched, 0)
@@ -138,9 +145,19 @@ class PrefillWork:
         k = float(self.chunk_tokens)
         return (self.b * k + self.c * k * (k + 2.0 * position)) * self.slowdown
 
+    def utilization(self, now_s: float) -> np.ndarray:
+        """Every replica's recent prefill work per unit of time (0 to MAX_UTILIZATION): the
+        share of its engine's time that prefills are expected to take while a request placed
+        there now decodes. A sequence decoding there shares its steps with them."""
+        decay = np.exp(-np.maximum(now_s - self.recent_at, 0.0) / RECENT_TAU_S)
+        return np.minimum(self.recent_ms * decay / (1e3 * RECENT_TAU_S), MAX_UTILIZATION)
+
     def book(self, i: int, request_id: str, lane: Lane, num_tokens: int, now_s: float) -> float:
         """A prefill dispatched to replica i; returns its predicted time alone."""
         work = float(self.expected_ms(num_tokens)[i])
+        decay = np.exp(-max(now_s - float(self.recent_at[i]), 0.0) / RECENT_TAU_S)
+        self.recent_ms[i] = self.recent_ms[i] * decay + work
+        self.recent_at[i] = now_s
         alone = bool(self.num_outstanding[i] == 0)
         if alone:
             self.busy_since[i], self.done_ms[i] = now_s, 0.0

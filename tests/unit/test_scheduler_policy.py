@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pytest
 
 from runtime.scheduler.loads import DecodeTable, PrefillTable
 from runtime.scheduler.policy import GlobalScheduler, PolicyConfig
 from runtime.scheduler.prefill_model import PrefillModel
 from runtime.scheduler.types import Decision, DecodeLoad, PrefillLoad, Rejection, RequestInfo
+from runtime.scheduler.work import RECENT_TAU_S
 
 NOW = 100.0
 # 1 ms + 0.05 ms/token + quadratic: 1K tokens 61 ms, 8K 1.1 s (the tiny model's shape)
@@ -315,6 +317,27 @@ def test_decode_heavy_load_is_balanced_onto_the_prefill_replica():
     assert sched.decide(_req(99, 200, max_tokens=300), NOW + 10).mode == "disaggregated"
 
 
+def test_a_prefill_replica_busy_prefilling_decodes_nothing_more():
+    """The decodes a prefill replica takes share its steps with the prefills it runs: at a
+    high recent prefill utilization (no long prefill running at the moment) the same
+    decode-heavy request stays with the decode replica that an idle prefill replica would
+    have taken it from."""
+    def decide_after(prefill_history_ms: float) -> str:
+        sched = _scheduler(num_short=1, num_long=0, num_decode=1, local_max_prompt_tokens=0)
+        sched.prefill.total_blocks[0] = sched.prefill.free_blocks[0] = 1000
+        work = sched.prefill.work
+        if prefill_history_ms:  # prompts prefilled there in the last seconds, all done
+            work.recent_ms[0], work.recent_at[0] = prefill_history_ms, NOW
+        for _ in range(4):  # four sequences decoding on the decode replica
+            sched.decode.placed(0, sched.decode.blocks_for(500), 300)
+        decision = sched.decide(_req(9, 200, max_tokens=300), NOW)
+        assert isinstance(decision, Decision)
+        return decision.mode
+
+    assert decide_after(0.0) == "prefill_local"
+    assert decide_after(4000.0) == "disaggregated"  # 4 s of prefills in the last 5 s
+
+
 def test_a_request_that_needs_one_engine_is_never_split():
     """Structured output (the grammar's state stays in its engine): local on a decode
     replica, or whole on a prefill replica (always for a long prompt, which would slow a
@@ -332,7 +355,8 @@ def test_a_request_that_needs_one_engine_is_never_split():
     # a split-only config (no local prefills allowed) still runs it on one engine
     short = one_engine(0, 200, NOW)
     assert short.mode in ("local", "prefill_local") and "one engine" in short.reason
-    assert sched.decide(_req(1, 200), NOW + 1).mode == "disaggregated"  # others still split
+    other = sched.decide(_req(1, 200), NOW + 1)  # others may still split
+    assert other.mode != "local" and "one engine" not in other.reason
     long_ = one_engine(2, 6000, NOW + 2)
     assert long_.mode == "prefill_local" and long_.prefill_replica == "p0"
     # the prefill replica is now busy with the long prompt: a short one goes to the decode
@@ -342,3 +366,16 @@ def test_a_request_that_needs_one_engine_is_never_split():
     # without a live prefill replica: local
     sched.prefill.report(PrefillLoad("p0", "short", 0, NOW + 3, healthy=False))
     assert one_engine(4, 6000, NOW + 3).mode == "local"
+
+
+def test_recent_prefill_work_is_a_decaying_utilization():
+    sched = _scheduler(num_short=1, num_long=0, num_decode=1)
+    work = sched.prefill.work
+    assert work.utilization(NOW)[0] == 0.0
+    booked = work.book(0, "a", "short", 4000, NOW)  # about 0.4 s of prefill
+    tau = RECENT_TAU_S
+    assert work.utilization(NOW)[0] == pytest.approx(booked / (1e3 * tau))
+    assert work.utilization(NOW + tau)[0] == pytest.approx(booked / (1e3 * tau) / np.e)
+    for i in range(40):  # far more work than time: capped below 1
+        work.book(0, f"b{i}", "long", 8000, NOW + 0.1 * i)
+    assert 0.5 < work.utilization(NOW + 4)[0] < 1.0
