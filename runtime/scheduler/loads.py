@@ -88,6 +88,14 @@ class ReplicaColumns:
                     np.where(fitted, self.step_s1_ms, prior1))
         return self.work.a.copy(), self.work.b.copy()
 
+    def first_token_ms(self, num_tokens: int, lane: Lane, now_s: float) -> np.ndarray:
+        """Every replica's predicted first token for a prompt it prefills itself: its prefill
+        work (work.wait_ms), plus the step of the sequences it decodes in every step the
+        prompt takes."""
+        steps = np.ceil(num_tokens / max(1, self.work.step_tokens))
+        decoding = np.where(self.booked_seqs > 0, self.tpot_ms, 0.0)
+        return self.work.wait_ms(now_s, num_tokens, lane) + steps * decoding
+
     def mark_failed(self, i: int, now_s: float) -> None:
         """A call to replica i failed as a replica (died, engine dead): out until it reports
         again."""
@@ -161,13 +169,6 @@ class DecodeTable(ReplicaColumns):
 
     def add(self, replica_id: str, num_total_blocks: int) -> int:
         return self._add(replica_id, num_total_blocks)
-
-    def local_ms(self, num_tokens: int, lane: Lane, now_s: float) -> np.ndarray:
-        """Every replica's predicted first token for a local prefill: its prefill work, plus
-        its decode batch in every step the prompt takes."""
-        steps = np.ceil(num_tokens / max(1, self.work.step_tokens))
-        decoding = np.where(self.booked_seqs > 0, self.tpot_ms, 0.0)
-        return self.work.wait_ms(now_s, num_tokens, lane) + steps * decoding
 
     def place(self, num_tokens: int, live: np.ndarray) -> int | None:
         """The live replica to decode a sequence of num_tokens (prompt + max_tokens): among

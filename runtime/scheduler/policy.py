@@ -161,7 +161,7 @@ class GlobalScheduler:
                 return self._prefill_local(request, lane, overflow, now_s,
                                            "decode pool full: a prefill replica serves it whole")
         n = request.prompt_len
-        local_ms = self.decode.local_ms(n, lane, now_s)
+        local_ms = self.decode.first_token_ms(n, lane, now_s)
         can_local = self.can_local(request, d_live, now_s) & local_ok
         if not p_live.any():  # degraded: the decode replicas prefill everything themselves
             pool = np.flatnonzero(can_local if can_local.any() else d_live)
@@ -198,7 +198,8 @@ class GlobalScheduler:
         best_ms = float(local_cost[local] + added[local]) if local is not None \
             else float(split_cost[p] + transfer_ms + added[d] + prefill_delay_ms(
                 self.prefill, n, self.output_fraction)[p])
-        whole_ms = self._whole_on_prefill_ms(request, p, float(split_cost[p]), now_s)
+        whole_ms = self._whole_on_prefill_ms(request, lane, p, float(split_cost[p] - split_ms[p]),
+                                             now_s)
         if whole_ms < best_ms:
             only_p = np.zeros(len(self.prefill.ids), dtype=bool)
             only_p[p] = True
@@ -224,7 +225,7 @@ class GlobalScheduler:
                        now_s: float, reason: str) -> Decision | Rejection:
         """A prefill replica serves the whole request: the decode pool is full, or down."""
         table = self.prefill
-        wait_ms = table.work.wait_ms(now_s, request.prompt_len, lane)
+        wait_ms = table.first_token_ms(request.prompt_len, lane, now_s)
         p = self._cheapest(candidates, wait_ms, self._added_ms(request, table, now_s))
         rejection = self._admit(float(wait_ms[p]))
         if rejection is not None:
@@ -235,18 +236,20 @@ class GlobalScheduler:
         return Decision(lane, "prefill_local", table.ids[p], "", float(wait_ms[p]), reason,
                         own_ms)
 
-    def _whole_on_prefill_ms(self, request: RequestInfo, p: int, split_cost_ms: float,
+    def _whole_on_prefill_ms(self, request: RequestInfo, lane: Lane, p: int, delay_ms: float,
                              now_s: float) -> float:
         """The time the request adds in all if prefill replica p, which would prefill it
         anyway, decodes it too (no transfer, no second hop): its first token there, plus its
         decode cost there (decode_cost.py: the prefills that replica runs share its steps).
         Decode-heavy loads then spread over both pools instead of queueing on the decode
-        replicas while the prefill pool idles. inf where p has no room (or the rule is off)."""
+        replicas while the prefill pool idles. delay_ms: what its prefill there costs the
+        long prompts waiting there. inf where p has no room (or the rule is off)."""
         if not self.config.decode_balance or not self.prefill.room(
                 request.prompt_len + request.max_tokens)[p]:
             return np.inf
         added = self._added_ms(request, self.prefill, now_s)
-        return split_cost_ms - self.config.split_overhead_ms + float(added[p])
+        first_token = self.prefill.first_token_ms(request.prompt_len, lane, now_s)[p]
+        return float(first_token + delay_ms + added[p])
 
     def _decode_pool_has_room(self, request: RequestInfo, d_open: np.ndarray) -> bool:
         """A live decode replica can take the sequence now: KV blocks and a slot free, and
@@ -328,8 +331,8 @@ class GlobalScheduler:
         need = request.prompt_len + request.max_tokens
         p_room = p_live & self.prefill.room(need)
         if p_room.any():
-            p_ms = self.prefill.work.wait_ms(now_s, request.prompt_len, lane)
-            d_ms = self.decode.local_ms(request.prompt_len, lane, now_s)
+            p_ms = self.prefill.first_token_ms(request.prompt_len, lane, now_s)
+            d_ms = self.decode.first_token_ms(request.prompt_len, lane, now_s)
             d_room = d_open & self.decode.room(need)
             if lane == "long" or not d_room.any() or p_ms[p_room].min() < d_ms[d_room].min():
                 return self._prefill_local(request, lane, p_room, now_s,
@@ -346,7 +349,7 @@ class GlobalScheduler:
         if not fits.any():
             return _no_room(request)
         room = fits & (table.free_blocks >= blocks) & (table.active_seqs < table.max_num_seqs)
-        wait_ms = self.decode.local_ms(request.prompt_len, lane, now_s)
+        wait_ms = self.decode.first_token_ms(request.prompt_len, lane, now_s)
         d = self._cheapest(room if room.any() else fits, wait_ms,
                            self._added_ms(request, table, now_s))
         s0, s1 = (float(v[d]) for v in table.decode_step())

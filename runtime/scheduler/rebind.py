@@ -84,5 +84,5 @@ def _free_engine_ms(policy: GlobalScheduler, decision: Decision, request: Reques
     local &= other_than(policy.decode.ids,
                         decision.decode_replica if decision.mode == "local" else None)
     if local.any():
-        best = min(best, float(policy.decode.local_ms(n, lane, now_s)[local].min()))
+        best = min(best, float(policy.decode.first_token_ms(n, lane, now_s)[local].min()))
     return None if best == np.inf else best
