@@ -16,10 +16,9 @@ Rules, in order (each decision's `reason` says which applied):
      first, then fewest active sequences, then most free blocks.
   3. Prefill replica: the earliest predicted first token.
   4. Whole on a prefill replica (`prefill_local`): the prefill replica chosen in 3 decodes
-     the request too when that adds less time in all than the choice of 5 (its first token
-     plus its decode cost, as in 6; the prefills that replica runs share its decode steps);
-     and when no decode replica has room (KV, a slot, TPOT within budget), a prefill
-     replica with room serves the whole request.
+     the request too when that adds less time in all than the choice of 5 (first token plus
+     decode cost, as in 6); and when no decode replica has room (KV, a slot, TPOT within
+     budget), a prefill replica with room serves the whole request.
   5. Mode: local (a decode replica prefills the prompt itself, no transfer), on the decode
      replica where it adds the least time (as in 6), when its first token there is no later
      than the split path would have the KV on a decode replica (prefill + transfer + the
@@ -31,14 +30,12 @@ Rules, in order (each decision's `reason` says which applied):
      counted: the prefill pool is busy), since its prefill slows that replica's decodes all
      along. Otherwise disaggregated.
   6. Colocated serving (`disaggregation` off): every request is local, on the engine where
-     it adds the least time in all: its predicted first token, plus its decode time at that
-     engine's step time with it in the batch, plus what it slows the sequences decoding
-     there (each step costs s0 + s1 x sequences, the engine's own fit: step_model.py). A
-     request that must run on one engine (structured output: the grammar's state cannot move
-     with the KV cache; the prompt's logprobs: the engine that computes the prompt gives
-     them) is served whole by a prefill replica (`prefill_local`) when one has room and is
-     the earlier, or the prompt is long (it would slow a decode replica's decodes all
-     along); else as under colocated serving.
+     it adds the least time in all: its predicted first token plus its decode cost there
+     (decode_cost.py: its steps at that engine's step time, s0 + s1 x sequences from the
+     engine's own fit, step_model.py; the prefills sharing them; what it slows the others).
+     A request that must run on one engine (structured output: the grammar's state cannot
+     move with the KV cache; the prompt's logprobs) is served whole by a prefill replica
+     when one has room and is the earlier, or the prompt is long; else as colocated.
   7. Overload: a decode replica holds at most max_num_seqs + `max_queued_per_replica`
      requests; when every live one is full the request is refused (429, Retry-After 1 s).
      Admission (off unless `admission_ttft_ms` is set): a request whose predicted TTFT exceeds
@@ -194,7 +191,7 @@ class GlobalScheduler:
                 limit = self.config.long_local_gain * float(split_cost[p])
             if local_cost[local] > limit:
                 local = None
-        # the split path prefills on p as well: it delays the sequences p decodes as much
+        # the split path prefills on p too: it delays the sequences p decodes as much
         best_ms = float(local_cost[local] + added[local]) if local is not None \
             else float(split_cost[p] + transfer_ms + added[d] + prefill_delay_ms(
                 self.prefill, n, self.output_fraction)[p])
@@ -238,12 +235,9 @@ class GlobalScheduler:
 
     def _whole_on_prefill_ms(self, request: RequestInfo, lane: Lane, p: int, delay_ms: float,
                              now_s: float) -> float:
-        """The time the request adds in all if prefill replica p, which would prefill it
-        anyway, decodes it too (no transfer, no second hop): its first token there, plus its
-        decode cost there (decode_cost.py: the prefills that replica runs share its steps).
-        Decode-heavy loads then spread over both pools instead of queueing on the decode
-        replicas while the prefill pool idles. delay_ms: what its prefill there costs the
-        long prompts waiting there. inf where p has no room (or the rule is off)."""
+        """What the request adds in all if prefill replica p, which prefills it anyway, decodes
+        it too (rule 4: no transfer, no second hop; the prefills p runs share its steps).
+        delay_ms: its prefill's cost to the long prompts waiting on p. inf: p has no room."""
         if not self.config.decode_balance or not self.prefill.room(
                 request.prompt_len + request.max_tokens)[p]:
             return np.inf
