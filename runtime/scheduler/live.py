@@ -88,6 +88,7 @@ class LiveScheduler:
                                             report.num_free_blocks, report.num_total_blocks,
                                             report.num_active_seqs, report.max_num_seqs))
             self.prefill.report_decode_step(i, report.decode_step_ms)
+            self.prefill.work.refit_pending(i)
         else:
             i = self.decode.index.get(report.replica_id)
             if i is None:
@@ -97,6 +98,7 @@ class LiveScheduler:
                                           report.block_size, report.num_active_seqs,
                                           report.max_num_seqs, now, report.healthy))
             self.decode.report_decode_step(i, report.decode_step_ms)
+            self.decode.work.refit_pending(i)
 
     def decide(self, request_id: str, prompt_len: int, max_tokens: int,
                one_engine: bool = False) -> Decision | Rejection:

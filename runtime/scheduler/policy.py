@@ -370,7 +370,8 @@ class GlobalScheduler:
     def learn(self, decision: Decision, num_tokens: int, compute_ms: float,
               alone: bool) -> None:
         """A prefill time measured on the engine that ran the prompt: every one tracks the
-        engine's slowdown under load; one that ran alone refits its model too."""
+        engine's slowdown under load; one that ran alone is a sample for its model, refitted
+        when the replica next reports (off the request's path)."""
         if decision.mode == "local":
             table: ReplicaColumns = self.decode
             i = self.decode.index.get(decision.decode_replica)
@@ -380,7 +381,7 @@ class GlobalScheduler:
         if i is None:
             return
         if alone:
-            table.work.learn(i, [(num_tokens, compute_ms)])
+            table.work.add_sample(i, num_tokens, compute_ms)  # fitted at its next report
         table.work.observe(i, num_tokens, compute_ms)
 
 

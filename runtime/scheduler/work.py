@@ -74,6 +74,7 @@ class PrefillWork:
         self.recent_at = np.zeros(0)
         self._long_queues: list[deque[str]] = []  # per replica, in booking order
         self._bookings: dict[str, Booking] = {}
+        self._unfitted: set[int] = set()  # replicas with samples not fitted yet
 
     def add_replica(self) -> int:
         self.fits.append(PrefillFit(self.prior))
@@ -101,6 +102,20 @@ class PrefillWork:
             fit.add(num_tokens, ms, refit=False)
         fit.refit()
         self._set_model(i, fit.model)
+        self._unfitted.discard(i)
+
+    def add_sample(self, i: int, num_tokens: int, ms: float) -> None:
+        """A prefill measured on replica i as a request ran alone there: kept for the next
+        refit (refit_pending), not fitted now. A refit is a least-squares solve (0.2-0.5 ms),
+        and the request whose sample it is waits for its response meanwhile."""
+        self.fits[i].add(num_tokens, ms, refit=False)
+        self._unfitted.add(i)
+
+    def refit_pending(self, i: int) -> None:
+        """Refit replica i's model if it has samples not fitted yet (called as its load
+        report comes in, a few times a second)."""
+        if i in self._unfitted:
+            self.learn(i, [])
 
     def observe(self, i: int, num_tokens: int, measured_ms: float) -> None:
         """A prefill on replica i took measured_ms (alone or not): track the slowdown."""

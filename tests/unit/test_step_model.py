@@ -239,3 +239,21 @@ def test_a_long_prompt_goes_where_its_prefill_slows_no_decodes():
         _book(sched, n, 0, max_tokens=400)  # three sequences decoding on d0
     long_prompt = sched.decide(RequestInfo("long", 6000, 32, NOW), NOW)
     assert long_prompt.decode_replica == "d1", long_prompt.reason
+
+
+def test_prefills_measured_on_the_request_path_are_fitted_at_the_next_report():
+    """A prefill that ran alone is a sample for its engine's model; the least-squares refit
+    waits for the replica's next load report, so no request waits for it."""
+    live = LiveScheduler(LiveConfig(PolicyConfig(disaggregation=False), 0, 16, 8))
+    now = time.time()
+    calibration = ((64, 10.0), (512, 40.0), (2048, 200.0))
+    live.report(ReplicaReport("decode", "d0", 0, 1000, 1000, 16, 0, 8, now, calibration))
+    work = live.decode.work
+    before = work.model(0)
+    decision = Decision("short", "local", None, "d0", 0.0, "")
+    for n in (64, 512, 2048) * 12:  # the engine is now 3x slower than calibrated
+        live.prefill_measured(decision, n, 3 * dict(calibration)[n], clean=True)
+    assert work.model(0) == before  # sampled, not refitted yet
+    live.report(ReplicaReport("decode", "d0", 0, 1000, 1000, 16, 0, 8, now + 0.4))
+    after = work.model(0)
+    assert after.predict_ms(2048) == pytest.approx(3 * before.predict_ms(2048), rel=0.1)
