@@ -182,19 +182,19 @@ class GlobalScheduler:
         local = None
         if can_local.any():
             local = self._cheapest(can_local, local_cost, added)
-            # a long prefill on a decode replica slows its decodes all along: only for a
-            # clear win over the prefill pool's own finish time (a queue there), not for the
-            # transfer it saves
+            # a long prefill on a decode replica slows its decodes all along: only for a clear
+            # win over the prefill pool's finish time (a queue there), not for the transfer
             if lane == "short":
                 limit = float(split_cost[p]) + transfer_ms
             else:
                 limit = self.config.long_local_gain * float(split_cost[p])
             if local_cost[local] > limit:
                 local = None
-        # the split path prefills on p too: it delays the sequences p decodes as much
+        # a split prefills on p, not on d: it delays the sequences p decodes, not d's
+        of = self.output_fraction
         best_ms = float(local_cost[local] + added[local]) if local is not None \
-            else float(split_cost[p] + transfer_ms + added[d] + prefill_delay_ms(
-                self.prefill, n, self.output_fraction)[p])
+            else float(split_cost[p] + transfer_ms + added[d] - prefill_delay_ms(
+                self.decode, n, of)[d] + prefill_delay_ms(self.prefill, n, of)[p])
         whole_ms = self._whole_on_prefill_ms(request, lane, p, float(split_cost[p] - split_ms[p]),
                                              now_s)
         if whole_ms < best_ms:
@@ -256,8 +256,8 @@ class GlobalScheduler:
     def output_seen(self, num_output_tokens: int, max_tokens: int) -> None:
         """A request ran to its end: how much of its max_tokens it used."""
         if max_tokens > 0:
-            used = min(1.0, num_output_tokens / max_tokens)
-            self.output_fraction += OUTPUT_FRACTION_WEIGHT * (used - self.output_fraction)
+            used = min(1.0, num_output_tokens / max_tokens) - self.output_fraction
+            self.output_fraction += OUTPUT_FRACTION_WEIGHT * used
 
     def _added_ms(self, request: RequestInfo, table: ReplicaColumns,
                   now_s: float) -> np.ndarray:
@@ -268,9 +268,8 @@ class GlobalScheduler:
     @staticmethod
     def _cheapest(candidates: np.ndarray, ttft_ms: np.ndarray, added_ms: np.ndarray) -> int:
         """The candidate engine where the request adds the least time in all: its predicted
-        first token, plus its decode cost there. A fuller batch costs every token of every
-        sequence in it, so requests spread over the engines unless one is much nearer its
-        first token (a long prefill in progress on the emptier one)."""
+        first token plus its decode cost there. A fuller batch costs every token of every
+        sequence in it: requests spread unless one engine is much nearer their first token."""
         pool = np.flatnonzero(candidates)
         return int(pool[np.argmin(ttft_ms[pool] + added_ms[pool])])
 

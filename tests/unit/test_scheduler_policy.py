@@ -379,3 +379,31 @@ def test_recent_prefill_work_is_a_decaying_utilization():
     for i in range(40):  # far more work than time: capped below 1
         work.book(0, f"b{i}", "long", 8000, NOW + 0.1 * i)
     assert 0.5 < work.utilization(NOW + 4)[0] < 1.0
+
+
+def test_a_split_is_charged_its_prefill_where_it_runs():
+    """Split, the prompt is prefilled on the prefill replica: its prefill delays the
+    sequences decoding there, not those on the decode replica, which only receive its KV
+    cache. The split cost the whole-request choice is weighed against says so."""
+    import re
+
+    from runtime.scheduler.decode_cost import decode_cost_ms, prefill_delay_ms
+
+    sched = _scheduler(num_short=1, num_long=0, num_decode=1, local_max_prompt_tokens=0)
+    sched.prefill.total_blocks[0] = sched.prefill.free_blocks[0] = 1000
+    for _ in range(6):  # six sequences decoding on the decode replica
+        sched.decode.placed(0, sched.decode.blocks_for(700), 300)
+    request = _req(9, 400, max_tokens=300)
+    of = sched.output_fraction
+    delay_d = float(prefill_delay_ms(sched.decode, 400, of)[0])
+    assert delay_d > 50  # what a prefill there would cost its six sequences
+    split_ms = float(sched.prefill.work.wait_ms(NOW, 400, "short")[0]) \
+        + sched.config.split_overhead_ms
+    expected = split_ms + sched.config.transfer_ms(400) \
+        + float(decode_cost_ms(sched.decode, 400, 300, of, NOW)[0]) - delay_d \
+        + float(prefill_delay_ms(sched.prefill, 400, of)[0])
+    decision = sched.decide(request, NOW)
+    assert isinstance(decision, Decision) and decision.mode == "prefill_local"
+    charged = re.search(r"< (\d+) ms split", decision.reason)
+    assert charged is not None, decision.reason
+    assert float(charged.group(1)) == pytest.approx(expected, abs=1.0)
