@@ -256,8 +256,8 @@ class GlobalScheduler:
     def output_seen(self, num_output_tokens: int, max_tokens: int) -> None:
         """A request ran to its end: how much of its max_tokens it used."""
         if max_tokens > 0:
-            used = min(1.0, num_output_tokens / max_tokens) - self.output_fraction
-            self.output_fraction += OUTPUT_FRACTION_WEIGHT * used
+            error = min(1.0, num_output_tokens / max_tokens) - self.output_fraction
+            self.output_fraction += OUTPUT_FRACTION_WEIGHT * error
 
     def _added_ms(self, request: RequestInfo, table: ReplicaColumns,
                   now_s: float) -> np.ndarray:
