@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import threading
@@ -188,9 +189,18 @@ def show_status(address: str, app_name: str) -> int:
                              deployment.replica_states.items())
         state = getattr(deployment.status, "value", deployment.status)
         print(f"  {name:<14} {state:<10} replicas: {replicas or 'none'}")
-    pools: dict[str, Any] = serve.get_app_handle(app_name).pool_status.remote().result()
-    print("\n".join(format_pool_status(pools)))
+    print("\n".join(format_pool_status(asyncio.run(_pool_status(app_name)))))
     return 0
+
+
+async def _pool_status(app_name: str) -> dict[str, Any]:
+    """The ingress's pool_status, called from an event loop: a Serve handle made with
+    RAY_SERVE_THROUGHPUT_OPTIMIZED set (as `disagg serve` sets it in its own environment)
+    runs its router on the caller's loop and cannot be used from plain synchronous code."""
+    from ray import serve
+
+    result: dict[str, Any] = await serve.get_app_handle(app_name).pool_status.remote()
+    return result
 
 
 def format_pool_status(status: dict[str, Any]) -> list[str]:

@@ -141,7 +141,10 @@ def test_ray_up_serve_complete_status_down(tiny_model: Path, tmp_path: Path) -> 
         assert completion.usage is not None and completion.usage.completion_tokens >= 1
 
         # 3. disagg status, as a client of the cluster
-        client_env = {**env, "RAY_ADDRESS": f"127.0.0.1:{ray_port}", "RAY_AUTH_MODE": "token"}
+        # with Serve's throughput-optimized settings in its environment too (a process that
+        # started an app has them): its handles then need an event loop
+        client_env = {**env, "RAY_ADDRESS": f"127.0.0.1:{ray_port}", "RAY_AUTH_MODE": "token",
+                      "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
         out, timings["status"] = _run([str(DISAGG), "status", "--address", "auto"], client_env,
                                       STATUS_S)
         assert re.search(r"application disagg: \S*RUNNING", out)
