@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import pytest
 
 from runtime.scheduler.loads import DecodeTable, PrefillTable
 from runtime.scheduler.policy import GlobalScheduler, PolicyConfig
 from runtime.scheduler.prefill_model import PrefillModel
 from runtime.scheduler.types import Decision, DecodeLoad, PrefillLoad, Rejection, RequestInfo
-from runtime.scheduler.work import RECENT_TAU_S
 
 NOW = 100.0
 # 1 ms + 0.05 ms/token + quadratic: 1K tokens 61 ms, 8K 1.1 s (the tiny model's shape)
@@ -290,54 +288,6 @@ def test_colocated_ties_go_to_the_engine_with_fewer_sequences():
     assert chosen.count("d0") == chosen.count("d1") == 3
 
 
-def test_a_full_decode_pool_overflows_whole_requests_to_a_prefill_replica():
-    sched = _scheduler(num_short=1, num_long=0, num_decode=1, local_max_prompt_tokens=None)
-    sched.prefill.total_blocks[0] = sched.prefill.free_blocks[0] = 1000
-    sched.decode.report(DecodeLoad("d0", 1000, 16, 8, 8, NOW))  # every sequence slot taken
-    decision = sched.decide(_req(0, 300), NOW)
-    assert decision.mode == "prefill_local" and decision.prefill_replica == "p0"
-    assert "decode pool full" in decision.reason and sched.prefill.booked_seqs[0] == 1
-    sched.decode.report(DecodeLoad("d0", 1000, 16, 2, 8, NOW))  # room again
-    assert sched.decide(_req(1, 300), NOW).mode != "prefill_local"
-
-
-def test_decode_heavy_load_is_balanced_onto_the_prefill_replica():
-    sched = _scheduler(num_short=1, num_long=0, num_decode=1, local_max_prompt_tokens=0)
-    sched.prefill.total_blocks[0] = sched.prefill.free_blocks[0] = 1000
-    modes = []
-    for i in range(8):
-        decision = sched.decide(_req(i, 200, max_tokens=300), NOW + i)
-        sched.first_token(decision, f"r{i}")
-        modes.append(decision.mode)
-    # both engines end up decoding about as many sequences
-    assert abs(int(sched.prefill.booked_seqs[0]) - int(sched.decode.booked_seqs[0])) <= 2
-    assert "prefill_local" in modes and "disaggregated" in modes
-    # with a long prompt outstanding there, the prefill replica takes no more decodes
-    sched.prefill.work.book(0, "long", "long", 8000, NOW + 10)
-    assert sched.decide(_req(99, 200, max_tokens=300), NOW + 10).mode == "disaggregated"
-
-
-def test_a_prefill_replica_busy_prefilling_decodes_nothing_more():
-    """The decodes a prefill replica takes share its steps with the prefills it runs: at a
-    high recent prefill utilization (no long prefill running at the moment) the same
-    decode-heavy request stays with the decode replica that an idle prefill replica would
-    have taken it from."""
-    def decide_after(prefill_history_ms: float) -> str:
-        sched = _scheduler(num_short=1, num_long=0, num_decode=1, local_max_prompt_tokens=0)
-        sched.prefill.total_blocks[0] = sched.prefill.free_blocks[0] = 1000
-        work = sched.prefill.work
-        if prefill_history_ms:  # prompts prefilled there in the last seconds, all done
-            work.recent_ms[0], work.recent_at[0] = prefill_history_ms, NOW
-        for _ in range(4):  # four sequences decoding on the decode replica
-            sched.decode.placed(0, sched.decode.blocks_for(500), 300)
-        decision = sched.decide(_req(9, 200, max_tokens=300), NOW)
-        assert isinstance(decision, Decision)
-        return decision.mode
-
-    assert decide_after(0.0) == "prefill_local"
-    assert decide_after(4000.0) == "disaggregated"  # 4 s of prefills in the last 5 s
-
-
 def test_a_request_that_needs_one_engine_is_never_split():
     """Structured output (the grammar's state stays in its engine): local on a decode
     replica, or whole on a prefill replica (always for a long prompt, which would slow a
@@ -366,44 +316,3 @@ def test_a_request_that_needs_one_engine_is_never_split():
     # without a live prefill replica: local
     sched.prefill.report(PrefillLoad("p0", "short", 0, NOW + 3, healthy=False))
     assert one_engine(4, 6000, NOW + 3).mode == "local"
-
-
-def test_recent_prefill_work_is_a_decaying_utilization():
-    sched = _scheduler(num_short=1, num_long=0, num_decode=1)
-    work = sched.prefill.work
-    assert work.utilization(NOW)[0] == 0.0
-    booked = work.book(0, "a", "short", 4000, NOW)  # about 0.4 s of prefill
-    tau = RECENT_TAU_S
-    assert work.utilization(NOW)[0] == pytest.approx(booked / (1e3 * tau))
-    assert work.utilization(NOW + tau)[0] == pytest.approx(booked / (1e3 * tau) / np.e)
-    for i in range(40):  # far more work than time: capped below 1
-        work.book(0, f"b{i}", "long", 8000, NOW + 0.1 * i)
-    assert 0.5 < work.utilization(NOW + 4)[0] < 1.0
-
-
-def test_a_split_is_charged_its_prefill_where_it_runs():
-    """Split, the prompt is prefilled on the prefill replica: its prefill delays the
-    sequences decoding there, not those on the decode replica, which only receive its KV
-    cache. The split cost the whole-request choice is weighed against says so."""
-    import re
-
-    from runtime.scheduler.decode_cost import decode_cost_ms, prefill_delay_ms
-
-    sched = _scheduler(num_short=1, num_long=0, num_decode=1, local_max_prompt_tokens=0)
-    sched.prefill.total_blocks[0] = sched.prefill.free_blocks[0] = 1000
-    for _ in range(6):  # six sequences decoding on the decode replica
-        sched.decode.placed(0, sched.decode.blocks_for(700), 300)
-    request = _req(9, 400, max_tokens=300)
-    of = sched.output_fraction
-    delay_d = float(prefill_delay_ms(sched.decode, 400, of)[0])
-    assert delay_d > 50  # what a prefill there would cost its six sequences
-    split_ms = float(sched.prefill.work.wait_ms(NOW, 400, "short")[0]) \
-        + sched.config.split_overhead_ms
-    expected = split_ms + sched.config.transfer_ms(400) \
-        + float(decode_cost_ms(sched.decode, 400, 300, of, NOW)[0]) - delay_d \
-        + float(prefill_delay_ms(sched.prefill, 400, of)[0])
-    decision = sched.decide(request, NOW)
-    assert isinstance(decision, Decision) and decision.mode == "prefill_local"
-    charged = re.search(r"< (\d+) ms split", decision.reason)
-    assert charged is not None, decision.reason
-    assert float(charged.group(1)) == pytest.approx(expected, abs=1.0)
