@@ -190,3 +190,8 @@ class DecodeTable(ReplicaColumns):
         self._report_slots(i, max(1, int(self.total_blocks[i])), load.num_free_blocks,
                            load.num_active_seqs, load.max_num_seqs, load.reported_at_s,
                            load.healthy)
+
+
+def other_than(ids: list[str], replica_id: str | None) -> np.ndarray:
+    """A mask of the replicas other than replica_id (all of them for None)."""
+    return np.array([rid != replica_id for rid in ids], dtype=bool)

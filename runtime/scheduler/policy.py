@@ -17,18 +17,20 @@ Rules, in order (each decision's `reason` says which applied):
   3. Prefill replica: the earliest predicted first token.
   4. Whole on a prefill replica (`prefill_local`): the prefill replica chosen in 3 decodes
      the request too when that adds less time in all than the choice of 5 (first token plus
-     decode cost, as in 6); and when no decode replica has room (KV, a slot, TPOT within
-     budget), a prefill replica with room serves the whole request.
+     decode cost, as in 6; not for a long prompt that 5 sends local); and when no decode
+     replica has room (KV, a slot, TPOT within budget), a prefill replica with room serves
+     the whole request.
   5. Mode: local (a decode replica prefills the prompt itself, no transfer), on the decode
      replica where it adds the least time (as in 6), when its first token there is no later
      than the split path would have the KV on a decode replica (prefill + transfer + the
      extra hop), the replica has room now, the prompt is at most `local_max_prompt_tokens`
      (if set), and the replica's decodes stay within the TPOT budget: the local prefill work
      outstanding on it, spread over the tokens its sequences still decode, may add at most
-     tpot_budget_ms - its recent TPOT to each. A long prompt goes local only for a clear win
-     (at most `long_local_gain` x the time the prefill pool would finish it, transfer not
-     counted: the prefill pool is busy), since its prefill slows that replica's decodes all
-     along. Otherwise disaggregated.
+     tpot_budget_ms - its recent TPOT to each. A long prompt goes local, within the same
+     budget, when its first token there plus what it costs the short prompts arriving
+     meanwhile (isolation.py: while every engine prefills a long prompt, short ones share
+     their steps with its chunks) is less than on the prefill pool; rule 4 does not move it
+     back to the prefill pool for the decode time it saves. Otherwise disaggregated.
   6. Colocated serving (`disaggregation` off): every request is local, on the engine where
      it adds the least time in all: its predicted first token plus its decode cost there
      (decode_cost.py: its steps at that engine's step time, s0 + s1 x sequences from the
@@ -54,7 +56,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from runtime.scheduler.decode_cost import decode_cost_ms, prefill_delay_ms
-from runtime.scheduler.loads import DecodeTable, PrefillTable, ReplicaColumns
+from runtime.scheduler.isolation import ArrivalRate, short_cost_ms
+from runtime.scheduler.loads import DecodeTable, PrefillTable, ReplicaColumns, other_than
 from runtime.scheduler.types import Decision, Engine, Lane, Rejection, RequestInfo
 
 OUTPUT_FRACTION_WEIGHT = 0.05  # weight of the newest request in output_fraction
@@ -71,7 +74,6 @@ class PolicyConfig:
     transfer_latency_ms: float = 0.5
     split_overhead_ms: float = 5.0  # the extra hop to a prefill replica and back
     tpot_budget_ms: float = 100.0  # local prefills may slow a decode replica's TPOT up to this
-    long_local_gain: float = 0.9  # a long prompt goes local if it finishes in this x split time
     admission_ttft_ms: float | None = None
     disaggregation: bool = True
     # requests a decode replica may hold beyond max_num_seqs (waiting in its engine); more
@@ -93,6 +95,7 @@ class GlobalScheduler:
         self.prefill = prefill
         self.decode = decode
         self.output_fraction = 0.5  # tokens generated / max_tokens, recent requests (EWMA)
+        self.short_arrivals = ArrivalRate()
         self.refresh_lanes()
 
     def refresh_lanes(self) -> None:
@@ -124,6 +127,8 @@ class GlobalScheduler:
         disaggregation a moving prompt stays with the prefill pool (its queued work is the
         pool's autoscaling signal)."""
         lane = self.lane(request.prompt_len)
+        if lane == "short" and avoid is None:
+            self.short_arrivals.arrived(now_s)
         stale_s = self.config.stale_after_s
         d_live = self.decode.live(now_s, stale_s)
         p_live = self.prefill.live(now_s, stale_s) if self.config.disaggregation \
@@ -138,7 +143,7 @@ class GlobalScheduler:
             if p_live.any():
                 return self._prefill_local(request, lane, p_live, now_s,
                                            "degraded: no live decode replica")
-            return _unavailable("no live replica in either pool")
+            return Rejection.no_replica("no live replica in either pool")
         d_open = d_live & (self.decode.booked_seqs
                            < self.decode.max_num_seqs + self.config.max_queued_per_replica)
         if not d_open.any():
@@ -151,7 +156,7 @@ class GlobalScheduler:
             return self._one_engine(request, lane, d_open_local, p_live, now_s)
         d = self.decode.place(request.prompt_len + request.max_tokens, d_open)
         if d is None:
-            return _no_room(request)
+            return Rejection.no_room(request)
         if not self._decode_pool_has_room(request, d_open) and p_live.any():
             overflow = p_live & self.prefill.room(request.prompt_len + request.max_tokens)
             if overflow.any():
@@ -182,12 +187,14 @@ class GlobalScheduler:
         local = None
         if can_local.any():
             local = self._cheapest(can_local, local_cost, added)
-            # a long prefill on a decode replica slows its decodes all along: only for a clear
-            # win over the prefill pool's finish time (a queue there), not for the transfer
-            if lane == "short":
-                limit = float(split_cost[p]) + transfer_ms
-            else:
-                limit = self.config.long_local_gain * float(split_cost[p])
+            # a short prompt: local if its first token is no later than the split path would
+            # have the KV on a decode replica; a long one: if its first token, plus what it
+            # costs the short prompts (isolation.py), is less than on the prefill pool
+            limit = float(split_cost[p]) + transfer_ms
+            if lane == "long":
+                p_cost, d_cost = short_cost_ms(self.prefill, self.decode, p_live, d_live, n,
+                                               self.short_arrivals.per_s(now_s), now_s)
+                limit = float(split_cost[p] + p_cost[p] - d_cost[local])
             if local_cost[local] > limit:
                 local = None
         # a split prefills on p, not on d: it delays the sequences p decodes, not d's
@@ -197,6 +204,10 @@ class GlobalScheduler:
                 self.decode, n, of)[d] + prefill_delay_ms(self.prefill, n, of)[p])
         whole_ms = self._whole_on_prefill_ms(request, lane, p, float(split_cost[p] - split_ms[p]),
                                              now_s)
+        # a long prompt that a decode replica starts sooner goes there: moving it behind the
+        # prefill pool's queue would trade its first token for others' TPOT within budget
+        if lane == "long" and local is not None:
+            whole_ms = np.inf
         if whole_ms < best_ms:
             only_p = np.zeros(len(self.prefill.ids), dtype=bool)
             only_p[p] = True
@@ -340,7 +351,7 @@ class GlobalScheduler:
         blocks = table.blocks_for(request.prompt_len + request.max_tokens)
         fits = d_live & (table.total_blocks >= blocks)
         if not fits.any():
-            return _no_room(request)
+            return Rejection.no_room(request)
         room = fits & (table.free_blocks >= blocks) & (table.active_seqs < table.max_num_seqs)
         wait_ms = self.decode.first_token_ms(request.prompt_len, lane, now_s)
         d = self._cheapest(room if room.any() else fits, wait_ms,
@@ -383,18 +394,3 @@ class GlobalScheduler:
             table.work.add_sample(i, num_tokens, compute_ms)  # fitted at its next report
         table.work.observe(i, num_tokens, compute_ms)
 
-
-def other_than(ids: list[str], replica_id: str | None) -> np.ndarray:
-    """A mask of the replicas other than replica_id (all of them for None)."""
-    return np.array([rid != replica_id for rid in ids], dtype=bool)
-
-
-def _unavailable(reason: str) -> Rejection:
-    return Rejection(reason, retry_after_s=1.0, unavailable=True)
-
-
-def _no_room(request: RequestInfo) -> Rejection:
-    return Rejection(
-        f"no decode replica can hold {request.prompt_len + request.max_tokens} tokens",
-        retry_after_s=0.0,
-    )

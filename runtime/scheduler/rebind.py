@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from runtime.scheduler.policy import GlobalScheduler, other_than
+from runtime.scheduler.loads import other_than
+from runtime.scheduler.policy import GlobalScheduler
 from runtime.scheduler.types import Decision, Lane, RequestInfo
 
 CHECK_EVERY_S = 0.25  # a waiting long prompt looks again this often (and when a long ends)

@@ -86,6 +86,15 @@ class Rejection:
     retry_after_s: float
     unavailable: bool = False  # no live replica can serve it at all (503, not 429)
 
+    @classmethod
+    def no_replica(cls, reason: str) -> Rejection:
+        return cls(reason, retry_after_s=1.0, unavailable=True)
+
+    @classmethod
+    def no_room(cls, request: RequestInfo) -> Rejection:
+        return cls(f"no decode replica can hold {request.prompt_len + request.max_tokens} "
+                   "tokens", retry_after_s=0.0)
+
 
 @dataclass(frozen=True)
 class ReplicaReport:

@@ -154,9 +154,14 @@ class PrefillWork:
         return short + own + np.where(long_ > 0, steps * self.long_chunk_ms(), 0.0)
 
     def long_chunk_ms(self) -> np.ndarray:
-        """Every replica's time for one chunk of the long prefill it runs now (at its middle,
-        where the chunk's attention is the average): what it adds to each step it shares."""
-        position = self.head_tokens / 2
+        """Every replica's time for one chunk of the long prefill it runs now: what it adds to
+        each step it shares."""
+        return self.chunk_ms(self.head_tokens)
+
+    def chunk_ms(self, num_tokens: np.ndarray | int) -> np.ndarray:
+        """Every replica's time for one chunk of a long prefill of num_tokens, at its middle
+        (where the chunk's attention is the average)."""
+        position = np.asarray(num_tokens, dtype=float) / 2
         k = float(self.chunk_tokens)
         return (self.b * k + self.c * k * (k + 2.0 * position)) * self.slowdown
 

@@ -105,7 +105,7 @@ def test_a_moved_prompt_is_booked_on_the_free_engine_and_released_from_the_old_o
 def test_under_disaggregation_it_stays_with_the_prefill_pool():
     prefill = PrefillTable(["p0"], ["short"], MODEL)
     decode = DecodeTable(["d0"], [1000], block_size=16, max_num_seqs=8, prior=MODEL)
-    sched = GlobalScheduler(PolicyConfig(long_prompt_tokens=1000, long_local_gain=0.0),
+    sched = GlobalScheduler(PolicyConfig(long_prompt_tokens=1000, local_max_prompt_tokens=999),
                             prefill, decode)  # long prompts never go local on arrival
     decisions = {rid: sched.decide(RequestInfo(rid, 5000, 16, NOW), NOW) for rid in "ac"}
     assert all(d.prefill_replica == "p0" for d in decisions.values())  # type: ignore[union-attr]

@@ -128,15 +128,34 @@ def test_local_prefills_stay_within_the_decode_replicas_tpot_budget():
     assert sched.decide(_req(2, 1800), NOW).mode == "local"
 
 
-def test_a_long_prompt_uses_an_idle_decode_replica_when_the_prefill_pool_is_busy():
+def test_a_long_prompt_goes_to_the_engine_that_starts_it_first():
     sched = _scheduler(num_short=1, num_long=0, num_decode=1, local_max_prompt_tokens=None,
                        long_prompt_tokens=1024)
+    sched.prefill.work.book(0, "busy", "long", 6000, NOW)  # p0 is busy for ~0.7 s
     first = sched.decide(_req(0, 6000), NOW)
-    # both idle: the prefill pool takes it (local would win only the transfer, while its
-    # prefill slowed every decode there for 0.7 s)
-    assert first.mode == "disaggregated", first.reason
-    second = sched.decide(_req(1, 6000), NOW)
-    assert second.mode == "local", second.reason  # p0 is busy for ~0.7 s: d0 starts now
+    assert first.mode == "local", first.reason  # d0 starts it now
+    second = sched.decide(_req(1, 6000), NOW)  # both busy: the sooner, p0
+    assert second.mode != "local" and second.prefill_replica == "p0", second.reason
+
+
+def test_a_long_prompt_waits_its_turn_when_short_prompts_need_an_engine_free_of_long_ones():
+    def decide(shorts_per_s: float) -> Decision:
+        sched = _scheduler(num_short=1, num_long=0, num_decode=1,
+                           local_max_prompt_tokens=None, long_prompt_tokens=1024)
+        sched.prefill.work.book(0, "busy", "long", 6000, NOW)  # p0 busy for ~0.7 s
+        for i in range(int(shorts_per_s * 30)):  # 30 s of short arrivals
+            sched.short_arrivals.arrived(NOW - 30 + i / shorts_per_s)
+        assert sched.short_arrivals.per_s(NOW) == pytest.approx(shorts_per_s, rel=0.1)
+        decision = sched.decide(_req(0, 6000), NOW)
+        assert isinstance(decision, Decision)
+        return decision
+
+    # few short prompts: d0 starts the long one now, 0.7 s sooner than p0 would
+    assert decide(1.0).mode == "local"
+    # many: while both engines prefilled long prompts, each of the ~15 short prompts arriving
+    # meanwhile would share its steps with a chunk (~60 ms): the long one waits on p0
+    waited = decide(25.0)
+    assert waited.mode != "local" and waited.prefill_replica == "p0", waited.reason
 
 
 def test_decode_placement_respects_kv_capacity():
