@@ -5,8 +5,9 @@
 For every run directory (its results.json) and rate: p99 and p50 TTFT of short requests per
 target, whether plain vLLM shows head-of-line blocking (its short p99 > 3x its p50), disagg's
 short p99 against vLLM's (target: <= 0.5x with head-of-line blocking, <= 1.2x without),
-goodput against vLLM's (>= 0.95x), long p99 TTFT against colocated's (<= 1.1x), and CPU
-milliseconds per output token per target.
+goodput against vLLM's (>= 0.95x), long p99 TTFT against colocated's (<= 1.1x; with the
+mean's ratio and the number of long requests beside it: in a quick run of `mixed` there are
+7-10, so the p99 is about their slowest), and CPU milliseconds per output token per target.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ def _ratio(a: float, b: float) -> str:
 def family_table(results: dict[str, Any]) -> list[str]:
     runs = results["summaries"]
     lines = ["| rate | short p99 TTFT ms disagg / colocated / vllm / rayllm | vllm HOL "
-             "(p99/p50) | disagg / vllm short p99 | goodput disagg / vllm | long p99 TTFT "
-             "disagg / colocated | CPU ms/token disagg / colocated / vllm / rayllm |",
+             "(p99/p50) | disagg / vllm short p99 | goodput disagg / vllm | long TTFT disagg / "
+             "colocated: p99 (mean), n | CPU ms/token disagg / colocated / vllm / rayllm |",
              "|---|---|---|---|---|---|---|"]
     for rate in sorted({r["rate_per_s"] for r in runs}):
         by = {r["target"]: r for r in runs if r["rate_per_s"] == rate}
@@ -48,6 +49,10 @@ def family_table(results: dict[str, Any]) -> list[str]:
         hol = p99["vllm"] / v50 if v50 and not math.isnan(v50) else math.nan
         goodput = {t: float(by[t]["goodput_per_s"]) if t in by else math.nan for t in TARGETS}
         long_p99 = {t: _get(by.get(t), "long", "ttft_ms", "p99") for t in TARGETS}
+        long_mean = {t: float(by[t]["classes"]["long"].get("mean_ttft_ms", math.nan))
+                     if t in by else math.nan for t in TARGETS}
+        num_long = by["disagg"]["classes"]["long"].get("num_requests", "-") \
+            if "disagg" in by else "-"
         cpu = {t: float(by[t].get("cpu_ms_per_token", math.nan)) if t in by else math.nan
                for t in TARGETS}
         lines.append(
@@ -55,7 +60,8 @@ def family_table(results: dict[str, Any]) -> list[str]:
             f"{'-' if math.isnan(hol) else f'{hol:.1f}'} | "
             f"{_ratio(p99['disagg'], p99['vllm'])} | "
             f"{_ratio(goodput['disagg'], goodput['vllm'])} | "
-            f"{_ratio(long_p99['disagg'], long_p99['colocated'])} | "
+            f"{_ratio(long_p99['disagg'], long_p99['colocated'])} "
+            f"({_ratio(long_mean['disagg'], long_mean['colocated'])}), n {num_long} | "
             f"{' / '.join('-' if math.isnan(cpu[t]) else f'{cpu[t]:.2f}' for t in TARGETS)} |")
     return lines
 
