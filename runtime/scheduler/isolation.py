@@ -2,10 +2,11 @@
 
 A short prompt never waits behind a long one while some engine has no long prefill to run:
 the scheduler sends it there. While every live engine has one, it shares each of its engine
-steps with a chunk of a long prefill (work.py), and its first token comes about a chunk's
-time later. So placing a long prompt on engine e costs the short prompts
+steps with a chunk of a long prefill, and its first token comes two chunks' time later: the
+step running when it arrives and its own (work.wait_ms, for a short prompt that fits one
+step beside a chunk). So placing a long prompt on engine e costs the short prompts
 
-    rate x overlap x chunk_e
+    rate x overlap x 2 chunk_e
 
 rate: short prompts arriving per second (recent, `ArrivalRate`); overlap: how long every
 engine would have long work, the prompt's own prefill on e or, if sooner, until the first
@@ -24,6 +25,7 @@ import numpy as np
 from runtime.scheduler.loads import DecodeTable, PrefillTable
 
 RATE_TAU_S = 10.0  # the arrival rate is a count decaying with this time constant
+SHARED_CHUNKS = 2  # chunks of a long prefill a short prompt waits for (module docstring)
 
 
 class ArrivalRate:
@@ -67,5 +69,5 @@ def short_cost_ms(prefill: PrefillTable, decode: DecodeTable, p_live: np.ndarray
     second = long_left[order[1]] if len(order) > 1 else np.inf
     others_free = np.full(len(long_left), first)
     others_free[order[0]] = second
-    cost = short_per_s * np.minimum(own, others_free) / 1e3 * chunk
+    cost = short_per_s * np.minimum(own, others_free) / 1e3 * SHARED_CHUNKS * chunk
     return cost[:num_p], cost[num_p:]

@@ -38,9 +38,9 @@ def test_a_long_prefill_costs_short_prompts_only_while_no_engine_is_free_of_long
     # on p0 or d0, d1 stays free for short prompts: no cost
     assert p_cost[0] == 0.0 and d_cost[0] == 0.0
     # on d1, every engine has long work until d0's ends (0.24 s, sooner than its own 0.66 s):
-    # 4 short prompts a second share a step with one of its chunks each
+    # 4 short prompts a second each wait for two of its chunks (the step running, their own)
     chunk = float(decode.work.chunk_ms(6000)[1])
-    assert d_cost[1] == pytest.approx(4.0 * MODEL.predict_ms(3000) / 1e3 * chunk, rel=0.01)
+    assert d_cost[1] == pytest.approx(4.0 * MODEL.predict_ms(3000) / 1e3 * 2 * chunk, rel=0.01)
     # a dead engine takes no short prompts: d0 dead, placing on p0 leaves only d1 free
     p_cost, d_cost = short_cost_ms(prefill, decode, live_p, np.array([False, True]), 6000,
                                    4.0, NOW)

@@ -153,7 +153,7 @@ def test_a_long_prompt_waits_its_turn_when_short_prompts_need_an_engine_free_of_
     # few short prompts: d0 starts the long one now, 0.7 s sooner than p0 would
     assert decide(1.0).mode == "local"
     # many: while both engines prefilled long prompts, each of the ~15 short prompts arriving
-    # meanwhile would share its steps with a chunk (~60 ms): the long one waits on p0
+    # meanwhile would wait for two of its chunks (~60 ms each): the long one waits on p0
     waited = decide(25.0)
     assert waited.mode != "local" and waited.prefill_replica == "p0", waited.reason
 
