@@ -73,6 +73,11 @@ class SchedulerConfig(BaseModel):
         None, ge=0, description="Longest prompt a decode replica may prefill itself (local "
         "mode); None: any, when the policy predicts it is faster and within the TPOT budget."
     )
+    prefill_replicas_decode: bool = Field(
+        True, description="A prefill replica may decode a prompt it prefills, when that adds "
+        "less time in all than handing its KV cache to a decode replica (`prefill_local`). "
+        "False: it decodes only when no decode replica has room or is live (pools on "
+        "hardware meant for one phase).")
     max_queued_per_replica: int = Field(
         256, ge=0, description="Requests a decode replica may hold beyond its engine's "
         "max_num_seqs; when every replica is that full, requests get 429 + Retry-After.")

@@ -67,6 +67,7 @@ def live_config(config: AppConfig) -> LiveConfig:
         link_bytes_per_s=scheduler.link_bytes_per_s,
         admission_ttft_ms=slo.ttft_ms if scheduler.admission else None,
         max_queued_per_replica=scheduler.max_queued_per_replica,
+        decode_balance=scheduler.prefill_replicas_decode,
         disaggregation=config.serving == "disaggregated",
         tpot_budget_ms=slo.tpot_ms or DEFAULT_TPOT_BUDGET_MS,
     )

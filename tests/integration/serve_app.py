@@ -29,7 +29,8 @@ def serve_app(tiny_model):
         "transfer": {"lease_s": 6.0},
         # prompts over 256 tokens always split here (the tests below check the handoff);
         # shorter ones go wherever the scheduler predicts the first token sooner
-        "scheduler": {"long_prompt_tokens": 1000, "local_max_prompt_tokens": 256},
+        "scheduler": {"long_prompt_tokens": 1000, "local_max_prompt_tokens": 256,
+                      "prefill_replicas_decode": False},
         "server": {"http_port": port, "grpc_port": grpc_port, "api_key": API_KEY,
                    "served_model_name": MODEL},
     })

@@ -97,3 +97,22 @@ def test_a_split_is_charged_its_prefill_where_it_runs():
     charged = re.search(r"< (\d+) ms split", decision.reason)
     assert charged is not None, decision.reason
     assert float(charged.group(1)) == pytest.approx(expected, abs=1.0)
+
+
+def test_prefill_replicas_decode_only_when_the_app_lets_them():
+    from runtime.app_config import AppConfig
+    from runtime.router import live_config
+
+    def modes(prefill_replicas_decode: bool) -> set[str]:
+        config = AppConfig.model_validate({
+            "engine": {"model": "m"},
+            "scheduler": {"prefill_replicas_decode": prefill_replicas_decode,
+                          "local_max_prompt_tokens": 0}})
+        sched = _scheduler(num_short=1, num_long=0, num_decode=1, local_max_prompt_tokens=0,
+                           decode_balance=live_config(config).policy.decode_balance)
+        sched.prefill.total_blocks[0] = sched.prefill.free_blocks[0] = 1000
+        decisions = [sched.decide(_req(i, 200, max_tokens=300), NOW + i) for i in range(8)]
+        return {d.mode for d in decisions if isinstance(d, Decision)}
+
+    assert "prefill_local" in modes(True)
+    assert modes(False) == {"disaggregated"}  # the decode replica has room for all eight
