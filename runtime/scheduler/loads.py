@@ -91,8 +91,11 @@ class ReplicaColumns:
     def first_token_ms(self, num_tokens: int, lane: Lane, now_s: float) -> np.ndarray:
         """Every replica's predicted first token for a prompt it prefills itself: its prefill
         work (work.wait_ms), plus the step of the sequences it decodes in every step the
-        prompt takes."""
-        steps = np.ceil(num_tokens / max(1, self.work.step_tokens))
+        prompt takes: with sequences decoding there, vLLM gives a prompt longer than
+        chunk_tokens at most that many tokens a step (long_prefill_token_threshold)."""
+        chunk = self.work.chunk_tokens
+        per_step = chunk if 0 < chunk < num_tokens else self.work.step_tokens
+        steps = np.ceil(num_tokens / max(1, min(per_step, self.work.step_tokens)))
         decoding = np.where(self.booked_seqs > 0, self.tpot_ms, 0.0)
         return self.work.wait_ms(now_s, num_tokens, lane) + steps * decoding
 

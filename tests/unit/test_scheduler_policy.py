@@ -335,3 +335,16 @@ def test_a_request_that_needs_one_engine_is_never_split():
     # without a live prefill replica: local
     sched.prefill.report(PrefillLoad("p0", "short", 0, NOW + 3, healthy=False))
     assert one_engine(4, 6000, NOW + 3).mode == "local"
+
+
+def test_a_long_prompt_beside_decodes_takes_a_step_per_chunk():
+    # vLLM gives a prompt at most chunk_tokens (512) a step while others run: 6,000 tokens
+    # take 12 steps, each with the decode batch in it, where alone they would take 3
+    sched = _scheduler(num_decode=1)
+    alone = float(sched.decode.first_token_ms(6000, "long", NOW)[0])
+    sched.decode.placed(0, 10, 64)
+    sched.decode.tpot_ms[0] = 20.0
+    assert float(sched.decode.first_token_ms(6000, "long", NOW)[0]) == pytest.approx(
+        alone + 12 * 20.0)
+    assert float(sched.decode.first_token_ms(400, "short", NOW)[0]) == pytest.approx(
+        float(sched.decode.work.wait_ms(NOW, 400, "short")[0]) + 20.0)  # one step
