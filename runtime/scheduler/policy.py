@@ -17,9 +17,10 @@ Rules, in order (each decision's `reason` says which applied):
   3. Prefill replica: the earliest predicted first token.
   4. Whole on a prefill replica (`prefill_local`): the prefill replica chosen in 3 decodes
      the request too when that adds less time in all than the choice of 5 (first token plus
-     decode cost, as in 6; not for a long prompt that 5 sends local); and when no decode
-     replica has room (KV, a slot, TPOT within budget), a prefill replica with room serves
-     the whole request.
+     decode cost, as in 6; not for a prompt that 5 sends local if it is long, or if it is
+     short and the prefill replica has a long prompt to prefill where the decode replica has
+     none); and when no decode replica has room (KV, a slot, TPOT within budget), a prefill
+     replica with room serves the whole request.
   5. Mode: local (a decode replica prefills the prompt itself, no transfer), on the decode
      replica where it adds the least time (as in 6), when its first token there is no later
      than the split path would have the KV on a decode replica (prefill + transfer + the
@@ -204,9 +205,11 @@ class GlobalScheduler:
                 self.decode, n, of)[d] + prefill_delay_ms(self.prefill, n, of)[p])
         whole_ms = self._whole_on_prefill_ms(request, lane, p, float(split_cost[p] - split_ms[p]),
                                              now_s)
-        # a long prompt that a decode replica starts sooner goes there: moving it behind the
-        # prefill pool's queue would trade its first token for others' TPOT within budget
-        if lane == "long" and local is not None:
+        # rule 4 does not trade a first token for decode time: not a long prompt's that a
+        # decode replica starts sooner, nor a short one's, moving it onto a prefill replica
+        # with a long prefill to run from a decode replica that has none
+        if local is not None and (lane == "long" or (
+                self.prefill.work.num_long[p] > 0 and self.decode.work.num_long[local] == 0)):
             whole_ms = np.inf
         if whole_ms < best_ms:
             only_p = np.zeros(len(self.prefill.ids), dtype=bool)

@@ -116,3 +116,23 @@ def test_prefill_replicas_decode_only_when_the_app_lets_them():
 
     assert "prefill_local" in modes(True)
     assert modes(False) == {"disaggregated"}  # the decode replica has room for all eight
+
+
+def test_a_short_prompt_is_not_moved_onto_a_prefill_replica_with_a_long_prefill_to_run():
+    def decide(long_on_prefill_replica: bool) -> Decision:
+        sched = _scheduler(num_short=1, num_long=0, num_decode=1, local_max_prompt_tokens=None)
+        sched.prefill.total_blocks[0] = sched.prefill.free_blocks[0] = 1000
+        for _ in range(6):  # the decode replica is busy decoding: decode time favours p0
+            sched.decode.placed(0, 10, 1000)
+        sched.decode.tpot_ms[0] = 5.0
+        if long_on_prefill_replica:
+            sched.prefill.work.book(0, "long", "long", 3000, NOW)
+        decision = sched.decide(_req(0, 200, max_tokens=1000), NOW)
+        assert isinstance(decision, Decision)
+        return decision
+
+    assert decide(False).mode == "prefill_local"  # no long prefill there: it balances decodes
+    # p0 has a long prompt to prefill: the short one would share its steps with chunks of it
+    # (first token ~100 ms), where the decode replica starts it now (16 ms)
+    kept = decide(True)
+    assert kept.mode == "local" and kept.predicted_ttft_ms < 20, kept.reason
