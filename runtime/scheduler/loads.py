@@ -93,9 +93,8 @@ class ReplicaColumns:
         work (work.wait_ms), plus the step of the sequences it decodes in every step the
         prompt takes: with sequences decoding there, vLLM gives a prompt longer than
         chunk_tokens at most that many tokens a step (long_prefill_token_threshold)."""
-        chunk = self.work.chunk_tokens
-        per_step = chunk if 0 < chunk < num_tokens else self.work.step_tokens
-        steps = np.ceil(num_tokens / max(1, min(per_step, self.work.step_tokens)))
+        chunk, step = self.work.chunk_tokens, max(1, self.work.step_tokens)
+        steps = np.ceil(num_tokens / (min(chunk, step) if 0 < chunk < num_tokens else step))
         decoding = np.where(self.booked_seqs > 0, self.tpot_ms, 0.0)
         return self.work.wait_ms(now_s, num_tokens, lane) + steps * decoding
 
