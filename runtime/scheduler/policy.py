@@ -172,9 +172,9 @@ class GlobalScheduler:
             return self._book_local(request, lane, best, float(local_ms[best]), now_s,
                                     "degraded: no live prefill replica")
         work = self.prefill.work
-        split_ms = work.wait_ms(now_s, n, lane) + self.config.split_overhead_ms
-        # what else it costs: a short prompt runs before the long ones waiting there, and
-        # delays each of them by its own prefill time
+        # (with the steps of the whole requests it decodes); what else it costs: a short
+        # prompt runs before the long ones waiting there, delaying each by its own prefill
+        split_ms = self.prefill.first_token_ms(n, lane, now_s) + self.config.split_overhead_ms
         split_cost = split_ms + (work.predict_ms(n) * work.num_long if lane == "short" else 0.0)
         in_lane = self._lane_masks[lane] & p_live
         candidates = np.flatnonzero(in_lane if in_lane.any() else p_live)

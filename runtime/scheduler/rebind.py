@@ -69,7 +69,7 @@ def _free_engine_ms(policy: GlobalScheduler, decision: Decision, request: Reques
                 & (work.num_long == 0))
         free &= other_than(policy.prefill.ids, decision.prefill_replica)
         if free.any():
-            ms = work.wait_ms(now_s, n, lane) + policy.config.split_overhead_ms \
+            ms = policy.prefill.first_token_ms(n, lane, now_s) + policy.config.split_overhead_ms \
                 + policy.config.transfer_ms(n)
             best = min(best, float(ms[free].min()))
     if policy.config.disaggregation and policy.prefill.live(now_s, stale_s).any():

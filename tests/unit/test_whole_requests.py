@@ -136,3 +136,20 @@ def test_a_short_prompt_is_not_moved_onto_a_prefill_replica_with_a_long_prefill_
     # (first token ~100 ms), where the decode replica starts it now (16 ms)
     kept = decide(True)
     assert kept.mode == "local" and kept.predicted_ttft_ms < 20, kept.reason
+
+
+def test_a_split_prefill_shares_its_steps_with_the_prefill_replicas_decodes():
+    """A prefill replica that decodes whole requests runs their step with every step of a
+    prompt it prefills: the split path's predicted first token counts them (one step per
+    512-token chunk of a long prompt beside them), as a local prefill's does."""
+    def split_ttft(decoding: bool, prompt_len: int) -> float:
+        sched = _scheduler(num_short=1, num_long=0, num_decode=1, decode_balance=False)
+        if decoding:
+            sched.prefill.placed(0, sched.prefill.blocks_for(300), 200)
+            sched.prefill.tpot_ms[0] = 20.0
+        decision = sched.decide(_req(0, prompt_len), NOW)
+        assert isinstance(decision, Decision) and decision.mode == "disaggregated"
+        return decision.predicted_ttft_ms
+
+    assert split_ttft(True, 300) == pytest.approx(split_ttft(False, 300) + 20.0)
+    assert split_ttft(True, 2048) == pytest.approx(split_ttft(False, 2048) + 4 * 20.0)
