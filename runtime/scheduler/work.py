@@ -134,14 +134,21 @@ class PrefillWork:
         return self.predict_ms(num_tokens) * self.slowdown
 
     def remaining_ms(self, now_s: float) -> tuple[np.ndarray, np.ndarray]:
-        """(short, long) predicted work still to do on every replica."""
+        """(short, long) predicted work still to do on every replica. A long prefill running
+        past its predicted time is expected to take as long again as it is late (up to
+        MAX_SLOWDOWN times its prediction in all): its progress is not known, and an engine
+        that ran it slower than predicted so far (stalled, or slowed by what shares it) is
+        likely to go on so."""
         total = self.short_ms + self.long_ms
         progress = np.clip(1e3 * (now_s - self.busy_since) - self.done_ms, 0.0,
                            MAX_PROGRESS * total)
         progress = np.where(self.num_outstanding > 0, progress, 0.0)
         short = np.maximum(self.short_ms - progress, 0.0)
-        long_ = total - progress - short
-        return short, np.maximum(long_, 0.0)
+        long_ = np.maximum(total - progress - short, 0.0)
+        for i in np.flatnonzero(self.num_long > 0):
+            overdue, work_ms = self._head_overdue(int(i), now_s)
+            long_[i] += min(overdue, (MAX_SLOWDOWN - 1.0) * work_ms)
+        return short, long_
 
     def wait_ms(self, now_s: float, num_tokens: int, lane: Lane) -> np.ndarray:
         """Every replica's predicted time until a new prompt of this lane is prefilled."""
@@ -222,13 +229,17 @@ class PrefillWork:
     def head_overdue_ms(self, i: int, now_s: float) -> float:
         """How far the long prefill engine i runs now is past its predicted time (0 if none
         runs, or it is not late)."""
+        return self._head_overdue(i, now_s)[0]
+
+    def _head_overdue(self, i: int, now_s: float) -> tuple[float, float]:
+        """(how late, predicted time) of the long prefill engine i runs now ((0, 0): none)."""
         queue = self._long_queues[i]
         if not queue:
-            return 0.0
+            return 0.0, 0.0
         head, started = self._bookings[queue[0]], float(self.head_started[i])
         if np.isnan(started):
-            return 0.0
-        return max(0.0, 1e3 * (now_s - started) - head.work_ms)
+            return 0.0, 0.0
+        return max(0.0, 1e3 * (now_s - started) - head.work_ms), head.work_ms
 
     def finished(self, request_id: str, now_s: float | None = None) -> bool | None:
         """The prefill's first token came back (or the request ended before it did, or it

@@ -10,6 +10,7 @@ from runtime.scheduler.loads import DecodeTable, PrefillTable
 from runtime.scheduler.policy import GlobalScheduler, PolicyConfig
 from runtime.scheduler.prefill_model import PrefillModel
 from runtime.scheduler.types import Decision, DecodeLoad, PrefillLoad, Rejection, RequestInfo
+from runtime.scheduler.work import MAX_PROGRESS, MAX_SLOWDOWN
 
 NOW = 100.0
 # 1 ms + 0.05 ms/token + quadratic: 1K tokens 61 ms, 8K 1.1 s (the tiny model's shape)
@@ -157,6 +158,32 @@ def test_a_long_prompt_waits_its_turn_when_short_prompts_need_an_engine_free_of_
     waited = decide(25.0)
     assert waited.mode != "local" and waited.prefill_replica == "p0", waited.reason
 
+
+
+def test_a_long_prefill_past_its_prediction_is_expected_to_run_as_long_again():
+    """Its progress is unknown; an engine that ran it slower than predicted (a stall, or what
+    shares the engine) is expected to go on so: a late long prefill is expected to take as
+    long again as it is late, up to MAX_SLOWDOWN times its prediction in all. A long prompt
+    that would wait its turn behind it on time goes to the idle decode replica once it is
+    late."""
+    def decide(late_s: float) -> tuple[Decision, float]:
+        sched = _scheduler(num_short=1, num_long=0, num_decode=1,
+                           local_max_prompt_tokens=None, long_prompt_tokens=1024)
+        predicted = sched.prefill.work.book(0, "busy", "long", 6000, NOW)
+        now = NOW + predicted / 1e3 + late_s
+        for i in range(750):  # 30 s of short prompts, 25 a second
+            sched.short_arrivals.arrived(now - 30 + i / 25)
+        left = float(sched.prefill.work.remaining_ms(now)[1][0])
+        decision = sched.decide(_req(0, 6000), now)
+        assert isinstance(decision, Decision)
+        return decision, left - (1 - MAX_PROGRESS) * predicted
+
+    on_time, extra = decide(0.0)
+    assert on_time.mode != "local" and extra == pytest.approx(0.0, abs=1.0), on_time.reason
+    late, extra = decide(2.0)
+    assert late.mode == "local" and extra == pytest.approx(2000.0, rel=0.01), late.reason
+    _, extra = decide(60.0)  # an engine slower than MAX_SLOWDOWN is not believed
+    assert extra == pytest.approx((MAX_SLOWDOWN - 1) * MODEL.predict_ms(6000), rel=0.01)
 
 def test_decode_placement_respects_kv_capacity():
     sched = _scheduler(num_decode=2, decode_blocks=100)
