@@ -7,7 +7,11 @@ Same tiny model, same prompt, sequential requests (no queueing), medians:
   http     - POST /v1/completions to the ingress (direct ingress), which calls the replica the
              scheduler chose (a direct call, runtime/direct_calls.py);
   grpc     - the gRPC API's Generate, same path.
-The added latency is (path median - engine median). The HTTP path's median is then split with
+The engine stays up for the whole run and every request of a path is paired with one to the
+engine (one after the other), so both see the machine in the same state: the engine alone
+took 7 to 15 ms from one minute to the next on two shared cores, as much as the difference
+measured. The added latency is (path median - the engine's median over the same requests'
+minutes). The HTTP path's median is then split with
 the responses' own `timings`: the engine (prefill_queue + prefill_compute as the replica
 reports them: for a local prefill, the decode replica's wall time from handing the prompt to
 its engine to the first token; for a prefill replica, the engine's own queue and compute
@@ -29,6 +33,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,65 +50,86 @@ def _pct(samples: list[float], q: int) -> float:
     return ordered[min(len(ordered) - 1, len(ordered) * q // 100)] * 1e3
 
 
-async def _engine_samples(model: Path, prompt_ids: list[int], n: int) -> list[float]:
-    from runtime.engine_config import EngineConfig
-    from runtime.engines import build_engine
-    from runtime.requests import SamplingSpec
+class _EngineAlone:
+    """vLLM AsyncLLM in this process, kept for the whole run: every request of a path is
+    paired with one to it, so both see the machine in the same state (its speed drifts by
+    several ms between minutes on two shared cores)."""
 
-    engine = build_engine(EngineConfig(model=str(model), kv_cache_bytes=256 << 20), "colocated")
-    params = SamplingSpec(max_tokens=1).to_vllm()
-    samples = []
-    try:
-        for i in range(n + 3):
+    def __init__(self, model: Path, prompt_ids: list[int]) -> None:
+        from runtime.engine_config import EngineConfig
+        from runtime.engines import build_engine
+        from runtime.requests import SamplingSpec
+
+        self.engine = build_engine(EngineConfig(model=str(model), kv_cache_bytes=256 << 20),
+                                   "colocated")
+        self.prompt_ids = prompt_ids
+        self.params = SamplingSpec(max_tokens=1).to_vllm()
+        self.loop = asyncio.new_event_loop()
+        self.count = 0
+
+    def once(self) -> float:
+        async def request() -> float:
             start = time.perf_counter()
-            async for _ in engine.generate({"prompt_token_ids": prompt_ids}, params,
-                                           request_id=f"direct-{i}"):
+            async for _ in self.engine.generate({"prompt_token_ids": self.prompt_ids},
+                                                self.params, request_id=f"direct-{self.count}"):
                 pass
-            if i >= 3:
-                samples.append(time.perf_counter() - start)
-    finally:
-        engine.shutdown()
-    return samples
+            return time.perf_counter() - start
+
+        self.count += 1
+        return self.loop.run_until_complete(request())
+
+    def close(self) -> None:
+        self.engine.shutdown()
+        self.loop.close()
 
 
-def _http_samples(url: str, body: dict[str, object], n: int,
-                  timings: list[dict[str, Any]] | None = None) -> list[float]:
-    import httpx
-
-    samples = []
-    with httpx.Client(base_url=url, timeout=60) as client:
-        for i in range(n + 3):
-            start = time.perf_counter()
-            response = client.post("/v1/completions", json=body)
-            elapsed = time.perf_counter() - start
-            response.raise_for_status()
-            if i >= 3:
-                samples.append(elapsed)
-                if timings is not None:
-                    phases = response.json()["timings"]
-                    timings.append({"e2e": phases["e2e_ms"] / 1e3,
-                                    "engine": (phases["prefill_queue_ms"]
-                                               + phases["prefill_compute_ms"]) / 1e3,
-                                    "scheduler": phases["scheduler_queue_ms"] / 1e3,
-                                    "mode": phases["mode"]})
-    return samples
+def _paired(engine: _EngineAlone, call: Callable[[], float],
+            n: int) -> tuple[list[float], list[float]]:
+    """(the path's samples, the engine alone's), one request to each in turn, after 3 of each
+    to warm up."""
+    path, alone = [], []
+    for i in range(n + 3):
+        engine_s, path_s = engine.once(), call()
+        if i >= 3:
+            alone.append(engine_s)
+            path.append(path_s)
+    return path, alone
 
 
-def _vllm_samples(model: Path, body: dict[str, object], n: int) -> list[float]:
+def _http_call(client: Any, body: dict[str, object],
+               timings: list[dict[str, Any]] | None = None) -> Callable[[], float]:
+    def call() -> float:
+        start = time.perf_counter()
+        response = client.post("/v1/completions", json=body)
+        elapsed = time.perf_counter() - start
+        response.raise_for_status()
+        if timings is not None:
+            phases = response.json()["timings"]
+            timings.append({"e2e": phases["e2e_ms"] / 1e3,
+                            "engine": (phases["prefill_queue_ms"]
+                                       + phases["prefill_compute_ms"]) / 1e3,
+                            "scheduler": phases["scheduler_queue_ms"] / 1e3,
+                            "mode": phases["mode"]})
+        return elapsed
+    return call
+
+
+def _vllm_samples(model: Path, body: dict[str, object], n: int,
+                  engine: _EngineAlone) -> tuple[list[float], list[float]]:
     """vLLM's own OpenAI server, started here with the engine settings of the other paths."""
     import httpx
 
     from runtime.engine_config import EngineConfig
     from runtime.engines import free_port
 
-    engine = EngineConfig(model=str(model), kv_cache_bytes=256 << 20)
+    settings = EngineConfig(model=str(model), kv_cache_bytes=256 << 20)
     port = free_port()
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
             "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port),
-            "--dtype", engine.dtype, "--block-size", str(engine.block_size),
-            "--max-model-len", str(engine.max_model_len),
-            "--max-num-seqs", str(engine.max_num_seqs),
-            "--kv-cache-memory-bytes", str(engine.kv_cache_bytes), "--enforce-eager",
+            "--dtype", settings.dtype, "--block-size", str(settings.block_size),
+            "--max-model-len", str(settings.max_model_len),
+            "--max-num-seqs", str(settings.max_num_seqs),
+            "--kv-cache-memory-bytes", str(settings.kv_cache_bytes), "--enforce-eager",
             "--disable-uvicorn-access-log", "--disable-log-stats"]
     server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
                               env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
@@ -121,7 +147,8 @@ def _vllm_samples(model: Path, body: dict[str, object], n: int) -> list[float]:
             if time.monotonic() > deadline:
                 raise TimeoutError("vLLM's server did not start within 300 s")
             time.sleep(1)
-        return _http_samples(url, body, n)
+        with httpx.Client(base_url=url, timeout=60) as client:
+            return _paired(engine, _http_call(client, body), n)
     finally:
         server.terminate()
         try:
@@ -156,56 +183,63 @@ def main(argv: list[str] | None = None) -> int:
     prompt = "Measure the router: " * 4
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
+    import httpx
+
     body = {"model": "tiny", "prompt": prompt, "max_tokens": 1, "temperature": 0}
-    print(f"[1/4] engine alone ({args.requests} one-token requests)", flush=True)
-    engine = asyncio.run(_engine_samples(model, prompt_ids, args.requests))
-    print(f"[2/4] vLLM's own OpenAI server ({args.requests} requests)", flush=True)
-    vllm = _vllm_samples(model, body, args.requests)
-
-    config = AppConfig.model_validate({
-        "engine": {"model": str(model), "kv_cache_bytes": 256 << 20},
-        "prefill": {"num_cpus": 0}, "decode": {"num_cpus": 0},
-        "server": {"http_port": free_port(), "grpc_port": free_port(),
-                   "served_model_name": "tiny"},
-    })
-    url = start_app(config, address=None)
+    print("[1/4] the engine alone, kept for the run: each request below is paired with one "
+          "to it", flush=True)
+    engine = _EngineAlone(model, prompt_ids)
     try:
-        print(f"[3/4] HTTP path ({args.requests} requests)", flush=True)
-        grpc_samples: list[float] = []
-        server: list[dict[str, Any]] = []
-        http = _http_samples(url, body, args.requests, server)
-        print(f"[4/4] gRPC path ({args.requests} requests)", flush=True)
-        endpoint = f"{config.server.host}:{config.server.grpc_port}"
-        with grpc.insecure_channel(endpoint) as channel:
-            stub = pb_grpc.InferenceStub(channel)
-            request = pb.GenerateRequest(model="tiny", prompt=prompt, max_tokens=1)
-            for i in range(args.requests + 3):
-                start = time.perf_counter()
-                list(stub.Generate(request, timeout=60))
-                if i >= 3:
-                    grpc_samples.append(time.perf_counter() - start)
-    finally:
-        stop_app(config)
+        print(f"[2/4] vLLM's own OpenAI server ({args.requests} requests)", flush=True)
+        vllm = _vllm_samples(model, body, args.requests, engine)
 
-    base = statistics.median(engine)
-    print(f"\none-token request, {len(prompt_ids)}-token prompt, medians of {args.requests}:")
-    print(f"  engine alone          : {_median_ms(engine)}")
-    print(f"  vLLM's OpenAI server  : {_median_ms(vllm)}  -> adds "
-          f"{(statistics.median(vllm) - base) * 1e3:.2f} ms")
-    print(f"  HTTP through ingress  : {_median_ms(http)}  -> adds "
-          f"{(statistics.median(http) - base) * 1e3:.2f} ms")
-    print(f"  gRPC through ingress  : {_median_ms(grpc_samples)}  -> adds "
-          f"{(statistics.median(grpc_samples) - base) * 1e3:.2f} ms")
+        config = AppConfig.model_validate({
+            "engine": {"model": str(model), "kv_cache_bytes": 256 << 20},
+            "prefill": {"num_cpus": 0}, "decode": {"num_cpus": 0},
+            "server": {"http_port": free_port(), "grpc_port": free_port(),
+                       "served_model_name": "tiny"},
+        })
+        url = start_app(config, address=None)
+        try:
+            print(f"[3/4] HTTP path ({args.requests} requests)", flush=True)
+            server: list[dict[str, Any]] = []
+            with httpx.Client(base_url=url, timeout=60) as client:
+                http = _paired(engine, _http_call(client, body, server), args.requests)
+            print(f"[4/4] gRPC path ({args.requests} requests)", flush=True)
+            endpoint = f"{config.server.host}:{config.server.grpc_port}"
+            with grpc.insecure_channel(endpoint) as channel:
+                stub = pb_grpc.InferenceStub(channel)
+                request = pb.GenerateRequest(model="tiny", prompt=prompt, max_tokens=1)
+
+                def grpc_call() -> float:
+                    start = time.perf_counter()
+                    list(stub.Generate(request, timeout=60))
+                    return time.perf_counter() - start
+
+                grpc_samples = _paired(engine, grpc_call, args.requests)
+        finally:
+            stop_app(config)
+    finally:
+        engine.close()
+
+    print(f"\none-token request, {len(prompt_ids)}-token prompt, medians of {args.requests}; "
+          "'adds' is the path's median less that of the engine alone over the same minutes:")
+    for name, (path, alone) in (("vLLM's OpenAI server", vllm), ("HTTP through ingress", http),
+                                ("gRPC through ingress", grpc_samples)):
+        print(f"  {name:<22}: {_median_ms(path)}  -> adds "
+              f"{(statistics.median(path) - statistics.median(alone)) * 1e3:.2f} ms "
+              f"(engine alone {statistics.median(alone) * 1e3:.2f} ms)")
+    http_path, http_alone = http
     server_e2e = [t["e2e"] for t in server]
     in_replica = [t["engine"] for t in server]
     around = [t["e2e"] - t["engine"] for t in server]
-    outside = [client - t["e2e"] for client, t in zip(http, server, strict=True)]
+    outside = [client - t["e2e"] for client, t in zip(http_path, server, strict=True)]
     print(f"  (ingress-measured e2e : {_median_ms(server_e2e)})")
     modes = ", ".join(f"{mode} {count}" for mode, count in
                       Counter(t["mode"] for t in server).most_common())
     print(f"\nthe HTTP path, medians of each part (requests ran {modes}):")
     print(f"  engine, as reported   : {_median_ms(in_replica)}  (engine alone "
-          f"{base * 1e3:.2f} ms)")
+          f"{statistics.median(http_alone) * 1e3:.2f} ms)")
     print(f"  ingress around it     : {_median_ms(around)}  (of which scheduler queue "
           f"{statistics.median(t['scheduler'] for t in server) * 1e3:.2f} ms)")
     print(f"  HTTP server and client: {_median_ms(outside)}")
