@@ -90,13 +90,26 @@ class ReplicaColumns:
 
     def first_token_ms(self, num_tokens: int, lane: Lane, now_s: float) -> np.ndarray:
         """Every replica's predicted first token for a prompt it prefills itself: its prefill
-        work (work.wait_ms), plus the step of the sequences it decodes in every step the
-        prompt takes: with sequences decoding there, vLLM gives a prompt longer than
-        chunk_tokens at most that many tokens a step (long_prefill_token_threshold)."""
+        work (work.wait_ms) and the steps of the sequences it decodes meanwhile."""
+        return self.work.wait_ms(now_s, num_tokens, lane) + self.decode_steps_ms(num_tokens)
+
+    def decode_steps_ms(self, num_tokens: int, own: int = 0) -> np.ndarray:
+        """Every replica's time for the steps of the sequences it decodes while it prefills
+        a prompt of num_tokens: their step (s0 + s1 x sequences, the engine's own step
+        model) in every step the prompt takes. With sequences decoding there, vLLM gives a
+        prompt longer than chunk_tokens at most that many tokens a step
+        (long_prefill_token_threshold). own: booked sequences that are the prompt's own
+        (they decode after it)."""
         chunk, step = self.work.chunk_tokens, max(1, self.work.step_tokens)
         steps = np.ceil(num_tokens / (min(chunk, step) if 0 < chunk < num_tokens else step))
-        decoding = np.where(self.booked_seqs > 0, self.tpot_ms, 0.0)
-        return self.work.wait_ms(now_s, num_tokens, lane) + steps * decoding
+        seqs = np.maximum(self.booked_seqs - own, 0)
+        s0, s1 = self.decode_step()
+        return steps * np.where(seqs > 0, s0 + s1 * seqs, 0.0)
+
+    def prefill_alone_ms(self, i: int, num_tokens: int, measured_ms: float, own: int) -> float:
+        """A prefill measured on replica i, less the decode steps it shared (decode_steps_ms,
+        modeled apart): what its prefill model and slowdown learn from."""
+        return measured_ms - float(self.decode_steps_ms(num_tokens, own)[i])
 
     def mark_failed(self, i: int, now_s: float) -> None:
         """A call to replica i failed as a replica (died, engine dead): out until it reports

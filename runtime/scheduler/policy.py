@@ -382,18 +382,19 @@ class GlobalScheduler:
 
     def learn(self, decision: Decision, num_tokens: int, compute_ms: float,
               alone: bool) -> None:
-        """A prefill time measured on the engine that ran the prompt: every one tracks the
-        engine's slowdown under load; one that ran alone is a sample for its model, refitted
-        when the replica next reports (off the request's path)."""
+        """A prefill time measured on the engine that ran the prompt, less the decode steps it
+        shared (modeled apart): every one tracks the engine's slowdown under load; one that
+        ran alone is a sample for its model, refitted at the replica's next report."""
         if decision.mode == "local":
             table: ReplicaColumns = self.decode
             i = self.decode.index.get(decision.decode_replica)
         else:
             table = self.prefill
             i = self.prefill.index.get(decision.prefill_replica or "")
-        if i is None:
+        own = int(decision.mode != "disaggregated")  # a split decodes on another replica
+        if i is None or (ms := table.prefill_alone_ms(i, num_tokens, compute_ms, own)) <= 0:
             return
         if alone:
-            table.work.add_sample(i, num_tokens, compute_ms)  # fitted at its next report
-        table.work.observe(i, num_tokens, compute_ms)
+            table.work.add_sample(i, num_tokens, ms)  # fitted at its next report
+        table.work.observe(i, num_tokens, ms)
 

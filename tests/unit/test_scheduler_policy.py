@@ -252,7 +252,7 @@ def test_a_short_prompt_stays_off_an_engine_running_a_long_prefill_when_it_can()
                        long_prompt_tokens=4096)
     for _ in range(2):  # d0 decodes two sequences, 30 ms a step
         sched.decode.placed(0, 2, 16)
-    sched.decode.tpot_ms[0] = 30.0
+    sched.decode.report_decode_step(0, (26.0, 2.0))
     idle = sched.decide(_req(0, 600), NOW)
     assert idle.mode == "disaggregated", idle.reason  # p0 is idle and does it sooner
     sched.first_token(idle, "r0")
@@ -370,8 +370,27 @@ def test_a_long_prompt_beside_decodes_takes_a_step_per_chunk():
     sched = _scheduler(num_decode=1)
     alone = float(sched.decode.first_token_ms(6000, "long", NOW)[0])
     sched.decode.placed(0, 10, 64)
-    sched.decode.tpot_ms[0] = 20.0
+    sched.decode.report_decode_step(0, (19.0, 1.0))  # its step: 20 ms with one sequence
     assert float(sched.decode.first_token_ms(6000, "long", NOW)[0]) == pytest.approx(
         alone + 12 * 20.0)
     assert float(sched.decode.first_token_ms(400, "short", NOW)[0]) == pytest.approx(
         float(sched.decode.work.wait_ms(NOW, 400, "short")[0]) + 20.0)  # one step
+
+
+def test_a_measured_prefill_is_learned_without_the_decode_steps_it_shared():
+    """The decode steps a prefill shares are predicted apart (decode_steps_ms): the engine's
+    slowdown and its prefill model learn the prefill's own time, or they would count those
+    steps twice."""
+    sched = _scheduler(num_short=1, num_long=0, num_decode=1, local_max_prompt_tokens=None)
+    for _ in range(2):  # d0 decodes two sequences, 30 ms a step
+        sched.decode.placed(0, 2, 16)
+    sched.decode.report_decode_step(0, (26.0, 2.0))
+    sched.prefill.work.book(0, "busy", "long", 8000, NOW)  # p0 prefills a long prompt
+    decision = sched.decide(_req(0, 400), NOW)
+    assert decision.mode == "local", decision.reason
+    assert decision.predicted_ttft_ms == pytest.approx(MODEL.predict_ms(400) + 30.0)
+    sched.first_token(decision, "r0")
+    sched.learn(decision, 400, MODEL.predict_ms(400) + 30.0, alone=True)  # as predicted
+    assert sched.decode.work.slowdown[0] == pytest.approx(1.0)
+    sched.learn(decision, 400, 2 * MODEL.predict_ms(400) + 30.0, alone=True)  # twice as slow
+    assert sched.decode.work.slowdown[0] > 1.1

@@ -146,7 +146,7 @@ def test_a_split_prefill_shares_its_steps_with_the_prefill_replicas_decodes():
         sched = _scheduler(num_short=1, num_long=0, num_decode=1, decode_balance=False)
         if decoding:
             sched.prefill.placed(0, sched.prefill.blocks_for(300), 200)
-            sched.prefill.tpot_ms[0] = 20.0
+            sched.prefill.report_decode_step(0, (19.0, 1.0))  # 20 ms a step
         decision = sched.decide(_req(0, prompt_len), NOW)
         assert isinstance(decision, Decision) and decision.mode == "disaggregated"
         return decision.predicted_ttft_ms
