@@ -205,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             server: list[dict[str, Any]] = []
             with httpx.Client(base_url=url, timeout=60) as client:
                 http = _paired(engine, _http_call(client, body, server), args.requests)
+            del server[:len(server) - args.requests]  # the warm-up's
             print(f"[4/4] gRPC path ({args.requests} requests)", flush=True)
             endpoint = f"{config.server.host}:{config.server.grpc_port}"
             with grpc.insecure_channel(endpoint) as channel:
