@@ -172,8 +172,8 @@ class GlobalScheduler:
             return self._book_local(request, lane, best, float(local_ms[best]), now_s,
                                     "degraded: no live prefill replica")
         work = self.prefill.work
-        # (with the steps of the whole requests it decodes); what else it costs: a short
-        # prompt runs before the long ones waiting there, delaying each by its own prefill
+        # a split's first token there, its decodes' steps included; its cost to others: a
+        # short prompt runs before the long ones waiting there, delaying each by its prefill
         split_ms = self.prefill.first_token_ms(n, lane, now_s) + self.config.split_overhead_ms
         split_cost = split_ms + (work.predict_ms(n) * work.num_long if lane == "short" else 0.0)
         in_lane = self._lane_masks[lane] & p_live
