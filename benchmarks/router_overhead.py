@@ -10,14 +10,14 @@ Same tiny model, same prompt, sequential requests (no queueing), medians:
 The engine stays up for the whole run and every request of a path is paired with one to the
 engine (one after the other), so both see the machine in the same state: the engine alone
 took 7 to 15 ms from one minute to the next on two shared cores, as much as the difference
-measured. The added latency is (path median - the engine's median over the same requests'
-minutes). The HTTP path's median is then split with
-the responses' own `timings`: the engine (prefill_queue + prefill_compute as the replica
-reports them: for a local prefill, the decode replica's wall time from handing the prompt to
-its engine to the first token; for a prefill replica, the engine's own queue and compute
-timestamps, without its inter-process hops), the ingress around it (its end-to-end less that:
-the scheduler, the calls to the replica and back, what the replica does around its engine),
-and the HTTP server and client (the rest). With both engines idle, whether a request runs
+measured. The added latency is the path's median less the engine's over the same minutes.
+The HTTP path's median is then split with the responses' own `timings`: the engine
+(prefill_queue + prefill_compute as the replica reports them: for a local prefill, the
+decode replica's wall time from handing the prompt to its engine to the first token; for a
+prefill replica, the engine's own queue and compute timestamps, without its inter-process
+hops), the ingress around it (its end-to-end less that: the scheduler, the calls to the
+replica and back, what the replica does around its engine), and the HTTP server and client
+(the rest). With both engines idle, whether a request runs
 local or on the prefill replica follows the replicas' calibrations; the mode is printed.
 
     python -m benchmarks.router_overhead [--requests 50]
