@@ -25,6 +25,7 @@ from runtime.cost_tracker import CostTracker
 from runtime.engine_config import EngineRole
 from runtime.engine_stats import EngineLoad, LoadProbe
 from runtime.engines import build_engine
+from runtime.loop_watch import LoopWatch
 from runtime.messages import DecodeChunk, PrefillResult, UsageReport
 from runtime.replica_common import (
     EngineWatch,
@@ -50,6 +51,7 @@ class ReplicaStatus:
     load: EngineLoad | None
     kv: WorkerStats
     usage: EngineUsage  # the engine's busy time against its wall time (idle capacity)
+    num_loop_stalls: int  # times its event loop stood still for LoopWatch's stall_s or more
 
 
 def _kv_room(probe: LoadProbe, num_blocks: int) -> tuple[int, int]:
@@ -89,6 +91,8 @@ class PrefillServer:
         # its engine's processes gone: the prefills and whole requests on it end at once
         self._watch = EngineWatch(self._engine_died)
         self._drain_s = config.server.request_timeout_s
+        self._loop_watch = LoopWatch(f"prefill replica {replica_id()}")
+        self._loop_watch.start()
         self._calls = await start_call_server(self, config)
         self._reporter = Reporter(config.server.app_name, self._report, self._usage)
 
@@ -143,7 +147,8 @@ class PrefillServer:
     async def status(self) -> dict[str, Any]:
         """As plain data: the ingress imports no engine module to read it."""
         return asdict(ReplicaStatus("prefill", self._worker.worker_id, self._probe.latest,
-                                    await self._worker.kv_stats(), self._costs.usage()))
+                                    await self._worker.kv_stats(), self._costs.usage(),
+                                    self._loop_watch.num_stalls))
 
     async def check_health(self) -> None:
         await check_health(self._worker.engine, self._probe)
@@ -176,6 +181,8 @@ class DecodeServer:
         self._calibration = await calibration(engine, config)
         self._watch = EngineWatch(self._worker.engine_died)  # its streams end at once
         self._drain_s = config.server.request_timeout_s
+        self._loop_watch = LoopWatch(f"{role} replica {replica_id()}")
+        self._loop_watch.start()
         self._calls = await start_call_server(self, config)
         self._reporter = Reporter(config.server.app_name, self._report, self._usage)
 
@@ -221,7 +228,7 @@ class DecodeServer:
         kv = await self._worker.kv_stats() if self._has_connector else WorkerStats(0, 0, 0, 0,
                                                                                   0, 0)
         return asdict(ReplicaStatus("decode", self._worker.worker_id, self._probe.latest, kv,
-                                    self._costs.usage()))
+                                    self._costs.usage(), self._loop_watch.num_stalls))
 
     async def check_health(self) -> None:
         await check_health(self._worker.engine, self._probe)

@@ -32,6 +32,7 @@ from runtime.direct_calls import DirectCalls
 from runtime.engines import stream_hosts
 from runtime.grpc_api import start_grpc_server
 from runtime.logprobs import LogprobsWriter
+from runtime.loop_watch import LoopWatch
 from runtime.messages import REPORT_PERIOD_S, UsageReport
 from runtime.metrics import Metrics
 from runtime.openai_api import (
@@ -131,6 +132,8 @@ class Ingress:
                 key.get_secret_value() if key else None,
                 config.server.max_concurrent_requests, config.server.max_body_bytes,
             )
+        self._loop_watch = LoopWatch("ingress")  # logs what holds up every request here
+        self._loop_watch.start()
 
     @api.get("/health", response_model=None)
     async def health(self) -> JSONResponse:
