@@ -124,9 +124,7 @@ class GlobalScheduler:
                avoid: Engine | None = None) -> Decision | Rejection:
         """Choose lane, mode and replicas for one request, and book it. Side effect: the
         chosen replicas' counts include this request from now on. `avoid`: an engine not to
-        prefill it on (a long prompt moving off an engine that is late), if another can; under
-        disaggregation a moving prompt stays with the prefill pool (its queued work is the
-        pool's autoscaling signal)."""
+        prefill it on (a long prompt moving off an engine that is late), if another can."""
         lane = self.lane(request.prompt_len)
         if lane == "short" and avoid is None:
             self.short_arrivals.arrived(now_s)
@@ -138,8 +136,7 @@ class GlobalScheduler:
         if avoid is not None:
             mask = other_than(self.prefill.ids, avoid.prefill_replica)
             p_live = p_live & mask if (p_live & mask).any() else p_live
-            local_ok = other_than(self.decode.ids, avoid.local_replica) \
-                & (not self.config.disaggregation or not p_live.any())
+            local_ok = other_than(self.decode.ids, avoid.local_replica)
         if not d_live.any():
             if p_live.any():
                 return self._prefill_local(request, lane, p_live, now_s,
@@ -294,7 +291,9 @@ class GlobalScheduler:
             return "prompt too long for local"
         if not can_local.any():
             return "no decode replica has room or TPOT budget for a local prefill"
-        return f"split {split_ready:.1f} ms < local {float(local_ms[can_local].min()):.1f} ms"
+        local = float(local_ms[can_local].min())
+        return f"split {split_ready:.1f} ms < local {local:.1f} ms" if split_ready < local else \
+            f"split {split_ready:.1f} ms, local {local:.1f} ms but costlier to short prompts"
 
     def can_local(self, request: RequestInfo, d_live: np.ndarray,
                    now_s: float) -> np.ndarray:

@@ -11,16 +11,17 @@ It moves when an engine with no long prompt outstanding is predicted to give its
 clearly earlier (`CLEAR_WIN`, `MIN_GAIN_MS`) than its own engine, where the wait is the work
 booked ahead of it; or when the long prefill ahead of it is late by `OVERDUE_MS` and by its
 own predicted time, so that engine's predictions are not to be trusted, and another engine
-with no long prompt can take it. Under disaggregation it moves within the prefill pool only
-(a local prefill is the policy's choice on arrival; the pool's queued work is its autoscaling
-signal, and moving it to the decode pool would hide a backlog); under colocated serving, to
-any other engine.
+with no long prompt can take it: another prefill replica, or a decode replica that may
+prefill it itself (room, TPOT budget), charged what its long prefill then costs the short
+prompts there less what it would have cost them where it waits (isolation.py, as the choice
+on arrival counts it); under colocated serving, any other engine.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from runtime.scheduler.isolation import short_cost_ms
 from runtime.scheduler.loads import other_than
 from runtime.scheduler.policy import GlobalScheduler
 from runtime.scheduler.types import Decision, Lane, RequestInfo
@@ -72,12 +73,10 @@ def _free_engine_ms(policy: GlobalScheduler, decision: Decision, request: Reques
             ms = policy.prefill.first_token_ms(n, lane, now_s) + policy.config.split_overhead_ms \
                 + policy.config.transfer_ms(n)
             best = min(best, float(ms[free].min()))
-    if policy.config.disaggregation and policy.prefill.live(now_s, stale_s).any():
-        # it stays with the prefill pool, whose queued work is the pool's autoscaling signal
-        # (a decode replica's spare capacity is for the local prefills chosen on arrival)
-        return None if best == np.inf else best
     d_live = policy.decode.live(now_s, stale_s)
-    if policy.config.disaggregation:  # no live prefill replica: decode replicas prefill
+    p_live = policy.prefill.live(now_s, stale_s) if policy.config.disaggregation \
+        else np.zeros(len(policy.prefill.ids), dtype=bool)
+    if policy.config.disaggregation:  # a decode replica prefills it if it may (room, budget)
         local = policy.can_local(request, d_live, now_s)
     else:
         local = d_live & policy.decode.room(n + request.max_tokens)
@@ -85,5 +84,13 @@ def _free_engine_ms(policy: GlobalScheduler, decision: Decision, request: Reques
     local &= other_than(policy.decode.ids,
                         decision.decode_replica if decision.mode == "local" else None)
     if local.any():
-        best = min(best, float(policy.decode.first_token_ms(n, lane, now_s)[local].min()))
+        local_ms = policy.decode.first_token_ms(n, lane, now_s)
+        if p_live.any():
+            # leaving the prefill pool for a decode replica moves the long prefill's cost to
+            # the short prompts with it (isolation.py), as the choice on arrival counts it
+            p_cost, d_cost = short_cost_ms(policy.prefill, policy.decode, p_live, d_live, n,
+                                           policy.short_arrivals.per_s(now_s), now_s)
+            here = policy.prefill.index.get(decision.prefill_replica or "")
+            local_ms = local_ms + d_cost - (p_cost[here] if here is not None else 0.0)
+        best = min(best, float(local_ms[local].min()))
     return None if best == np.inf else best

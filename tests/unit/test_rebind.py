@@ -102,17 +102,40 @@ def test_a_moved_prompt_is_booked_on_the_free_engine_and_released_from_the_old_o
     asyncio.run(run())
 
 
-def test_under_disaggregation_it_stays_with_the_prefill_pool():
+def test_under_disaggregation_it_stays_when_no_decode_replica_may_prefill_it():
     prefill = PrefillTable(["p0"], ["short"], MODEL)
     decode = DecodeTable(["d0"], [1000], block_size=16, max_num_seqs=8, prior=MODEL)
     sched = GlobalScheduler(PolicyConfig(long_prompt_tokens=1000, local_max_prompt_tokens=999),
-                            prefill, decode)  # long prompts never go local on arrival
+                            prefill, decode)  # no local prefill of a prompt over 999 tokens
     decisions = {rid: sched.decide(RequestInfo(rid, 5000, 16, NOW), NOW) for rid in "ac"}
     assert all(d.prefill_replica == "p0" for d in decisions.values())  # type: ignore[union-attr]
-    # d0 idles and the prefill ahead of c is 1.5 s late: still no move to a local prefill
-    # (the prefill pool's backlog is its autoscaling signal)
+    # d0 idles and the prefill ahead of c is 1.5 s late, but d0 may not prefill c
     assert move_reason(sched, decisions["c"], RequestInfo("c", 5000, 16, NOW),  # type: ignore[arg-type]
                        NOW + 2.0) is None
+
+
+def test_under_disaggregation_it_moves_to_a_decode_replica_free_of_long_work():
+    # 1. a prefills on d0 (local), b and c split on p0: c waits for b
+    prefill = PrefillTable(["p0"], ["short"], MODEL)
+    decode = DecodeTable(["d0"], [4000], block_size=16, max_num_seqs=8, prior=MODEL)
+    sched = GlobalScheduler(PolicyConfig(long_prompt_tokens=1000), prefill, decode)
+    decisions = {rid: sched.decide(RequestInfo(rid, 5000, 1000, NOW), NOW) for rid in "abc"}
+    a, b, c = decisions["a"], decisions["b"], decisions["c"]
+    assert isinstance(a, Decision) and a.mode == "local"
+    assert isinstance(b, Decision) and isinstance(c, Decision)
+    assert b.prefill_replica == "p0"
+    assert c.prefill_replica == "p0" and not sched.prefill.work.has_turn("c")
+    info = RequestInfo("c", 5000, 1000, NOW)
+    # 2. a's first token: d0 has no long work, but b is on time and c's turn is near
+    sched.first_token(a, "a", NOW + 0.3)
+    assert move_reason(sched, c, info, NOW + 0.6) is None
+    # 3. b runs 1.5 s past its prediction: c moves, to a local prefill on d0
+    reason = move_reason(sched, c, info, NOW + 2.0)
+    assert reason is not None and "late" in reason
+    sched.prefill.work.finished("c")  # released from p0, as LiveScheduler.turn does
+    moved = sched.decide(info, NOW + 2.0, avoid=Engine.of(c))
+    assert isinstance(moved, Decision) and moved.mode == "local" and moved.decode_replica == "d0"
+    assert sched.decode.work.has_turn("c")
 
 
 def test_under_colocated_serving_it_moves_to_another_engine():
