@@ -33,7 +33,7 @@ import traceback
 import types
 from dataclasses import dataclass
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("ray.serve")  # into the replica's log, where its requests are
 
 STALL_S = 0.25
 PERIOD_S = 0.05
