@@ -30,6 +30,9 @@ _REPLICA_FAILURES = frozenset({
 })
 
 
+MAX_KNOWN_ENDPOINTS = 256
+
+
 class ReplicaFailed(RuntimeError):
     """A call failed because the replica running it failed."""
 
@@ -59,6 +62,7 @@ class RemotePrefill:
         self._stream = handle.options(stream=True)
         self._sink = sink
         self._direct = direct
+        self._endpoints: dict[str, str] = {}  # replica id -> its KV endpoint (fixed for life)
 
     async def prefill(self, request: GenerateRequest, target: str = "",
                       stream_handle: str = "") -> PrefillResult:
@@ -75,9 +79,17 @@ class RemotePrefill:
         return result
 
     async def kv_endpoint(self, target: str = "") -> str:
+        """Where the replica serves its KV blocks: asked once per replica (a call each time
+        when Serve picks the replica)."""
+        if (known := self._endpoints.get(target)) is not None:
+            return known
         client = _direct(self._direct, target)
         endpoint: str = await (client.call("kv_endpoint") if client
                                else self._handle.kv_endpoint.remote(target_replica=target))
+        if target:
+            if len(self._endpoints) >= MAX_KNOWN_ENDPOINTS:  # replicas come and go
+                self._endpoints.clear()
+            self._endpoints[target] = endpoint
         return endpoint
 
     async def release(self, transfer: TransferParams) -> None:

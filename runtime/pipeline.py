@@ -105,12 +105,15 @@ class DisaggPipeline:
         start = time.perf_counter()
         arrival = start if arrival_s is None else arrival_s
         queue_ms = (start - arrival) * 1e3
-        stream_handle = await self._start_prefetch(request, prefill_target, decode_target)
+        stream_handle, prefetching = await self._start_prefetch(request, prefill_target,
+                                                                decode_target)
         try:
             first = await self._prefill(request, prefill_target, stream_handle)
         except BaseException:
-            await self._end_prefetch(stream_handle, decode_target)
+            await self._end_prefetch(stream_handle, decode_target, prefetching)
             raise
+        if prefetching is not None and not await _settled(prefetching):
+            stream_handle = ""  # refused or failed: the decode pulls after the prefill
         ttft_ms = (time.perf_counter() - arrival) * 1e3
         first_event = StreamEvent((first.first_token_id,), logprobs=(
             (first.first_logprobs,) if first.first_logprobs is not None else ()))
@@ -144,18 +147,21 @@ class DisaggPipeline:
                 await self.prefill.release(first.transfer)
 
     async def _start_prefetch(self, request: GenerateRequest, prefill_target: str,
-                              decode_target: str) -> str:
-        """Overlap: start the decode worker's prefetch; returns its stream handle ('' if
-        there is none: overlap off, unsupported, or nothing to hand off)."""
+                              decode_target: str) -> tuple[str, asyncio.Task[bool] | None]:
+        """Overlap: start the decode worker's prefetch, and return its stream handle and the
+        call that starts it, without waiting for it: the prefill goes out at once (a
+        prefetch that reaches the producer after the prefill still reads the stream, which
+        stays readable under the lease). ('', None): no overlap (off, unsupported, or nothing
+        to hand off)."""
         if not (self.overlap and request.sampling.max_tokens > 1
                 and isinstance(self.prefill, StreamingPrefillClient)
                 and isinstance(self.decode, PrefetchingDecodeClient)):
-            return ""
+            return "", None
         stream_handle = secrets.token_urlsafe(24)
         endpoint = await self.prefill.kv_endpoint(prefill_target)
-        started = await self.decode.prefetch(endpoint, stream_handle,
-                                             len(request.prompt_token_ids), decode_target)
-        return stream_handle if started else ""
+        prefetching = asyncio.ensure_future(self.decode.prefetch(
+            endpoint, stream_handle, len(request.prompt_token_ids), decode_target))
+        return stream_handle, prefetching
 
     async def _prefill(self, request: GenerateRequest, target: str,
                        stream_handle: str) -> PrefillResult:
@@ -164,7 +170,10 @@ class DisaggPipeline:
             return await self.prefill.prefill(request, target, stream_handle=stream_handle)
         return await self.prefill.prefill(request, target)
 
-    async def _end_prefetch(self, stream_handle: str, decode_target: str) -> None:
+    async def _end_prefetch(self, stream_handle: str, decode_target: str,
+                            prefetching: asyncio.Task[bool] | None = None) -> None:
+        if prefetching is not None and not await asyncio.shield(_settled(prefetching)):
+            return  # never started: nothing to cancel
         if stream_handle:
             assert isinstance(self.decode, PrefetchingDecodeClient)
             await asyncio.shield(self.decode.cancel_prefetch(stream_handle, decode_target))
@@ -269,3 +278,12 @@ def handoff_cost(first: PrefillResult, decode: DecodeTimings | None) -> RequestC
     num_blocks = len(first.transfer.block_ids) if first.transfer is not None else 0
     return first.cost + decode.cost + RequestCost(prefill_kv_block_s=num_blocks * lease_s,
                                                   bytes_moved=decode.transfer_bytes)
+
+
+async def _settled(prefetching: asyncio.Task[bool]) -> bool:
+    """Whether the decode replica started the prefetch (False if the call failed: the decode
+    then pulls the KV after the prefill, or fails on its own if the replica is gone)."""
+    try:
+        return await prefetching
+    except Exception:  # noqa: BLE001 - any failure means: no prefetch
+        return False
