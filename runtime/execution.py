@@ -31,7 +31,7 @@ from runtime.messages import InvalidRequest, KVTransferFailed, PreparedRequest, 
 from runtime.metrics import Metrics
 from runtime.openai_api import APIError
 from runtime.pipeline import Lane, PhaseTimings, StreamEvent
-from runtime.scheduler.types import Rejection
+from runtime.scheduler.types import Engine, Rejection
 from runtime.stops import OutputText
 
 if TYPE_CHECKING:
@@ -156,8 +156,9 @@ class Execution:
                     raise APIError(503, f"no replica can serve the request now ({turn.reason})"
                                    "; retry shortly", code="unavailable",
                                    retry_after_s=max(1.0, turn.retry_after_s))
-                if turn is not decision:  # it moved to another engine while it waited
+                if Engine.of(turn) != Engine.of(decision):  # it moved while it waited
                     self.metrics.moved.inc()
+                if turn is not decision:
                     decision = turn
                     prepared = replace(prepared, decision=decision)
             events = self._events(prepared)

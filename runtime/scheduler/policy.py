@@ -369,8 +369,11 @@ class GlobalScheduler:
         """The request's prefill is done (its first token exists, or it ended before): its
         work leaves the engine's books. Returns whether it ran alone there (a clean sample
         for the model), None if it was not booked (any more)."""
-        table = self.decode if decision.mode == "local" else self.prefill
-        return table.work.finished(request_id, now_s)
+        return self.table_of(decision).work.finished(request_id, now_s)
+
+    def table_of(self, decision: Decision) -> PrefillTable | DecodeTable:
+        """The table of the engine that prefills the decided request."""
+        return self.decode if decision.mode == "local" else self.prefill
 
     def replica_failed(self, role: str, replica_id: str, now_s: float) -> None:
         """A call to the replica failed as a replica would (it died, its engine died)."""
@@ -384,12 +387,9 @@ class GlobalScheduler:
         """A prefill time measured on the engine that ran the prompt, less the decode steps it
         shared (modeled apart): every one tracks the engine's slowdown under load; one that
         ran alone is a sample for its model, refitted at the replica's next report."""
-        if decision.mode == "local":
-            table: ReplicaColumns = self.decode
-            i = self.decode.index.get(decision.decode_replica)
-        else:
-            table = self.prefill
-            i = self.prefill.index.get(decision.prefill_replica or "")
+        table: ReplicaColumns = self.table_of(decision)
+        i = table.index.get(decision.decode_replica if decision.mode == "local"
+                            else decision.prefill_replica or "")
         own = int(decision.mode != "disaggregated")  # a split decodes on another replica
         if i is None or (ms := table.prefill_alone_ms(i, num_tokens, compute_ms, own)) <= 0:
             return

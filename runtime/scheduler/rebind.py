@@ -35,8 +35,7 @@ OVERDUE_MS = 1000.0
 def move_reason(policy: GlobalScheduler, decision: Decision, request: RequestInfo,
                 now_s: float) -> str | None:
     """Why the waiting long prompt should move off its engine now; None if it should stay."""
-    local = decision.mode == "local"
-    table = policy.decode if local else policy.prefill
+    table = policy.table_of(decision)
     work = table.work
     i = work.replica_of(request.request_id)
     if i is None or work.has_turn(request.request_id):
@@ -45,7 +44,7 @@ def move_reason(policy: GlobalScheduler, decision: Decision, request: RequestInf
     if free_ms is None:
         return None
     own_ms = float(work.expected_ms(request.prompt_len)[i])
-    here_ms = work.ahead_ms(request.request_id, now_s) + own_ms
+    here_ms = _here_ms(policy, decision, request, now_s)
     overdue_ms = work.head_overdue_ms(i, now_s)
     if overdue_ms >= max(OVERDUE_MS, own_ms):
         return (f"the long prefill ahead on {table.ids[i]} is {overdue_ms:.0f} ms late; an "
@@ -54,6 +53,29 @@ def move_reason(policy: GlobalScheduler, decision: Decision, request: RequestInf
         return (f"{here_ms:.0f} ms predicted on {table.ids[i]}, {free_ms:.0f} ms on an engine "
                 "with no long prompt")
     return None
+
+
+def last_look(policy: GlobalScheduler, decision: Decision, request: RequestInfo,
+              now_s: float) -> str:
+    """A waiting long prompt's engine against the others, as `move_reason` sees them now
+    (it goes into the request's decision_reason once it has waited long)."""
+    if policy.table_of(decision).work.replica_of(request.request_id) is None:
+        return ""
+    free_ms = _free_engine_ms(policy, decision, request, now_s)
+    best = f"{free_ms:.0f} ms on the best engine with no long prompt" if free_ms is not None \
+        else "no other engine without a long prompt"
+    return f"{_here_ms(policy, decision, request, now_s):.0f} ms predicted here, {best}"
+
+
+def _here_ms(policy: GlobalScheduler, decision: Decision, request: RequestInfo,
+             now_s: float) -> float:
+    """The waiting prompt's predicted first token where it is booked: the work ahead of it
+    there and its own."""
+    work = policy.table_of(decision).work
+    i = work.replica_of(request.request_id)
+    assert i is not None, "the prompt is not booked"
+    return work.ahead_ms(request.request_id, now_s) + float(
+        work.expected_ms(request.prompt_len)[i])
 
 
 def _free_engine_ms(policy: GlobalScheduler, decision: Decision, request: RequestInfo,

@@ -102,6 +102,28 @@ def test_a_moved_prompt_is_booked_on_the_free_engine_and_released_from_the_old_o
     asyncio.run(run())
 
 
+def test_a_prompt_held_long_says_why_it_stayed():
+    async def run() -> None:
+        # one prefill replica, no local prefills: c waits behind a, with nowhere to move
+        live = LiveScheduler(LiveConfig(PolicyConfig(long_prompt_tokens=1000,
+                                                     local_max_prompt_tokens=0), 0, 16, 8))
+        now = time.time()
+        live.report(ReplicaReport("prefill", "p0", 0, 0, 0, 0, 0, 0, now))
+        live.report(ReplicaReport("decode", "d0", 0, 1000, 1000, 16, 0, 8, now))
+        a, c = (live.decide(rid, 5000, 16) for rid in ("a", "c"))
+        assert isinstance(a, Decision) and isinstance(c, Decision)
+        waiting = asyncio.ensure_future(live.turn(c, "c", 5000, 16))
+        await asyncio.sleep(0.6)  # past HELD_NOTE_MS, and at least one look
+        live.first_token(a, "a")
+        turn = await asyncio.wait_for(waiting, 2.0)
+        assert isinstance(turn, Decision) and Engine.of(turn) == Engine.of(c)
+        assert turn.reason.startswith(c.reason) and "; held " in turn.reason
+        assert "predicted here, no other engine without a long prompt" in turn.reason
+        assert live.num_moved == 0
+
+    asyncio.run(run())
+
+
 def test_under_disaggregation_it_stays_when_no_decode_replica_may_prefill_it():
     prefill = PrefillTable(["p0"], ["short"], MODEL)
     decode = DecodeTable(["d0"], [1000], block_size=16, max_num_seqs=8, prior=MODEL)
