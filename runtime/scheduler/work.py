@@ -18,6 +18,7 @@ outstanding; the short lane's work goes first.
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from dataclasses import dataclass
 
@@ -134,21 +135,36 @@ class PrefillWork:
         return self.predict_ms(num_tokens) * self.slowdown
 
     def remaining_ms(self, now_s: float) -> tuple[np.ndarray, np.ndarray]:
-        """(short, long) predicted work still to do on every replica. A long prefill running
-        past its predicted time is expected to take as long again as it is late (up to
-        MAX_SLOWDOWN times its prediction in all): its progress is not known, and an engine
-        that ran it slower than predicted so far (stalled, or slowed by what shares it) is
-        likely to go on so."""
+        """(short, long) predicted work still to do on every replica. Short prompts go first
+        (priority): the engine's busy time, less the predicted work of what finished, is
+        progress on them. Long prompts run one at a time (`has_turn`): the one running has
+        done what its time since its turn allows, those held behind it nothing."""
         total = self.short_ms + self.long_ms
         progress = np.clip(1e3 * (now_s - self.busy_since) - self.done_ms, 0.0,
                            MAX_PROGRESS * total)
         progress = np.where(self.num_outstanding > 0, progress, 0.0)
         short = np.maximum(self.short_ms - progress, 0.0)
-        long_ = np.maximum(total - progress - short, 0.0)
+        long_ = np.zeros(len(short))
         for i in np.flatnonzero(self.num_long > 0):
-            overdue, work_ms = self._head_overdue(int(i), now_s)
-            long_[i] += min(overdue, (MAX_SLOWDOWN - 1.0) * work_ms)
+            long_[i] = self._long_left_ms(int(i), now_s)
         return short, long_
+
+    def _long_left_ms(self, i: int, now_s: float) -> float:
+        """The long prompts booked on replica i: what the running one has left (at least
+        1 - MAX_PROGRESS of its prediction; one running past its prediction is expected to
+        take as long again as it is late, up to MAX_SLOWDOWN times its prediction in all:
+        its progress is not known, and an engine that ran it slower than predicted so far,
+        stalled or slowed by what shares it, is likely to go on so), and the whole predicted
+        work of those held behind it. Not the engine's busy time less what finished: a
+        prefill that finished late would count its overrun as progress on the held ones."""
+        queue = self._long_queues[i]
+        held_ms = sum(self._bookings[rid].work_ms for rid in itertools.islice(queue, 1, None))
+        work_ms = self._bookings[queue[0]].work_ms
+        overdue = self._head_overdue(i, now_s)[0]
+        started = float(self.head_started[i])
+        elapsed_ms = 0.0 if np.isnan(started) else 1e3 * (now_s - started)
+        left_ms = max(work_ms - elapsed_ms, (1.0 - MAX_PROGRESS) * work_ms)
+        return left_ms + min(overdue, (MAX_SLOWDOWN - 1.0) * work_ms) + held_ms
 
     def wait_ms(self, now_s: float, num_tokens: int, lane: Lane) -> np.ndarray:
         """Every replica's predicted time until a new prompt of this lane is prefilled."""
