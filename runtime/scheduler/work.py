@@ -11,9 +11,10 @@ The scheduler books every dispatch here with its predicted time (the replica's P
 and clears it at the request's first token. Long prompts are sent to an engine one at a time,
 in booking order (`has_turn`): two long prefills in one engine would share every step (the cap
 applies to both) and both finish late, where one after the other the first finishes early.
-Remaining work is estimated from the time the engine has been busy: busy time since it last
-went idle, less the predicted work of what finished since, is progress on what is still
-outstanding; the short lane's work goes first.
+Remaining work is estimated per lane. Short prompts go first: the time since the engine last
+had short prompts sent to it with none outstanding, less the predicted work of those finished
+since, is progress on the ones left. The long prompt running has done what its time since its
+turn allows; those held behind it, nothing.
 """
 
 from __future__ import annotations
@@ -62,8 +63,8 @@ class PrefillWork:
         self.long_ms = np.zeros(0)
         self.head_tokens = np.zeros(0)  # tokens of the long prompt the engine runs now
         self.head_started = np.zeros(0)  # when that long prompt was sent (its turn came)
-        self.busy_since = np.zeros(0)
-        self.done_ms = np.zeros(0)  # predicted work finished since busy_since
+        self.short_since = np.zeros(0)  # when short prompts were last sent to an idle lane
+        self.short_done_ms = np.zeros(0)  # predicted short work finished since short_since
         self.num_outstanding = np.zeros(0, dtype=np.int64)
         self.num_dispatched = np.zeros(0, dtype=np.int64)
         self.num_long = np.zeros(0, dtype=np.int64)  # long prompts outstanding
@@ -80,7 +81,7 @@ class PrefillWork:
     def add_replica(self) -> int:
         self.fits.append(PrefillFit(self.prior))
         for name in ("a", "b", "c", "short_ms", "long_ms", "head_tokens", "head_started",
-                     "busy_since", "done_ms", "recent_ms", "recent_at"):
+                     "short_since", "short_done_ms", "recent_ms", "recent_at"):
             setattr(self, name, np.append(getattr(self, name), 0.0))
         self.num_outstanding = np.append(self.num_outstanding, 0)
         self.num_dispatched = np.append(self.num_dispatched, 0)
@@ -135,14 +136,9 @@ class PrefillWork:
         return self.predict_ms(num_tokens) * self.slowdown
 
     def remaining_ms(self, now_s: float) -> tuple[np.ndarray, np.ndarray]:
-        """(short, long) predicted work still to do on every replica. Short prompts go first
-        (priority): the engine's busy time, less the predicted work of what finished, is
-        progress on them. Long prompts run one at a time (`has_turn`): the one running has
-        done what its time since its turn allows, those held behind it nothing."""
-        total = self.short_ms + self.long_ms
-        progress = np.clip(1e3 * (now_s - self.busy_since) - self.done_ms, 0.0,
-                           MAX_PROGRESS * total)
-        progress = np.where(self.num_outstanding > 0, progress, 0.0)
+        """(short, long) predicted work still to do on every replica (module docstring)."""
+        progress = np.clip(1e3 * (now_s - self.short_since) - self.short_done_ms, 0.0,
+                           MAX_PROGRESS * self.short_ms)
         short = np.maximum(self.short_ms - progress, 0.0)
         long_ = np.zeros(len(short))
         for i in np.flatnonzero(self.num_long > 0):
@@ -202,8 +198,8 @@ class PrefillWork:
         self.recent_ms[i] = self.recent_ms[i] * decay + work
         self.recent_at[i] = now_s
         alone = bool(self.num_outstanding[i] == 0)
-        if alone:
-            self.busy_since[i], self.done_ms[i] = now_s, 0.0
+        if lane == "short" and self.num_outstanding[i] == self.num_long[i]:
+            self.short_since[i], self.short_done_ms[i] = now_s, 0.0
         self.num_dispatched[i] += 1
         self._bookings[request_id] = Booking(i, lane, work, num_tokens, alone,
                                              int(self.num_dispatched[i]))
@@ -280,8 +276,9 @@ class PrefillWork:
                 self.head_started[i] = np.nan if now_s is None else now_s
         else:
             self.short_ms[i] = max(0.0, self.short_ms[i] - booking.work_ms)
+            self.short_done_ms[i] += booking.work_ms
+        if self.num_outstanding[i] == self.num_long[i]:
+            self.short_ms[i] = 0.0  # no short prompt left: rounding gone with it
         if self.num_outstanding[i] == 0:
-            self.short_ms[i] = self.long_ms[i] = self.head_tokens[i] = 0.0
-        else:
-            self.done_ms[i] += booking.work_ms
+            self.long_ms[i] = self.head_tokens[i] = 0.0
         return bool(clean)

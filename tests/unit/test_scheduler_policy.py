@@ -201,6 +201,20 @@ def test_a_long_prefill_that_finished_late_is_no_progress_on_those_held_behind_i
     assert work.ahead_ms("c", half_s) == pytest.approx(predicted[1] / 2)
 
 
+def test_a_short_prompt_sent_during_a_long_prefill_has_all_its_work_left():
+    """The engine's time on the long prefill before the short prompt came is no progress on
+    it; once it is sent, it goes first (priority)."""
+    work = _scheduler(num_short=1, num_long=0, num_decode=1).prefill.work
+    work.book(0, "long", "long", 6000, NOW)
+    sent_s = NOW + 0.5
+    short_ms = work.book(0, "short", "short", 300, sent_s)
+    assert float(work.remaining_ms(sent_s)[0][0]) == pytest.approx(short_ms)
+    assert float(work.remaining_ms(sent_s + short_ms / 2e3)[0][0]) == pytest.approx(
+        short_ms / 2)
+    work.finished("short", sent_s + short_ms / 1e3)
+    assert float(work.remaining_ms(sent_s + short_ms / 1e3)[0][0]) == 0.0
+
+
 def test_decode_placement_respects_kv_capacity():
     sched = _scheduler(num_decode=2, decode_blocks=100)
     sched.decode.total_blocks[0] = 10  # d0 can never hold 50 blocks
