@@ -106,6 +106,14 @@ class ReplicaColumns:
         s0, s1 = self.decode_step()
         return steps * np.where(seqs > 0, s0 + s1 * seqs, 0.0)
 
+    def book(self, i: int, request_id: str, lane: Lane, num_tokens: int, now_s: float,
+             own: int = 0) -> float:
+        """Book a prefill on replica i (work.book) with the decode steps it shares there
+        (decode_steps_ms): the prompts held behind it wait for those too. Returns its
+        predicted time."""
+        shared_ms = float(self.decode_steps_ms(num_tokens, own)[i])
+        return self.work.book(i, request_id, lane, num_tokens, now_s, shared_ms)
+
     def prefill_alone_ms(self, i: int, num_tokens: int, measured_ms: float, own: int) -> float:
         """A prefill measured on replica i, less the decode steps it shared (decode_steps_ms,
         modeled apart): what its prefill model and slowdown learn from."""

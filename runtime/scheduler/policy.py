@@ -224,7 +224,7 @@ class GlobalScheduler:
             return rejection
         blocks = self.decode.blocks_for(n + request.max_tokens)
         self.decode.placed(d, blocks, request.max_tokens)
-        own_ms = self.prefill.work.book(p, request.request_id, lane, n, now_s)
+        own_ms = self.prefill.book(p, request.request_id, lane, n, now_s)
         reason = self._split_reason(request, can_local, local_ms, split_ready)
         return Decision(lane, "disaggregated", self.prefill.ids[p], self.decode.ids[d],
                         split_ttft, reason, own_ms)
@@ -240,7 +240,7 @@ class GlobalScheduler:
             return rejection
         table.placed(p, table.blocks_for(request.prompt_len + request.max_tokens),
                      request.max_tokens)
-        own_ms = table.work.book(p, request.request_id, lane, request.prompt_len, now_s)
+        own_ms = table.book(p, request.request_id, lane, request.prompt_len, now_s, own=1)
         return Decision(lane, "prefill_local", table.ids[p], "", float(wait_ms[p]), reason,
                         own_ms)
 
@@ -319,7 +319,8 @@ class GlobalScheduler:
             return rejection
         self.decode.placed(d, self.decode.blocks_for(request.prompt_len + request.max_tokens),
                            request.max_tokens)
-        own_ms = self.decode.work.book(d, request.request_id, lane, request.prompt_len, now_s)
+        own_ms = self.decode.book(d, request.request_id, lane, request.prompt_len, now_s,
+                                 own=1)
         return Decision(lane, "local", None, self.decode.ids[d], ttft_ms, reason, own_ms)
 
     def _admit(self, ttft_ms: float) -> Rejection | None:

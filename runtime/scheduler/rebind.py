@@ -43,7 +43,7 @@ def move_reason(policy: GlobalScheduler, decision: Decision, request: RequestInf
     free_ms = _free_engine_ms(policy, decision, request, now_s)
     if free_ms is None:
         return None
-    own_ms = float(work.expected_ms(request.prompt_len)[i])
+    own_ms = work.booked_ms(request.request_id)
     here_ms = _here_ms(policy, decision, request, now_s)
     overdue_ms = work.head_overdue_ms(i, now_s)
     if overdue_ms >= max(OVERDUE_MS, own_ms):
@@ -72,10 +72,7 @@ def _here_ms(policy: GlobalScheduler, decision: Decision, request: RequestInfo,
     """The waiting prompt's predicted first token where it is booked: the work ahead of it
     there and its own."""
     work = policy.table_of(decision).work
-    i = work.replica_of(request.request_id)
-    assert i is not None, "the prompt is not booked"
-    return work.ahead_ms(request.request_id, now_s) + float(
-        work.expected_ms(request.prompt_len)[i])
+    return work.ahead_ms(request.request_id, now_s) + work.booked_ms(request.request_id)
 
 
 def _free_engine_ms(policy: GlobalScheduler, decision: Decision, request: RequestInfo,

@@ -191,9 +191,11 @@ class PrefillWork:
         decay = np.exp(-np.maximum(now_s - self.recent_at, 0.0) / RECENT_TAU_S)
         return np.minimum(self.recent_ms * decay / (1e3 * RECENT_TAU_S), MAX_UTILIZATION)
 
-    def book(self, i: int, request_id: str, lane: Lane, num_tokens: int, now_s: float) -> float:
-        """A prefill dispatched to replica i; returns its predicted time alone."""
-        work = float(self.expected_ms(num_tokens)[i])
+    def book(self, i: int, request_id: str, lane: Lane, num_tokens: int, now_s: float,
+             shared_ms: float = 0.0) -> float:
+        """A prefill dispatched to replica i; returns its predicted time: under the engine's
+        recent load, plus shared_ms (the decode steps it will share there)."""
+        work = float(self.expected_ms(num_tokens)[i]) + shared_ms
         decay = np.exp(-max(now_s - float(self.recent_at[i]), 0.0) / RECENT_TAU_S)
         self.recent_ms[i] = self.recent_ms[i] * decay + work
         self.recent_at[i] = now_s
@@ -221,6 +223,10 @@ class PrefillWork:
         if booking is None or booking.lane != "long":
             return True
         return self._long_queues[booking.replica][0] == request_id
+
+    def booked_ms(self, request_id: str) -> float:
+        """A booked prefill's predicted time."""
+        return self._bookings[request_id].work_ms
 
     def replica_of(self, request_id: str) -> int | None:
         booking = self._bookings.get(request_id)

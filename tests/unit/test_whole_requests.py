@@ -153,3 +153,21 @@ def test_a_split_prefill_shares_its_steps_with_the_prefill_replicas_decodes():
 
     assert split_ttft(True, 300) == pytest.approx(split_ttft(False, 300) + 20.0)
     assert split_ttft(True, 2048) == pytest.approx(split_ttft(False, 2048) + 4 * 20.0)
+
+
+def test_a_prompt_waits_for_the_decode_steps_of_the_prefills_ahead_of_it():
+    """A prefill booked on a replica that decodes carries the steps it shares with those
+    sequences: a long prompt held behind it waits for them too, and so does its prediction."""
+    def held_wait(decoding: bool) -> tuple[float, float]:
+        sched = _scheduler(num_short=1, num_long=0, num_decode=1, decode_balance=False)
+        if decoding:
+            sched.prefill.placed(0, sched.prefill.blocks_for(300), 200)
+            sched.prefill.report_decode_step(0, (19.0, 1.0))  # 20 ms a step
+        first = sched.prefill.book(0, "ahead", "long", 2048, NOW)
+        sched.prefill.book(0, "held", "long", 2048, NOW)
+        return first, sched.prefill.work.ahead_ms("held", NOW)
+
+    alone, ahead_alone = held_wait(False)
+    shared, ahead_shared = held_wait(True)
+    assert shared == pytest.approx(alone + 4 * 20.0)  # four 512-token chunks, a step each
+    assert ahead_shared == pytest.approx(ahead_alone + 4 * 20.0)
