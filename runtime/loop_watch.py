@@ -16,8 +16,9 @@ Lifecycle:
      how much CPU its thread and the whole process used meanwhile (the loop's thread busy
      for the whole stall: Python code or a C call on the loop; idle: a blocking system call
      or the GIL held by another thread; the process idle as well: it was not scheduled),
-     whether the watch thread itself woke late (the GIL held, or the process off-CPU), and
-     the sampled stacks. `stalls` keeps the latest few for status calls.
+     how long the process's garbage collections took meanwhile, whether the watch thread
+     itself woke late (the GIL held, or the process off-CPU), and the sampled stacks.
+     `stalls` keeps the latest few for status calls.
   4. `stop()` ends both.
 """
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import gc
 import logging
 import sys
 import threading
@@ -50,6 +52,7 @@ class LoopStall:
     loop_cpu_ms: float  # CPU time of the loop's thread during the stall
     process_cpu_ms: float  # CPU time of the whole process (all threads) during it
     watch_late_ms: float  # how late the watch thread itself woke during it (0: on time)
+    gc_ms: float  # the process's garbage collections during it (they hold the GIL)
     loop_stack: str  # what the loop thread ran, sampled during the stall ("" if unsampled)
     other_threads: str  # innermost frames of the other threads at that moment
 
@@ -71,6 +74,8 @@ class LoopWatch:
         self._beat_process_s = 0.0
         self._sample: tuple[str, str] | None = None  # taken by the watch thread
         self._watch_late_s = 0.0
+        self._gc_s = 0.0  # garbage collection time since the last heartbeat
+        self._gc_started = 0.0
         self._handle: asyncio.TimerHandle | None = None
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
@@ -78,6 +83,7 @@ class LoopWatch:
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._loop_thread_id = threading.get_ident()
+        gc.callbacks.append(self._on_gc)
         self._beat()
         self._thread = threading.Thread(target=self._watch, name=f"loop-watch-{self.name}",
                                         daemon=True)
@@ -87,6 +93,15 @@ class LoopWatch:
         self._stopped.set()
         if self._handle is not None:
             self._handle.cancel()
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._gc_started = time.monotonic()
+        elif self._gc_started:
+            self._gc_s += time.monotonic() - self._gc_started
+            self._gc_started = 0.0
 
     def _beat(self) -> None:
         now = time.monotonic()
@@ -95,7 +110,7 @@ class LoopWatch:
         gap_s = now - self._beat_at
         if self._beat_at and gap_s - self.period_s > self.stall_s:
             self._record(gap_s, cpu_s, process_s)
-        self._watch_late_s = 0.0
+        self._watch_late_s = self._gc_s = 0.0
         self._beat_at, self._beat_cpu_s, self._beat_process_s = now, cpu_s, process_s
         if not self._stopped.is_set() and self._loop is not None:
             self._handle = self._loop.call_later(self.period_s, self._beat)
@@ -107,14 +122,16 @@ class LoopWatch:
             stalled_ms=(gap_s - self.period_s) * 1e3,
             loop_cpu_ms=(cpu_s - self._beat_cpu_s) * 1e3,
             process_cpu_ms=(process_s - self._beat_process_s) * 1e3,
-            watch_late_ms=self._watch_late_s * 1e3, loop_stack=loop_stack, other_threads=others)
+            watch_late_ms=self._watch_late_s * 1e3, gc_ms=self._gc_s * 1e3,
+            loop_stack=loop_stack, other_threads=others)
         self.stalls.append(stall)
         self.num_stalls += 1
         logger.warning(
             "event loop of %s stood still for %.0f ms: its thread used %.0f ms of CPU, the "
-            "process %.0f ms; the watch thread woke up to %.0f ms late.\nloop thread:\n%s"
-            "other threads:\n%s", self.name, stall.stalled_ms, stall.loop_cpu_ms,
-            stall.process_cpu_ms, stall.watch_late_ms, loop_stack or "  (not sampled)\n",
+            "process %.0f ms; garbage collection took %.0f ms; the watch thread woke up to "
+            "%.0f ms late.\nloop thread:\n%sother threads:\n%s", self.name,
+            stall.stalled_ms, stall.loop_cpu_ms, stall.process_cpu_ms, stall.gc_ms,
+            stall.watch_late_ms, loop_stack or "  (not sampled)\n",
             others or "  (not sampled)\n")
 
     def _watch(self) -> None:

@@ -61,3 +61,19 @@ def test_a_loop_that_keeps_running_reports_nothing() -> None:
     watch = asyncio.run(awaits())
     assert watch.num_stalls == 0
     assert not watch.stalls
+
+
+def test_a_garbage_collection_during_a_stall_is_timed() -> None:
+    import gc
+
+    def collect(seconds: float) -> None:
+        garbage = [[i] for i in range(300_000)]  # objects for the collector to walk
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            gc.collect()
+        del garbage
+
+    watch = asyncio.run(_watched(collect, 0.4))
+    (stall,) = watch.stalls
+    assert 0 < stall.gc_ms <= stall.stalled_ms + 100
+    assert stall.gc_ms > 0.3 * stall.stalled_ms  # the stall was mostly collections
