@@ -133,6 +133,8 @@ class LoopWatch:
             stall.stalled_ms, stall.loop_cpu_ms, stall.process_cpu_ms, stall.gc_ms,
             stall.watch_late_ms, loop_stack or "  (not sampled)\n",
             others or "  (not sampled)\n")
+        for handler in logger.handlers:  # Serve buffers its replica logs (1,000 records when
+            handler.flush()  # throughput-optimized): a process killed later would lose it
 
     def _watch(self) -> None:
         due = time.monotonic() + self.period_s

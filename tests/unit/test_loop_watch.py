@@ -77,3 +77,30 @@ def test_a_garbage_collection_during_a_stall_is_timed() -> None:
     (stall,) = watch.stalls
     assert 0 < stall.gc_ms <= stall.stalled_ms + 100
     assert stall.gc_ms > 0.3 * stall.stalled_ms  # the stall was mostly collections
+
+
+def test_a_stall_is_written_through_a_buffering_handler_at_once() -> None:
+    """Serve's replica log is a MemoryHandler of 1,000 records in throughput-optimized mode:
+    a stall's warning must not wait in it (a killed process loses the buffer)."""
+    import logging
+    import logging.handlers
+
+    from runtime.loop_watch import logger
+
+    class _Keep(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.messages: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.messages.append(record.getMessage())
+
+    target = _Keep()
+    buffered = logging.handlers.MemoryHandler(capacity=1000, target=target,
+                                              flushLevel=logging.ERROR)
+    logger.addHandler(buffered)
+    try:
+        asyncio.run(_watched(_blocking_sleep, 0.4))
+    finally:
+        logger.removeHandler(buffered)
+    assert any("stood still" in message for message in target.messages)
