@@ -39,6 +39,9 @@ from runtime.scheduler.types import (
 )
 
 HELD_NOTE_MS = 500.0  # a long prompt held this long says why it stayed, in its decision_reason
+# With no replica of either pool reported within stale_after_s, their last reports still count
+# for this long: a stall of the ingress's own loop makes every report late at once.
+LATE_READS_GRACE_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -105,12 +108,28 @@ class LiveScheduler:
     def decide(self, request_id: str, prompt_len: int, max_tokens: int,
                one_engine: bool = False) -> Decision | Rejection:
         assert self.ready, "decide before any replica reported"
-        info = RequestInfo(request_id, prompt_len, max_tokens, time.monotonic(), one_engine)
-        decision = self.policy.decide(info, time.monotonic())
+        now = time.monotonic()
+        info = RequestInfo(request_id, prompt_len, max_tokens, now, one_engine)
+        decision = self.policy.decide(info, now)
+        if isinstance(decision, Rejection) and decision.unavailable and self._reads_late(now):
+            # every replica of both pools went quiet at once and none failed a call: this
+            # ingress was late reading their reports (a stall here), they did not all die
+            config = self.policy.config
+            self.policy.config = replace(config, stale_after_s=LATE_READS_GRACE_S)
+            try:
+                decision = self.policy.decide(info, now)
+            finally:
+                self.policy.config = config
         if isinstance(decision, Decision):
             self.decisions[(decision.lane, decision.mode)] += 1
             self.in_flight[decision.lane] += 1
         return decision
+
+    def _reads_late(self, now_s: float) -> bool:
+        """No replica of either pool is live, yet some reported within LATE_READS_GRACE_S,
+        healthy, with no failed call since."""
+        return any(table.live(now_s, LATE_READS_GRACE_S).any()
+                   for table in (self.prefill, self.decode))
 
     def demand(self, role: str) -> Demand:
         """What the pool needs now, in replicas (runtime/autoscaling.py)."""
