@@ -8,7 +8,7 @@ import pytest
 from tests.unit.test_scheduler_policy import NOW, _scheduler
 
 
-def test_a_long_prefill_that_finished_late_is_no_progress_on_those_held_behind_it():
+def test_a_long_prefill_that_finished_late_is_no_progress_on_those_held_behind_it() -> None:
     """Three long prompts booked on one engine; the first takes twice its prediction. When
     it finishes, the second has just had its turn and the third waits: their whole predicted
     work is left (the first's overrun is not progress on them)."""
@@ -24,7 +24,7 @@ def test_a_long_prefill_that_finished_late_is_no_progress_on_those_held_behind_i
     assert work.ahead_ms("c", half_s) == pytest.approx(predicted[1] / 2)
 
 
-def test_a_short_prompt_sent_during_a_long_prefill_has_all_its_work_left():
+def test_a_short_prompt_sent_during_a_long_prefill_has_all_its_work_left() -> None:
     """The engine's time on the long prefill before the short prompt came is no progress on
     it; once it is sent, it goes first (priority)."""
     work = _scheduler(num_short=1, num_long=0, num_decode=1).prefill.work
