@@ -26,7 +26,7 @@ from runtime.autoscaling import Demand, decode_demand, prefill_demand
 from runtime.scheduler.loads import DecodeTable, PrefillTable, ReplicaColumns
 from runtime.scheduler.policy import GlobalScheduler, PolicyConfig
 from runtime.scheduler.prefill_model import PrefillModel
-from runtime.scheduler.rebind import CHECK_EVERY_S, last_look, move_reason
+from runtime.scheduler.rebind import CHECK_EVERY_S, look
 from runtime.scheduler.types import (
     Decision,
     DecodeLoad,
@@ -181,21 +181,21 @@ class LiveScheduler:
         a waiting long prompt moves to another engine when its own is late or another is
         clearly earlier (rebind.py); a Rejection if, moved, no replica takes it any more."""
         info = RequestInfo(request_id, prompt_len, max_tokens, time.monotonic(), one_engine)
-        look = ""  # the last comparison of its engine with the others
+        seen = ""  # the last comparison of its engine with the others
         while True:
             work = self.policy.table_of(decision).work
             if work.has_turn(request_id):
                 held_ms = 1e3 * (time.monotonic() - info.arrival_s)
-                if look and held_ms >= HELD_NOTE_MS:  # why it did not move, in its timings
+                if seen and held_ms >= HELD_NOTE_MS:  # why it did not move, in its timings
                     decision = replace(decision, reason=f"{decision.reason}; held "
-                                       f"{held_ms:.0f} ms, last look: {look}")
+                                       f"{held_ms:.0f} ms, last look: {seen}")
                 return decision
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._long_done.wait(), CHECK_EVERY_S)
             now = time.monotonic()
-            why = move_reason(self.policy, decision, info, now)
+            why, latest = look(self.policy, decision, info, now)
+            seen = latest or seen  # "" once its turn has come
             if why is None:
-                look = last_look(self.policy, decision, info, now)
                 continue
             self._release(decision, request_id, prompt_len, max_tokens)
             self.decisions[(decision.lane, decision.mode)] -= 1

@@ -35,44 +35,34 @@ OVERDUE_MS = 1000.0
 def move_reason(policy: GlobalScheduler, decision: Decision, request: RequestInfo,
                 now_s: float) -> str | None:
     """Why the waiting long prompt should move off its engine now; None if it should stay."""
+    return look(policy, decision, request, now_s)[0]
+
+
+def look(policy: GlobalScheduler, decision: Decision, request: RequestInfo,
+         now_s: float) -> tuple[str | None, str]:
+    """(why the waiting long prompt should move now, None if it should stay; its engine
+    against the others as seen now, for its decision_reason once it has waited long)."""
     table = policy.table_of(decision)
     work = table.work
     i = work.replica_of(request.request_id)
     if i is None or work.has_turn(request.request_id):
-        return None
+        return None, ""
     free_ms = _free_engine_ms(policy, decision, request, now_s)
-    if free_ms is None:
-        return None
     own_ms = work.booked_ms(request.request_id)
-    here_ms = _here_ms(policy, decision, request, now_s)
+    here_ms = work.ahead_ms(request.request_id, now_s) + own_ms
+    best = f"{free_ms:.0f} ms on the best engine with no long prompt" if free_ms is not None \
+        else "no other engine without a long prompt"
+    seen = f"{here_ms:.0f} ms predicted here, {best}"
+    if free_ms is None:
+        return None, seen
     overdue_ms = work.head_overdue_ms(i, now_s)
     if overdue_ms >= max(OVERDUE_MS, own_ms):
         return (f"the long prefill ahead on {table.ids[i]} is {overdue_ms:.0f} ms late; an "
-                f"engine with no long prompt predicts {free_ms:.0f} ms")
+                f"engine with no long prompt predicts {free_ms:.0f} ms"), seen
     if free_ms <= CLEAR_WIN * here_ms and here_ms - free_ms >= MIN_GAIN_MS:
         return (f"{here_ms:.0f} ms predicted on {table.ids[i]}, {free_ms:.0f} ms on an engine "
-                "with no long prompt")
-    return None
-
-
-def last_look(policy: GlobalScheduler, decision: Decision, request: RequestInfo,
-              now_s: float) -> str:
-    """A waiting long prompt's engine against the others, as `move_reason` sees them now
-    (it goes into the request's decision_reason once it has waited long)."""
-    if policy.table_of(decision).work.replica_of(request.request_id) is None:
-        return ""
-    free_ms = _free_engine_ms(policy, decision, request, now_s)
-    best = f"{free_ms:.0f} ms on the best engine with no long prompt" if free_ms is not None \
-        else "no other engine without a long prompt"
-    return f"{_here_ms(policy, decision, request, now_s):.0f} ms predicted here, {best}"
-
-
-def _here_ms(policy: GlobalScheduler, decision: Decision, request: RequestInfo,
-             now_s: float) -> float:
-    """The waiting prompt's predicted first token where it is booked: the work ahead of it
-    there and its own."""
-    work = policy.table_of(decision).work
-    return work.ahead_ms(request.request_id, now_s) + work.booked_ms(request.request_id)
+                "with no long prompt"), seen
+    return None, seen
 
 
 def _free_engine_ms(policy: GlobalScheduler, decision: Decision, request: RequestInfo,
