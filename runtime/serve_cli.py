@@ -230,6 +230,10 @@ def format_pool_status(status: dict[str, Any]) -> list[str]:
     decisions = ", ".join(f"{k}: {v}" for k, v in sorted(view["decisions"].items()))
     lines.append(f"  decisions: {decisions or 'none yet'}; long prompts moved while waiting: "
                  f"{view.get('moved', 0)}")
+    if (handoff := view.get("handoff")) is not None:
+        lines.append(f"  split path beyond the prefill (measured, {handoff['samples']} requests): "
+                     f"first token +{handoff['first_token_ms']:.1f} ms, transfer latency "
+                     f"{handoff['transfer_latency_ms']:.1f} ms")
     if direct is not None:
         calls = ", ".join(f"{k}: {v}" for k, v in sorted(direct["calls"].items()))
         lines.append(f"  direct calls: {direct['connected']} of {len(direct['replicas'])} "

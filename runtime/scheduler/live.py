@@ -18,7 +18,7 @@ import contextlib
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -37,6 +37,9 @@ from runtime.scheduler.types import (
     ReplicaReport,
     RequestInfo,
 )
+
+if TYPE_CHECKING:
+    from runtime.messages import PhaseTimings
 
 HELD_NOTE_MS = 500.0  # a long prompt held this long says why it stayed, in its decision_reason
 # With no replica of either pool reported within stale_after_s, their last reports still count
@@ -220,6 +223,17 @@ class LiveScheduler:
         if compute_ms > 0:
             self.policy.learn(decision, num_tokens, compute_ms, alone=bool(clean))
 
+    def handoff_measured(self, timings: PhaseTimings) -> None:
+        """A split request's hop and transfer as measured (handoff.py); nothing from one that
+        was retried or served otherwise."""
+        if timings.mode == "disaggregated" and not timings.num_retries and not timings.degraded \
+                and timings.prefill_compute_ms > 0:
+            engine_ms = timings.scheduler_queue_ms + timings.prefill_queue_ms \
+                + timings.prefill_compute_ms
+            computed = timings.num_prompt_tokens - timings.num_cached_prompt_tokens
+            self.policy.handoff.observe(timings.ttft_ms - engine_ms, computed,
+                                        timings.kv_transfer_exposed_ms)
+
     def request_done(self, decision: Decision, request_id: str, prompt_len: int,
                      max_tokens: int, tpot_ms: float = 0.0, num_output_tokens: int = 0) -> None:
         """The request ended (done, failed or aborted; num_output_tokens: what one that ran
@@ -269,6 +283,7 @@ class LiveScheduler:
             ],
             "decisions": {f"{lane}/{mode}": n for (lane, mode), n in self.decisions.items()},
             "moved": self.num_moved,
+            "handoff": self.policy.handoff.snapshot(),
             "demand": {role: asdict(self.demand(role)) for role in self._roles()},
         }
 

@@ -23,15 +23,16 @@ Rules, in order (each decision's `reason` says which applied):
      replica with room serves the whole request.
   5. Mode: local (a decode replica prefills the prompt itself, no transfer), on the decode
      replica where it adds the least time (as in 6), when its first token there is no later
-     than the split path would have the KV on a decode replica (prefill + transfer + the
-     extra hop), the replica has room now, the prompt is at most `local_max_prompt_tokens`
-     (if set), and the replica's decodes stay within the TPOT budget: the local prefill work
-     outstanding on it, spread over the tokens its sequences still decode, may add at most
-     tpot_budget_ms - its recent TPOT to each. A long prompt goes local, within the same
-     budget, when its first token there plus what it costs the short prompts arriving
-     meanwhile (isolation.py: while every engine prefills a long prompt, short ones share
-     their steps with its chunks) is less than on the prefill pool; rule 4 does not move it
-     back to the prefill pool for the decode time it saves. Otherwise disaggregated.
+     than the split path would have the KV on a decode replica (prefill + the extra hop +
+     transfer, the last two as measured: handoff.py), the replica has room now, the prompt is
+     at most `local_max_prompt_tokens` (if set), and the replica's decodes stay within the
+     TPOT budget: the local prefill work outstanding on it, spread over the tokens its
+     sequences still decode, may add at most tpot_budget_ms - its recent TPOT to each. A long
+     prompt goes local, within the same budget, when its first token there plus what it costs
+     the short prompts arriving meanwhile (isolation.py: while every engine prefills a long
+     prompt, short ones share their steps with its chunks) is less than on the prefill pool;
+     rule 4 does not move it back to the prefill pool for the decode time it saves. Otherwise
+     disaggregated.
   6. Colocated serving (`disaggregation` off): every request is local, on the engine where
      it adds the least time in all: its predicted first token plus its decode cost there
      (decode_cost.py: its steps at that engine's step time, s0 + s1 x sequences from the
@@ -57,6 +58,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from runtime.scheduler.decode_cost import decode_cost_ms, prefill_delay_ms
+from runtime.scheduler.handoff import Handoff
 from runtime.scheduler.isolation import ArrivalRate, short_cost_ms
 from runtime.scheduler.loads import DecodeTable, PrefillTable, ReplicaColumns, other_than
 from runtime.scheduler.types import Decision, Engine, Lane, Rejection, RequestInfo
@@ -73,7 +75,7 @@ class PolicyConfig:
     kv_bytes_per_token: int = 131072  # Llama-3-8B bf16: 2 * 32 layers * 8 heads * 128 * 2 B
     link_bytes_per_s: float = 5e9
     transfer_latency_ms: float = 0.5
-    split_overhead_ms: float = 5.0  # the extra hop to a prefill replica and back
+    split_overhead_ms: float = 5.0  # the extra hop to a prefill replica and back (at start)
     tpot_budget_ms: float = 100.0  # local prefills may slow a decode replica's TPOT up to this
     admission_ttft_ms: float | None = None
     disaggregation: bool = True
@@ -82,10 +84,6 @@ class PolicyConfig:
     max_queued_per_replica: int = 256
     # a prompt prefilled on a prefill replica may be decoded there too (rule 4)
     decode_balance: bool = True
-
-    def transfer_ms(self, num_tokens: int) -> float:
-        return self.transfer_latency_ms + 1e3 * num_tokens * self.kv_bytes_per_token \
-            / self.link_bytes_per_s
 
 
 class GlobalScheduler:
@@ -97,6 +95,7 @@ class GlobalScheduler:
         self.decode = decode
         self.output_fraction = 0.5  # tokens generated / max_tokens, recent requests (EWMA)
         self.short_arrivals = ArrivalRate()
+        self.handoff = Handoff.of(config)  # the split's hop and transfer, as measured
         self.refresh_lanes()
 
     def refresh_lanes(self) -> None:
@@ -171,13 +170,13 @@ class GlobalScheduler:
         work = self.prefill.work
         # a split's first token there, its decodes' steps included; its cost to others: a
         # short prompt runs before the long ones waiting there, delaying each by its prefill
-        split_ms = self.prefill.first_token_ms(n, lane, now_s) + self.config.split_overhead_ms
+        split_ms = self.prefill.first_token_ms(n, lane, now_s) + self.handoff.first_ms
         split_cost = split_ms + (work.predict_ms(n) * work.num_long if lane == "short" else 0.0)
         in_lane = self._lane_masks[lane] & p_live
         candidates = np.flatnonzero(in_lane if in_lane.any() else p_live)
         p = int(candidates[np.argmin(split_cost[candidates])])
         split_ttft = float(split_ms[p])
-        transfer_ms = self.config.transfer_ms(n)
+        transfer_ms = self.handoff.transfer_ms(n)
         split_ready = split_ttft + transfer_ms
         local_cost = local_ms + (self.decode.work.predict_ms(n) * self.decode.work.num_long
                                  if lane == "short" else 0.0)

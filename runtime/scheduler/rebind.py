@@ -79,8 +79,8 @@ def _free_engine_ms(policy: GlobalScheduler, decision: Decision, request: Reques
                 & (work.num_long == 0))
         free &= other_than(policy.prefill.ids, decision.prefill_replica)
         if free.any():
-            ms = policy.prefill.first_token_ms(n, lane, now_s) + policy.config.split_overhead_ms \
-                + policy.config.transfer_ms(n)
+            ms = policy.prefill.first_token_ms(n, lane, now_s) + policy.handoff.first_ms \
+                + policy.handoff.transfer_ms(n)
             best = min(best, float(ms[free].min()))
     d_live = policy.decode.live(now_s, stale_s)
     p_live = policy.prefill.live(now_s, stale_s) if policy.config.disaggregation \

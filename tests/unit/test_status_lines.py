@@ -22,6 +22,7 @@ def _status() -> dict:
                         "local_remaining_ms": {"short": 1.0, "long": 0.0}, "model": MODEL,
                         "decode_step": {"s0_ms": 4.0, "s1_ms_per_seq": 0.75, "fitted": True}}],
             "decisions": {"short/local": 5, "long/disaggregated": 2}, "moved": 1,
+            "handoff": {"first_token_ms": 12.5, "transfer_latency_ms": 20.0, "samples": 7},
             "demand": {"prefill": {"replicas": 1.5, "reason": "queued work"}},
         },
         "direct_calls": {"connected": 2, "replicas": {"p0": "a", "d0": "b"},
@@ -40,6 +41,7 @@ def test_every_part_of_the_status_is_printed():
     assert "decode step 4.0 + 0.75 ms per sequence (fitted)" in text
     assert "decode step 6.0 + 0.50 ms per sequence (estimated until it is fitted)" in text
     assert "long prompts moved while waiting: 1" in text
+    assert "measured, 7 requests): first token +12.5 ms, transfer latency 20.0 ms" in text
     assert "direct calls: 2 of 2 replicas connected" in text
     assert "load reports read over them 42" in text
     assert "decode replica d0: kv cache 10.0% used, 3 running" in text

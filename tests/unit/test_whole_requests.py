@@ -88,8 +88,8 @@ def test_a_split_is_charged_its_prefill_where_it_runs():
     delay_d = float(prefill_delay_ms(sched.decode, 400, of)[0])
     assert delay_d > 50  # what a prefill there would cost its six sequences
     split_ms = float(sched.prefill.work.wait_ms(NOW, 400, "short")[0]) \
-        + sched.config.split_overhead_ms
-    expected = split_ms + sched.config.transfer_ms(400) \
+        + sched.handoff.first_ms
+    expected = split_ms + sched.handoff.transfer_ms(400) \
         + float(decode_cost_ms(sched.decode, 400, 300, of, NOW)[0]) - delay_d \
         + float(prefill_delay_ms(sched.prefill, 400, of)[0])
     decision = sched.decide(request, NOW)
