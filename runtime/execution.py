@@ -196,7 +196,7 @@ class Execution:
                     live.prefill_measured(decision,
                                           t.num_prompt_tokens - t.num_cached_prompt_tokens,
                                           t.prefill_compute_ms, clean)
-                    live.handoff_measured(t)
+                    live.handoff_measured(t, clean)
                 stopped = output.stop_reason is not None
                 yield TextEvent(text + output.finish(), kept,
                                 "stop" if stopped else event.finish_reason, t,

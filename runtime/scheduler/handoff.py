@@ -44,10 +44,15 @@ class Handoff:
         """The predicted time from a split's first token to its KV on the decode replica."""
         return self.latency_ms + self.bytes_ms(num_tokens)
 
-    def observe(self, first_over_ms: float, num_tokens: int, transfer_ms: float) -> None:
+    def observe(self, first_over_ms: float | None, num_tokens: int,
+                transfer_ms: float) -> None:
         """A split request's measured hop: its first token beyond the prefill engine's queue
-        and compute, and the transfer the decode replica waited for (0: not measured)."""
-        self.first_ms += WEIGHT * (_clip(first_over_ms) - self.first_ms)
+        and compute (None: it did not run alone there, below), and the transfer the decode
+        replica waited for (0: not measured). A prompt sent to an engine in the middle of
+        another's step reaches the engine's queue only when that step ends: that wait is
+        the engine's work ahead of it, which the prefill model predicts, not the hop."""
+        if first_over_ms is not None:
+            self.first_ms += WEIGHT * (_clip(first_over_ms) - self.first_ms)
         if transfer_ms > 0:
             fixed = transfer_ms - self.bytes_ms(num_tokens)
             self.latency_ms += WEIGHT * (_clip(fixed) - self.latency_ms)

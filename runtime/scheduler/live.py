@@ -223,16 +223,16 @@ class LiveScheduler:
         if compute_ms > 0:
             self.policy.learn(decision, num_tokens, compute_ms, alone=bool(clean))
 
-    def handoff_measured(self, timings: PhaseTimings) -> None:
-        """A split request's hop and transfer as measured (handoff.py); nothing from one that
-        was retried or served otherwise."""
+    def handoff_measured(self, timings: PhaseTimings, alone: bool | None) -> None:
+        """A split request's hop and transfer as measured (handoff.py): the hop only from a
+        prompt that ran alone on its engine; nothing from one retried or served otherwise."""
         if timings.mode == "disaggregated" and not timings.num_retries and not timings.degraded \
                 and timings.prefill_compute_ms > 0:
             engine_ms = timings.scheduler_queue_ms + timings.prefill_queue_ms \
                 + timings.prefill_compute_ms
             computed = timings.num_prompt_tokens - timings.num_cached_prompt_tokens
-            self.policy.handoff.observe(timings.ttft_ms - engine_ms, computed,
-                                        timings.kv_transfer_exposed_ms)
+            self.policy.handoff.observe(timings.ttft_ms - engine_ms if alone else None,
+                                        computed, timings.kv_transfer_exposed_ms)
 
     def request_done(self, decision: Decision, request_id: str, prompt_len: int,
                      max_tokens: int, tpot_ms: float = 0.0, num_output_tokens: int = 0) -> None:

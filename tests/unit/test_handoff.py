@@ -52,13 +52,20 @@ def _timings(mode: str, ttft_ms: float, **kw: object) -> PhaseTimings:
 def test_only_split_requests_served_as_decided_teach_it() -> None:
     live = LiveScheduler(LiveConfig(PolicyConfig(split_overhead_ms=5.0), 0, 16, 8))
     handoff = live.policy.handoff
-    live.handoff_measured(_timings("local", ttft_ms=200.0))
-    live.handoff_measured(_timings("disaggregated", ttft_ms=200.0, num_retries=1))
-    live.handoff_measured(_timings("disaggregated", ttft_ms=200.0, degraded=True))
+    live.handoff_measured(_timings("local", ttft_ms=200.0), True)
+    live.handoff_measured(_timings("disaggregated", ttft_ms=200.0, num_retries=1), True)
+    live.handoff_measured(_timings("disaggregated", ttft_ms=200.0, degraded=True), True)
     assert handoff.num_samples == 0 and handoff.first_ms == 5.0
-    live.handoff_measured(_timings("disaggregated", ttft_ms=65.0))  # 20 ms beyond 2 + 3 + 40
+    live.handoff_measured(_timings("disaggregated", ttft_ms=65.0), True)  # 20 ms beyond 45
     assert handoff.num_samples == 1
     assert handoff.first_ms == pytest.approx(5.0 + WEIGHT * (20.0 - 5.0))
+    latency_ms = handoff.latency_ms
+    # sent while another prompt ran there: it waited for that step before the engine's
+    # queue saw it. Its transfer counts, its hop does not
+    live.handoff_measured(_timings("disaggregated", ttft_ms=300.0, kv_transfer_exposed_ms=80.0),
+                          False)
+    assert handoff.first_ms == pytest.approx(5.0 + WEIGHT * (20.0 - 5.0))
+    assert handoff.latency_ms > latency_ms and handoff.num_samples == 2
     assert "handoff" in live.snapshot()
 
 
