@@ -18,9 +18,9 @@ Rules, in order (each decision's `reason` says which applied):
   4. Whole on a prefill replica (`prefill_local`): the prefill replica chosen in 3 decodes
      the request too when that adds less time in all than the choice of 5 (first token plus
      decode cost, as in 6; not for a prompt that 5 sends local if it is long, or if it is
-     short and its first token there would come later, or the prefill replica has a long
-     prompt to prefill where the decode replica has none); and when no decode replica has
-     room (KV, a slot, TPOT within budget), a prefill replica with room serves it whole.
+     short and the prefill replica has a long prompt to prefill where the decode replica has
+     none); and when no decode replica has room (KV, a slot, TPOT within budget), a prefill
+     replica with room serves the whole request.
   5. Mode: local (a decode replica prefills the prompt itself, no transfer), on the decode
      replica where it adds the least time (as in 6), when its first token there is no later
      than the split path would have the KV on a decode replica (prefill + the extra hop +
@@ -202,11 +202,10 @@ class GlobalScheduler:
         whole_ms = self._whole_on_prefill_ms(request, lane, p, float(split_cost[p] - split_ms[p]),
                                              now_s)
         # rule 4 does not trade a first token for decode time: not a long prompt's that a
-        # decode replica starts sooner, nor a short one's that it starts sooner, or that it
-        # would move onto a prefill replica with a long prefill from a decode replica with none
-        if local is not None and (
-                lane == "long" or local_ms[local] < split_ttft - self.handoff.first_ms
-                or (self.prefill.work.num_long[p] > 0 and self.decode.work.num_long[local] == 0)):
+        # decode replica starts sooner, nor a short one's, moving it onto a prefill replica
+        # with a long prefill to run from a decode replica that has none
+        if local is not None and (lane == "long" or (
+                self.prefill.work.num_long[p] > 0 and self.decode.work.num_long[local] == 0)):
             whole_ms = np.inf
         if whole_ms < best_ms:
             only_p = np.zeros(len(self.prefill.ids), dtype=bool)

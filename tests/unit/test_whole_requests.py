@@ -171,25 +171,3 @@ def test_a_prompt_waits_for_the_decode_steps_of_the_prefills_ahead_of_it():
     shared, ahead_shared = held_wait(True)
     assert shared == pytest.approx(alone + 4 * 20.0)  # four 512-token chunks, a step each
     assert ahead_shared == pytest.approx(ahead_alone + 4 * 20.0)
-
-
-def test_a_short_prompt_is_not_made_to_wait_for_decode_balance():
-    """Six sequences decode on the decode replica; a short prompt decoding on the prefill
-    replica instead adds less time in all. While the prefill replica is idle it goes there;
-    with 1,500 tokens of short prompts ahead of it there, it would get its first token later
-    than from a local prefill, and it goes local."""
-    def decide(ahead_tokens: int) -> Decision:
-        sched = _scheduler(num_short=1, num_long=0, num_decode=1, local_max_prompt_tokens=None)
-        sched.prefill.total_blocks[0] = sched.prefill.free_blocks[0] = 1000
-        for _ in range(6):
-            sched.decode.placed(0, sched.decode.blocks_for(500), 300)
-        for i in range(ahead_tokens // 500):
-            sched.prefill.work.book(0, f"ahead{i}", "short", 500, NOW)
-        decision = sched.decide(_req(9, 300, max_tokens=300), NOW)
-        assert isinstance(decision, Decision)
-        return decision
-
-    idle = decide(0)
-    assert idle.mode == "prefill_local", idle.reason
-    busy = decide(1500)
-    assert busy.mode == "local", busy.reason
