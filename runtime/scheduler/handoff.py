@@ -3,12 +3,12 @@
 A split request's first token comes back over one more hop than a local one's (ingress ->
 prefill replica -> ingress), and its KV reaches the decode replica after a transfer whose
 fixed part (the lease reaches the producer's worker with its engine's next step; the pull's
-round trips) outweighs its bytes over the link for all but long prompts. Both start from the configured figures (`split_overhead_ms`;
-`transfer_latency_ms` + bytes / `link_bytes_per_s`) and follow the measured ones: the first
-token's time beyond the prefill engine's own queue and compute, and the transfer's time
-beyond its bytes, each an exponentially weighted mean (a slow minute moves them, and passes).
-The bytes term stays the configured one: short prompts, where the fixed part dominates, say
-nothing about the link's speed.
+round trips) outweighs its bytes over the link for all but long prompts. Both start from the
+configured figures (`split_overhead_ms`; `transfer_latency_ms` + bytes / `link_bytes_per_s`)
+and follow the measured ones: the first token's time beyond the prefill engine's own queue
+and compute, and the transfer's time beyond its bytes, each an exponentially weighted mean
+(a slow minute moves them, and passes). The bytes term stays the configured one: short
+prompts, where the fixed part dominates, say nothing about the link's speed.
 """
 
 from __future__ import annotations
