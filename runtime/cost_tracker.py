@@ -37,9 +37,11 @@ MAX_STEP_PERIOD_S = 1.0
 
 @dataclass(frozen=True)
 class StepCounts:
-    """One engine step as vLLM reports it."""
+    """One engine step as vLLM reports it. duration_s None: the engine did not time the step
+    (with the model in the engine core process, vLLM's elapsed_ms covers only the sampling);
+    the tracker then takes the step's period as the replica saw it."""
 
-    duration_s: float
+    duration_s: float | None
     num_prefill_requests: int
     num_prefill_tokens: int
     num_decode_requests: int
@@ -80,6 +82,7 @@ class CostTracker:
         self._requests: dict[str, _InFlight] = {}  # in submission order
         self.decode_steps = DecodeStepFit()  # the engine's step time by batch size
         self._last_step_s: float | None = None  # when the last step's output came
+        self._busy_from_s = self._started_s  # the later of the last output and idle's end
 
     def begin(self, request_id: str, num_prompt_tokens: int, loads_kv: bool = False,
               priority: int = 0) -> None:
@@ -89,6 +92,7 @@ class CostTracker:
         self._num_begun += 1
         if not self._requests:
             self._last_step_s = None  # the engine was idle: no step period until the next
+            self._busy_from_s = self._clock()
         arrival = (priority if self.by_priority else 0, self._num_begun)
         request = _InFlight(num_prompt_tokens, 0 if loads_kv else num_prompt_tokens, arrival)
         if loads_kv:
@@ -115,7 +119,7 @@ class CostTracker:
 
     def restart_clock(self) -> None:
         """Count wall time from now (the engine is up; its start-up is not idle capacity)."""
-        self._started_s = self._clock()
+        self._started_s = self._busy_from_s = self._clock()
 
     def on_step(self, step: StepCounts) -> None:
         now = self._clock()
@@ -125,6 +129,10 @@ class CostTracker:
             # another, and this one's period is what a token took
             self.decode_steps.add(step.num_decode_requests, 1e3 * (now - self._last_step_s))
         self._last_step_s = now
+        duration_s = step.duration_s
+        if duration_s is None:  # since the last output, or since work came to an idle engine
+            duration_s = min(max(0.0, now - self._busy_from_s), MAX_STEP_PERIOD_S)
+        self._busy_from_s = now
         prefilling = [(rid, r) for rid, r in self._requests.items() if r.num_prefill_left > 0]
         prefilling.sort(key=lambda item: (item[1].started is None, item[1].started or 0,
                                           item[1].arrival))
@@ -134,7 +142,7 @@ class CostTracker:
         decoded = decoding[:step.num_decode_requests]
         num_other = (step.num_prefill_tokens - sum(tokens.values())
                      + step.num_decode_requests - len(decoded))
-        self.ledger.record_step(step.duration_s, tokens, decoded, num_other)
+        self.ledger.record_step(duration_s, tokens, decoded, num_other)
         for request_id in decoded:
             self._requests[request_id].num_decoded += 1
         for request_id, n in tokens.items():
@@ -143,7 +151,7 @@ class CostTracker:
             if request.started is None:
                 self._num_started += 1
                 request.started = self._num_started
-        self._hold_blocks(now, step.duration_s, set(tokens), set(decoded))
+        self._hold_blocks(now, duration_s, set(tokens), set(decoded))
         for request_id in tokens:
             request = self._requests[request_id]
             request.decoding = request.decoding or request.num_prefill_left == 0

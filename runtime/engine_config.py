@@ -14,6 +14,7 @@ Dtype = Literal["float32", "bfloat16", "float16"]
 TransferFailurePolicy = Literal["fail", "recompute"]
 SchedulingPolicy = Literal["priority", "fcfs"]
 EngineRole = Literal["prefill", "decode", "colocated"]
+Executor = Literal["uni", "mp"]
 
 
 class EngineConfig(BaseModel):
@@ -44,6 +45,12 @@ class EngineConfig(BaseModel):
     cpu_threads_bind: str | None = Field(
         None, description="CPU engines: cores for the engine's threads, e.g. '0' or '0-1'."
     )
+    executor: Executor = Field(
+        "uni", description="'uni': the model runs in the engine core process (vLLM's default "
+        "for one GPU). 'mp': in a worker process of its own, which vLLM's CPU platform "
+        "otherwise chooses; the engine core then busy-waits for each step's result "
+        "(sched_yield for 1 s after every read), so a busy engine takes a second core's time "
+        "from the other engines and the front-ends.")
 
 
 class TransferConfig(TransferSettings):

@@ -79,6 +79,8 @@ class _CostLogger(StatLoggerBase):
     def __init__(self, tracker: CostTracker, vllm_config: VllmConfig,
                  engine_index: int = 0) -> None:
         self._tracker = tracker
+        # with the "uni" executor the model runs before vLLM starts its step timer
+        self._timed = vllm_config.parallel_config.distributed_executor_backend != "uni"
 
     def record(
         self,
@@ -91,7 +93,7 @@ class _CostLogger(StatLoggerBase):
         if details is None or details.is_dummy:
             return
         self._tracker.on_step(StepCounts(
-            duration_s=details.elapsed_ms / 1e3,
+            duration_s=details.elapsed_ms / 1e3 if self._timed else None,
             num_prefill_requests=details.num_ctx_requests,
             num_prefill_tokens=details.num_ctx_tokens,
             num_decode_requests=details.num_generation_requests,

@@ -114,6 +114,10 @@ def build_engine(
     if config.cpu_threads_bind is not None:
         # vLLM's CPU workers read their core binding from the environment at start.
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = config.cpu_threads_bind
+    if config.executor == "uni":
+        # vLLM's CPU platform turns a one-worker engine's "uni" executor into "mp" unless
+        # this is 0. AsyncLLM runs its engine core in a process of its own either way.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     args = AsyncEngineArgs(
         model=config.model,
         dtype=config.dtype,
@@ -126,6 +130,7 @@ def build_engine(
         scheduling_policy=config.scheduling_policy,
         long_prefill_token_threshold=config.long_prefill_chunk_tokens,
         enforce_eager=config.enforce_eager,
+        distributed_executor_backend=config.executor,
         disable_log_stats=False,
         enable_logging_iteration_details=costs is not None,
         kv_transfer_config=kv_transfer_config,

@@ -334,3 +334,23 @@ def test_replicas_and_their_engines_run_at_niceness_0(serve_app):
                if name(c).startswith("VLLM::")]
     assert len(replicas) >= 3 and len(engines) >= 2, (replicas, engines)
     assert {p.nice() for p in replicas + engines} == {0}
+
+
+def test_each_engine_is_one_process(serve_app):
+    """The model runs in the engine core process (executor 'uni'): vLLM's CPU default would
+    start a worker process per engine whose engine core busy-waits on it for every step."""
+    import psutil
+
+    def name(p: psutil.Process) -> str:
+        with contextlib.suppress(psutil.Error):
+            return " ".join(p.cmdline()) or p.name()
+        return ""
+
+    replicas = [p for p in psutil.Process().children(recursive=True)
+                if name(p).startswith("ray::ServeReplica:")]
+    per_replica = [[name(c) for c in r.children(recursive=True) if name(c).startswith("VLLM::")]
+                   for r in replicas]
+    engines = [names for names in per_replica if names]
+    assert len(engines) >= 2, per_replica
+    assert all(len(names) == 1 and names[0].startswith("VLLM::EngineCore")
+               for names in engines), per_replica

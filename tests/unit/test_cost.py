@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from runtime.app_config import AppConfig, PoolConfig
 from runtime.cost import EngineUsage, RequestCost, StepLedger, dollars
-from runtime.cost_tracker import CostTracker, StepCounts
+from runtime.cost_tracker import MAX_STEP_PERIOD_S, CostTracker, StepCounts
 
 
 class FakeClock:
@@ -93,6 +93,31 @@ def test_cost_per_replica_hour_is_validated_per_pool():
 def test_engine_usage_reports_idle_capacity_apart():
     usage = EngineUsage(busy_s=3.0, wall_s=10.0, attributed_s=2.5)
     assert (usage.idle_s, usage.unattributed_s, usage.busy_fraction) == (7.0, 0.5, 0.3)
+
+
+def test_untimed_steps_take_their_period_from_the_replicas_clock():
+    """With the model in the engine core ("uni" executor) vLLM's step timer covers only the
+    sampling: a step then lasts from the previous step's output, or from when work came to
+    an idle engine (the idle time before is no step's), at most MAX_STEP_PERIOD_S."""
+    clock = FakeClock()
+    tracker = CostTracker(block_size=16, clock=clock)
+    clock.now_s += 5.0  # idle
+    tracker.begin("a", 40)
+    clock.now_s += 0.2
+    tracker.on_step(StepCounts(None, num_prefill_requests=1, num_prefill_tokens=40,
+                               num_decode_requests=0))
+    clock.now_s += 0.05
+    tracker.on_step(StepCounts(None, 0, 0, num_decode_requests=1))
+    a = tracker.end("a")
+    assert (a.prefill_engine_s, a.decode_engine_s) == (pytest.approx(0.2), pytest.approx(0.05))
+    clock.now_s += 9.0  # idle again
+    tracker.begin("b", 10)
+    clock.now_s += 0.1
+    tracker.on_step(StepCounts(None, 1, 10, 0))
+    assert tracker.end("b").prefill_engine_s == pytest.approx(0.1)
+    clock.now_s += 30.0  # a step of nobody's, 30 s after the last output
+    tracker.on_step(StepCounts(None, 1, 10, 0))
+    assert tracker.usage().busy_s == pytest.approx(0.35 + MAX_STEP_PERIOD_S)
 
 
 def test_tracker_follows_requests_through_prefill_and_decode():
