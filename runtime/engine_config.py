@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from kv_transfer.config import MIN_TOKEN_CHARS, TransferSettings
 from kv_transfer.kinds import CollectiveBackend
@@ -43,7 +43,8 @@ class EngineConfig(BaseModel):
         "prompt or a decode step never waits for a whole long prefill; 0: no cap.")
     enforce_eager: bool = Field(True, description="No graph capture or compilation.")
     cpu_threads_bind: str | None = Field(
-        None, description="CPU engines: cores for the engine's threads, e.g. '0' or '0-1'."
+        None, description="CPU engines: cores for the engine's threads, e.g. '0', '0-1' or "
+        "'0,2' (vLLM's VLLM_CPU_OMP_THREADS_BIND; also 'auto' or 'nobind')."
     )
     executor: Executor = Field(
         "uni", description="'uni': the model runs in the engine core process (vLLM's default "
@@ -51,6 +52,29 @@ class EngineConfig(BaseModel):
         "otherwise chooses; the engine core then busy-waits for each step's result "
         "(sched_yield for 1 s after every read), so a busy engine takes a second core's time "
         "from the other engines and the front-ends.")
+
+    @field_validator("cpu_threads_bind")
+    @classmethod
+    def _check_cores(cls, bind: str | None) -> str | None:
+        if bind not in (None, *BIND_WORDS):
+            core_set(bind)
+        return bind
+
+
+BIND_WORDS = ("auto", "nobind")  # vLLM's own values: it binds (or not) by itself
+
+
+def core_set(bind: str) -> set[int]:
+    """The cores of vLLM's VLLM_CPU_OMP_THREADS_BIND for one worker: "3", "0-3", "0,2-3" (a
+    "|" starts the next worker's list)."""
+    cores: set[int] = set()
+    for part in bind.split("|")[0].split(","):
+        first, dash, last = part.strip().partition("-")
+        if not first.isdigit() or (dash and not last.isdigit()):
+            raise ValueError(f"engine.cpu_threads_bind {bind!r}: expected cores as 3, 0-3 or "
+                             "0,2-3")
+        cores.update(range(int(first), int(last or first) + 1))
+    return cores
 
 
 class TransferConfig(TransferSettings):

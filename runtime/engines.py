@@ -7,8 +7,16 @@ import os
 import socket
 from typing import TYPE_CHECKING, Literal
 
+import psutil
+
 from kv_transfer.config import ConnectorConfig, TransferSettings
-from runtime.engine_config import EngineConfig, EngineRole, TransferConfig
+from runtime.engine_config import (
+    BIND_WORDS,
+    EngineConfig,
+    EngineRole,
+    TransferConfig,
+    core_set,
+)
 
 log = logging.getLogger(__name__)
 
@@ -111,13 +119,18 @@ def build_engine(
                     "process at niceness 0 on its cores takes them first. Start Ray with "
                     "RAY_worker_niceness=0 (`disagg serve` and scripts/local-cluster.sh do).",
                     niceness)
+    cores = None
     if config.cpu_threads_bind is not None:
         # vLLM's CPU workers read their core binding from the environment at start.
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = config.cpu_threads_bind
+        cores = None if config.cpu_threads_bind in BIND_WORDS else \
+            core_set(config.cpu_threads_bind)
     if config.executor == "uni":
         # vLLM's CPU platform turns a one-worker engine's "uni" executor into "mp" unless
         # this is 0. AsyncLLM runs its engine core in a process of its own either way.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        if cores is not None:  # one OpenMP thread per core, as vLLM gives its workers
+            os.environ["OMP_NUM_THREADS"] = str(len(cores))
     args = AsyncEngineArgs(
         model=config.model,
         dtype=config.dtype,
@@ -140,4 +153,25 @@ def build_engine(
     if costs is not None:
         DropIterationLines.install()
         stat_loggers.append(CostProbe(costs).factory)
-    return AsyncLLM.from_engine_args(args, stat_loggers=stat_loggers or None)
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    engine = AsyncLLM.from_engine_args(args, stat_loggers=stat_loggers or None)
+    if config.executor == "uni" and cores is not None:
+        _pin_new_engine_cores(before, cores)
+    return engine
+
+
+def _pin_new_engine_cores(before: set[int], cores: set[int]) -> None:
+    """Pin every thread of the engine core processes started since `before` to cores. vLLM
+    binds a CPU engine's threads only when it starts a worker process (by OpenMP's
+    environment); with the model in the engine core ("uni") nothing binds them. Threads
+    started later inherit their creator's cores."""
+    for proc in psutil.Process().children(recursive=True):
+        if proc.pid in before:
+            continue
+        try:
+            if not proc.name().startswith("VLLM::EngineCore"):
+                continue
+            for thread in proc.threads():
+                os.sched_setaffinity(thread.id, cores)
+        except (psutil.Error, ProcessLookupError):
+            continue

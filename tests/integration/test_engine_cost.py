@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 
+import psutil
 import pytest
 
 from decode_workers.worker import DecodeWorker
@@ -18,6 +20,7 @@ from tests.integration.conftest import BLOCK_SIZE, EventLoopThread
 from tests.integration.helpers import make_prompt
 
 _ids = itertools.count()
+_engine_processes: list[psutil.Process] = []  # the costed engine's, as it started
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +31,11 @@ def costed(tiny_model):
 
     async def start() -> DecodeWorker:
         config = EngineConfig(model=str(tiny_model), block_size=BLOCK_SIZE,
-                              kv_cache_bytes=256 << 20, max_num_seqs=16)
+                              kv_cache_bytes=256 << 20, max_num_seqs=16, cpu_threads_bind="1")
+        before = {p.pid for p in psutil.Process().children(recursive=True)}
         engine = build_engine(config, "colocated", costs=costs)
+        _engine_processes[:] = [p for p in psutil.Process().children(recursive=True)
+                                if p.pid not in before and p.name().startswith("VLLM::")]
         return DecodeWorker(engine, BLOCK_SIZE, costs=costs)
 
     worker = runner.run(start())
@@ -105,3 +111,12 @@ def test_decode_calibration_fits_the_engines_step_by_batch_size(costed):
     per_token = sorted(t.decode_ms / 47 for t in timings)
     ratio = per_token[len(per_token) // 2] / model.step_ms(6)
     assert 0.5 <= ratio <= 2.0, (per_token, model)
+
+
+def test_the_engine_is_one_process_on_its_cores(costed):
+    """executor 'uni': the model runs in the engine core process, and with
+    cpu_threads_bind every one of its threads runs on those cores (vLLM binds only a worker
+    process's threads)."""
+    assert [p.name() for p in _engine_processes] == ["VLLM::EngineCore"], _engine_processes
+    threads = _engine_processes[0].threads()
+    assert threads and all(os.sched_getaffinity(t.id) == {1} for t in threads)

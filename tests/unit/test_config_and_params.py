@@ -15,7 +15,7 @@ from kv_transfer.params import (
     producer_request_params,
     transfer_output_params,
 )
-from runtime.engine_config import EngineConfig, TransferConfig
+from runtime.engine_config import EngineConfig, TransferConfig, core_set
 
 
 def test_transfer_params_round_trip_through_vllm_dicts():
@@ -54,3 +54,15 @@ def test_unknown_choices_fail_with_the_valid_ones_listed():
 
 def test_each_transfer_config_gets_its_own_token():
     assert TransferConfig().auth_token != TransferConfig().auth_token
+
+
+def test_engine_cores_take_vllms_syntax_and_bad_ones_are_refused():
+    assert core_set("3") == {3}
+    assert core_set("0-3") == {0, 1, 2, 3}
+    assert core_set("0,2-3") == {0, 2, 3}
+    assert core_set("4-5|6-7") == {4, 5}  # the first worker's list
+    assert EngineConfig(model="m", cpu_threads_bind="auto").cpu_threads_bind == "auto"
+    assert EngineConfig(model="m").executor == "uni"
+    for bad in ("", "1-", "a", "0;1"):
+        with pytest.raises(ValidationError, match="cpu_threads_bind"):
+            EngineConfig(model="m", cpu_threads_bind=bad)
