@@ -30,7 +30,8 @@ Rules, in order (each decision's `reason` says which applied):
      sequences still decode, may add at most tpot_budget_ms - its recent TPOT to each. A long
      prompt goes local, within the same budget, when its first token there plus what it costs
      the short prompts arriving meanwhile (isolation.py: while every engine prefills a long
-     prompt, short ones share their steps with its chunks) is less than on the prefill pool;
+     prompt, short ones share their steps with its chunks) and those still prefilling there
+     (a chunk each) is less than on the prefill pool;
      rule 4 does not move it back to the prefill pool for the decode time it saves. Otherwise
      disaggregated.
   6. Colocated serving (`disaggregation` off): every request is local, on the engine where
@@ -168,18 +169,17 @@ class GlobalScheduler:
             return self._book_local(request, lane, best, float(local_ms[best]), now_s,
                                     "degraded: no live prefill replica")
         work = self.prefill.work
-        # a split's first token there, its decodes' steps included; its cost to others: a
-        # short prompt runs before the long ones waiting there, delaying each by its prefill
+        # a split's first token there, its decodes' steps included, and its delay to the
+        # prompts outstanding there (work.delay_to_others_ms)
         split_ms = self.prefill.first_token_ms(n, lane, now_s) + self.handoff.first_ms
-        split_cost = split_ms + (work.predict_ms(n) * work.num_long if lane == "short" else 0.0)
+        split_cost = split_ms + work.delay_to_others_ms(n, lane)
         in_lane = self._lane_masks[lane] & p_live
         candidates = np.flatnonzero(in_lane if in_lane.any() else p_live)
         p = int(candidates[np.argmin(split_cost[candidates])])
         split_ttft = float(split_ms[p])
         transfer_ms = self.handoff.transfer_ms(n)
         split_ready = split_ttft + transfer_ms
-        local_cost = local_ms + (self.decode.work.predict_ms(n) * self.decode.work.num_long
-                                 if lane == "short" else 0.0)
+        local_cost = local_ms + self.decode.work.delay_to_others_ms(n, lane)
         added = self._added_ms(request, self.decode, now_s)
         local = None
         if can_local.any():

@@ -172,6 +172,15 @@ class PrefillWork:
         steps = 1 + np.ceil(num_tokens / max(1, self.step_tokens - self.chunk_tokens))
         return short + own + np.where(long_ > 0, steps * self.long_chunk_ms(), 0.0)
 
+    def delay_to_others_ms(self, num_tokens: int, lane: Lane) -> np.ndarray:
+        """Every replica's delay to the prompts outstanding there if a prompt of num_tokens
+        and this lane joined them now: a short prompt runs before the long ones, delaying
+        each by its prefill; a long one takes a chunk of every step it shares with the short
+        prompts still prefilling, delaying each by about one chunk."""
+        if lane == "short":
+            return self.predict_ms(num_tokens) * self.num_long
+        return (self.num_outstanding - self.num_long) * self.chunk_ms(num_tokens)
+
     def long_chunk_ms(self) -> np.ndarray:
         """Every replica's time for one chunk of the long prefill it runs now: what it adds to
         each step it shares."""

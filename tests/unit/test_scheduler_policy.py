@@ -160,6 +160,25 @@ def test_a_long_prompt_waits_its_turn_when_short_prompts_need_an_engine_free_of_
 
 
 
+def test_a_long_prompt_keeps_off_an_engine_whose_short_prompts_are_still_prefilling():
+    """vLLM schedules a chunk of a long prompt into the steps of the short prompts still
+    prefilling on its engine, each of which then waits about a chunk longer: a long prompt
+    that an idle decode replica would start as soon as the idle prefill replica goes local
+    only when no short prompt is prefilling there."""
+    def decide(num_short: int) -> Decision:
+        sched = _scheduler(num_short=1, num_long=0, num_decode=1,
+                           local_max_prompt_tokens=None, long_prompt_tokens=1024)
+        for i in range(num_short):  # sent a second ago: little of their work is left
+            sched.decode.work.book(0, f"s{i}", "short", 100, NOW - 1.0)
+        decision = sched.decide(_req(0, 2000), NOW)
+        assert isinstance(decision, Decision)
+        return decision
+
+    assert decide(0).mode == "local"
+    two = decide(2)
+    assert two.mode != "local" and two.prefill_replica == "p0", two.reason
+
+
 def test_a_long_prefill_past_its_prediction_is_expected_to_run_as_long_again():
     """Its progress is unknown; an engine that ran it slower than predicted (a stall, or what
     shares the engine) is expected to go on so: a late long prefill is expected to take as
