@@ -9,6 +9,7 @@ import time
 
 import httpx
 import openai
+import psutil
 import pytest
 
 from runtime.serve_cli import format_pool_status
@@ -317,21 +318,25 @@ def test_stop_strings_batches_n_and_echo_as_vllm_gives_them(client, cluster, tok
     assert texts[0] == texts[1]  # the same seed, the same samples
 
 
+def _process_name(proc: psutil.Process) -> str:
+    with contextlib.suppress(psutil.Error):
+        return " ".join(proc.cmdline()) or proc.name()
+    return ""
+
+
+def _serve_replicas() -> list[psutil.Process]:
+    """The Serve replica processes under this test process."""
+    return [p for p in psutil.Process().children(recursive=True)
+            if _process_name(p).startswith("ray::ServeReplica:")]
+
+
 def test_replicas_and_their_engines_run_at_niceness_0(serve_app):
     """Ray starts its workers at niceness 15 and the engines a replica spawns inherit it (a Ray
     daemon on an engine's core would then take the core from it); `disagg serve` starts its
     Ray with worker niceness 0, as a plain vLLM server runs."""
-    import psutil
-
-    def name(p: psutil.Process) -> str:
-        with contextlib.suppress(psutil.Error):
-            return " ".join(p.cmdline()) or p.name()
-        return ""
-
-    replicas = [p for p in psutil.Process().children(recursive=True)
-                if name(p).startswith("ray::ServeReplica:")]
+    replicas = _serve_replicas()
     engines = [c for r in replicas for c in r.children(recursive=True)
-               if name(c).startswith("VLLM::")]
+               if _process_name(c).startswith("VLLM::")]
     assert len(replicas) >= 3 and len(engines) >= 2, (replicas, engines)
     assert {p.nice() for p in replicas + engines} == {0}
 
@@ -339,17 +344,9 @@ def test_replicas_and_their_engines_run_at_niceness_0(serve_app):
 def test_each_engine_is_one_process(serve_app):
     """The model runs in the engine core process (executor 'uni'): vLLM's CPU default would
     start a worker process per engine whose engine core busy-waits on it for every step."""
-    import psutil
-
-    def name(p: psutil.Process) -> str:
-        with contextlib.suppress(psutil.Error):
-            return " ".join(p.cmdline()) or p.name()
-        return ""
-
-    replicas = [p for p in psutil.Process().children(recursive=True)
-                if name(p).startswith("ray::ServeReplica:")]
-    per_replica = [[name(c) for c in r.children(recursive=True) if name(c).startswith("VLLM::")]
-                   for r in replicas]
+    replicas = _serve_replicas()
+    per_replica = [[n for c in r.children(recursive=True)
+                    if (n := _process_name(c)).startswith("VLLM::")] for r in replicas]
     engines = [names for names in per_replica if names]
     assert len(engines) >= 2, per_replica
     assert all(len(names) == 1 and names[0].startswith("VLLM::EngineCore")
