@@ -30,6 +30,9 @@ def build(num_replicas: int, seed: int = 0) -> GlobalScheduler:
         prefill.work.book(i, f"warm-p{i}", lane, rng.randint(0, 50_000), 0.0)  # type: ignore[arg-type]
         decode.report(DecodeLoad(f"d{i}", rng.randint(0, 8192), 16, rng.randint(0, 255), 256,
                                  0.0))
+        # live replicas report their engine's decode step (s0 + s1 x sequences ms)
+        for table in (prefill, decode):
+            table.report_decode_step(i, (rng.uniform(8, 12), rng.uniform(0.1, 0.3)))
     return GlobalScheduler(PolicyConfig(local_max_prompt_tokens=512), prefill, decode)
 
 

@@ -47,28 +47,49 @@ class Execution:
     def __init__(self, router: Router, metrics: Metrics) -> None:
         self.router = router
         self.metrics = metrics
+        self._tails: set[asyncio.Future[None]] = set()  # producers finishing their bookkeeping
 
     async def stream(self, prepared: PreparedRequest) -> AsyncIterator[TextEvent]:
+        """The request's events; the last one carries its timings. The bookkeeping after it
+        (metrics, the scheduler's measurements, releasing the replicas' stream) runs in the
+        producer task once the reader has the event: off the response's path."""
         queue: asyncio.Queue[TextEvent | BaseException | None] = asyncio.Queue()
         producer = asyncio.ensure_future(self._produce(prepared, queue))
+        last = False
         try:
             while (item := await queue.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
+                last = item.timings is not None
                 yield item
+                if last:
+                    return
         finally:
-            if not producer.done():
-                producer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await producer
+            if last and not producer.done():  # it finishes the bookkeeping on its own
+                self._tails.add(producer)
+                producer.add_done_callback(self._tails.discard)
+            else:
+                if not producer.done():
+                    producer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await producer
+
+    async def drain(self) -> None:
+        """Wait for the bookkeeping of the requests already answered (tests, shutdown)."""
+        while self._tails:
+            await asyncio.gather(*self._tails, return_exceptions=True)
 
     async def _produce(self, prepared: PreparedRequest,
                        queue: asyncio.Queue[TextEvent | BaseException | None]) -> None:
         timeout_s = self.router.config.server.request_timeout_s
+        answered = False
         try:
             async with asyncio.timeout(timeout_s):
                 async for event in self._run(prepared):
                     queue.put_nowait(event)
+                    if event.timings is not None:
+                        answered = True
+                        await asyncio.sleep(0)  # the reader answers the client first
             queue.put_nowait(None)
         except TimeoutError:
             self.metrics.timeouts.inc()
@@ -76,6 +97,9 @@ class Execution:
                                       f"of {timeout_s:g} s (server.request_timeout_s)",
                                       code="timeout"))
         except Exception as err:  # noqa: BLE001 - handed to the reader, raised there
+            if answered:  # no reader any more
+                log.exception("request %s: bookkeeping after its answer failed",
+                              prepared.request.request_id)
             queue.put_nowait(err)
 
     async def _run(self, prepared: PreparedRequest) -> AsyncIterator[TextEvent]:
@@ -189,19 +213,19 @@ class Execution:
                         prompt_logprobs = None
                     continue
                 t = self._final_timings(prepared, event.timings, num_retries, output)
-                self.metrics.record(t)
                 tpot_ms, num_output_tokens = t.tpot_ms, t.num_output_tokens
+                stopped = output.stop_reason is not None
+                yield TextEvent(text + output.finish(), kept,
+                                "stop" if stopped else event.finish_reason, t,
+                                output.stop_reason if stopped else event.stop_reason, logprobs,
+                                prompt_logprobs)
+                self.metrics.record(t)  # after the client has its answer (stream)
                 if live is not None:
                     assert decision is not None
                     live.prefill_measured(decision,
                                           t.num_prompt_tokens - t.num_cached_prompt_tokens,
                                           t.prefill_compute_ms, clean)
                     live.handoff_measured(t, clean)
-                stopped = output.stop_reason is not None
-                yield TextEvent(text + output.finish(), kept,
-                                "stop" if stopped else event.finish_reason, t,
-                                output.stop_reason if stopped else event.stop_reason, logprobs,
-                                prompt_logprobs)
                 return
         except KVTransferFailed:
             self.metrics.record_failure(lane, "disaggregated", "transfer_failed")

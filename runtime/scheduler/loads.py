@@ -45,6 +45,7 @@ class ReplicaColumns:
         # its engine's decode step, s0 + s1 * sequences ms, as it reports (nan: not yet)
         self.step_s0_ms = np.zeros(0)
         self.step_s1_ms = np.zeros(0)
+        self._steps: tuple[np.ndarray, np.ndarray] | None = None  # decode_step(), until a report
         self.work = PrefillWork(prior, chunk_tokens, step_tokens)
 
     def _add(self, replica_id: str, num_total_blocks: int) -> int:
@@ -57,6 +58,7 @@ class ReplicaColumns:
                             ("booked_max_tokens", 0.0), ("tpot_ms", 0.0),
                             ("step_s0_ms", np.nan), ("step_s1_ms", np.nan)):
             setattr(self, name, np.append(getattr(self, name), value))
+        self._steps = None
         self.work.add_replica()
         return self.index[replica_id]
 
@@ -72,21 +74,25 @@ class ReplicaColumns:
         self.healthy[i] = healthy
 
     def report_decode_step(self, i: int, coefficients: tuple[float, ...]) -> None:
-        if len(coefficients) == 2:
+        if len(coefficients) == 2 and (self.step_s0_ms[i], self.step_s1_ms[i]) != coefficients:
             self.step_s0_ms[i], self.step_s1_ms[i] = coefficients
+            self._steps = None
 
     def decode_step(self) -> tuple[np.ndarray, np.ndarray]:
         """Every replica's decode step, s0 and s1 ms (step_model.py): as it reported; before
         it has, the median of those that have (the same engines, as a rule); before any has,
         its prefill model's per-request and per-token cost (a step of B sequences computes B
-        tokens)."""
+        tokens). Kept from one report to the next: several decisions a request use it, and a
+        median of a few numbers costs numpy tens of microseconds."""
         fitted = np.isfinite(self.step_s0_ms)
-        if fitted.any():
+        if not fitted.any():
+            return self.work.a.copy(), self.work.b.copy()  # the prior refits as prefills end
+        if self._steps is None:
             prior0 = float(np.median(self.step_s0_ms[fitted]))
             prior1 = float(np.median(self.step_s1_ms[fitted]))
-            return (np.where(fitted, self.step_s0_ms, prior0),
-                    np.where(fitted, self.step_s1_ms, prior1))
-        return self.work.a.copy(), self.work.b.copy()
+            self._steps = (np.where(fitted, self.step_s0_ms, prior0),
+                           np.where(fitted, self.step_s1_ms, prior1))
+        return self._steps
 
     def first_token_ms(self, num_tokens: int, lane: Lane, now_s: float) -> np.ndarray:
         """Every replica's predicted first token for a prompt it prefills itself: its prefill
