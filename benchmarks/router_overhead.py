@@ -68,9 +68,11 @@ class _EngineAlone:
         self.count = 0
 
     def once(self) -> float:
+        from runtime.engines import token_prompt
+
         async def request() -> float:
             start = time.perf_counter()
-            async for _ in self.engine.generate({"prompt_token_ids": self.prompt_ids},
+            async for _ in self.engine.generate(token_prompt(self.prompt_ids),
                                                 self.params, request_id=f"direct-{self.count}"):
                 pass
             return time.perf_counter() - start

@@ -35,6 +35,7 @@ from kv_transfer.params import (
 )
 from runtime.cost_tracker import CostTracker
 from runtime.engine_config import TransferFailurePolicy
+from runtime.engines import token_prompt
 from runtime.logprobs import TokenLogprobs, mend_continuation, prompt_from_vllm
 from runtime.logprobs import from_vllm as logprobs_from_vllm
 from runtime.messages import DecodeChunk, DecodeTimings, InvalidRequest, KVTransferFailed
@@ -161,7 +162,7 @@ class DecodeWorker:
                          priority=request.priority)
         try:
             async for output in self.engine.generate(
-                {"prompt_token_ids": prompt}, params, request_id=request.request_id,
+                token_prompt(prompt), params, request_id=request.request_id,
                 priority=request.priority,
             ):
                 completion = output.outputs[0]

@@ -21,6 +21,7 @@ from kv_transfer.connector_worker import WorkerStats
 from kv_transfer.control_client import release_handle
 from kv_transfer.params import TransferParams, parse_transfer, producer_request_params
 from runtime.cost_tracker import CostTracker
+from runtime.engines import token_prompt
 from runtime.logprobs import from_vllm as logprobs_from_vllm
 from runtime.messages import PrefillResult, PrefillTimings
 from runtime.requests import GenerateRequest
@@ -101,7 +102,7 @@ class PrefillWorker:
                          priority=request.priority)
         try:
             async for output in self.engine.generate(
-                {"prompt_token_ids": list(request.prompt_token_ids)}, params,
+                token_prompt(request.prompt_token_ids), params,
                 request_id=request.request_id, priority=request.priority,
             ):
                 pass

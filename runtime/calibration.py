@@ -21,6 +21,7 @@ import random
 import time
 from typing import TYPE_CHECKING
 
+from runtime.engines import token_prompt
 from runtime.requests import SamplingSpec
 
 if TYPE_CHECKING:
@@ -44,7 +45,7 @@ async def calibrate(engine: AsyncLLM, max_model_len: int, vocab_size: int,
         ids = [rng.randrange(3, vocab_size) for _ in range(n)]
         start = time.perf_counter()
         output = None
-        async for output in engine.generate({"prompt_token_ids": ids}, params,
+        async for output in engine.generate(token_prompt(ids), params,
                                             request_id=f"calibrate-{seed}-{runs}"):
             pass
         wall_ms = (time.perf_counter() - start) * 1e3
@@ -81,7 +82,7 @@ async def calibrate_decode(engine: AsyncLLM, vocab_size: int, num_tokens: int = 
 
     async def one(request_id: str) -> None:
         ids = [rng.randrange(3, vocab_size) for _ in range(16)]
-        async for _ in engine.generate({"prompt_token_ids": ids}, params,
+        async for _ in engine.generate(token_prompt(ids), params,
                                        request_id=request_id):
             pass
 

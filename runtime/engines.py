@@ -21,6 +21,9 @@ from runtime.engine_config import (
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from vllm.inputs.engine import TokensInput
     from vllm.v1.engine.async_llm import AsyncLLM
 
     from runtime.cost_tracker import CostTracker
@@ -33,6 +36,15 @@ _KV_ROLES: dict[str, Literal["kv_producer", "kv_consumer"]] = {
     "prefill": "kv_producer",
     "decode": "kv_consumer",
 }
+
+
+def token_prompt(token_ids: Sequence[int]) -> TokensInput:
+    """A prompt of token ids as the engine takes it rendered (vLLM's `tokens_input`, what its
+    own server passes). AsyncLLM renders a raw {"prompt_token_ids": ...} dict in a worker
+    thread first: a thread hop on every request."""
+    from vllm.inputs.engine import tokens_input
+
+    return tokens_input(list(token_ids))
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from runtime.cost import RequestCost
+from runtime.engines import token_prompt
 from runtime.requests import SamplingSpec
 
 if TYPE_CHECKING:
@@ -64,7 +65,7 @@ async def prefill_unseeded(engine: AsyncLLM, costs: CostTracker, request_id: str
     costs.begin(warm_id, len(prompt), priority=priority)
     num_cached = 0
     try:
-        async for output in engine.generate({"prompt_token_ids": prompt},
+        async for output in engine.generate(token_prompt(prompt),
                                             SamplingParams(max_tokens=1, temperature=0.0,
                                                            detokenize=False),
                                             request_id=warm_id, priority=priority):

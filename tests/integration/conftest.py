@@ -25,7 +25,7 @@ from decode_workers.worker import DecodeWorker
 from prefill_workers.worker import PrefillWorker
 from runtime.engine_config import EngineConfig, TransferConfig
 from runtime.engine_stats import LoadProbe
-from runtime.engines import build_engine
+from runtime.engines import build_engine, token_prompt
 from runtime.pipeline import DisaggPipeline
 from runtime.tiny_model import make_tiny_model
 from tests.integration.helpers import greedy
@@ -201,7 +201,7 @@ def no_leaks(request: pytest.FixtureRequest):
         engines = {"prefill": cluster.prefill.engine}
         engines.update((name, d.engine) for name, d in cluster.decoders.items())
         for name, engine in engines.items():
-            async for _ in engine.generate({"prompt_token_ids": [7]}, greedy(1).to_vllm(),
+            async for _ in engine.generate(token_prompt([7]), greedy(1).to_vllm(),
                                            request_id=f"flush-{name}-{next(_flush_ids)}"):
                 pass
 

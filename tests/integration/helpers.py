@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
+from runtime.engines import token_prompt
 from runtime.requests import SamplingSpec
 
 VOCAB_LOW, VOCAB_HIGH = 3, 258  # byte tokens of the tiny model's tokenizer
@@ -24,7 +25,7 @@ async def colocated_tokens(
 ) -> tuple[int, ...]:
     output = None
     async for output in oracle.generate(
-        {"prompt_token_ids": list(prompt)}, sampling.to_vllm(), request_id=request_id
+        token_prompt(prompt), sampling.to_vllm(), request_id=request_id
     ):
         pass
     assert output is not None
@@ -37,7 +38,7 @@ async def colocated_text(oracle: Any, request_id: str, prompt: tuple[int, ...],
     OpenAI server would return)."""
     output = None
     async for output in oracle.generate(
-        {"prompt_token_ids": list(prompt)}, sampling.to_vllm(detokenize=True),
+        token_prompt(prompt), sampling.to_vllm(detokenize=True),
         request_id=request_id,
     ):
         pass

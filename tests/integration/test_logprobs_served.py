@@ -8,6 +8,7 @@ import itertools
 
 import pytest
 
+from runtime.engines import token_prompt
 from runtime.logprobs import from_vllm
 from runtime.requests import GenerateRequest
 from tests.integration.helpers import greedy, make_prompt
@@ -18,7 +19,7 @@ TOP = 3
 
 async def _oracle(cluster, request_id: str, prompt: tuple[int, ...], sampling) -> tuple:
     final = None
-    async for output in cluster.oracle.generate({"prompt_token_ids": list(prompt)},
+    async for output in cluster.oracle.generate(token_prompt(prompt),
                                                 sampling.to_vllm(), request_id=request_id):
         final = output
     completion = final.outputs[0]

@@ -8,6 +8,7 @@ import statistics
 import time
 
 from runtime.calibration import calibrate
+from runtime.engines import token_prompt
 from runtime.requests import SamplingSpec
 from runtime.scheduler.prefill_model import PrefillFit, PrefillModel
 from tests.integration.helpers import make_prompt
@@ -19,7 +20,7 @@ async def _prefill_ms(engine, prompt: tuple[int, ...], priority: int = 0) -> tup
     """(engine-timed prefill ms, wall time of the first token since submit in ms)."""
     start = time.perf_counter()
     output = None
-    async for output in engine.generate({"prompt_token_ids": list(prompt)},
+    async for output in engine.generate(token_prompt(prompt),
                                         SamplingSpec(max_tokens=1).to_vllm(),
                                         request_id=f"pt-{next(_ids)}", priority=priority):
         pass
