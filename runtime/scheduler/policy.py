@@ -215,9 +215,10 @@ class GlobalScheduler:
                 f"whole on the prefill replica: adds {whole_ms:.0f} ms < "
                 f"{best_ms:.0f} ms {'local' if local is not None else 'split'}")
         if local is not None:
+            delay = float(split_cost[p] - split_ms[p])  # to the prompts outstanding on p
             return self._book_local(request, lane, local, float(local_ms[local]), now_s,
-                                    f"local prefill {local_ms[local]:.1f} ms <= split "
-                                    f"{split_ready:.1f} ms")
+                                    f"local prefill {local_ms[local]:.1f} ms; split "
+                                    f"{split_ready:.1f} ms + {delay:.1f} ms to others there")
         rejection = self._admit(split_ttft)
         if rejection is not None:
             return rejection
