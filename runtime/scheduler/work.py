@@ -60,7 +60,6 @@ class PrefillWork:
         self.b = np.zeros(0)
         self.c = np.zeros(0)
         self.short_ms = np.zeros(0)  # predicted work outstanding, by lane
-        self.short_tokens = np.zeros(0)  # the short prompts' tokens outstanding
         self.long_ms = np.zeros(0)
         self.head_tokens = np.zeros(0)  # tokens of the long prompt the engine runs now
         self.head_started = np.zeros(0)  # when that long prompt was sent (its turn came)
@@ -81,8 +80,8 @@ class PrefillWork:
 
     def add_replica(self) -> int:
         self.fits.append(PrefillFit(self.prior))
-        for name in ("a", "b", "c", "short_ms", "short_tokens", "long_ms", "head_tokens",
-                     "head_started", "short_since", "short_done_ms", "recent_ms", "recent_at"):
+        for name in ("a", "b", "c", "short_ms", "long_ms", "head_tokens", "head_started",
+                     "short_since", "short_done_ms", "recent_ms", "recent_at"):
             setattr(self, name, np.append(getattr(self, name), 0.0))
         self.num_outstanding = np.append(self.num_outstanding, 0)
         self.num_dispatched = np.append(self.num_dispatched, 0)
@@ -176,16 +175,10 @@ class PrefillWork:
     def delay_to_others_ms(self, num_tokens: int, lane: Lane) -> np.ndarray:
         """Every replica's delay to the prompts outstanding there if a prompt of num_tokens
         and this lane joined them now: a short prompt runs before the long ones, delaying
-        each by its prefill, and, if they fit in one step with it (step_tokens), joins the
-        step of the short ones still outstanding (vLLM puts every waiting prompt into its
-        next step, and each gets its first token when the step ends), delaying each of those
-        by its prefill too (one already in a step is not, but which are is not known here:
-        all count); a long one takes a chunk of every step it shares with the short prompts
-        still prefilling, delaying each by about one chunk."""
+        each by its prefill; a long one takes a chunk of every step it shares with the short
+        prompts still prefilling, delaying each by about one chunk."""
         if lane == "short":
-            joins = self.short_tokens + num_tokens <= self.step_tokens
-            num_short = self.num_outstanding - self.num_long
-            return self.predict_ms(num_tokens) * (self.num_long + np.where(joins, num_short, 0))
+            return self.predict_ms(num_tokens) * self.num_long
         return (self.num_outstanding - self.num_long) * self.chunk_ms(num_tokens)
 
     def long_chunk_ms(self) -> np.ndarray:
@@ -230,7 +223,6 @@ class PrefillWork:
                 self.head_tokens[i], self.head_started[i] = num_tokens, now_s
         else:
             self.short_ms[i] += work
-            self.short_tokens[i] += num_tokens
         return work
 
     def has_turn(self, request_id: str) -> bool:
@@ -299,10 +291,9 @@ class PrefillWork:
                 self.head_started[i] = np.nan if now_s is None else now_s
         else:
             self.short_ms[i] = max(0.0, self.short_ms[i] - booking.work_ms)
-            self.short_tokens[i] = max(0.0, self.short_tokens[i] - booking.num_tokens)
             self.short_done_ms[i] += booking.work_ms
         if self.num_outstanding[i] == self.num_long[i]:
-            self.short_ms[i] = self.short_tokens[i] = 0.0  # no short prompt left: rounding gone
+            self.short_ms[i] = 0.0  # no short prompt left: rounding gone with it
         if self.num_outstanding[i] == 0:
             self.long_ms[i] = self.head_tokens[i] = 0.0
         return bool(clean)
