@@ -113,12 +113,13 @@ class ReplicaColumns:
         return steps * np.where(seqs > 0, s0 + s1 * seqs, 0.0)
 
     def book(self, i: int, request_id: str, lane: Lane, num_tokens: int, now_s: float,
-             own: int = 0) -> float:
+             own: int = 0, max_tokens: int = 0) -> float:
         """Book a prefill on replica i (work.book) with the decode steps it shares there
         (decode_steps_ms): the prompts held behind it wait for those too. Returns its
-        predicted time."""
+        predicted time. own: 1 if the request decodes there after (max_tokens its own)."""
         shared_ms = float(self.decode_steps_ms(num_tokens, own)[i])
-        return self.work.book(i, request_id, lane, num_tokens, now_s, shared_ms)
+        return self.work.book(i, request_id, lane, num_tokens, now_s, shared_ms,
+                              max_tokens if own else 0)
 
     def prefill_alone_ms(self, i: int, num_tokens: int, measured_ms: float, own: int) -> float:
         """A prefill measured on replica i, less the decode steps it shared (decode_steps_ms,

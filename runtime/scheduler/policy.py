@@ -208,8 +208,7 @@ class GlobalScheduler:
                 self.prefill.work.num_long[p] > 0 and self.decode.work.num_long[local] == 0)):
             whole_ms = np.inf
         if whole_ms < best_ms:
-            only_p = np.zeros(len(self.prefill.ids), dtype=bool)
-            only_p[p] = True
+            only_p = np.arange(len(self.prefill.ids)) == p
             return self._prefill_local(
                 request, lane, only_p, now_s,
                 f"whole on the prefill replica: adds {whole_ms:.0f} ms < "
@@ -240,7 +239,8 @@ class GlobalScheduler:
             return rejection
         table.placed(p, table.blocks_for(request.prompt_len + request.max_tokens),
                      request.max_tokens)
-        own_ms = table.book(p, request.request_id, lane, request.prompt_len, now_s, own=1)
+        own_ms = table.book(p, request.request_id, lane, request.prompt_len, now_s, own=1,
+                            max_tokens=request.max_tokens)
         return Decision(lane, "prefill_local", table.ids[p], "", float(wait_ms[p]), reason,
                         own_ms)
 
@@ -320,7 +320,7 @@ class GlobalScheduler:
         self.decode.placed(d, self.decode.blocks_for(request.prompt_len + request.max_tokens),
                            request.max_tokens)
         own_ms = self.decode.book(d, request.request_id, lane, request.prompt_len, now_s,
-                                 own=1)
+                                 own=1, max_tokens=request.max_tokens)
         return Decision(lane, "local", None, self.decode.ids[d], ttft_ms, reason, own_ms)
 
     def _admit(self, ttft_ms: float) -> Rejection | None:

@@ -302,3 +302,21 @@ def test_a_measured_prefill_is_learned_without_the_decode_steps_it_shared():
     assert sched.decode.work.slowdown[0] == pytest.approx(1.0)
     sched.learn(decision, 400, 2 * MODEL.predict_ms(400) + 30.0, alone=True)  # twice as slow
     assert sched.decode.work.slowdown[0] > 1.1
+
+
+def test_a_sequence_still_prefilling_has_all_its_tokens_left_to_decode():
+    """What a prefill placed on an engine costs the sequences decoding there counts the
+    tokens they still decode: half their expected output for those decoding (halfway, on
+    average), all of it for one whose own prefill is still running there (a long prompt
+    sent behind it runs its chunks beside every one of its tokens)."""
+    from runtime.scheduler.decode_cost import prefill_delay_ms, tokens_left
+
+    sched = _scheduler(num_short=0, num_long=0, num_decode=1, disaggregation=False,
+                       long_prompt_tokens=1024)
+    first = sched.decide(_req(0, 5000, 8), NOW)
+    chunk_ms = MODEL.predict_ms(7000) * 512 / 7000  # a chunk of a 7,000-token prompt
+    assert float(tokens_left(sched.decode, 1.0)[0]) == pytest.approx(8.0)
+    assert float(prefill_delay_ms(sched.decode, 7000, 1.0)[0]) == pytest.approx(8 * chunk_ms)
+    sched.first_token(first, "r0")  # it decodes now: halfway through, on average
+    assert float(tokens_left(sched.decode, 1.0)[0]) == pytest.approx(4.0)
+    assert float(prefill_delay_ms(sched.decode, 7000, 1.0)[0]) == pytest.approx(4 * chunk_ms)

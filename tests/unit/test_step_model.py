@@ -214,18 +214,19 @@ def test_decoding_beside_a_long_prefill_costs_its_chunks():
     many = _cost(sched, RequestInfo("many", 100, 4000, NOW))
     n_few = sched.output_fraction * 8
     # the long prompt's own sequence on d0 makes each step there s1 dearer, and is slowed by
-    # s1 per step for its own 4 expected tokens (half of 16 max_tokens x 0.5), as are the
-    # prefills d0 runs at its recent utilization (its steps carry the new sequence); the
-    # chunks are the rest of the difference, with the new prompt's own prefill, which the
-    # long prompt's sequence waits for in the step they share
+    # s1 per step for its own 8 expected tokens (all of 16 max_tokens x 0.5: it still
+    # prefills), at most the new request's steps, as are the prefills d0 runs at its recent
+    # utilization (its steps carry the new sequence); the chunks are the rest of the
+    # difference, with the new prompt's own prefill, which the long prompt's sequence waits
+    # for in the step they share
     s1 = float(sched.decode.decode_step()[1][0])
     prefill_ms = float(sched.decode.work.expected_ms(100)[0])
     u = float(sched.decode.work.utilization(NOW)[0])
     assert 0 < u < 1
     assert few[0] - few[1] == pytest.approx(
-        n_few * chunk_ms + (n_few + 4 + n_few * u) * s1 + prefill_ms, rel=1e-6)
+        n_few * chunk_ms + (n_few + min(n_few, 8) + n_few * u) * s1 + prefill_ms, rel=1e-6)
     assert many[0] - many[1] == pytest.approx(
-        long_left + (2000 + 4 + 2000 * u) * s1 + prefill_ms, rel=1e-6)
+        long_left + (2000 + 8 + 2000 * u) * s1 + prefill_ms, rel=1e-6)
 
 
 def test_a_long_prompt_goes_where_its_prefill_slows_no_decodes():
