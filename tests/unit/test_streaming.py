@@ -226,3 +226,40 @@ def test_a_kv_transfer_failing_every_try_is_a_clean_retryable_503(tokenizer):
     assert isinstance(error, APIError) and error.status == 503
     assert error.code == "kv_transfer_failed" and error.retry_after_s is not None
     assert "127.0.0.1" not in error.message and "File" not in error.message
+
+
+def test_the_bookkeeping_after_the_last_event_runs_after_the_reader_has_it(tokenizer):
+    """The metrics and the scheduler's measurements of a request are taken after its last
+    event reached the reader (the client's answer goes first), and finish on their own."""
+    from runtime.execution import Execution
+    from runtime.messages import PreparedRequest, StreamEvent
+    from runtime.metrics import Metrics
+    from runtime.requests import GenerateRequest, SamplingSpec
+    from tests.unit.test_split_costs import _timings
+
+    flaky = _FlakyTransfer(tokenizer, failures=0)
+    metrics = Metrics()
+    execution = Execution(flaky.router, metrics)  # type: ignore[arg-type]
+
+    async def events(prepared):
+        yield StreamEvent((70,))
+        yield StreamEvent((71,), "length", timings=_timings("local", 20.0))
+
+    execution._events = events  # type: ignore[method-assign]
+    prepared = PreparedRequest(GenerateRequest("cmpl-1", (1, 2, 3), SamplingSpec(max_tokens=2)),
+                               "short", time.perf_counter())
+
+    def recorded() -> float:
+        return metrics.registry.get_sample_value(
+            "disagg_requests_total", {"lane": "short", "mode": "local", "outcome": "ok"}) or 0.0
+
+    async def run() -> tuple[float, float]:
+        seen_at_last = -1.0
+        async for event in execution.stream(prepared):
+            if event.timings is not None:
+                seen_at_last = recorded()
+        await execution.drain()
+        return seen_at_last, recorded()
+
+    at_last, after = asyncio.run(run())
+    assert (at_last, after) == (0.0, 1.0)
