@@ -75,7 +75,7 @@ class Execution:
                     await producer
 
     async def drain(self) -> None:
-        """Wait for the bookkeeping of the requests already answered (tests, shutdown)."""
+        """Wait for the bookkeeping of the requests already answered (the tests use it)."""
         while self._tails:
             await asyncio.gather(*self._tails, return_exceptions=True)
 
