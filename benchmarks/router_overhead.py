@@ -11,6 +11,10 @@ The engine stays up for the whole run and every request of a path is paired with
 engine (one after the other), so both see the machine in the same state: the engine alone
 took 7 to 15 ms from one minute to the next on two shared cores, as much as the difference
 measured. The added latency is the path's median less the engine's over the same minutes.
+Every engine computes on the same number of threads (`--threads`, default: the cores this
+process may use): Ray gives a replica's process OMP_NUM_THREADS = its num_cpus (1 for
+num_cpus 0), one thread against the engine alone's and vLLM's server's two on two cores
+(about 1.4 ms of a one-token request here), unless `engine.cpu_threads` says otherwise.
 The HTTP path's median is then split with the responses' own `timings`: the engine
 (prefill_queue + prefill_compute as the replica reports them: for a local prefill, the
 decode replica's wall time from handing the prompt to its engine to the first token; for a
@@ -55,13 +59,13 @@ class _EngineAlone:
     paired with one to it, so both see the machine in the same state (its speed drifts by
     several ms between minutes on two shared cores)."""
 
-    def __init__(self, model: Path, prompt_ids: list[int]) -> None:
+    def __init__(self, model: Path, prompt_ids: list[int], threads: int) -> None:
         from runtime.engine_config import EngineConfig
         from runtime.engines import build_engine
         from runtime.requests import SamplingSpec
 
-        self.engine = build_engine(EngineConfig(model=str(model), kv_cache_bytes=256 << 20),
-                                   "colocated")
+        self.engine = build_engine(EngineConfig(model=str(model), kv_cache_bytes=256 << 20,
+                                                cpu_threads=threads), "colocated")
         self.prompt_ids = prompt_ids
         self.params = SamplingSpec(max_tokens=1).to_vllm()
         self.loop = asyncio.new_event_loop()
@@ -116,8 +120,8 @@ def _http_call(client: Any, body: dict[str, object],
     return call
 
 
-def _vllm_samples(model: Path, body: dict[str, object], n: int,
-                  engine: _EngineAlone) -> tuple[list[float], list[float]]:
+def _vllm_samples(model: Path, body: dict[str, object], n: int, engine: _EngineAlone,
+                  threads: int) -> tuple[list[float], list[float]]:
     """vLLM's own OpenAI server, started here with the engine settings of the other paths."""
     import httpx
 
@@ -134,7 +138,8 @@ def _vllm_samples(model: Path, body: dict[str, object], n: int,
             "--kv-cache-memory-bytes", str(settings.kv_cache_bytes), "--enforce-eager",
             "--disable-uvicorn-access-log", "--disable-log-stats"]
     server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                              env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
+                              env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING",
+                                   "OMP_NUM_THREADS": str(threads)})
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300
@@ -164,9 +169,14 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=50, help="timed requests per path")
     parser.add_argument("--model", default=str(DEFAULT_MODEL_DIR), help="checkpoint directory")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                        help="threads of every engine's tensor ops (default: the cores this "
+                        "process may use)")
     args = parser.parse_args(argv)
     if args.requests < 1:
         parser.error("--requests must be at least 1")
+    if args.threads < 1:
+        parser.error("--threads must be at least 1")
 
     import grpc
     from transformers import AutoTokenizer
@@ -190,13 +200,14 @@ def main(argv: list[str] | None = None) -> int:
     body = {"model": "tiny", "prompt": prompt, "max_tokens": 1, "temperature": 0}
     print("[1/4] the engine alone, kept for the run: each request below is paired with one "
           "to it", flush=True)
-    engine = _EngineAlone(model, prompt_ids)
+    engine = _EngineAlone(model, prompt_ids, args.threads)
     try:
         print(f"[2/4] vLLM's own OpenAI server ({args.requests} requests)", flush=True)
-        vllm = _vllm_samples(model, body, args.requests, engine)
+        vllm = _vllm_samples(model, body, args.requests, engine, args.threads)
 
         config = AppConfig.model_validate({
-            "engine": {"model": str(model), "kv_cache_bytes": 256 << 20},
+            "engine": {"model": str(model), "kv_cache_bytes": 256 << 20,
+                       "cpu_threads": args.threads},
             "prefill": {"num_cpus": 0}, "decode": {"num_cpus": 0},
             "server": {"http_port": free_port(), "grpc_port": free_port(),
                        "served_model_name": "tiny"},
@@ -225,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         engine.close()
 
-    print(f"\none-token request, {len(prompt_ids)}-token prompt, medians of {args.requests}; "
+    print(f"\none-token request, {len(prompt_ids)}-token prompt, every engine on "
+          f"{args.threads} threads, medians of {args.requests}; "
           "'adds' is the path's median less that of the engine alone over the same minutes:")
     for name, (path, alone) in (("vLLM's OpenAI server", vllm), ("HTTP through ingress", http),
                                 ("gRPC through ingress", grpc_samples)):

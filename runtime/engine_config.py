@@ -46,6 +46,12 @@ class EngineConfig(BaseModel):
         None, description="CPU engines: cores for the engine's threads, e.g. '0', '0-1' or "
         "'0,2' (vLLM's VLLM_CPU_OMP_THREADS_BIND; also 'auto' or 'nobind')."
     )
+    cpu_threads: int | None = Field(
+        None, ge=1, description="CPU engines: threads of the engine's tensor ops "
+        "(OMP_NUM_THREADS of its processes). None: one per core of cpu_threads_bind when it "
+        "names cores; else the process's own setting: in a Ray replica that is Ray's default, "
+        "the replica's num_cpus rounded down and at least 1, so a replica with num_cpus 0 or "
+        "1 computes on one thread whatever the machine has.")
     executor: Executor = Field(
         "uni", description="'uni': the model runs in the engine core process (vLLM's default "
         "for one GPU). 'mp': in a worker process of its own, which vLLM's CPU platform "

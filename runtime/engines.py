@@ -141,8 +141,10 @@ def build_engine(
         # vLLM's CPU platform turns a one-worker engine's "uni" executor into "mp" unless
         # this is 0. AsyncLLM runs its engine core in a process of its own either way.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        if cores is not None:  # one OpenMP thread per core, as vLLM gives its workers
-            os.environ["OMP_NUM_THREADS"] = str(len(cores))
+    if (threads := omp_threads(config, cores)) is not None:
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+    log.info("engine (%s) computes on %s threads (OMP_NUM_THREADS)", role,
+             os.environ.get("OMP_NUM_THREADS", "the default number of"))
     args = AsyncEngineArgs(
         model=config.model,
         dtype=config.dtype,
@@ -170,6 +172,17 @@ def build_engine(
     if config.executor == "uni" and cores is not None:
         _pin_new_engine_cores(before, cores)
     return engine
+
+
+def omp_threads(config: EngineConfig, cores: set[int] | None) -> int | None:
+    """The engine's OpenMP threads: engine.cpu_threads, else one per bound core for the "uni"
+    executor (vLLM binds an "mp" worker's threads itself), else None (the process's own
+    OMP_NUM_THREADS, which Ray sets in a replica to its num_cpus, at least 1)."""
+    if config.cpu_threads is not None:
+        return config.cpu_threads
+    if cores is not None and config.executor == "uni":
+        return len(cores)  # one OpenMP thread per core, as vLLM gives its workers
+    return None
 
 
 def _pin_new_engine_cores(before: set[int], cores: set[int]) -> None:

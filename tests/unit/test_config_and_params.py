@@ -16,6 +16,7 @@ from kv_transfer.params import (
     transfer_output_params,
 )
 from runtime.engine_config import EngineConfig, TransferConfig, core_set
+from runtime.engines import omp_threads
 
 
 def test_transfer_params_round_trip_through_vllm_dicts():
@@ -66,3 +67,16 @@ def test_engine_cores_take_vllms_syntax_and_bad_ones_are_refused():
     for bad in ("", "1-", "a", "0;1"):
         with pytest.raises(ValidationError, match="cpu_threads_bind"):
             EngineConfig(model="m", cpu_threads_bind=bad)
+
+
+def test_engine_threads_follow_the_setting_then_the_bound_cores():
+    # Ray gives a replica OMP_NUM_THREADS = its num_cpus (1 for 0): engine.cpu_threads is
+    # how a replica's engine gets another count; None keeps the process's own
+    assert omp_threads(EngineConfig(model="m"), None) is None
+    assert omp_threads(EngineConfig(model="m", cpu_threads=2), None) == 2
+    assert omp_threads(EngineConfig(model="m"), core_set("0-2")) == 3
+    assert omp_threads(EngineConfig(model="m", cpu_threads=1), core_set("0-2")) == 1
+    # vLLM binds an "mp" worker's threads to the cores itself
+    assert omp_threads(EngineConfig(model="m", executor="mp"), core_set("0-2")) is None
+    with pytest.raises(ValidationError, match="cpu_threads"):
+        EngineConfig(model="m", cpu_threads=0)
