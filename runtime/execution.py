@@ -168,6 +168,7 @@ class Execution:
         prompt_logprobs: tuple[TokenLogprobs, ...] | None = None
         tpot_ms = 0.0
         num_output_tokens = 0  # of a request that ran to its end (none: it did not)
+        num_progressed = 0  # its tokens so far, as reported to the scheduler
         events: AsyncIterator[StreamEvent] | None = None
         try:
             if live is not None:
@@ -202,6 +203,10 @@ class Execution:
                     if live is not None:
                         assert decision is not None
                         clean = live.first_token(decision, request.request_id)
+                if live is not None and event.token_ids:
+                    assert decision is not None
+                    live.progressed(decision, len(event.token_ids))
+                    num_progressed += len(event.token_ids)
                 kept, text = output.push(event.token_ids)
                 logprobs = event.logprobs[:len(kept)]  # none after a stop string
                 if event.prompt_logprobs is not None:
@@ -238,7 +243,8 @@ class Execution:
             if live is not None:
                 assert decision is not None
                 live.request_done(decision, request.request_id, len(request.prompt_token_ids),
-                                  sampling.max_tokens, tpot_ms, num_output_tokens)
+                                  sampling.max_tokens, tpot_ms, num_output_tokens,
+                                  num_progressed)
 
     @staticmethod
     def _final_timings(prepared: PreparedRequest, timings: PhaseTimings, num_retries: int,

@@ -49,12 +49,12 @@ def prefill_delay_ms(table: ReplicaColumns, prompt_len: int,
 
 
 def tokens_left(table: ReplicaColumns, output_fraction: float) -> np.ndarray:
-    """Every replica's tokens still to decode by the sequences placed there: output_fraction
-    of their max_tokens; half of that for those decoding (halfway through, on average), all
-    of it for those still prefilling there (work.pending_decode_tokens). A long prompt sent
-    to an engine where another is prefilling runs its chunks beside all of the other's
-    decode (in a `mixed` run at 2/s, a 5,206-token prompt's 23 tokens each took 72 ms,
-    decoded beside the chunks of a 7,303-token prompt placed on its engine while it
-    prefilled, when half its tokens were counted)."""
-    pending = np.minimum(table.work.pending_decode_tokens, table.booked_max_tokens)
-    return output_fraction * (0.5 * (table.booked_max_tokens - pending) + pending)
+    """Every replica's tokens still to decode by the sequences placed there:
+    output_fraction of their max_tokens less the tokens each generated so far (the ingress
+    counts them as they stream, ReplicaColumns.progressed). A long prompt sent to an engine
+    runs its chunks beside every token the others there still decode: one that has not
+    started decoding has all of its tokens ahead (in `mixed` runs at 2/s, a 5,206-token
+    prompt's 23 tokens took 42-72 ms each, decoded beside the chunks of a 7,303-token
+    prompt placed on its engine while it prefilled or had just begun to decode, when half
+    its tokens were counted as done)."""
+    return output_fraction * table.tokens_left()

@@ -234,26 +234,36 @@ class LiveScheduler:
             self.policy.handoff.observe(timings.ttft_ms - engine_ms if alone else None,
                                         computed, timings.kv_transfer_exposed_ms)
 
+    def progressed(self, decision: Decision, num_tokens: int) -> None:
+        """The request generated num_tokens more (the policy counts the tokens each
+        sequence still decodes where it runs)."""
+        table, replica = self._sequence_at(decision)
+        table.progressed(replica, num_tokens)
+
     def request_done(self, decision: Decision, request_id: str, prompt_len: int,
-                     max_tokens: int, tpot_ms: float = 0.0, num_output_tokens: int = 0) -> None:
+                     max_tokens: int, tpot_ms: float = 0.0, num_output_tokens: int = 0,
+                     num_progressed: int = 0) -> None:
         """The request ended (done, failed or aborted; num_output_tokens: what one that ran
-        to its end generated)."""
+        to its end generated; num_progressed: the tokens `progressed` reported)."""
         self.in_flight[decision.lane] -= 1
         if num_output_tokens > 0:
             self.policy.output_seen(num_output_tokens, max_tokens)
-        self._release(decision, request_id, prompt_len, max_tokens, tpot_ms)
+        self._release(decision, request_id, prompt_len, max_tokens, tpot_ms, num_progressed)
 
     def _release(self, decision: Decision, request_id: str, prompt_len: int, max_tokens: int,
-                 tpot_ms: float = 0.0) -> None:
+                 tpot_ms: float = 0.0, num_progressed: int = 0) -> None:
         """The request's bookings leave the books: its prefill (unless done) and sequence."""
         self.first_token(decision, request_id)  # no-op unless it ended before
-        if decision.mode == "prefill_local":
-            table, replica = self.prefill, decision.prefill_replica or ""
-        else:
-            table, replica = self.decode, decision.decode_replica  # type: ignore[assignment]
+        table, replica = self._sequence_at(decision)
         if replica in table.index:
             table.released(replica, table.blocks_for(prompt_len + max_tokens), max_tokens,
-                           tpot_ms)
+                           tpot_ms, num_progressed)
+
+    def _sequence_at(self, decision: Decision) -> tuple[ReplicaColumns, str]:
+        """The table and replica where the request's sequence decodes."""
+        if decision.mode == "prefill_local":
+            return self.prefill, decision.prefill_replica or ""
+        return self.decode, decision.decode_replica or ""
 
     def snapshot(self) -> dict[str, Any]:
         now = time.monotonic()

@@ -41,6 +41,7 @@ class ReplicaColumns:
         self.max_num_seqs = np.zeros(0, dtype=np.int64)
         self.booked_seqs = np.zeros(0, dtype=np.int64)  # sequences we placed, not yet done
         self.booked_max_tokens = np.zeros(0)  # their max_tokens, summed
+        self.decoded_tokens = np.zeros(0)  # the tokens they generated so far, summed
         self.tpot_ms = np.zeros(0)  # recent TPOT of its requests (EWMA; 0: none yet)
         # its engine's decode step, s0 + s1 * sequences ms, as it reports (nan: not yet)
         self.step_s0_ms = np.zeros(0)
@@ -55,7 +56,8 @@ class ReplicaColumns:
                             ("total_blocks", num_total_blocks),
                             ("free_blocks", num_total_blocks), ("active_seqs", 0),
                             ("max_num_seqs", self.default_max_num_seqs), ("booked_seqs", 0),
-                            ("booked_max_tokens", 0.0), ("tpot_ms", 0.0),
+                            ("booked_max_tokens", 0.0), ("decoded_tokens", 0.0),
+                            ("tpot_ms", 0.0),
                             ("step_s0_ms", np.nan), ("step_s1_ms", np.nan)):
             setattr(self, name, np.append(getattr(self, name), value))
         self._steps = None
@@ -113,13 +115,12 @@ class ReplicaColumns:
         return steps * np.where(seqs > 0, s0 + s1 * seqs, 0.0)
 
     def book(self, i: int, request_id: str, lane: Lane, num_tokens: int, now_s: float,
-             own: int = 0, max_tokens: int = 0) -> float:
+             own: int = 0) -> float:
         """Book a prefill on replica i (work.book) with the decode steps it shares there
         (decode_steps_ms): the prompts held behind it wait for those too. Returns its
-        predicted time. own: 1 if the request decodes there after (max_tokens its own)."""
+        predicted time. own: 1 if the request decodes there after."""
         shared_ms = float(self.decode_steps_ms(num_tokens, own)[i])
-        return self.work.book(i, request_id, lane, num_tokens, now_s, shared_ms,
-                              max_tokens if own else 0)
+        return self.work.book(i, request_id, lane, num_tokens, now_s, shared_ms)
 
     def prefill_alone_ms(self, i: int, num_tokens: int, measured_ms: float, own: int) -> float:
         """A prefill measured on replica i, less the decode steps it shared (decode_steps_ms,
@@ -151,13 +152,27 @@ class ReplicaColumns:
         self.booked_seqs[i] += 1
         self.booked_max_tokens[i] += max_tokens
 
+    def progressed(self, replica_id: str, num_tokens: int) -> None:
+        """A sequence placed on the replica generated num_tokens more."""
+        i = self.index.get(replica_id)
+        if i is not None:
+            self.decoded_tokens[i] += num_tokens
+
+    def tokens_left(self) -> np.ndarray:
+        """Every replica's tokens still to generate by the sequences placed there, at most:
+        their max_tokens less what they generated (progressed)."""
+        return np.maximum(self.booked_max_tokens - self.decoded_tokens, 0.0)
+
     def released(self, replica_id: str, num_blocks: int, max_tokens: int,
-                 tpot_ms: float = 0.0) -> None:
+                 tpot_ms: float = 0.0, num_generated: int = 0) -> None:
+        """A sequence placed on the replica left (num_generated: its tokens reported by
+        progressed)."""
         i = self.index[replica_id]
         self.free_blocks[i] = min(self.total_blocks[i], self.free_blocks[i] + num_blocks)
         self.active_seqs[i] = max(0, self.active_seqs[i] - 1)
         self.booked_seqs[i] = max(0, self.booked_seqs[i] - 1)
         self.booked_max_tokens[i] = max(0.0, self.booked_max_tokens[i] - max_tokens)
+        self.decoded_tokens[i] = max(0.0, self.decoded_tokens[i] - num_generated)
         if tpot_ms > 0:
             old = self.tpot_ms[i]
             self.tpot_ms[i] = tpot_ms if old == 0 else old + TPOT_EWMA_WEIGHT * (tpot_ms - old)

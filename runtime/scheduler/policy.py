@@ -239,8 +239,7 @@ class GlobalScheduler:
             return rejection
         table.placed(p, table.blocks_for(request.prompt_len + request.max_tokens),
                      request.max_tokens)
-        own_ms = table.book(p, request.request_id, lane, request.prompt_len, now_s, own=1,
-                            max_tokens=request.max_tokens)
+        own_ms = table.book(p, request.request_id, lane, request.prompt_len, now_s, own=1)
         return Decision(lane, "prefill_local", table.ids[p], "", float(wait_ms[p]), reason,
                         own_ms)
 
@@ -306,8 +305,8 @@ class GlobalScheduler:
         room = (table.free_blocks >= blocks) & (table.active_seqs < table.max_num_seqs)
         short, long_ = table.work.remaining_ms(now_s)
         work_after = short + long_ + table.work.predict_ms(request.prompt_len)
-        # the tokens a sequence there still decodes: about half its max_tokens on average
-        tokens_left = 0.5 * table.booked_max_tokens / np.maximum(table.booked_seqs, 1)
+        # the tokens a sequence there still decodes, on average
+        tokens_left = table.tokens_left() / np.maximum(table.booked_seqs, 1)
         slack_ms = np.maximum(self.config.tpot_budget_ms - table.tpot_ms, 0.0)
         within_budget = (table.booked_seqs == 0) | (work_after <= tokens_left * slack_ms)
         return d_live & room & within_budget
@@ -320,7 +319,7 @@ class GlobalScheduler:
         self.decode.placed(d, self.decode.blocks_for(request.prompt_len + request.max_tokens),
                            request.max_tokens)
         own_ms = self.decode.book(d, request.request_id, lane, request.prompt_len, now_s,
-                                 own=1, max_tokens=request.max_tokens)
+                                 own=1)
         return Decision(lane, "local", None, self.decode.ids[d], ttft_ms, reason, own_ms)
 
     def _admit(self, ttft_ms: float) -> Rejection | None:

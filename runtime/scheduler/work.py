@@ -46,7 +46,6 @@ class Booking:
     num_tokens: int
     alone_at_start: bool  # nothing else was prefilling on the replica when it was sent
     dispatch_seq: int  # the replica's dispatch count right after this one
-    decode_tokens: int = 0  # its max_tokens, if it decodes on the replica after its prefill
 
 
 
@@ -61,9 +60,6 @@ class PrefillWork:
         self.b = np.zeros(0)
         self.c = np.zeros(0)
         self.short_ms = np.zeros(0)  # predicted work outstanding, by lane
-        # max_tokens of the sequences that decode where they are still prefilling: none of
-        # their tokens is decoded yet
-        self.pending_decode_tokens = np.zeros(0)
         self.long_ms = np.zeros(0)
         self.head_tokens = np.zeros(0)  # tokens of the long prompt the engine runs now
         self.head_started = np.zeros(0)  # when that long prompt was sent (its turn came)
@@ -85,8 +81,7 @@ class PrefillWork:
     def add_replica(self) -> int:
         self.fits.append(PrefillFit(self.prior))
         for name in ("a", "b", "c", "short_ms", "long_ms", "head_tokens", "head_started",
-                     "short_since", "short_done_ms", "recent_ms", "recent_at",
-                     "pending_decode_tokens"):
+                     "short_since", "short_done_ms", "recent_ms", "recent_at"):
             setattr(self, name, np.append(getattr(self, name), 0.0))
         self.num_outstanding = np.append(self.num_outstanding, 0)
         self.num_dispatched = np.append(self.num_dispatched, 0)
@@ -206,10 +201,9 @@ class PrefillWork:
         return np.minimum(self.recent_ms * decay / (1e3 * RECENT_TAU_S), MAX_UTILIZATION)
 
     def book(self, i: int, request_id: str, lane: Lane, num_tokens: int, now_s: float,
-             shared_ms: float = 0.0, decode_tokens: int = 0) -> float:
+             shared_ms: float = 0.0) -> float:
         """A prefill dispatched to replica i; returns its predicted time: under the engine's
-        recent load, plus shared_ms (the decode steps it will share there). decode_tokens:
-        its max_tokens if it decodes there after its prefill."""
+        recent load, plus shared_ms (the decode steps it will share there)."""
         work = float(self.expected_ms(num_tokens)[i]) + shared_ms
         decay = np.exp(-max(now_s - float(self.recent_at[i]), 0.0) / RECENT_TAU_S)
         self.recent_ms[i] = self.recent_ms[i] * decay + work
@@ -219,8 +213,7 @@ class PrefillWork:
             self.short_since[i], self.short_done_ms[i] = now_s, 0.0
         self.num_dispatched[i] += 1
         self._bookings[request_id] = Booking(i, lane, work, num_tokens, alone,
-                                             int(self.num_dispatched[i]), decode_tokens)
-        self.pending_decode_tokens[i] += decode_tokens
+                                             int(self.num_dispatched[i]))
         self.num_outstanding[i] += 1
         if lane == "long":
             self.long_ms[i] += work
@@ -287,8 +280,6 @@ class PrefillWork:
         i = booking.replica
         clean = booking.alone_at_start and self.num_dispatched[i] == booking.dispatch_seq
         self.num_outstanding[i] -= 1
-        self.pending_decode_tokens[i] = max(0.0, self.pending_decode_tokens[i]
-                                            - booking.decode_tokens)
         if booking.lane == "long":
             self.long_ms[i] = max(0.0, self.long_ms[i] - booking.work_ms)
             self.num_long[i] -= 1

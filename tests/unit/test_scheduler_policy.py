@@ -116,11 +116,13 @@ def test_local_prefills_stay_within_the_decode_replicas_tpot_budget():
     sched = _scheduler(num_short=1, num_long=0, num_decode=1, local_max_prompt_tokens=None,
                        tpot_budget_ms=50.0, long_prompt_tokens=2000)
     sched.prefill.work.book(0, "busy", "short", 1500, NOW)  # p0 is busy for ~100 ms
-    for _ in range(4):  # four sequences decoding on d0, 64 tokens each
+    for _ in range(4):  # four sequences decoding on d0, 64 tokens each, halfway through
         sched.decode.placed(0, 10, 64)
+    sched.decode.progressed("d0", 4 * 32)
     sched.decode.tpot_ms[0] = 45.0  # 5 ms of slack per token left
     assert sched.decide(_req(0, 500), NOW).mode == "local"  # 29 ms of prefill work
-    # now 27 tokens left per sequence x 5 ms = 136 ms; 29 + 123 ms of prefill would exceed it
+    # now (4 x 32 + 16) / 5 = 29 tokens left per sequence x 5 ms = 144 ms; 29 + 123 ms of
+    # prefill would exceed it
     assert sched.decide(_req(1, 1800), NOW).mode == "disaggregated"
     sched.decode.tpot_ms[0] = 10.0  # decoding fast: plenty of budget
     assert sched.decide(_req(2, 1800), NOW).mode == "local"
@@ -304,11 +306,11 @@ def test_a_measured_prefill_is_learned_without_the_decode_steps_it_shared():
     assert sched.decode.work.slowdown[0] > 1.1
 
 
-def test_a_sequence_still_prefilling_has_all_its_tokens_left_to_decode():
+def test_a_sequence_has_its_tokens_not_yet_generated_left_to_decode():
     """What a prefill placed on an engine costs the sequences decoding there counts the
-    tokens they still decode: half their expected output for those decoding (halfway, on
-    average), all of it for one whose own prefill is still running there (a long prompt
-    sent behind it runs its chunks beside every one of its tokens)."""
+    tokens they still decode: all of a sequence's expected output while it prefills, then
+    that less the tokens it generated (the ingress reports them as they stream); none once
+    it left."""
     from runtime.scheduler.decode_cost import prefill_delay_ms, tokens_left
 
     sched = _scheduler(num_short=0, num_long=0, num_decode=1, disaggregation=False,
@@ -317,6 +319,15 @@ def test_a_sequence_still_prefilling_has_all_its_tokens_left_to_decode():
     chunk_ms = MODEL.predict_ms(7000) * 512 / 7000  # a chunk of a 7,000-token prompt
     assert float(tokens_left(sched.decode, 1.0)[0]) == pytest.approx(8.0)
     assert float(prefill_delay_ms(sched.decode, 7000, 1.0)[0]) == pytest.approx(8 * chunk_ms)
-    sched.first_token(first, "r0")  # it decodes now: halfway through, on average
-    assert float(tokens_left(sched.decode, 1.0)[0]) == pytest.approx(4.0)
-    assert float(prefill_delay_ms(sched.decode, 7000, 1.0)[0]) == pytest.approx(4 * chunk_ms)
+    sched.first_token(first, "r0")
+    sched.decode.progressed("d0", 1)  # its first token
+    sched.decode.progressed("d0", 2)
+    assert float(tokens_left(sched.decode, 1.0)[0]) == pytest.approx(5.0)
+    assert float(tokens_left(sched.decode, 0.5)[0]) == pytest.approx(2.5)
+    assert float(prefill_delay_ms(sched.decode, 7000, 1.0)[0]) == pytest.approx(5 * chunk_ms)
+    sched.decode.progressed("d0", 5)
+    assert float(tokens_left(sched.decode, 1.0)[0]) == 0.0
+    sched.decode.progressed("unknown", 3)  # a replica gone since: nothing to count
+    sched.decode.released("d0", 320, 8, num_generated=8)
+    assert float(tokens_left(sched.decode, 1.0)[0]) == 0.0
+    assert sched.decode.decoded_tokens[0] == 0.0

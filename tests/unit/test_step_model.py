@@ -117,8 +117,9 @@ def test_cost_tracker_fits_the_period_of_decode_only_steps():
 
 
 def _book(sched, n: int, replica: int, max_tokens: int = 200) -> None:
-    """A request decoding on decode replica `replica`, its prompt done."""
+    """A request decoding on decode replica `replica`, its prompt done, halfway through."""
     sched.decode.placed(replica, 20, max_tokens)
+    sched.decode.progressed(f"d{replica}", max_tokens // 2)
     sched.decode.work.book(replica, f"b{n}", "short", 100, NOW)
     sched.decode.work.finished(f"b{n}", NOW)
 

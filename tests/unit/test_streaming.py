@@ -263,3 +263,46 @@ def test_the_bookkeeping_after_the_last_event_runs_after_the_reader_has_it(token
 
     at_last, after = asyncio.run(run())
     assert (at_last, after) == (0.0, 1.0)
+
+
+def test_the_scheduler_counts_the_tokens_a_request_generated_until_it_ends(tokenizer):
+    """The ingress reports each token to the scheduler as it streams (the tokens a sequence
+    still decodes price what a prefill sent to its engine costs it) and takes them off the
+    books with the request."""
+    from runtime.execution import Execution
+    from runtime.messages import PreparedRequest, StreamEvent
+    from runtime.metrics import Metrics
+    from runtime.requests import GenerateRequest, SamplingSpec
+    from runtime.scheduler.live import LiveConfig, LiveScheduler
+    from runtime.scheduler.policy import PolicyConfig
+    from runtime.scheduler.types import ReplicaReport
+    from tests.unit.test_split_costs import _timings
+
+    live = LiveScheduler(LiveConfig(PolicyConfig(disaggregation=False), 0, 16, 8))
+    live.report(ReplicaReport("decode", "d0", 0, 1000, 1000, 16, 0, 8, time.time()))
+    flaky = _FlakyTransfer(tokenizer, failures=0)
+    flaky.router.live = live
+    execution = Execution(flaky.router, Metrics())  # type: ignore[arg-type]
+    left: list[float] = []
+
+    async def events(prepared):
+        for token in (70, 71, 72):
+            yield StreamEvent((token,))
+            left.append(float(live.decode.tokens_left()[0]))  # the reader has the token
+        yield StreamEvent((73,), "length", timings=_timings("local", 20.0))
+
+    execution._events = events  # type: ignore[method-assign]
+    decision = live.decide("cmpl-1", 3, 8)
+    prepared = PreparedRequest(GenerateRequest("cmpl-1", (1, 2, 3), SamplingSpec(max_tokens=8)),
+                               "short", time.perf_counter(), decision)
+
+    async def run() -> None:
+        async for _ in execution.stream(prepared):
+            pass
+        await execution.drain()
+
+    assert float(live.decode.tokens_left()[0]) == 8.0
+    asyncio.run(run())
+    assert left == [7.0, 6.0, 5.0]
+    assert float(live.decode.decoded_tokens[0]) == 0.0  # gone with the request
+    assert float(live.decode.booked_max_tokens[0]) == 0.0

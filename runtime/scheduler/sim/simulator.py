@@ -89,6 +89,8 @@ class DecodeReplica:
         self.busy = False
         self.kv_base = 0  # sum over running of prompt_len - join_step
         self.on_local_prefill_done: Callable[[Req], None] | None = None
+        # each step's tokens (one per running sequence), as the ingress counts them
+        self.on_progress: Callable[[int, int], None] | None = None
 
     @property
     def num_active(self) -> int:
@@ -170,10 +172,12 @@ class DecodeReplica:
         self.book.step(duration, tokens, _prefill_blocks(self.started))
         for req in done:
             del self.started[req.key]
-        self.sim.at(self.sim.now + duration, lambda: self._end_step(done))
+        self.sim.at(self.sim.now + duration, lambda: self._end_step(done, batch))
 
-    def _end_step(self, done: list[Req]) -> None:
+    def _end_step(self, done: list[Req], batch: int) -> None:
         now = self.sim.now
+        if batch and self.on_progress is not None:
+            self.on_progress(self.index, batch)
         running = self.running
         while running and running[0][0] <= self.step:
             _, _, join_step, req = heapq.heappop(running)
@@ -342,11 +346,16 @@ def _split_router(spec: ClusterSpec, cost: CostModel, sim: Sim, capacity_blocks:
         tpot_ms = 1e3 * (req.finish - req.first_token) / max(1, req.output_len - 1)
         scheduler.decode.released(scheduler.decode.ids[req.decode_id],
                                   num_blocks(req.prompt_len + req.output_len),
-                                  req.output_len, tpot_ms)
+                                  req.output_len, tpot_ms, req.output_len)
 
     def first_token(req: Req) -> None:
         if scheduler is not None and req.decision is not None:
             scheduler.first_token(req.decision, str(req.rid))
+            progress(req.decode_id, 1)
+
+    def progress(decode_id: int, num_tokens: int) -> None:
+        if scheduler is not None:
+            scheduler.decode.progressed(scheduler.decode.ids[decode_id], num_tokens)
 
     prefill_books = [ReplicaBook(f"p{i}", spec.prefill_cost_per_replica_hour)
                      for i in range(spec.num_prefill)]
@@ -357,6 +366,7 @@ def _split_router(spec: ClusterSpec, cost: CostModel, sim: Sim, capacity_blocks:
                 for i in range(spec.num_decode)]
     for d in decoders:
         d.on_local_prefill_done = first_token
+        d.on_progress = progress
 
     def on_prefilled(req: Req) -> None:
         first_token(req)
