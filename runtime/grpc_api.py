@@ -65,6 +65,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def Generate(  # noqa: N802 - the method name is the RPC's
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
+        prepared = None
         try:
             self._authorize(context)
             prepared = self._router.prepare(await self._prompt(request),
@@ -91,6 +92,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             logger.exception("gRPC request %s failed", request_id)
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id "
                                 f"{request_id}); the server log has the details")
+        finally:  # the final status follows at once, before the bookkeeping runs
+            if prepared is not None:
+                self._router.answered(prepared)
 
     async def Health(  # noqa: N802
         self, request: pb.HealthRequest, context: grpc.aio.ServicerContext

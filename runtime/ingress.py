@@ -285,7 +285,8 @@ class Ingress:
                                          "".join(texts[job.index]), event.finish_reason,
                                          event.stop_reason, event.timings,
                                          logprobs.take(job.index) if logprobs else None))
-        return JSONResponse(response_body(request_id, model, chat, done))
+        return JSONResponse(response_body(request_id, model, chat, done),
+                            background=BackgroundTask(self._after_response, jobs))
 
     def _logprobs(self, jobs: list[fanout.Job], chat: bool) -> LogprobsWriter | None:
         top = jobs[0].prepared.request.sampling.logprobs
@@ -374,11 +375,13 @@ class Ingress:
         # a client gone before the first event: Starlette never starts events(), so the
         # bookings its finally would release are released here instead
         return StreamingResponse(events(), media_type="text/event-stream",
-                                 background=BackgroundTask(self._discard, jobs))
+                                 background=BackgroundTask(self._after_response, jobs))
 
-    async def _discard(self, jobs: list[fanout.Job]) -> None:
-        """After the response (Starlette's background task): bookings of requests never
-        streamed are released. Async, so it runs on the event loop that owns the scheduler's
-        state (a sync one would run in a worker thread, a thread started per request)."""
+    async def _after_response(self, jobs: list[fanout.Job]) -> None:
+        """After the response (Starlette's background task): the requests' bookkeeping
+        runs (Router.answered); bookings of requests never streamed are released. Async, so
+        it runs on the event loop that owns the scheduler's state (a sync one would run in a
+        worker thread, a thread started per request)."""
         for job in jobs:
+            self.router.answered(job.prepared)
             self.router.discard(job.prepared)

@@ -204,3 +204,8 @@ class Router:
         last one with the request's timings."""
         self._unstarted.discard(prepared.request.request_id)
         return self.execution.stream(prepared)
+
+    def answered(self, prepared: PreparedRequest) -> None:
+        """The request's answer went out (the response sent): what is left of its
+        bookkeeping runs now (Execution.stream)."""
+        self.execution.answered(prepared.request.request_id)

@@ -262,7 +262,45 @@ def test_the_bookkeeping_after_the_last_event_runs_after_the_reader_has_it(token
         return seen_at_last, recorded()
 
     at_last, after = asyncio.run(run())
-    assert (at_last, after) == (0.0, 1.0)
+    assert (at_last, after) == (0.0, 1.0)  # the reader never said: after ANSWER_GRACE_S
+
+
+def test_the_bookkeeping_waits_until_the_server_says_the_answer_went_out(tokenizer,
+                                                                        monkeypatch):
+    from runtime import execution as execution_module
+    from runtime.execution import Execution
+    from runtime.messages import PreparedRequest, StreamEvent
+    from runtime.metrics import Metrics
+    from runtime.requests import GenerateRequest, SamplingSpec
+    from tests.unit.test_split_costs import _timings
+
+    monkeypatch.setattr(execution_module, "ANSWER_GRACE_S", 600.0)
+    flaky = _FlakyTransfer(tokenizer, failures=0)
+    metrics = Metrics()
+    execution = Execution(flaky.router, metrics)  # type: ignore[arg-type]
+
+    async def events(prepared):
+        yield StreamEvent((70,), "length", timings=_timings("local", 20.0))
+
+    execution._events = events  # type: ignore[method-assign]
+    prepared = PreparedRequest(GenerateRequest("cmpl-1", (1, 2, 3), SamplingSpec(max_tokens=1)),
+                               "short", time.perf_counter())
+
+    def recorded() -> float:
+        return metrics.registry.get_sample_value(
+            "disagg_requests_total", {"lane": "short", "mode": "local", "outcome": "ok"}) or 0.0
+
+    async def run() -> tuple[float, float]:
+        async for _ in execution.stream(prepared):
+            pass
+        for _ in range(5):
+            await asyncio.sleep(0)
+        before = recorded()  # the reader is done; the response is still going out
+        execution.answered("cmpl-1")
+        await execution.drain()
+        return before, recorded()
+
+    assert asyncio.run(run()) == (0.0, 1.0)
 
 
 def test_the_scheduler_counts_the_tokens_a_request_generated_until_it_ends(tokenizer):
