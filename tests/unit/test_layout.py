@@ -67,14 +67,14 @@ def test_importing_the_ingress_loads_no_engine():
 
 
 def test_the_ingress_releases_bookings_on_its_own_event_loop():
-    """The response's background task that releases never-streamed bookings is a coroutine:
-    Starlette runs a sync one in a worker thread (a thread started per request, and the
-    scheduler's state touched off its event loop)."""
+    """The response's background task (the requests' bookkeeping, never-streamed bookings
+    released) is a coroutine: Starlette runs a sync one in a worker thread (a thread started
+    per request, and the scheduler's state touched off its event loop)."""
     from starlette.background import BackgroundTask
 
     from runtime.ingress import Ingress
 
-    assert BackgroundTask(Ingress.func_or_class._discard, None, []).is_async
+    assert BackgroundTask(Ingress.func_or_class._after_response, None, []).is_async
 
 
 def test_first_party_modules_import_no_cycle():
