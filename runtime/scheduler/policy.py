@@ -171,7 +171,8 @@ class GlobalScheduler:
         work = self.prefill.work
         # a split's first token there, its decodes' steps included, and its delay to the
         # prompts outstanding there (work.delay_to_others_ms)
-        split_ms = self.prefill.first_token_ms(n, lane, now_s) + self.handoff.first_ms
+        p_first_ms = self.prefill.first_token_ms(n, lane, now_s)
+        split_ms = p_first_ms + self.handoff.first_ms
         split_cost = split_ms + work.delay_to_others_ms(n, lane)
         in_lane = self._lane_masks[lane] & p_live
         candidates = np.flatnonzero(in_lane if in_lane.any() else p_live)
@@ -199,8 +200,8 @@ class GlobalScheduler:
         best_ms = float(local_cost[local] + added[local]) if local is not None \
             else float(split_cost[p] + transfer_ms + added[d] - prefill_delay_ms(
                 self.decode, n, of)[d] + prefill_delay_ms(self.prefill, n, of)[p])
-        whole_ms = self._whole_on_prefill_ms(request, lane, p, float(split_cost[p] - split_ms[p]),
-                                             now_s)
+        whole_ms = self._whole_on_prefill_ms(request, p, float(p_first_ms[p]),
+                                             float(split_cost[p] - split_ms[p]), now_s)
         # rule 4 does not trade a first token for decode time: not a long prompt's that a
         # decode replica starts sooner, nor a short one's, moving it onto a prefill replica
         # with a long prefill to run from a decode replica that has none
@@ -243,8 +244,8 @@ class GlobalScheduler:
         return Decision(lane, "prefill_local", table.ids[p], "", float(wait_ms[p]), reason,
                         own_ms)
 
-    def _whole_on_prefill_ms(self, request: RequestInfo, lane: Lane, p: int, delay_ms: float,
-                             now_s: float) -> float:
+    def _whole_on_prefill_ms(self, request: RequestInfo, p: int, first_token_ms: float,
+                             delay_ms: float, now_s: float) -> float:
         """What the request adds in all if prefill replica p, which prefills it anyway, decodes
         it too (rule 4: no transfer, no second hop; the prefills p runs share its steps).
         delay_ms: its prefill's cost to the long prompts waiting on p. inf: p has no room."""
@@ -252,8 +253,7 @@ class GlobalScheduler:
                 request.prompt_len + request.max_tokens)[p]:
             return np.inf
         added = self._added_ms(request, self.prefill, now_s)
-        first_token = self.prefill.first_token_ms(request.prompt_len, lane, now_s)[p]
-        return float(first_token + delay_ms + added[p])
+        return first_token_ms + delay_ms + float(added[p])
 
     def _decode_pool_has_room(self, request: RequestInfo, d_open: np.ndarray) -> bool:
         """A live decode replica can take the sequence now: KV blocks and a slot free, and

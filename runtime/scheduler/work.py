@@ -65,6 +65,9 @@ class PrefillWork:
         self.head_started = np.zeros(0)  # when that long prompt was sent (its turn came)
         self.short_since = np.zeros(0)  # when short prompts were last sent to an idle lane
         self.short_done_ms = np.zeros(0)  # predicted short work finished since short_since
+        # remaining_ms for one time, until a booking changes (a decision asks it 3-4 times)
+        self._version = 0
+        self._remaining: tuple[float, int, tuple[np.ndarray, np.ndarray]] | None = None
         self.num_outstanding = np.zeros(0, dtype=np.int64)
         self.num_dispatched = np.zeros(0, dtype=np.int64)
         self.num_long = np.zeros(0, dtype=np.int64)  # long prompts outstanding
@@ -79,6 +82,7 @@ class PrefillWork:
         self._unfitted: set[int] = set()  # replicas with samples not fitted yet
 
     def add_replica(self) -> int:
+        self._version += 1
         self.fits.append(PrefillFit(self.prior))
         for name in ("a", "b", "c", "short_ms", "long_ms", "head_tokens", "head_started",
                      "short_since", "short_done_ms", "recent_ms", "recent_at"):
@@ -136,13 +140,18 @@ class PrefillWork:
         return self.predict_ms(num_tokens) * self.slowdown
 
     def remaining_ms(self, now_s: float) -> tuple[np.ndarray, np.ndarray]:
-        """(short, long) predicted work still to do on every replica (module docstring)."""
+        """(short, long) predicted work still to do on every replica (module docstring);
+        read-only arrays."""
+        if (kept := self._remaining) is not None and kept[:2] == (now_s, self._version):
+            return kept[2]
         progress = np.clip(1e3 * (now_s - self.short_since) - self.short_done_ms, 0.0,
                            MAX_PROGRESS * self.short_ms)
         short = np.maximum(self.short_ms - progress, 0.0)
         long_ = np.zeros(len(short))
         for i in np.flatnonzero(self.num_long > 0):
             long_[i] = self._long_left_ms(int(i), now_s)
+        short.flags.writeable = long_.flags.writeable = False
+        self._remaining = (now_s, self._version, (short, long_))
         return short, long_
 
     def _long_left_ms(self, i: int, now_s: float) -> float:
@@ -204,6 +213,7 @@ class PrefillWork:
              shared_ms: float = 0.0) -> float:
         """A prefill dispatched to replica i; returns its predicted time: under the engine's
         recent load, plus shared_ms (the decode steps it will share there)."""
+        self._version += 1
         work = float(self.expected_ms(num_tokens)[i]) + shared_ms
         decay = np.exp(-max(now_s - float(self.recent_at[i]), 0.0) / RECENT_TAU_S)
         self.recent_ms[i] = self.recent_ms[i] * decay + work
@@ -274,6 +284,7 @@ class PrefillWork:
         whether it ran alone on the replica its whole life (nothing sent there before it was
         done, nothing outstanding when it was sent): a clean sample of the prefill model.
         None if it was not booked (any more)."""
+        self._version += 1
         booking = self._bookings.pop(request_id, None)
         if booking is None:
             return None

@@ -228,30 +228,40 @@ def test_a_kv_transfer_failing_every_try_is_a_clean_retryable_503(tokenizer):
     assert "127.0.0.1" not in error.message and "File" not in error.message
 
 
-def test_the_bookkeeping_after_the_last_event_runs_after_the_reader_has_it(tokenizer):
-    """The metrics and the scheduler's measurements of a request are taken after its last
-    event reached the reader (the client's answer goes first), and finish on their own."""
+def _recorded_execution(tokenizer, events, max_tokens: int):
+    """An Execution streaming `events` for one request, and how many requests its metrics
+    counted as done."""
     from runtime.execution import Execution
-    from runtime.messages import PreparedRequest, StreamEvent
+    from runtime.messages import PreparedRequest
     from runtime.metrics import Metrics
     from runtime.requests import GenerateRequest, SamplingSpec
-    from tests.unit.test_split_costs import _timings
 
-    flaky = _FlakyTransfer(tokenizer, failures=0)
     metrics = Metrics()
-    execution = Execution(flaky.router, metrics)  # type: ignore[arg-type]
-
-    async def events(prepared):
-        yield StreamEvent((70,))
-        yield StreamEvent((71,), "length", timings=_timings("local", 20.0))
-
+    execution = Execution(_FlakyTransfer(tokenizer, failures=0).router,  # type: ignore[arg-type]
+                          metrics)
     execution._events = events  # type: ignore[method-assign]
-    prepared = PreparedRequest(GenerateRequest("cmpl-1", (1, 2, 3), SamplingSpec(max_tokens=2)),
+    prepared = PreparedRequest(GenerateRequest("cmpl-1", (1, 2, 3),
+                                               SamplingSpec(max_tokens=max_tokens)),
                                "short", time.perf_counter())
 
     def recorded() -> float:
         return metrics.registry.get_sample_value(
             "disagg_requests_total", {"lane": "short", "mode": "local", "outcome": "ok"}) or 0.0
+
+    return execution, prepared, recorded
+
+
+def test_the_bookkeeping_after_the_last_event_runs_after_the_reader_has_it(tokenizer):
+    """The metrics and the scheduler's measurements of a request are taken after its last
+    event reached the reader (the client's answer goes first), and finish on their own."""
+    from runtime.messages import StreamEvent
+    from tests.unit.test_split_costs import _timings
+
+    async def events(prepared):
+        yield StreamEvent((70,))
+        yield StreamEvent((71,), "length", timings=_timings("local", 20.0))
+
+    execution, prepared, recorded = _recorded_execution(tokenizer, events, 2)
 
     async def run() -> tuple[float, float]:
         seen_at_last = -1.0
@@ -268,27 +278,15 @@ def test_the_bookkeeping_after_the_last_event_runs_after_the_reader_has_it(token
 def test_the_bookkeeping_waits_until_the_server_says_the_answer_went_out(tokenizer,
                                                                         monkeypatch):
     from runtime import execution as execution_module
-    from runtime.execution import Execution
-    from runtime.messages import PreparedRequest, StreamEvent
-    from runtime.metrics import Metrics
-    from runtime.requests import GenerateRequest, SamplingSpec
+    from runtime.messages import StreamEvent
     from tests.unit.test_split_costs import _timings
 
     monkeypatch.setattr(execution_module, "ANSWER_GRACE_S", 600.0)
-    flaky = _FlakyTransfer(tokenizer, failures=0)
-    metrics = Metrics()
-    execution = Execution(flaky.router, metrics)  # type: ignore[arg-type]
 
     async def events(prepared):
         yield StreamEvent((70,), "length", timings=_timings("local", 20.0))
 
-    execution._events = events  # type: ignore[method-assign]
-    prepared = PreparedRequest(GenerateRequest("cmpl-1", (1, 2, 3), SamplingSpec(max_tokens=1)),
-                               "short", time.perf_counter())
-
-    def recorded() -> float:
-        return metrics.registry.get_sample_value(
-            "disagg_requests_total", {"lane": "short", "mode": "local", "outcome": "ok"}) or 0.0
+    execution, prepared, recorded = _recorded_execution(tokenizer, events, 1)
 
     async def run() -> tuple[float, float]:
         async for _ in execution.stream(prepared):
