@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from runtime.cost import RequestCost
-from runtime.scheduler.sim.simulator import Req, SimRun
+from runtime.scheduler.sim.replicas import Req
+from runtime.scheduler.sim.simulator import SimRun
 
 
 @dataclass(frozen=True)
