@@ -224,7 +224,7 @@ class Execution:
                         clean = live.first_token(decision, request.request_id)
                 if live is not None and event.token_ids:
                     assert decision is not None
-                    live.progressed(decision, len(event.token_ids))
+                    live.progressed(decision, len(event.token_ids), sampling.max_tokens)
                     num_progressed += len(event.token_ids)
                 kept, text = output.push(event.token_ids)
                 logprobs = event.logprobs[:len(kept)]  # none after a stop string

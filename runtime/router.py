@@ -70,6 +70,8 @@ def live_config(config: AppConfig) -> LiveConfig:
         decode_balance=scheduler.prefill_replicas_decode,
         disaggregation=config.serving == "disaggregated",
         tpot_budget_ms=slo.tpot_ms or DEFAULT_TPOT_BUDGET_MS,
+        tpot_price=(slo.ttft_ms or DEFAULT_TTFT_BUDGET_MS)
+        / (slo.tpot_ms or DEFAULT_TPOT_BUDGET_MS),
     )
     utilization = {name: pool.autoscaling.target_utilization if pool.autoscaling else 0.8
                    for name, pool in (("prefill", config.prefill), ("decode", config.decode))}

@@ -234,11 +234,11 @@ class LiveScheduler:
             self.policy.handoff.observe(timings.ttft_ms - engine_ms if alone else None,
                                         computed, timings.kv_transfer_exposed_ms)
 
-    def progressed(self, decision: Decision, num_tokens: int) -> None:
+    def progressed(self, decision: Decision, num_tokens: int, max_tokens: int) -> None:
         """The request generated num_tokens more (the policy counts the tokens each
         sequence still decodes where it runs)."""
         table, replica = self._sequence_at(decision)
-        table.progressed(replica, num_tokens)
+        table.progressed(replica, num_tokens, num_tokens / max(1, max_tokens))
 
     def request_done(self, decision: Decision, request_id: str, prompt_len: int,
                      max_tokens: int, tpot_ms: float = 0.0, num_output_tokens: int = 0,

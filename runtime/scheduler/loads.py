@@ -42,6 +42,8 @@ class ReplicaColumns:
         self.booked_seqs = np.zeros(0, dtype=np.int64)  # sequences we placed, not yet done
         self.booked_max_tokens = np.zeros(0)  # their max_tokens, summed
         self.decoded_tokens = np.zeros(0)  # the tokens they generated so far, summed
+        self.inverse_max_tokens = np.zeros(0)  # 1 / max_tokens, summed over them
+        self.fraction_decoded = np.zeros(0)  # generated / max_tokens, summed over them
         self.tpot_ms = np.zeros(0)  # recent TPOT of its requests (EWMA; 0: none yet)
         # its engine's decode step, s0 + s1 * sequences ms, as it reports (nan: not yet)
         self.step_s0_ms = np.zeros(0)
@@ -57,6 +59,7 @@ class ReplicaColumns:
                             ("free_blocks", num_total_blocks), ("active_seqs", 0),
                             ("max_num_seqs", self.default_max_num_seqs), ("booked_seqs", 0),
                             ("booked_max_tokens", 0.0), ("decoded_tokens", 0.0),
+                            ("inverse_max_tokens", 0.0), ("fraction_decoded", 0.0),
                             ("tpot_ms", 0.0),
                             ("step_s0_ms", np.nan), ("step_s1_ms", np.nan)):
             setattr(self, name, np.append(getattr(self, name), value))
@@ -151,17 +154,26 @@ class ReplicaColumns:
         self.active_seqs[i] += 1
         self.booked_seqs[i] += 1
         self.booked_max_tokens[i] += max_tokens
+        self.inverse_max_tokens[i] += 1.0 / max(1, max_tokens)
 
-    def progressed(self, replica_id: str, num_tokens: int) -> None:
-        """A sequence placed on the replica generated num_tokens more."""
+    def progressed(self, replica_id: str, num_tokens: int, fraction: float) -> None:
+        """Sequences placed on the replica generated num_tokens more; fraction: each one's
+        new tokens over its max_tokens, summed (num_tokens / max_tokens for one)."""
         i = self.index.get(replica_id)
         if i is not None:
             self.decoded_tokens[i] += num_tokens
+            self.fraction_decoded[i] += fraction
 
     def tokens_left(self) -> np.ndarray:
         """Every replica's tokens still to generate by the sequences placed there, at most:
         their max_tokens less what they generated (progressed)."""
         return np.maximum(self.booked_max_tokens - self.decoded_tokens, 0.0)
+
+    def sequences_left(self) -> np.ndarray:
+        """Every replica's sequences, each counted by the share of its max_tokens it has not
+        generated yet: what a delay to every token they still decode adds to their TPOTs,
+        in units of that delay spread over one sequence's own tokens."""
+        return np.maximum(self.booked_seqs - self.fraction_decoded, 0.0)
 
     def released(self, replica_id: str, num_blocks: int, max_tokens: int,
                  tpot_ms: float = 0.0, num_generated: int = 0) -> None:
@@ -173,6 +185,10 @@ class ReplicaColumns:
         self.booked_seqs[i] = max(0, self.booked_seqs[i] - 1)
         self.booked_max_tokens[i] = max(0.0, self.booked_max_tokens[i] - max_tokens)
         self.decoded_tokens[i] = max(0.0, self.decoded_tokens[i] - num_generated)
+        self.inverse_max_tokens[i] -= 1.0 / max(1, max_tokens)
+        self.fraction_decoded[i] -= num_generated / max(1, max_tokens)
+        if self.booked_seqs[i] == 0:  # no float drift left behind
+            self.inverse_max_tokens[i] = self.fraction_decoded[i] = 0.0
         if tpot_ms > 0:
             old = self.tpot_ms[i]
             self.tpot_ms[i] = tpot_ms if old == 0 else old + TPOT_EWMA_WEIGHT * (tpot_ms - old)

@@ -16,13 +16,13 @@ Rules, in order (each decision's `reason` says which applied):
      first, then fewest active sequences, then most free blocks.
   3. Prefill replica: the earliest predicted first token.
   4. Whole on a prefill replica (`prefill_local`): the prefill replica chosen in 3 decodes
-     the request too when that adds less time in all than the choice of 5 (first token plus
+     the request too when that costs less in all than the choice of 5 (first token plus
      decode cost, as in 6; not for a prompt that 5 sends local if it is long, or if it is
      short and the prefill replica has a long prompt to prefill where the decode replica has
      none); and when no decode replica has room (KV, a slot, TPOT within budget), a prefill
      replica with room serves the whole request.
   5. Mode: local (a decode replica prefills the prompt itself, no transfer), on the decode
-     replica where it adds the least time (as in 6), when its first token there is no later
+     replica where it costs the least (as in 6), when its first token there is no later
      than the split path would have the KV on a decode replica (prefill + the extra hop +
      transfer, the last two as measured: handoff.py), the replica has room now, the prompt is
      at most `local_max_prompt_tokens` (if set), and the replica's decodes stay within the
@@ -35,9 +35,10 @@ Rules, in order (each decision's `reason` says which applied):
      rule 4 does not move it back to the prefill pool for the decode time it saves. Otherwise
      disaggregated.
   6. Colocated serving (`disaggregation` off): every request is local, on the engine where
-     it adds the least time in all: its predicted first token plus its decode cost there
-     (decode_cost.py: its steps at that engine's step time, s0 + s1 x sequences from the
-     engine's own fit, step_model.py; the prefills sharing them; what it slows the others).
+     it costs the least in all: its predicted first token plus its decode cost there
+     (decode_cost.py: its TPOT at that engine's step time, s0 + s1 x sequences from the
+     engine's own fit, step_model.py, and the prefills sharing its steps; what it adds to
+     the others' TPOTs; TPOT ms priced in first-token ms by the SLOs' ratio).
      A request that must run on one engine (structured output: the grammar's state cannot
      move with the KV cache; the prompt's logprobs) is served whole by a prefill replica
      when one has room and is the earlier, or the prompt is long; else as colocated.
@@ -78,6 +79,8 @@ class PolicyConfig:
     transfer_latency_ms: float = 0.5
     split_overhead_ms: float = 5.0  # the extra hop to a prefill replica and back (at start)
     tpot_budget_ms: float = 100.0  # local prefills may slow a decode replica's TPOT up to this
+    # a TPOT ms costs this many first-token ms (the TTFT SLO over the TPOT SLO): decode_cost.py
+    tpot_price: float = 10.0
     admission_ttft_ms: float | None = None
     disaggregation: bool = True
     # requests a decode replica may hold beyond max_num_seqs (waiting in its engine); more
@@ -196,10 +199,10 @@ class GlobalScheduler:
             if local_cost[local] > limit:
                 local = None
         # a split prefills on p, not on d: it delays the sequences p decodes, not d's
-        of = self.output_fraction
+        of, price = self.output_fraction, self.config.tpot_price
         best_ms = float(local_cost[local] + added[local]) if local is not None \
             else float(split_cost[p] + transfer_ms + added[d] - prefill_delay_ms(
-                self.decode, n, of)[d] + prefill_delay_ms(self.prefill, n, of)[p])
+                self.decode, n, of, price)[d] + prefill_delay_ms(self.prefill, n, of, price)[p])
         whole_ms = self._whole_on_prefill_ms(request, p, float(p_first_ms[p]),
                                              float(split_cost[p] - split_ms[p]), now_s)
         # rule 4 does not trade a first token for decode time: not a long prompt's that a
@@ -273,11 +276,11 @@ class GlobalScheduler:
                   now_s: float) -> np.ndarray:
         """Every replica's decode cost for this request (decode_cost.py)."""
         return decode_cost_ms(table, request.prompt_len, request.max_tokens,
-                              self.output_fraction, now_s)
+                              self.output_fraction, self.config.tpot_price, now_s)
 
     @staticmethod
     def _cheapest(candidates: np.ndarray, ttft_ms: np.ndarray, added_ms: np.ndarray) -> int:
-        """The candidate engine where the request adds the least time in all: its predicted
+        """The candidate engine where the request costs the least in all: its predicted
         first token plus its decode cost there. A fuller batch costs every token of every
         sequence in it: requests spread unless one engine is much nearer their first token."""
         pool = np.flatnonzero(candidates)
@@ -360,7 +363,7 @@ class GlobalScheduler:
                            self._added_ms(request, table, now_s))
         s0, s1 = (float(v[d]) for v in table.decode_step())
         return self._book_local(request, lane, d, float(wait_ms[d]), now_s,
-                                f"{why}: least added time (first token {wait_ms[d]:.0f} ms "
+                                f"{why}: least cost (first token {wait_ms[d]:.0f} ms "
                                 f"predicted, {table.booked_seqs[d]} sequences, step "
                                 f"{s0:.1f} + {s1:.2f}/sequence ms)")
 

@@ -118,7 +118,7 @@ def test_local_prefills_stay_within_the_decode_replicas_tpot_budget():
     sched.prefill.work.book(0, "busy", "short", 1500, NOW)  # p0 is busy for ~100 ms
     for _ in range(4):  # four sequences decoding on d0, 64 tokens each, halfway through
         sched.decode.placed(0, 10, 64)
-    sched.decode.progressed("d0", 4 * 32)
+    sched.decode.progressed("d0", 4 * 32, 4 * 0.5)
     sched.decode.tpot_ms[0] = 45.0  # 5 ms of slack per token left
     assert sched.decide(_req(0, 500), NOW).mode == "local"  # 29 ms of prefill work
     # now (4 x 32 + 16) / 5 = 29 tokens left per sequence x 5 ms = 144 ms; 29 + 123 ms of
@@ -310,24 +310,47 @@ def test_a_sequence_has_its_tokens_not_yet_generated_left_to_decode():
     """What a prefill placed on an engine costs the sequences decoding there counts the
     tokens they still decode: all of a sequence's expected output while it prefills, then
     that less the tokens it generated (the ingress reports them as they stream); none once
-    it left."""
-    from runtime.scheduler.decode_cost import prefill_delay_ms, tokens_left
+    it left. The wait is priced by what it adds to the sequence's TPOT: over its own
+    tokens, at the TTFT SLO / TPOT SLO rate."""
+    from runtime.scheduler.decode_cost import prefill_delay_ms
 
     sched = _scheduler(num_short=0, num_long=0, num_decode=1, disaggregation=False,
                        long_prompt_tokens=1024)
     first = sched.decide(_req(0, 5000, 8), NOW)
     chunk_ms = MODEL.predict_ms(7000) * 512 / 7000  # a chunk of a 7,000-token prompt
-    assert float(tokens_left(sched.decode, 1.0)[0]) == pytest.approx(8.0)
-    assert float(prefill_delay_ms(sched.decode, 7000, 1.0)[0]) == pytest.approx(8 * chunk_ms)
+    # 8 tokens ahead, a chunk each, over its 8 tokens: a chunk on its TPOT, priced x 10
+    assert float(sched.decode.sequences_left()[0]) == pytest.approx(1.0)
+    assert float(prefill_delay_ms(sched.decode, 7000, 1.0, 10.0)[0]) \
+        == pytest.approx(10 * chunk_ms)
     sched.first_token(first, "r0")
-    sched.decode.progressed("d0", 1)  # its first token
-    sched.decode.progressed("d0", 2)
-    assert float(tokens_left(sched.decode, 1.0)[0]) == pytest.approx(5.0)
-    assert float(tokens_left(sched.decode, 0.5)[0]) == pytest.approx(2.5)
-    assert float(prefill_delay_ms(sched.decode, 7000, 1.0)[0]) == pytest.approx(5 * chunk_ms)
-    sched.decode.progressed("d0", 5)
-    assert float(tokens_left(sched.decode, 1.0)[0]) == 0.0
-    sched.decode.progressed("unknown", 3)  # a replica gone since: nothing to count
+    sched.decode.progressed("d0", 1, 1 / 8)  # its first token
+    sched.decode.progressed("d0", 2, 2 / 8)
+    assert float(sched.decode.tokens_left()[0]) == pytest.approx(5.0)
+    assert float(sched.decode.sequences_left()[0]) == pytest.approx(5 / 8)
+    assert float(prefill_delay_ms(sched.decode, 7000, 1.0, 10.0)[0]) \
+        == pytest.approx(10 * 5 * chunk_ms / 8)
+    sched.decode.progressed("d0", 5, 5 / 8)
+    assert float(sched.decode.tokens_left()[0]) == 0.0
+    assert float(prefill_delay_ms(sched.decode, 7000, 1.0, 10.0)[0]) == 0.0
+    sched.decode.progressed("unknown", 3, 3 / 8)  # a replica gone since: nothing to count
     sched.decode.released("d0", 320, 8, num_generated=8)
-    assert float(tokens_left(sched.decode, 1.0)[0]) == 0.0
+    assert float(sched.decode.tokens_left()[0]) == 0.0
     assert sched.decode.decoded_tokens[0] == 0.0
+    assert sched.decode.inverse_max_tokens[0] == sched.decode.fraction_decoded[0] == 0.0
+
+
+def test_a_long_prefill_goes_where_it_adds_least_to_the_sequences_tpots():
+    """A long prefill stalls every sequence on its engine for about its whole length. Two
+    120-token sequences half done wait as long in all as one 23-token sequence, twice
+    over, but each spreads it over five times the tokens: the prefill goes beside them
+    (summed milliseconds would have sent it to the short sequence)."""
+    sched = _scheduler(num_short=0, num_long=0, num_decode=2, disaggregation=False,
+                       long_prompt_tokens=1024)
+    sched.output_fraction = 1.0
+    sched.decode.placed(0, 20, 23)
+    sched.decode.progressed("d0", 3, 3 / 23)
+    for _ in range(2):
+        sched.decode.placed(1, 20, 120)
+        sched.decode.progressed("d1", 60, 0.5)
+    decision = sched.decide(_req(0, 7000, 16), NOW)
+    assert decision.decode_replica == "d1", decision.reason

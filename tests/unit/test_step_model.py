@@ -21,7 +21,7 @@ from tests.unit.test_scheduler_policy import NOW, _scheduler
 def _cost(sched, request: RequestInfo):
     """What the policy adds to a request's first token on each decode replica."""
     return decode_cost_ms(sched.decode, request.prompt_len, request.max_tokens,
-                          sched.output_fraction, NOW)
+                          sched.output_fraction, sched.config.tpot_price, NOW)
 
 
 def _fitted(steps: list[tuple[int, float]]) -> DecodeStepModel | None:
@@ -119,7 +119,7 @@ def test_cost_tracker_fits_the_period_of_decode_only_steps():
 def _book(sched, n: int, replica: int, max_tokens: int = 200) -> None:
     """A request decoding on decode replica `replica`, its prompt done, halfway through."""
     sched.decode.placed(replica, 20, max_tokens)
-    sched.decode.progressed(f"d{replica}", max_tokens // 2)
+    sched.decode.progressed(f"d{replica}", max_tokens // 2, 0.5)
     sched.decode.work.book(replica, f"b{n}", "short", 100, NOW)
     sched.decode.work.finished(f"b{n}", NOW)
 
@@ -176,14 +176,20 @@ def test_until_a_replica_reports_its_step_the_prefill_model_stands_in():
 
 
 def test_expected_output_follows_what_requests_used():
+    """Requests that stop far before max_tokens teach the expected output, and a request
+    expected to decode fewer steps slows the prefills an engine runs meanwhile for fewer
+    steps (its own TPOT is the same either way)."""
     sched = _scheduler(num_short=0, num_long=0, num_decode=2, disaggregation=False)
+    work = sched.decode.work
+    work.recent_ms[0], work.recent_at[0] = 2000.0, NOW  # d0 prefilled lately; d1 did not
+    assert float(work.utilization(NOW)[0]) > 0 == float(work.utilization(NOW)[1])
     request = RequestInfo("r", 100, 1000, NOW)
     before = _cost(sched, request)
     for _ in range(200):
         sched.output_seen(10, 1000)  # requests stop far before max_tokens
     assert sched.output_fraction == pytest.approx(0.01, abs=0.001)
     after = _cost(sched, request)
-    assert (after < 0.05 * before).all()
+    assert after[0] < before[0] and after[1] == pytest.approx(before[1])
 
 
 def test_the_ingress_takes_each_replicas_reported_step_and_shows_it():
@@ -204,8 +210,8 @@ def test_the_ingress_takes_each_replicas_reported_step_and_shows_it():
 
 def test_decoding_beside_a_long_prefill_costs_its_chunks():
     """Every decode step an engine shares with a long prefill carries one chunk of it: a
-    request decoding there pays a chunk per token while the prefill lasts, at most all of
-    it."""
+    request decoding there has a chunk on each of its tokens while the prefill lasts, at
+    most all of it spread over its tokens; its TPOT is priced in first-token ms."""
     sched = _scheduler(num_short=0, num_long=0, num_decode=2, disaggregation=False)
     sched.decide(RequestInfo("long", 8000, 16, NOW), NOW)  # on d0: 1.1 s of prefill
     chunk_ms = float(sched.decode.work.long_chunk_ms()[0])
@@ -213,21 +219,23 @@ def test_decoding_beside_a_long_prefill_costs_its_chunks():
     assert chunk_ms > 0 and long_left > 0
     few = _cost(sched, RequestInfo("few", 100, 8, NOW))
     many = _cost(sched, RequestInfo("many", 100, 4000, NOW))
-    n_few = sched.output_fraction * 8
-    # the long prompt's own sequence on d0 makes each step there s1 dearer, and is slowed by
-    # s1 per step for its own 8 expected tokens (all of 16 max_tokens x 0.5: it still
-    # prefills), at most the new request's steps, as are the prefills d0 runs at its recent
-    # utilization (its steps carry the new sequence); the chunks are the rest of the
-    # difference, with the new prompt's own prefill, which the long prompt's sequence waits
-    # for in the step they share
+    of, price = sched.output_fraction, sched.config.tpot_price
+    n_few, n_long = of * 8, of * 16
+    # the long prompt's own sequence on d0 makes each step there s1 dearer (the new one's
+    # TPOT) and is slowed s1 for each of its own 8 expected tokens (all of 16 max_tokens x
+    # 0.5: it still prefills) that the new request decodes beside, over those 8; the
+    # prefills d0 runs at its recent utilization are slowed s1 a step (first-token ms); the
+    # chunks are the rest of the difference, with the new prompt's own prefill, which the
+    # long prompt's sequence waits for in the step they share (over its 8 tokens)
     s1 = float(sched.decode.decode_step()[1][0])
     prefill_ms = float(sched.decode.work.expected_ms(100)[0])
     u = float(sched.decode.work.utilization(NOW)[0])
     assert 0 < u < 1
     assert few[0] - few[1] == pytest.approx(
-        n_few * chunk_ms + (n_few + min(n_few, 8) + n_few * u) * s1 + prefill_ms, rel=1e-6)
+        price * (s1 + chunk_ms + s1 * min(n_few, n_long) / n_long + prefill_ms / n_long)
+        + n_few * u * s1, rel=1e-6)
     assert many[0] - many[1] == pytest.approx(
-        long_left + (2000 + 8 + 2000 * u) * s1 + prefill_ms, rel=1e-6)
+        price * (s1 + long_left / 2000 + s1 + prefill_ms / n_long) + 2000 * u * s1, rel=1e-6)
 
 
 def test_a_long_prompt_goes_where_its_prefill_slows_no_decodes():

@@ -28,6 +28,8 @@ def test_a_full_decode_pool_overflows_whole_requests_to_a_prefill_replica():
 def test_decode_heavy_load_is_balanced_onto_the_prefill_replica():
     sched = _scheduler(num_short=1, num_long=0, num_decode=1, local_max_prompt_tokens=0)
     sched.prefill.total_blocks[0] = sched.prefill.free_blocks[0] = 1000
+    for table in (sched.prefill, sched.decode):  # a step: 3 ms + 0.5 ms a sequence
+        table.report_decode_step(0, (3.0, 0.5))
     modes = []
     for i in range(8):
         decision = sched.decide(_req(i, 200, max_tokens=300), NOW + i)
@@ -85,13 +87,13 @@ def test_a_split_is_charged_its_prefill_where_it_runs():
         sched.decode.placed(0, sched.decode.blocks_for(700), 300)
     request = _req(9, 400, max_tokens=300)
     of = sched.output_fraction
-    delay_d = float(prefill_delay_ms(sched.decode, 400, of)[0])
-    assert delay_d > 50  # what a prefill there would cost its six sequences
+    delay_d = float(prefill_delay_ms(sched.decode, 400, of, 10.0)[0])
+    assert delay_d > 5  # what a prefill there would cost its six sequences
     split_ms = float(sched.prefill.work.wait_ms(NOW, 400, "short")[0]) \
         + sched.handoff.first_ms
     expected = split_ms + sched.handoff.transfer_ms(400) \
-        + float(decode_cost_ms(sched.decode, 400, 300, of, NOW)[0]) - delay_d \
-        + float(prefill_delay_ms(sched.prefill, 400, of)[0])
+        + float(decode_cost_ms(sched.decode, 400, 300, of, 10.0, NOW)[0]) - delay_d \
+        + float(prefill_delay_ms(sched.prefill, 400, of, 10.0)[0])
     decision = sched.decide(request, NOW)
     assert isinstance(decision, Decision) and decision.mode == "prefill_local"
     charged = re.search(r"< (\d+) ms split", decision.reason)

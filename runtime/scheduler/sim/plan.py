@@ -52,7 +52,8 @@ def plan(cost: CostModel, trace: list[TraceRequest], num_replicas: int, ttft_slo
     """Every split for static and policy, plus colocated (at the decode price); best goodput
     first. Prices 0: costs in engine-seconds only, as the live app's default."""
     share = long_prefill_share(cost, trace, long_prompt_tokens)
-    config = policy_config(cost, long_prompt_tokens)
+    config = policy_config(cost, long_prompt_tokens,
+                           tpot_price=ttft_slo_ms / tpot_slo_ms)
 
     def ideal_ms(prompt_len: int) -> float:
         return 1e3 * cost.prefill_s(prompt_len)

@@ -72,9 +72,11 @@ class DecodeReplica:
         self.step = 0
         self.busy = False
         self.kv_base = 0  # sum over running of prompt_len - join_step
+        self.inverse_lengths = 0.0  # sum over running of 1 / output_len
         self.on_local_prefill_done: Callable[[Req], None] | None = None
-        # each step's tokens (one per running sequence), as the ingress counts them
-        self.on_progress: Callable[[int, int], None] | None = None
+        # each step's tokens (one per running sequence), as the ingress counts them, and
+        # each one's share of its output (ReplicaColumns.progressed)
+        self.on_progress: Callable[[int, int, float], None] | None = None
 
     @property
     def num_active(self) -> int:
@@ -106,6 +108,7 @@ class DecodeReplica:
             return
         heapq.heappush(self.running, (join_step + req.output_len - 2, req.rid, join_step, req))
         self.kv_base += req.prompt_len - join_step
+        self.inverse_lengths += 1.0 / req.output_len
         self.book.join(req.key, req.prompt_len + 1)
 
     def _leave(self, req: Req) -> None:
@@ -161,11 +164,12 @@ class DecodeReplica:
     def _end_step(self, done: list[Req], batch: int) -> None:
         now = self.sim.now
         if batch and self.on_progress is not None:
-            self.on_progress(self.index, batch)
+            self.on_progress(self.index, batch, self.inverse_lengths)
         running = self.running
         while running and running[0][0] <= self.step:
             _, _, join_step, req = heapq.heappop(running)
             self.kv_base -= req.prompt_len - join_step
+            self.inverse_lengths -= 1.0 / req.output_len
             req.finish = now
             self._leave(req)
         for req in done:

@@ -125,11 +125,11 @@ def _split_router(spec: ClusterSpec, cost: CostModel, sim: Sim, capacity_blocks:
     def first_token(req: Req) -> None:
         if scheduler is not None and req.decision is not None:
             scheduler.first_token(req.decision, str(req.rid))
-            progress(req.decode_id, 1)
+            progress(req.decode_id, 1, 1.0 / max(1, req.output_len))
 
-    def progress(decode_id: int, num_tokens: int) -> None:
+    def progress(decode_id: int, num_tokens: int, fraction: float) -> None:
         if scheduler is not None:
-            scheduler.decode.progressed(scheduler.decode.ids[decode_id], num_tokens)
+            scheduler.decode.progressed(scheduler.decode.ids[decode_id], num_tokens, fraction)
 
     prefill_books = [ReplicaBook(f"p{i}", spec.prefill_cost_per_replica_hour)
                      for i in range(spec.num_prefill)]
