@@ -79,15 +79,12 @@ class PolicyConfig:
     transfer_latency_ms: float = 0.5
     split_overhead_ms: float = 5.0  # the extra hop to a prefill replica and back (at start)
     tpot_budget_ms: float = 100.0  # local prefills may slow a decode replica's TPOT up to this
-    # a TPOT ms costs this many first-token ms (the TTFT SLO over the TPOT SLO): decode_cost.py
-    tpot_price: float = 10.0
+    tpot_price: float = 10.0  # first-token ms per TPOT ms: TTFT SLO / TPOT SLO (decode_cost.py)
     admission_ttft_ms: float | None = None
     disaggregation: bool = True
-    # requests a decode replica may hold beyond max_num_seqs (waiting in its engine); more
-    # are refused (429) rather than queued without bound
+    # requests a decode replica may hold beyond max_num_seqs, in its engine; more get a 429
     max_queued_per_replica: int = 256
-    # a prompt prefilled on a prefill replica may be decoded there too (rule 4)
-    decode_balance: bool = True
+    decode_balance: bool = True  # rule 4: a prefill replica may decode what it prefilled
 
 
 class GlobalScheduler:
