@@ -87,3 +87,15 @@ def test_the_request_lane_is_the_policys_with_a_prefill_time_budget():
     long_ = router.prepare(list(range(4096)), SamplingSpec(max_tokens=8), "cmpl")
     assert short.lane == "short" and long_.lane == "long"  # under long_prompt_tokens: by time
     assert long_.decision is not None and long_.decision.lane == long_.lane
+
+
+def test_the_slos_price_a_tpot_ms_in_first_token_ms():
+    """The policy weighs a TPOT ms against a first-token ms as the SLOs do: TTFT SLO over
+    TPOT SLO (the defaults, 1,000 and 100 ms, without them)."""
+    def price(slo: dict[str, float]) -> float:
+        config = AppConfig.model_validate({"engine": {"model": "no-such-model"}, "slo": slo})
+        return live_config(config).policy.tpot_price
+
+    assert price({"ttft_ms": 2000.0, "tpot_ms": 50.0}) == pytest.approx(40.0)
+    assert price({"ttft_ms": 300.0}) == pytest.approx(3.0)
+    assert price({}) == pytest.approx(10.0)
