@@ -52,7 +52,7 @@ def prefill_delay_ms(table: ReplicaColumns, prompt_len: int, output_fraction: fl
                      tpot_price: float) -> np.ndarray:
     """Every replica's cost of prefilling the prompt there to the sequences decoding there,
     first-token ms: each waits for all of a short prompt's prefill, or for a chunk of a long
-    one's per token it still decodes (tokens_left), at most the whole prefill; that wait
+    one's per token it still decodes, at most the whole prefill; that wait
     over its own tokens is what its TPOT gains (module docstring)."""
     work = table.work
     prefill_ms = work.expected_ms(prompt_len)
