@@ -130,25 +130,12 @@ class DecodeReplica:
             self._join(req, self.step)
         self.admitted.clear()
         batch = len(self.running)
-        capped = self.cap_tokens > 0 and batch + len(self.prefill_queue) > 1
-        budget, duration, done = self.chunk_tokens, 0.0, []
-        tokens: dict[str, int] = {}
-        for item in list(self.prefill_queue):
-            if budget <= 0:
-                break
-            req, offset = item
-            take = min(budget, req.prompt_len - offset)
-            if capped:
-                take = min(take, self.cap_tokens)
-            duration += self.cost.chunk_s(take, offset)
-            budget -= take
-            tokens[req.key] = take
-            self.started[req.key] = item
-            item[1] += take
-            self.queued_prefill_tokens -= take
-            if item[1] >= req.prompt_len:
-                self.prefill_queue.remove(item)
-                done.append(req)
+        cap = self.cap_tokens if batch + len(self.prefill_queue) > 1 else 0
+        duration, tokens, done = _take_chunks(list(self.prefill_queue), self.chunk_tokens, cap,
+                                              self.cost, self.started, 0.0)
+        self.queued_prefill_tokens -= sum(tokens.values())
+        for req in done:
+            self.prefill_queue.remove(self.started[req.key])
         if not tokens and not batch:
             self.busy = False
             return
@@ -208,24 +195,11 @@ class PrefillReplica:
         if not items:
             self.busy = False
             return
-        capped = self.cap_tokens > 0 and len(items) > 1
-        budget, duration, done = self.chunk_tokens, self.cost.hardware.step_overhead_s, []
-        tokens: dict[str, int] = {}
-        for item in items:
-            if budget <= 0:
-                break
-            req, offset = item
-            take = min(budget, req.prompt_len - offset)
-            if capped:
-                take = min(take, self.cap_tokens)
-            duration += self.cost.chunk_s(take, offset)
-            budget -= take
-            tokens[req.key] = take
-            self.started[req.key] = item
-            item[1] += take
-            if item[1] >= req.prompt_len:
-                self.queues[req.lane].remove(item)
-                done.append(req)
+        cap = self.cap_tokens if len(items) > 1 else 0
+        duration, tokens, done = _take_chunks(items, self.chunk_tokens, cap, self.cost,
+                                              self.started, self.cost.hardware.step_overhead_s)
+        for req in done:
+            self.queues[req.lane].remove(self.started[req.key])
         self.book.step(duration, tokens, _prefill_blocks(self.started))
         for req in done:
             del self.started[req.key]
@@ -239,6 +213,32 @@ class PrefillReplica:
             self._step()
 
         self.sim.at(self.sim.now + duration, end)
+
+
+def _take_chunks(items: list[list], budget: int, cap_tokens: int, cost: CostModel,
+                 started: dict[str, list], duration_s: float
+                 ) -> tuple[float, dict[str, int], list[Req]]:
+    """One engine step's prefill chunks from the queued [req, tokens done] items, in order,
+    within the step's token budget (each at most cap_tokens, if set), advanced in place and
+    recorded in started. Returns the step's time (from duration_s), the tokens each prompt
+    computed, and the prompts this step finished."""
+    tokens: dict[str, int] = {}
+    done: list[Req] = []
+    for item in items:
+        if budget <= 0:
+            break
+        req, offset = item
+        take = min(budget, req.prompt_len - offset)
+        if cap_tokens > 0:
+            take = min(take, cap_tokens)
+        duration_s += cost.chunk_s(take, offset)
+        budget -= take
+        tokens[req.key] = take
+        started[req.key] = item
+        item[1] += take
+        if item[1] >= req.prompt_len:
+            done.append(req)
+    return duration_s, tokens, done
 
 
 def _prefill_blocks(started: dict[str, list]) -> dict[str, int]:
